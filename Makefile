@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TORCH_VERSION := 2.13.0
+
+.PHONY: demo test lint typecheck pytest system-deps install clean
+
+demo: install
+	$(VENV)/bin/autodl-hub demo
+
+test: install lint typecheck pytest
+
+# apt packages the project runs: mosquitto (the broker the hub supervises and the tests start).
+system-deps:
+	@command -v mosquitto >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; }
+	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PIP) install -q --upgrade pip
+	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[hub,agent,dev]'
+	touch $@
+
+install: system-deps $(VENV)/.installed
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy shared hub agent
+
+pytest:
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,298 @@
+"""The artifact manifest: what a model version is, how to feed it, and its variants.
+
+A manifest is signed by the hub (Ed25519 over its canonical JSON); an agent verifies
+it with the public key it received at enrollment before it trusts any field, and then
+checks each downloaded file against the variant's sha256.
+
+Errors::
+
+    ProtocolError (shared.codec)    the bytes are not a signed manifest
+    SignatureError (ValueError)     the signature does not match the manifest and key
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.codec import DEFAULT_MAX_BYTES, decode
+from shared.messages import Version, utcnow
+from shared.targets import TargetId
+
+__all__ = [
+    "Dtype",
+    "ImagePreprocessing",
+    "Manifest",
+    "Postprocessing",
+    "Preprocessing",
+    "Sample",
+    "SignatureError",
+    "SignedManifest",
+    "SkippedVariant",
+    "TensorData",
+    "TensorSpec",
+    "TextPreprocessing",
+    "Variant",
+    "VariantMetrics",
+    "canonical_json",
+    "generate_signing_key",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "public_key_b64",
+    "sign_manifest",
+    "verify_manifest",
+]
+
+Dtype = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+Sha256 = str
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SignatureError(ValueError):
+    """A manifest whose signature does not verify with the hub's key."""
+
+
+class TensorSpec(_Frozen):
+    """A named model input or output; a string dimension is dynamic (``batch``)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    dtype: Dtype
+    shape: list[int | str] = Field(max_length=8)
+
+
+class TensorData(_Frozen):
+    """A small tensor carried in JSON, row-major."""
+
+    dtype: Dtype
+    shape: list[int] = Field(max_length=8)
+    data: list[float] | list[int] | list[bool]
+
+    @model_validator(mode="after")
+    def _size_matches(self) -> TensorData:
+        size = 1
+        for dim in self.shape:
+            size *= dim
+        if size != len(self.data):
+            raise ValueError(f"shape {self.shape} holds {size} values, data has {len(self.data)}")
+        return self
+
+
+class ImagePreprocessing(_Frozen):
+    """Turn an image into the input tensor: resize, scale to [0, 1], normalize."""
+
+    size: tuple[int, int] = Field(description="height, width")
+    grayscale: bool = False
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+    scale: float = Field(default=1 / 255, gt=0)
+    channels_first: bool = True
+    invert: bool = False
+
+
+class TextPreprocessing(_Frozen):
+    """Tokenize text with a `tokenizers` JSON file shipped as an artifact."""
+
+    tokenizer_sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer_size: int = Field(ge=1)
+    max_length: int = Field(default=128, ge=1, le=8192)
+
+
+class Preprocessing(_Frozen):
+    """How raw input becomes the model's input tensors."""
+
+    type: Literal["tensor", "image", "text", "tabular"] = "tensor"
+    image: ImagePreprocessing | None = None
+    text: TextPreprocessing | None = None
+    features: list[str] | None = Field(default=None, description="tabular column order")
+
+    @model_validator(mode="after")
+    def _spec_present(self) -> Preprocessing:
+        if self.type == "image" and self.image is None:
+            raise ValueError("type 'image' needs an image spec")
+        if self.type == "text" and self.text is None:
+            raise ValueError("type 'text' needs a text spec")
+        return self
+
+
+class Postprocessing(_Frozen):
+    """How the output tensor becomes an answer."""
+
+    output: str | None = Field(default=None, description="output tensor to post-process; the first if None")
+    softmax: bool = False
+    top_k: int | None = Field(default=None, ge=1)
+    labels: list[str] | None = None
+    pooling: Literal["mean", "cls"] | None = Field(default=None, description="token embeddings -> sentence")
+    normalize: bool = False
+
+
+class Sample(_Frozen):
+    """An input with its expected output: the agent's smoke test for every variant."""
+
+    inputs: dict[str, TensorData]
+    outputs: dict[str, TensorData]
+    atol: float = Field(default=1e-3, ge=0)
+    rtol: float = Field(default=1e-2, ge=0)
+    min_cosine: float | None = Field(
+        default=None, description="compare by cosine similarity instead (quantized variants)"
+    )
+    argmax_match: bool = Field(default=False, description="compare by arg-max (quantized classifiers)")
+
+
+class VariantMetrics(_Frozen):
+    """What the build gate measured for one variant."""
+
+    metric: str = Field(description="accuracy, cosine, or the task's metric name")
+    value: float | None = None
+    reference: float | None = Field(default=None, description="the torch model's value")
+    latency_ms: float | None = Field(default=None, description="median, batch 1; None when unmeasured")
+    latency_note: str | None = Field(default=None, description="'unmeasured: ...' for GPU targets built here")
+
+
+class Variant(_Frozen):
+    """One artifact of a model version, built for one target."""
+
+    target: TargetId
+    precision: Literal["fp32", "fp16", "int8"]
+    providers: list[str] = Field(min_length=1)
+    file: str = Field(min_length=1, max_length=256)
+    size: int = Field(ge=1)
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    metrics: VariantMetrics | None = None
+    sample: Sample | None = Field(default=None, description="overrides the manifest's sample tolerances")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="how the variant was made")
+
+
+class SkippedVariant(_Frozen):
+    """A target that was considered and not published, with the reason."""
+
+    target: TargetId
+    reason: str
+
+
+class Manifest(_Frozen):
+    """A model version: its interface, processing, sample, metrics and variants."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    version: Version
+    task: str = Field(min_length=1, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = Field(default_factory=Postprocessing)
+    labels: list[str] | None = None
+    sample: Sample
+    metrics: dict[str, float] = Field(default_factory=dict)
+    variants: list[Variant] = Field(default_factory=list)
+    skipped: list[SkippedVariant] = Field(default_factory=list)
+    lineage: dict[str, Any] = Field(default_factory=dict, description="data hash, training config, parent")
+
+    def variant(self, target: TargetId) -> Variant | None:
+        """Return the variant built for `target`, if any."""
+        return next((v for v in self.variants if v.target == target), None)
+
+    def choose(self, targets: list[TargetId]) -> Variant | None:
+        """Return the first variant in the device's order of preference."""
+        for target in targets:
+            if (found := self.variant(target)) is not None:
+                return found
+        return None
+
+
+class SignedManifest(_Frozen):
+    """A manifest with the hub's Ed25519 signature over its canonical JSON."""
+
+    manifest: Manifest
+    signature: str = Field(description="base64 Ed25519 signature")
+    key_id: str = Field(description="first 16 hex digits of sha256(public key)")
+
+    def to_bytes(self) -> bytes:
+        """Serialize for serving over HTTP."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = 4 * DEFAULT_MAX_BYTES) -> SignedManifest:
+        """Parse bytes; raise ProtocolError when they are not a signed manifest."""
+        return decode(data, cls, max_bytes=max_bytes)
+
+
+def canonical_json(manifest: Manifest) -> bytes:
+    """Return the bytes that are signed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def generate_signing_key() -> bytes:
+    """Return a new Ed25519 private key as PEM (PKCS8, unencrypted)."""
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key from PEM."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError("the signing key is not an Ed25519 key")
+    return key
+
+
+def public_key_b64(private_key: Ed25519PrivateKey) -> str:
+    """Return the raw public key as base64, the form agents receive at enrollment."""
+    raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def load_public_key(b64: str) -> Ed25519PublicKey:
+    """Load a raw base64 Ed25519 public key."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(b64, validate=True))
+    except ValueError as exc:
+        raise SignatureError(f"not an Ed25519 public key: {exc}") from exc
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Return a short, stable id for a public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> SignedManifest:
+    """Sign a manifest with the hub's key."""
+    signature = private_key.sign(canonical_json(manifest))
+    return SignedManifest(
+        manifest=manifest,
+        signature=base64.b64encode(signature).decode(),
+        key_id=key_id(private_key.public_key()),
+    )
+
+
+def verify_manifest(signed: SignedManifest | bytes, public_key: Ed25519PublicKey) -> Manifest:
+    """Return the manifest if its signature verifies; raise SignatureError otherwise.
+
+    Bytes are parsed first (ProtocolError when they are not a signed manifest).
+    """
+    if isinstance(signed, bytes):
+        signed = SignedManifest.from_bytes(signed)
+    if signed.key_id != key_id(public_key):
+        raise SignatureError(f"manifest signed by key {signed.key_id}, expected {key_id(public_key)}")
+    try:
+        signature = base64.b64decode(signed.signature, validate=True)
+        public_key.verify(signature, canonical_json(signed.manifest))
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureError(f"manifest {signed.manifest.name} {signed.manifest.version}: bad signature") from exc
+    return signed.manifest
