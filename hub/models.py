@@ -1,0 +1,252 @@
+"""The hub's tables (SQLModel). The schema itself is created by `hub.migrations`.
+
+JSON columns are not mutation-tracked: assign a new dict or list to change one
+(``device.labels = {**device.labels, "k": "v"}``), never edit it in place.
+Timestamps are timezone-aware UTC on both SQLite and PostgreSQL (`UTCDateTime`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Index, Integer, Text, UniqueConstraint
+from sqlalchemy.types import DateTime, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ApiKey",
+    "Artifact",
+    "AuditEvent",
+    "Command",
+    "CommandStatus",
+    "Device",
+    "EnrollmentToken",
+    "Model",
+    "ModelAlias",
+    "ModelVersion",
+    "Role",
+    "TelemetryPoint",
+    "UTCDateTime",
+    "VersionStatus",
+    "utcnow",
+]
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER keys
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A datetime stored as UTC and always read back timezone-aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Role(StrEnum):
+    """What an API key may do; each role includes the ones below it."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class VersionStatus(StrEnum):
+    """Lifecycle of a model version."""
+
+    ACTIVE = "active"
+    DEPRECATED = "deprecated"
+
+
+class CommandStatus(StrEnum):
+    """Lifecycle of a command: pending -> sent -> succeeded | failed, or expired."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class Model(SQLModel, table=True):
+    """A model name; its versions hold the artifacts."""
+
+    __tablename__ = "model"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, unique=True, index=True)
+    task: str = Field(default="", max_length=64)
+    description: str = Field(default="", max_length=2048)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ModelVersion(SQLModel, table=True):
+    """One published version: its signed manifest, metrics and lineage."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="model.id", index=True)
+    version: str = Field(max_length=64)
+    status: str = Field(default=VersionStatus.ACTIVE.value, max_length=16)
+    task: str = Field(default="", max_length=64)
+    manifest: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    signed_manifest: str = Field(sa_type=Text)
+    manifest_sha256: str = Field(max_length=64)
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    lineage: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    dataset_hash: str | None = Field(default=None, max_length=128)
+    training_config: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    parent_version: str | None = Field(default=None, max_length=64)
+    published_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deprecated_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ModelAlias(SQLModel, table=True):
+    """A movable name for a version (``stable``, ``canary``...); ``latest`` is computed."""
+
+    __tablename__ = "model_alias"
+    __table_args__ = (UniqueConstraint("model_id", "alias", name="uq_model_alias"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="model.id", index=True)
+    alias: str = Field(max_length=64)
+    version_id: int = Field(foreign_key="model_version.id")
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Artifact(SQLModel, table=True):
+    """A file of a version (a variant for a target, or the tokenizer), stored by sha256."""
+
+    __tablename__ = "artifact"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version_id: int = Field(foreign_key="model_version.id", index=True)
+    target: str | None = Field(default=None, max_length=32)
+    file: str = Field(max_length=256)
+    size: int = Field(sa_type=BigInteger)
+    sha256: str = Field(max_length=64, index=True)
+
+
+class Device(SQLModel, table=True):
+    """An enrolled device; its id is also its MQTT username."""
+
+    __tablename__ = "device"
+
+    id: str = Field(primary_key=True, max_length=128)
+    name: str = Field(default="", max_length=128)
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    profile: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    agent_version: str = Field(default="", max_length=64)
+    online: bool = Field(default=False, index=True)
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    desired: dict[str, Any] | None = Field(default=None, sa_type=JSON, description="shared DesiredState")
+    reported: dict[str, Any] | None = Field(default=None, sa_type=JSON, description="shared ReportedState")
+    token_hash: str | None = Field(default=None, max_length=64, unique=True)
+    mqtt_password_hash: str | None = Field(default=None, max_length=64)
+    enrollment_token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
+    decommissioned: bool = Field(default=False, index=True)
+    decommissioned_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A secret that lets up to `max_uses` devices enroll before `expires_at`."""
+
+    __tablename__ = "enrollment_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    note: str = Field(default="", max_length=256)
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    max_uses: int = Field(default=1, ge=1)
+    uses: int = Field(default=0)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked: bool = False
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ApiKey(SQLModel, table=True):
+    """A hashed API key with a role; `rate_limit` overrides the hub-wide limit."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    key_hash: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=16)
+    rate_limit: str | None = Field(default=None, max_length=32)
+    revoked: bool = False
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Command(SQLModel, table=True):
+    """A command sent to one device and, once it answers, its result."""
+
+    __tablename__ = "command"
+
+    id: str = Field(primary_key=True, max_length=128)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    name: str = Field(max_length=32)
+    args: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    status: str = Field(default=CommandStatus.PENDING.value, max_length=16, index=True)
+    result: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    error: str | None = Field(default=None, max_length=4096)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class TelemetryPoint(SQLModel, table=True):
+    """One measurement of one device; (device_id, seq) is unique, so ingest is idempotent."""
+
+    __tablename__ = "telemetry_point"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        Index("ix_telemetry_device_name_ts", "device_id", "name", "ts"),
+    )
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    device_id: str = Field(max_length=128)
+    seq: int = Field(sa_type=BigInteger)
+    ts: datetime = Field(sa_type=UTCDateTime)
+    name: str = Field(max_length=128)
+    value: float
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+
+
+class AuditEvent(SQLModel, table=True):
+    """A record of one change: who did what to which thing."""
+
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64, index=True)
+    subject: str = Field(default="", max_length=256)
+    details: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
