@@ -116,6 +116,10 @@ class Preprocessing(_Frozen):
     image: ImagePreprocessing | None = None
     text: TextPreprocessing | None = None
     features: list[str] | None = Field(default=None, description="tabular column order")
+    categories: dict[str, list[str]] | None = Field(
+        default=None,
+        description="tabular string columns: the value is sent as its index in this list (unknown: -1)",
+    )
 
     @model_validator(mode="after")
     def _spec_present(self) -> Preprocessing:
