@@ -21,12 +21,16 @@ __all__ = [
     "AuditEvent",
     "Command",
     "CommandStatus",
+    "DeploymentHistory",
     "Device",
     "EnrollmentToken",
     "Model",
     "ModelAlias",
     "ModelVersion",
     "Role",
+    "Rollout",
+    "RolloutDevice",
+    "RolloutEvent",
     "TelemetryPoint",
     "UTCDateTime",
     "VersionStatus",
@@ -250,3 +254,72 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     subject: str = Field(default="", max_length=256)
     details: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class Rollout(SQLModel, table=True):
+    """A deployment of one model version to a set of devices, step by step (hub.rollouts)."""
+
+    __tablename__ = "rollout"
+
+    id: str = Field(primary_key=True, max_length=64)
+    model: str = Field(max_length=128, index=True)
+    version: str = Field(max_length=64)
+    baseline_version: str | None = Field(default=None, max_length=64)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON, description="hub.rollout_spec.RolloutSpec")
+    state: str = Field(max_length=16, index=True)
+    step: int = 0
+    step_started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    reason: str = Field(default="", max_length=4096)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device of a rollout: its cohort rank, what it ran before and what it was given."""
+
+    __tablename__ = "rollout_device"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_device"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollout.id", index=True, max_length=64)
+    device_id: str = Field(max_length=128, index=True)
+    rank: str = Field(max_length=64)
+    previous_version: str | None = Field(default=None, max_length=64)
+    assigned_version: str | None = Field(default=None, max_length=64)
+    moved_at_step: int | None = None
+    state: str = Field(default="pending", max_length=16)
+    error: str | None = Field(default=None, max_length=4096)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class RolloutEvent(SQLModel, table=True):
+    """One entry of a rollout's timeline."""
+
+    __tablename__ = "rollout_event"
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollout.id", index=True, max_length=64)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    kind: str = Field(max_length=32)
+    step: int = 0
+    message: str = Field(default="", max_length=4096)
+    actor: str = Field(default="", max_length=128)
+    details: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class DeploymentHistory(SQLModel, table=True):
+    """Which version of a model a device was told to run or reported running, and when."""
+
+    __tablename__ = "deployment_history"
+    __table_args__ = (Index("ix_deployment_history_device_model_ts", "device_id", "model", "ts"),)
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    device_id: str = Field(max_length=128)
+    model: str = Field(max_length=128)
+    version: str | None = Field(default=None, max_length=64)
+    event: str = Field(max_length=16, description="desired | active | rolled_back")
+    rollout_id: str | None = Field(default=None, max_length=64, index=True)
+    actor: str = Field(default="", max_length=128)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
