@@ -1,0 +1,129 @@
+"""Agent settings (env ``AUTODL_AGENT_*`` and flags) and the enrolled identity file."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.errors import FatalError, NotEnrolledError
+from shared.messages import EnrollResponse, utcnow
+
+__all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
+
+IDENTITY_FILE = "identity.json"
+
+
+def default_state_dir() -> Path:
+    """Return /var/lib/autodl-agent for root, else the user's data dir."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/autodl-agent")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "autodl-agent"
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent can be told; tests shorten the intervals instead of sleeping."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTODL_AGENT_", extra="ignore")
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8500, ge=0, le=65535)
+    log_level: str = "INFO"
+    # MQTT session
+    keepalive_s: int = Field(default=30, ge=1)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    backoff_min_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    # Downloads and updates
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    download_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
+    download_retries: int = Field(default=5, ge=0)
+    retry_min_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    disk_reserve_mb: int = Field(default=64, ge=0)
+    keep_versions: int = Field(default=2, ge=1, description="versions per model kept in the cache")
+    # Runtime
+    intra_op_threads: int | None = Field(default=None, ge=1, description="default: physical cores")
+    warmup_runs: int = Field(default=2, ge=0)
+
+    @property
+    def identity_path(self) -> Path:
+        """Return the path of the identity file."""
+        return self.state_dir / IDENTITY_FILE
+
+    @property
+    def db_path(self) -> Path:
+        """Return the path of the agent's SQLite store."""
+        return self.state_dir / "agent.db"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Return the content-addressed artifact cache."""
+        return self.state_dir / "cache"
+
+
+class Identity(BaseModel):
+    """What enrollment gave this device; secret, so stored with mode 0600."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str
+    device_token: str
+    mqtt_host: str
+    mqtt_port: int
+    mqtt_tls: bool = False
+    mqtt_username: str
+    mqtt_password: str
+    signing_public_key: str
+    hub_url: str
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    enrolled_at: datetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def from_response(cls, response: EnrollResponse, name: str | None) -> Identity:
+        """Build the identity from the hub's enrollment answer."""
+        return cls(name=name, **response.model_dump())
+
+
+def save_identity(settings: AgentSettings, identity: Identity) -> Path:
+    """Write the identity atomically with mode 0600."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = settings.identity_path
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(identity.model_dump_json(indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def load_identity(settings: AgentSettings) -> Identity:
+    """Read the identity; raise NotEnrolledError when there is none."""
+    path = settings.identity_path
+    try:
+        raw = path.read_text()
+    except FileNotFoundError as exc:
+        raise NotEnrolledError(f"not enrolled: no {path}; run `autodl-agent enroll --hub URL --token T`") from exc
+    try:
+        return Identity.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise FatalError(f"identity file {path} is unreadable: {exc}") from exc
+
+
+def delete_identity(settings: AgentSettings) -> bool:
+    """Remove the identity file; return False when there was none."""
+    try:
+        settings.identity_path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

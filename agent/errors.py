@@ -1,0 +1,100 @@
+"""The agent's error tree; every foreign exception is converted at the boundary.
+
+Errors::
+
+    AgentError
+    ├── TransientError            retry later with capped exponential backoff and jitter
+    │   ├── DownloadError         the hub or the network failed mid-transfer
+    │   └── HubUnavailableError   the hub did not answer or answered 5xx
+    └── FatalError                report, roll back, do not retry the same input
+        ├── NotEnrolledError      no identity in the state dir
+        ├── AlreadyEnrolledError  an identity exists and --force was not given
+        ├── EnrollmentError       the hub refused the enrollment
+        ├── CredentialsError      the broker refused our credentials
+        ├── DesiredStateError     the desired state names nothing this device can run
+        ├── DiskSpaceError        not enough free disk for the artifact
+        ├── VerificationError     sha256, size or signature mismatch
+        ├── ModelLoadError        ONNX Runtime could not load the model
+        ├── SmokeTestError        the model's output on the manifest sample is off
+        └── CancelledError        a newer desired state replaced this update
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "AlreadyEnrolledError",
+    "CancelledError",
+    "CredentialsError",
+    "DesiredStateError",
+    "DiskSpaceError",
+    "DownloadError",
+    "EnrollmentError",
+    "FatalError",
+    "HubUnavailableError",
+    "ModelLoadError",
+    "NotEnrolledError",
+    "SmokeTestError",
+    "TransientError",
+    "VerificationError",
+]
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class TransientError(AgentError):
+    """A failure that may go away: retry with backoff."""
+
+
+class FatalError(AgentError):
+    """A failure that retrying the same input will not fix: report it and roll back."""
+
+
+class DownloadError(TransientError):
+    """A transfer that stopped before the whole file arrived."""
+
+
+class HubUnavailableError(TransientError):
+    """The hub could not be reached or answered with a server error."""
+
+
+class NotEnrolledError(FatalError):
+    """The state dir holds no identity; run `autodl-agent enroll` first."""
+
+
+class AlreadyEnrolledError(FatalError):
+    """The device is already enrolled; pass --force to enroll again."""
+
+
+class EnrollmentError(FatalError):
+    """The hub refused the enrollment (bad or expired token, invalid request)."""
+
+
+class CredentialsError(FatalError):
+    """The MQTT broker refused the device's credentials."""
+
+
+class DesiredStateError(FatalError):
+    """The desired state asks for something this device cannot run."""
+
+
+class DiskSpaceError(FatalError):
+    """Not enough free disk space for an artifact."""
+
+
+class VerificationError(FatalError):
+    """A file or manifest failed its sha256, size or signature check."""
+
+
+class ModelLoadError(FatalError):
+    """ONNX Runtime could not create a session for the model."""
+
+
+class SmokeTestError(FatalError):
+    """The model's output on the manifest's sample is outside tolerance."""
+
+
+class CancelledError(FatalError):
+    """The update was replaced by a newer desired state."""

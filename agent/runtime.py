@@ -1,0 +1,179 @@
+"""ONNX Runtime sessions: provider choice, graph optimization, threads, warm-up, smoke test, hot swap.
+
+A swap replaces one reference under a lock. A request takes the reference once and
+runs on it, so requests in flight finish on the old session while new ones get the new.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.errors import ModelLoadError, SmokeTestError
+from shared.manifest import Manifest, Sample, TensorData, Variant
+
+__all__ = ["LoadedModel", "ModelRegistry", "load_model", "sample_inputs", "smoke_test", "tensor_array", "warm_up"]
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+
+
+def tensor_array(tensor: TensorData) -> np.ndarray:
+    """Return a manifest tensor as a numpy array."""
+    return np.asarray(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tensor.shape)
+
+
+def sample_inputs(manifest: Manifest) -> dict[str, np.ndarray]:
+    """Return the manifest sample's inputs as arrays."""
+    return {name: tensor_array(t) for name, t in manifest.sample.inputs.items()}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One version of a model, ready to answer requests."""
+
+    name: str
+    version: str
+    target: str
+    manifest: Manifest
+    variant: Variant
+    session: ort.InferenceSession = field(repr=False, compare=False)
+    path: Path
+    providers: tuple[str, ...]
+    tokenizer_path: Path | None = None
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the session; ORT sessions are safe to call from many threads."""
+        names = outputs or [o.name for o in self.session.get_outputs()]
+        values = self.session.run(names, inputs)
+        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+
+
+def _providers(wanted: list[str]) -> list[str]:
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available]
+    if CPU not in chosen:
+        chosen.append(CPU)  # CPU is always the last resort
+    return chosen
+
+
+def load_model(
+    manifest: Manifest,
+    variant: Variant,
+    path: Path,
+    threads: int,
+    tokenizer_path: Path | None = None,
+) -> LoadedModel:
+    """Create an ORT session for a verified file; raise ModelLoadError."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    providers = _providers(list(variant.providers))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load the model: {exc}") from exc
+    expected = {spec.name for spec in manifest.inputs}
+    actual = {i.name for i in session.get_inputs()}
+    if not expected <= actual:
+        raise ModelLoadError(
+            f"{manifest.name} {manifest.version}: model inputs {sorted(actual)} lack {sorted(expected - actual)}"
+        )
+    return LoadedModel(
+        name=manifest.name,
+        version=manifest.version,
+        target=str(variant.target),
+        manifest=manifest,
+        variant=variant,
+        session=session,
+        path=path,
+        providers=tuple(session.get_providers()),
+        tokenizer_path=tokenizer_path,
+    )
+
+
+def warm_up(model: LoadedModel, runs: int) -> None:
+    """Run the sample a few times so the first real request does not pay for allocation."""
+    inputs = sample_inputs(model.manifest)
+    for _ in range(runs):
+        model.run(inputs)
+
+
+def smoke_test(model: LoadedModel) -> None:
+    """Run the manifest sample and compare with its expected outputs; raise SmokeTestError."""
+    sample: Sample = model.variant.sample or model.manifest.sample
+    try:
+        got = model.run(sample_inputs(model.manifest), list(sample.outputs))
+    except Exception as exc:  # an ORT failure on the sample is a failed smoke test
+        raise SmokeTestError(f"{model.name} {model.version}: the sample does not run: {exc}") from exc
+    for name, expected_tensor in sample.outputs.items():
+        _compare(model, name, got[name], tensor_array(expected_tensor), sample)
+
+
+def _compare(model: LoadedModel, name: str, got: np.ndarray, expected: np.ndarray, sample: Sample) -> None:
+    where = f"{model.name} {model.version} ({model.target}) output {name!r}"
+    if got.shape != expected.shape:
+        raise SmokeTestError(f"{where}: shape {list(got.shape)}, sample expects {list(expected.shape)}")
+    a = got.astype(np.float64)
+    b = expected.astype(np.float64)
+    if sample.argmax_match:
+        if not np.array_equal(a.argmax(axis=-1), b.argmax(axis=-1)):
+            raise SmokeTestError(f"{where}: arg-max differs from the sample's")
+        return
+    if sample.min_cosine is not None:
+        a2 = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+        b2 = b.reshape(a2.shape)
+        denom = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+        cosine = np.sum(a2 * b2, axis=1) / np.where(denom == 0, 1, denom)
+        if float(cosine.min()) < sample.min_cosine:
+            raise SmokeTestError(f"{where}: cosine {float(cosine.min()):.4f} < {sample.min_cosine}")
+        return
+    if not np.allclose(a, b, atol=sample.atol, rtol=sample.rtol):
+        worst = float(np.max(np.abs(a - b)))
+        raise SmokeTestError(f"{where}: max difference {worst:.4g} beyond atol={sample.atol} rtol={sample.rtol}")
+
+
+class ModelRegistry:
+    """The active model per name; swapping is one assignment under a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[str, LoadedModel] = {}
+
+    def get(self, name: str) -> LoadedModel | None:
+        """Return the active model of a name."""
+        with self._lock:
+            return self._active.get(name)
+
+    def activate(self, model: LoadedModel) -> LoadedModel | None:
+        """Make `model` the active one for its name; return the one it replaced."""
+        with self._lock:
+            old = self._active.get(model.name)
+            self._active[model.name] = model
+        logger.info("%s %s is active (%s, %s)", model.name, model.version, model.target, ",".join(model.providers))
+        return old
+
+    def remove(self, name: str) -> LoadedModel | None:
+        """Stop serving a name."""
+        with self._lock:
+            return self._active.pop(name, None)
+
+    def all(self) -> list[LoadedModel]:
+        """Return every active model, by name."""
+        with self._lock:
+            return [self._active[k] for k in sorted(self._active)]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Return a JSON-able summary of the active models."""
+        return [
+            {"name": m.name, "version": m.version, "target": m.target, "providers": list(m.providers)}
+            for m in self.all()
+        ]

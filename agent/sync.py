@@ -1,0 +1,207 @@
+"""The agent's MQTT 5 session: persistent session, last will, presence, backoff, desired state in.
+
+All paho callbacks are wired in `_wire`. The connection loop is ours (not paho's
+reconnect) so the delay between attempts is capped exponential with jitter and bad
+credentials stop it for good. On every connect: subscribe (again), publish "online",
+then let the daemon publish its reported state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel
+
+from agent import __version__
+from agent.config import AgentSettings, Identity
+from agent.errors import CredentialsError
+from agent.updates import backoff_delay
+from shared import topics
+from shared.codec import ProtocolError, decode, encode
+from shared.messages import DesiredState, Presence
+from shared.topics import DeviceChannel
+
+__all__ = ["MqttSession"]
+
+logger = logging.getLogger(__name__)
+
+# CONNACK reason codes that retrying will not fix.
+_FATAL_CONNACK = {
+    133: "client identifier not valid",
+    134: "bad user name or password",
+    135: "not authorized",
+    138: "banned",
+}
+
+
+class MqttSession:
+    """One device's connection to the broker, kept alive from a background thread."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: AgentSettings,
+        on_desired: Callable[[DesiredState], None],
+        on_connected: Callable[[], None] = lambda: None,
+        on_command: Callable[[bytes], None] | None = None,
+        on_invalid: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.on_desired = on_desired
+        self.on_connected = on_connected
+        self.on_command = on_command
+        self.on_invalid = on_invalid
+        self.connected = threading.Event()
+        self.fatal: CredentialsError | None = None
+        self.rejected: dict[str, int] = {}
+        self.connects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._client = self._wire()
+
+    def _topic(self, channel: DeviceChannel) -> str:
+        return topics.device_topic(self.identity.device_id, channel)
+
+    def _presence(self, online: bool) -> bytes:
+        return encode(Presence(device_id=self.identity.device_id, online=online, agent_version=__version__))
+
+    def _wire(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.identity.device_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.username_pw_set(self.identity.mqtt_username, self.identity.mqtt_password)
+        if self.identity.mqtt_tls:
+            client.tls_set()
+        # The will is set before connecting: the broker publishes it if we vanish.
+        client.will_set(self._topic(DeviceChannel.ONLINE), self._presence(False), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start connecting in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Publish "offline" and disconnect cleanly."""
+        self._stop.set()
+        if self.connected.is_set():
+            info = self._client.publish(self._topic(DeviceChannel.ONLINE), self._presence(False), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+            self._client.disconnect()
+        self._thread.join(timeout=10)
+
+    def wait_fatal(self, timeout: float | None = None) -> CredentialsError | None:
+        """Return the fatal error once the loop has stopped for good (or None on timeout)."""
+        self._thread.join(timeout)
+        return self.fatal
+
+    def publish(self, channel: DeviceChannel, message: BaseModel, retain: bool = False) -> bool:
+        """Publish a message on one of this device's channels; return False when offline."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(self._topic(channel), encode(message), qos=1, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    # the connection loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        attempt = 0
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        host, port = self.identity.mqtt_host, self.identity.mqtt_port
+        while not self._stop.is_set():
+            try:
+                self._client.connect(
+                    host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
+                )
+            except OSError as exc:
+                delay = backoff_delay(attempt, self.settings.backoff_min_s, self.settings.backoff_max_s)
+                attempt += 1
+                logger.warning("MQTT broker %s:%d unreachable (%s); retrying in %.1fs", host, port, exc, delay)
+                self._stop.wait(delay)
+                continue
+            while not self._stop.is_set() and self.fatal is None:
+                if self._client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            if self.connected.is_set():
+                self.connected.clear()
+            if self.fatal is not None:
+                logger.error("%s", self.fatal)
+                return
+            if self._stop.is_set():
+                # Drain the outgoing "offline" and DISCONNECT written by stop().
+                for _ in range(10):
+                    if self._client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                return
+            attempt = 0 if self.connects else attempt
+            delay = backoff_delay(attempt, self.settings.backoff_min_s, self.settings.backoff_max_s)
+            attempt += 1
+            logger.warning("MQTT connection lost; reconnecting in %.1fs", delay)
+            self._stop.wait(delay)
+
+    # paho callbacks (run on the loop thread) -----------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            code = int(reason.value)
+            if code in _FATAL_CONNACK:
+                self.fatal = CredentialsError(
+                    f"the MQTT broker refused device {self.identity.device_id}: {_FATAL_CONNACK[code]}"
+                    " (re-enroll with `autodl-agent enroll --force`)"
+                )
+            else:
+                logger.warning("MQTT connect refused: %s", reason)
+            return
+        self.connects += 1
+        logger.info("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
+        client.subscribe(
+            [(self._topic(DeviceChannel.DESIRED), 1), (self._topic(DeviceChannel.COMMANDS), 1)],
+        )
+        client.publish(self._topic(DeviceChannel.ONLINE), self._presence(True), qos=1, retain=True)
+        self.connected.set()
+        try:
+            self.on_connected()
+        except Exception:  # the daemon's hook must not break the session
+            logger.exception("on_connected hook failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        if getattr(reason, "value", 0) in _FATAL_CONNACK and self.fatal is None:
+            self.fatal = CredentialsError(f"the MQTT broker disconnected device {self.identity.device_id}: {reason}")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._topic(DeviceChannel.DESIRED):
+            if not message.payload:
+                return  # a cleared retained desired state
+            try:
+                desired = decode(bytes(message.payload), DesiredState)
+            except ProtocolError as exc:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                logger.warning("rejected desired state: %s", exc)
+                self.on_invalid(f"desired state rejected: {exc}")
+                return
+            try:
+                self.on_desired(desired)
+            except Exception as exc:  # a bad desired state is reported, never fatal to the session
+                logger.warning("desired revision %d refused: %s", desired.revision, exc)
+                self.on_invalid(f"desired revision {desired.revision} refused: {exc}")
+        elif message.topic == self._topic(DeviceChannel.COMMANDS) and self.on_command is not None:
+            try:
+                self.on_command(bytes(message.payload))
+            except Exception:
+                logger.exception("command handling failed")

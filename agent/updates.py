@@ -1,0 +1,421 @@
+"""The update state machine, journaled in SQLite so a crash resumes or rolls back.
+
+    idle -> downloading -> verifying -> staging -> active
+              any failure -> rolled_back (with the reason; the old version keeps serving)
+
+Each step is saved before it acts and returns the next state (`_STEPS`). After a crash
+`RESUME` maps the state the journal stopped in to a safe place to start again: a
+download resumes (with ``Range``), anything after it is verified again from scratch,
+and an active model is re-hashed and smoke-tested before it serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from agent.artifacts import ArtifactCache, fetch_manifest, verify_signed
+from agent.config import AgentSettings, Identity
+from agent.errors import AgentError, CancelledError, DesiredStateError, FatalError, TransientError, VerificationError
+from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
+from agent.store import ModelRecord, Slot, Store
+from shared.manifest import Manifest, Variant
+from shared.messages import DesiredModel, DesiredState, UpdateState
+from shared.targets import TargetId
+
+__all__ = ["RESUME", "Updater", "backoff_delay"]
+
+logger = logging.getLogger(__name__)
+
+S = UpdateState
+
+# Where to start again after a crash, by the state the journal stopped in (None: nothing to do).
+RESUME: dict[UpdateState, UpdateState | None] = {
+    S.IDLE: None,
+    S.DOWNLOADING: S.DOWNLOADING,
+    S.VERIFYING: S.VERIFYING,
+    S.STAGING: S.VERIFYING,  # a half-staged session is gone with the process: verify again
+    S.ACTIVE: None,
+    S.COMMITTED: None,
+    S.ROLLED_BACK: None,
+}
+
+IN_PROGRESS = frozenset({S.DOWNLOADING, S.VERIFYING, S.STAGING})
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Return a capped exponential delay with full jitter, so a fleet does not retry in lockstep."""
+    ceiling = min(high, low * (2 ** min(attempt, 30)))
+    return random.uniform(low, max(low, ceiling))
+
+
+def _key(model: DesiredModel) -> str:
+    return f"{model.version}@{model.manifest_url}"
+
+
+@dataclass
+class _Job:
+    """The working set of one update; rebuilt from the journal after a crash."""
+
+    name: str
+    desired: DesiredModel
+    cancelled: Callable[[], bool]
+    record: ModelRecord
+    manifest: Manifest | None = None
+    variant: Variant | None = None
+    path: Path | None = None
+    tokenizer: Path | None = None
+    loaded: LoadedModel | None = None
+
+
+class Updater:
+    """Converges the active models to the desired state, one worker thread per model name."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        identity: Identity,
+        store: Store,
+        cache: ArtifactCache,
+        registry: ModelRegistry,
+        client: httpx.Client,
+        targets: list[TargetId],
+        threads: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.store = store
+        self.cache = cache
+        self.registry = registry
+        self.client = client
+        self.targets = targets
+        self.threads = threads
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._revision: int | None = None
+        self._stopped = threading.Event()
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Serve what the journal says was active (re-verified), and resume unfinished updates."""
+        for record in self.store.models():
+            self._restore_active(record)
+            resume = RESUME[record.state]
+            if resume is not None and record.pending is not None:
+                logger.info("%s: resuming the update to %s from %s", record.name, record.pending.version, resume)
+                desired = DesiredModel(version=record.pending.version, manifest_url=record.pending.manifest_url)
+                self._worker(record.name).want(desired, start=resume)
+            elif resume is not None:
+                self._save(record.with_(state=S.ROLLED_BACK, error="interrupted before the manifest arrived"))
+        self.on_change()
+
+    def stop(self) -> None:
+        """Stop every worker (an update in progress stays journaled and resumes next start)."""
+        self._stopped.set()
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.stop()
+
+    def busy(self) -> bool:
+        """Return True while any model is being updated."""
+        with self._lock:
+            return any(w.busy() for w in self._workers.values())
+
+    # desired state -----------------------------------------------------------------------------
+    def apply(self, desired: DesiredState) -> None:
+        """Start converging to a desired state; returns at once, workers do the rest."""
+        if desired.device_id != self.identity.device_id:
+            raise DesiredStateError(
+                f"desired state for device {desired.device_id!r}, this is {self.identity.device_id!r}"
+            )
+        self.store.put("desired", desired.model_dump_json())
+        with self._lock:
+            self._revision = desired.revision
+        for record in self.store.models():
+            if record.name not in desired.models:
+                self._remove(record.name)
+        for name, model in desired.models.items():
+            self._worker(name).want(model)
+        self._settle()
+
+    def applied_revision(self) -> int:
+        """Return the desired revision the agent last finished applying."""
+        raw = self.store.get("applied_revision")
+        return int(raw) if raw is not None else 0
+
+    def _settle(self) -> None:
+        with self._lock:
+            revision = self._revision
+            busy = any(w.busy() for w in self._workers.values())
+        if revision is not None and not busy:
+            self.store.put("applied_revision", str(revision))
+        self.on_change()
+
+    def _remove(self, name: str) -> None:
+        with self._lock:
+            worker = self._workers.pop(name, None)
+        if worker is not None:
+            worker.stop()
+        self.registry.remove(name)
+        self.store.delete_model(name)
+        logger.info("%s: removed (no longer desired)", name)
+
+    def _worker(self, name: str) -> _Worker:
+        with self._lock:
+            worker = self._workers.get(name)
+            if worker is None:
+                worker = self._workers[name] = _Worker(self, name)
+            return worker
+
+    def _save(self, record: ModelRecord, detail: str | None = None) -> ModelRecord:
+        self.store.save_model(record, detail)
+        self.on_change()
+        return record
+
+    # one update ----------------------------------------------------------------------------------
+    def run_update(self, name: str, desired: DesiredModel, cancelled: Callable[[], bool], start: UpdateState) -> None:
+        """Drive one model through the state machine; raise TransientError to be retried."""
+        record = self.store.model(name)
+        if record.active is not None and record.active.version == desired.version and start == S.DOWNLOADING:
+            if record.state != S.ACTIVE or record.desired_version != desired.version:
+                self._save(record.with_(state=S.ACTIVE, desired_version=desired.version, pending=None, error=None))
+            return
+        if record.failed == _key(desired) and start == S.DOWNLOADING:
+            return  # this exact version failed fatally; a new desired version is needed
+        if start == S.DOWNLOADING and (record.pending is None or record.pending.version != desired.version):
+            record = record.with_(pending=Slot(version=desired.version, manifest_url=desired.manifest_url))
+        job = _Job(name, desired, cancelled, record.with_(desired_version=desired.version))
+        state: UpdateState | None = start
+        try:
+            while state is not None:
+                if cancelled():
+                    raise CancelledError(f"update to {desired.version} replaced by a newer desired state")
+                job.record = self._save(job.record.with_(state=state, error=None))
+                state = _STEPS[state](self, job)
+        except CancelledError as exc:
+            logger.info("%s: %s", name, exc)
+            self._save(job.record.with_(state=S.ACTIVE if job.record.active else S.IDLE, pending=None), str(exc))
+        except TransientError as exc:
+            self._save(job.record.with_(error=f"retrying: {exc}"))
+            raise
+        except FatalError as exc:
+            logger.warning("%s: update to %s refused: %s", name, desired.version, exc)
+            self._save(
+                job.record.with_(state=S.ROLLED_BACK, pending=None, error=str(exc), failed=_key(desired)),
+                f"rolled back: {exc}",
+            )
+
+    def _download(self, job: _Job) -> UpdateState:
+        manifest, raw = fetch_manifest(
+            self.client, job.desired.manifest_url, self.identity.signing_public_key, job.desired.manifest_sha256
+        )
+        if manifest.name != job.name or manifest.version != job.desired.version:
+            raise VerificationError(
+                f"manifest is {manifest.name} {manifest.version}, desired {job.name} {job.desired.version}"
+            )
+        variant = manifest.choose(self.targets)
+        if variant is None:
+            offered = ", ".join(str(v.target) for v in manifest.variants) or "none"
+            wanted = ", ".join(str(t) for t in self.targets)
+            raise DesiredStateError(
+                f"{job.name} {manifest.version} offers targets [{offered}], this device runs [{wanted}]"
+            )
+        pending = Slot(manifest.version, str(variant.target), variant.sha256, job.desired.manifest_url, raw.decode())
+        job.record = self._save(job.record.with_(pending=pending), f"downloading {variant.file} ({variant.target})")
+        self.cache.download(
+            self.client, self._artifact_url(variant.sha256), variant.sha256, variant.size, job.cancelled
+        )
+        text = manifest.preprocessing.text
+        if text is not None:
+            sha, size = text.tokenizer_sha256, text.tokenizer_size
+            self.cache.download(self.client, self._artifact_url(sha), sha, size, job.cancelled)
+        return S.VERIFYING
+
+    def _verify(self, job: _Job) -> UpdateState:
+        pending = job.record.pending
+        if pending is None or pending.manifest is None:
+            return S.DOWNLOADING  # crashed before the manifest was journaled: fetch it again
+        manifest = verify_signed(pending.manifest.encode(), self.identity.signing_public_key)
+        variant = next((v for v in manifest.variants if v.sha256 == pending.sha256), None)
+        if variant is None:
+            raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
+        if not self.cache.has(variant.sha256, variant.size):
+            return S.DOWNLOADING  # the file never finished: resume the transfer
+        job.manifest, job.variant = manifest, variant
+        job.path = self.cache.verify(variant.sha256, variant.size)
+        text = manifest.preprocessing.text
+        if text is not None:
+            if not self.cache.has(text.tokenizer_sha256, text.tokenizer_size):
+                return S.DOWNLOADING
+            job.tokenizer = self.cache.verify(text.tokenizer_sha256, text.tokenizer_size)
+        return S.STAGING
+
+    def _stage(self, job: _Job) -> UpdateState:
+        if job.manifest is None or job.variant is None or job.path is None:
+            return S.VERIFYING  # resumed here after a crash: never stage what was not verified now
+        job.loaded = load_model(job.manifest, job.variant, job.path, self.threads, job.tokenizer)
+        warm_up(job.loaded, self.settings.warmup_runs)
+        smoke_test(job.loaded)
+        return S.ACTIVE
+
+    def _activate(self, job: _Job) -> None:
+        if job.loaded is None:
+            raise VerificationError("reached activation without a staged model")
+        if job.cancelled():
+            raise CancelledError(f"update to {job.desired.version} replaced before activation")
+        self.registry.activate(job.loaded)
+        record = job.record
+        previous = record.active if record.active and record.active.version != job.loaded.version else record.previous
+        job.record = self._save(
+            record.with_(
+                state=S.ACTIVE, active=record.pending, previous=previous, pending=None, error=None, failed=None
+            ),
+            f"active {job.loaded.version} ({job.loaded.target})",
+        )
+        self._collect_garbage()
+
+    def _artifact_url(self, sha256: str) -> str:
+        return f"{self.identity.hub_url.rstrip('/')}/artifacts/{sha256}"
+
+    def _collect_garbage(self) -> None:
+        keep: set[str] = set()
+        for record in self.store.models():
+            for slot in (record.active, record.previous, record.pending):
+                if slot is None:
+                    continue
+                if slot.sha256:
+                    keep.add(slot.sha256)
+                if slot.manifest:
+                    try:
+                        text = verify_signed(
+                            slot.manifest.encode(), self.identity.signing_public_key
+                        ).preprocessing.text
+                    except AgentError:
+                        continue
+                    if text is not None:
+                        keep.add(text.tokenizer_sha256)
+        self.cache.gc(keep)
+
+    # startup -----------------------------------------------------------------------------------
+    def _restore_active(self, record: ModelRecord) -> None:
+        for slot in (record.active, record.previous):
+            if slot is None or slot.manifest is None or slot.sha256 is None:
+                continue
+            try:
+                model = self._load_verified(slot)
+            except AgentError as exc:
+                logger.warning("%s %s cannot be restored: %s", record.name, slot.version, exc)
+                self._save(record.with_(error=f"restore {slot.version}: {exc}"))
+                continue
+            self.registry.activate(model)
+            if slot is record.previous:
+                self._save(record.with_(active=slot, previous=None), f"restored previous {slot.version}")
+            return
+
+    def _load_verified(self, slot: Slot) -> LoadedModel:
+        assert slot.manifest is not None and slot.sha256 is not None
+        manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
+        variant = next((v for v in manifest.variants if v.sha256 == slot.sha256), None)
+        if variant is None:
+            raise VerificationError(f"variant {slot.sha256[:12]} is not in the manifest")
+        path = self.cache.verify(variant.sha256, variant.size)
+        tokenizer = None
+        if (text := manifest.preprocessing.text) is not None:
+            tokenizer = self.cache.verify(text.tokenizer_sha256, text.tokenizer_size)
+        model = load_model(manifest, variant, path, self.threads, tokenizer)
+        smoke_test(model)
+        return model
+
+
+_STEPS: dict[UpdateState, Callable[[Updater, _Job], UpdateState | None]] = {
+    S.DOWNLOADING: Updater._download,
+    S.VERIFYING: Updater._verify,
+    S.STAGING: Updater._stage,
+    S.ACTIVE: Updater._activate,
+}
+
+
+class _Worker:
+    """A thread that keeps one model name converging to the latest wanted version."""
+
+    def __init__(self, updater: Updater, name: str) -> None:
+        self.updater = updater
+        self.name = name
+        self._cond = threading.Condition()
+        self._want: DesiredModel | None = None
+        self._start = S.DOWNLOADING
+        self._done: DesiredModel | None = None
+        self._running = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"update-{name}", daemon=True)
+        self._thread.start()
+
+    def want(self, desired: DesiredModel, start: UpdateState = S.DOWNLOADING) -> None:
+        """Ask for a version; a different one than the update in progress cancels it."""
+        with self._cond:
+            if self._want is not None and _key(desired) == _key(self._want) and start == S.DOWNLOADING:
+                return  # the same version again (a re-sent retained state): keep going
+            self._want, self._start = desired, start
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """Return True while the wanted version is not yet handled."""
+        with self._cond:
+            return self._running or (self._want is not None and self._want != self._done)
+
+    def stop(self) -> None:
+        """Stop after the current step."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        attempt = 0
+        while True:
+            with self._cond:
+                while not self._stopped and (self._want is None or self._want == self._done):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                target, start = self._want, self._start
+                self._start = S.DOWNLOADING
+                self._running = True
+            assert target is not None
+            try:
+                self.updater.run_update(self.name, target, functools.partial(self._superseded, target), start)
+                attempt = 0
+                done = True
+            except TransientError as exc:
+                done = False
+                delay = backoff_delay(attempt, self.updater.settings.retry_min_s, self.updater.settings.retry_max_s)
+                attempt += 1
+                logger.warning("%s: %s; retrying in %.1fs", self.name, exc, delay)
+            except Exception:  # a bug must not kill the worker; report it as a failed update
+                logger.exception("%s: update to %s crashed", self.name, target.version)
+                done = True
+            with self._cond:
+                self._running = False
+                if done:
+                    self._done = target
+                else:
+                    self._start = S.DOWNLOADING
+                    self._cond.wait_for(functools.partial(self._changed, target), timeout=delay)
+            self.updater._settle()
+
+    def _changed(self, target: DesiredModel) -> bool:
+        return self._stopped or self._want != target
+
+    def _superseded(self, target: DesiredModel) -> bool:
+        with self._cond:
+            return self._stopped or self._want != target
