@@ -1,0 +1,136 @@
+"""Tiny ONNX models and signed manifests for agent tests (onnx is fine in tests, never in the agent)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnx import TensorProto, helper, numpy_helper
+
+from shared.manifest import (
+    Manifest,
+    Postprocessing,
+    Preprocessing,
+    Sample,
+    SignedManifest,
+    TensorData,
+    TensorSpec,
+    Variant,
+    sign_manifest,
+)
+from shared.targets import TargetId
+
+SAMPLE_X = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], dtype=np.float32)
+
+
+def linear_weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return a deterministic (W, b) for a 4 -> 3 linear model."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
+
+
+def linear_onnx(weights: np.ndarray, bias: np.ndarray, padding_bytes: int = 0) -> bytes:
+    """Return an ONNX model y = x @ W + b (x float32[batch, 4], y float32[batch, 3])."""
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    if padding_bytes:
+        # An unused initializer makes the file big enough to interrupt its download.
+        pad = np.random.default_rng(0).integers(0, 255, size=padding_bytes, dtype=np.uint8)
+        inits.append(numpy_helper.from_array(pad, "padding"))
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def reference(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Return what the model must compute."""
+    return (x @ weights + bias).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A signed model version and its files, as a hub would publish it."""
+
+    name: str
+    version: str
+    signed: SignedManifest
+    files: dict[str, bytes]  # sha256 -> bytes
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.signed.manifest
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.variants[0].sha256
+
+
+def tensor(array: np.ndarray) -> TensorData:
+    return TensorData(dtype=str(array.dtype), shape=list(array.shape), data=array.ravel().tolist())  # type: ignore[arg-type]
+
+
+def make_release(
+    key: Ed25519PrivateKey,
+    name: str,
+    version: str,
+    seed: int,
+    *,
+    padding_bytes: int = 0,
+    wrong_sample: bool = False,
+    labels: list[str] | None = None,
+    postprocessing: Postprocessing | None = None,
+    target: TargetId = TargetId.CPU_FP32,
+    model_bytes: bytes | None = None,
+) -> Release:
+    """Build a linear model version, its manifest (sample from the reference) and sign it."""
+    weights, bias = linear_weights(seed)
+    data = model_bytes if model_bytes is not None else linear_onnx(weights, bias, padding_bytes)
+    expected = reference(SAMPLE_X, weights, bias)
+    if wrong_sample:
+        expected = expected + 10.0  # the model will not reproduce this: its smoke test fails
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task="classification",
+        inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 4])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 3])],
+        preprocessing=Preprocessing(type="tensor"),
+        postprocessing=postprocessing or Postprocessing(),
+        labels=labels,
+        sample=Sample(inputs={"x": tensor(SAMPLE_X)}, outputs={"y": tensor(expected)}, atol=1e-4, rtol=1e-4),
+        variants=[
+            Variant(
+                target=target,
+                precision="fp32",
+                providers=["CPUExecutionProvider"],
+                file="model.onnx",
+                size=len(data),
+                sha256=sha,
+            )
+        ],
+    )
+    return Release(name, version, sign_manifest(manifest, key), {sha: data})
+
+
+def write_files(release: Release, directory: Path) -> dict[str, Path]:
+    """Write a release's files by name (for hub.registry.publish_version)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for variant in release.manifest.variants:
+        path = directory / variant.file
+        path.write_bytes(release.files[variant.sha256])
+        out[variant.file] = path
+    return out
