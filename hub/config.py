@@ -11,6 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +105,16 @@ class HubSettings(BaseSettings):
         """Return the signing key path (always set after validation)."""
         assert self.signing_key_path is not None
         return self.signing_key_path
+
+    @property
+    def agent_mqtt_port(self) -> int:
+        """Return the MQTT port agents are told: explicit, else the external URL's, else the embedded one."""
+        if self.mqtt_public_port is not None:
+            return self.mqtt_public_port
+        if self.mqtt_url:
+            parts = urlsplit(self.mqtt_url if "://" in self.mqtt_url else f"mqtt://{self.mqtt_url}")
+            return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+        return self.mqtt_port
 
     @property
     def api_rate(self) -> tuple[int, int]:

@@ -1,0 +1,90 @@
+"""The hub's domain errors; `hub.main` maps each to one HTTP status.
+
+Errors::
+
+    HubError
+    ├── InvalidInputError        422  the request is well-formed JSON but makes no sense
+    ├── NotFoundError            404  an unknown model, version, device, command or artifact
+    ├── ConflictError            409  it exists already, or the state forbids the change
+    ├── AuthenticationError      401  no, unknown or revoked credentials
+    ├── PermissionDeniedError    403  the key's role is too low
+    ├── RateLimitedError         429  too many requests; `retry_after` seconds
+    ├── PayloadTooLargeError     413  an upload above `max_upload_bytes`
+    └── UnavailableError         503  a dependency (broker) is not ready
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConflictError",
+    "HubError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "UnavailableError",
+]
+
+
+class HubError(Exception):
+    """Base of every error the hub's domain raises; `status` is its HTTP code."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(HubError):
+    """The request makes no sense (a file that does not match its manifest...)."""
+
+    status = 422
+
+
+class NotFoundError(HubError):
+    """The thing named does not exist."""
+
+    status = 404
+
+
+class ConflictError(HubError):
+    """The thing exists already, or its state forbids the change."""
+
+    status = 409
+
+
+class AuthenticationError(HubError):
+    """No valid credentials."""
+
+    status = 401
+
+
+class PermissionDeniedError(HubError):
+    """Valid credentials whose role is too low."""
+
+    status = 403
+
+
+class RateLimitedError(HubError):
+    """Too many requests for this key; retry after `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PayloadTooLargeError(HubError):
+    """An upload above the configured limit."""
+
+    status = 413
+
+
+class UnavailableError(HubError):
+    """A dependency the request needs is not ready."""
+
+    status = 503

@@ -1,0 +1,142 @@
+"""The app factory: settings, database, routers, error mapping, metrics and upload limits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, IntegrityError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hub import __version__
+from hub.api import artifacts, commands, devices, enroll, health, keys, models, telemetry, versions
+from hub.config import HubSettings
+from hub.db import create_engine_for, migrate, session_factory
+from hub.errors import HubError, RateLimitedError
+from hub.metrics import HubMetrics
+from hub.security import RateLimiter, load_or_create_signing_key
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class UploadLimit:
+    """Refuse request bodies above `limit` bytes with 413, whether or not they declare a length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = b'{"detail":"request body larger than the upload limit"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _hub_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HubError)
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.info("conflict: %s", exc)
+    return JSONResponse({"detail": "the change conflicts with existing data"}, status_code=409)
+
+
+async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.info("data refused by the database: %s", exc)
+    return JSONResponse({"detail": "a value is out of range or not storable"}, status_code=422)
+
+
+def create_app(
+    settings: HubSettings,
+    messaging: Any | None = None,
+    broker_admin: Any | None = None,
+    *,
+    engine: Engine | None = None,
+) -> FastAPI:
+    """Build the hub's FastAPI app; migrates the database and creates the signing key if missing.
+
+    `messaging` (a `hub.messaging.HubMessaging`) publishes desired state, commands and
+    releases; `broker_admin` (a `hub.broker_admin.BrokerAdmin`) adds and removes device
+    logins. Without them the API still works and stores everything in the database.
+    """
+    engine = engine or create_engine_for(settings)
+    migrate(engine)
+    settings.artifacts.mkdir(parents=True, exist_ok=True)
+    load_or_create_signing_key(settings.signing_key)
+    sessions = session_factory(engine)
+
+    app = FastAPI(
+        title="autodl hub",
+        version=__version__,
+        description="Registry, fleet, enrollment, commands and telemetry of autodl.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = sessions
+    app.state.messaging = messaging
+    app.state.broker_admin = broker_admin
+    app.state.rate_limiter = RateLimiter()
+    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
+
+    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry):
+        app.include_router(module.router)
+    app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
+
+    app.add_exception_handler(HubError, _hub_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(DataError, _data_error)
+    app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    return app
