@@ -12,11 +12,12 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import __version__
-from hub.api import artifacts, commands, devices, enroll, health, keys, models, telemetry, versions
+from hub.api import artifacts, commands, devices, enroll, health, keys, models, rollouts, telemetry, versions
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
 from hub.metrics import HubMetrics
+from hub.rollout_controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
 
 __all__ = ["create_app"]
@@ -104,6 +105,7 @@ def create_app(
     broker_admin: Any | None = None,
     *,
     engine: Engine | None = None,
+    migrate_db: bool = True,
 ) -> FastAPI:
     """Build the hub's FastAPI app; migrates the database and creates the signing key if missing.
 
@@ -112,7 +114,8 @@ def create_app(
     logins. Without them the API still works and stores everything in the database.
     """
     engine = engine or create_engine_for(settings)
-    migrate(engine)
+    if migrate_db:
+        migrate(engine)
     settings.artifacts.mkdir(parents=True, exist_ok=True)
     load_or_create_signing_key(settings.signing_key)
     sessions = session_factory(engine)
@@ -130,9 +133,10 @@ def create_app(
     app.state.rate_limiter = RateLimiter()
     app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
 
-    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry):
+    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts):
         app.include_router(module.router)
     app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
+    install_rollouts(app, settings, sessions, messaging)
 
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(IntegrityError, _integrity_error)

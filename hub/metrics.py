@@ -44,6 +44,16 @@ class _FleetCollector(Collector):
             rejected.add_metric([reason], count)
         yield ingested
         yield rejected
+        snapshot = _snapshot(self._messaging())
+        points = CounterMetricFamily("autodl_hub_telemetry_points", "telemetry points by outcome", labels=["outcome"])
+        points.add_metric(["written"], float(getattr(snapshot, "points_written", 0) or 0))
+        points.add_metric(["duplicate"], float(getattr(snapshot, "points_duplicate", 0) or 0))
+        yield points
+
+
+def _snapshot(messaging: Any) -> Any:
+    counters = getattr(messaging, "counters", None) if messaging is not None else None
+    return counters.snapshot() if callable(getattr(counters, "snapshot", None)) else None
 
 
 def _counts(messaging: Any, which: str) -> dict[str, float]:
