@@ -7,6 +7,7 @@ ingests and re-publishes retained state), then HTTP. Shutdown runs the other way
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import ExitStack
 
 import uvicorn
@@ -55,7 +56,18 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") 
             app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=None
         )
         logger.info("hub HTTP on %s:%s, public URL %s", settings.host, settings.port, settings.public_url)
-        uvicorn.Server(config).run()
+        # uvicorn re-raises the signal that stopped it once it is done; with Python's default
+        # SIGTERM action that would end the process here and orphan mosquitto, so turn it
+        # into SystemExit and let the stack stop the MQTT session and the broker.
+        signal.signal(signal.SIGTERM, _raise_exit)
+        try:
+            uvicorn.Server(config).run()
+        except (SystemExit, KeyboardInterrupt):
+            logger.info("stopping")
+
+
+def _raise_exit(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _reconcile(admin: BrokerAdmin, sessions: SessionFactory) -> None:
