@@ -1,0 +1,62 @@
+"""Enrollment: tokens with limited uses and expiry, and who may create them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlmodel import select
+
+from hub.models import Device
+from hub.security import create_enrollment_token
+from shared.manifest import load_public_key
+from shared.messages import EnrollResponse
+from tests.hub.conftest import Hub
+
+
+def test_two_devices_enroll_with_a_two_use_token_and_a_third_is_refused(hub: Hub) -> None:
+    token = hub.new_token(max_uses=2, labels={"site": "lab"})
+
+    first = hub.enroll(token, name="cam-1", labels={"room": "a"})
+    second = hub.enroll(token, name="cam-2")
+    third = hub.enroll(token, name="cam-3")
+
+    assert first.status_code == 200 and second.status_code == 200
+    a, b = EnrollResponse.model_validate(first.json()), EnrollResponse.model_validate(second.json())
+    assert a.device_id != b.device_id and a.device_token != b.device_token
+    assert a.mqtt_username == a.device_id and a.mqtt_password
+    assert a.labels == {"room": "a", "site": "lab"}  # the token's labels are applied
+    load_public_key(a.signing_public_key)  # a usable Ed25519 key
+    assert a.hub_url == "http://hub.test"
+    assert third.status_code == 401
+    devices = hub.request("GET", "/devices").json()
+    assert sorted(d["name"] for d in devices) == ["cam-1", "cam-2"]
+
+
+def test_every_bad_token_gets_the_same_401(hub: Hub) -> None:
+    with hub.client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        _, expired = create_enrollment_token(session, actor="test", expires_in=timedelta(seconds=-1))
+        row, revoked = create_enrollment_token(session, actor="test")
+    assert hub.request("DELETE", f"/enrollment-tokens/{row.id}").status_code == 200
+    used = hub.new_token(max_uses=1)
+    assert hub.enroll(used).status_code == 200
+
+    answers = [hub.enroll(t) for t in ("aen_unknown", expired, revoked, used)]
+
+    assert [r.status_code for r in answers] == [401] * 4
+    assert len({r.text for r in answers}) == 1  # nothing says which case it was
+    with hub.client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        assert len(session.exec(select(Device)).all()) == 1
+
+
+def test_a_viewer_or_operator_cannot_create_an_enrollment_token(hub: Hub) -> None:
+    for role in ("viewer", "operator"):
+        key = hub.new_key(role)
+        response = hub.request("POST", "/enrollment-tokens", key=key, json={"max_uses": 1})
+        assert response.status_code == 403, role
+    assert hub.request("GET", "/enrollment-tokens").json() == []
+
+
+def test_malformed_enrollment_is_a_422_with_the_field(hub: Hub) -> None:
+    response = hub.client.post("/enroll", json={"token": "x", "profile": {"cores": "many"}})
+    assert response.status_code == 422
+    assert any(err["loc"][-1] == "cores" for err in response.json()["detail"])
