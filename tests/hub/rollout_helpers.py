@@ -10,7 +10,9 @@ from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from hub.config import HubSettings
+from hub.db import create_engine_for, migrate, session_factory
 from hub.main import create_app
+from hub.messaging import HubMessaging
 from hub.models import Device, Role
 from hub.registry import publish_version
 from hub.rollout_controller import RolloutController
@@ -25,15 +27,30 @@ OLD, NEW = "1.0.0", "2.0.0"
 class RolloutHub:
     """The hub app (no lifespan: tests drive the controller with `tick()`), with operator and viewer keys."""
 
-    def __init__(self, tmp: Path, database_url: str = "", messaging: Any | None = None) -> None:
+    def __init__(self, tmp: Path, database_url: str = "", mqtt_url: str | None = None) -> None:
         self.tmp = tmp
-        self.settings = HubSettings(data_dir=tmp / "hub", database_url=database_url, port=8080)
-        self.app = create_app(self.settings, messaging)
+        self.settings = HubSettings(
+            data_dir=tmp / "hub", database_url=database_url, port=8080, telemetry_flush_s=0.1, heartbeat_timeout_s=600
+        )
+        engine = create_engine_for(self.settings)
+        migrate(engine)
+        self.messaging: HubMessaging | None = None
+        if mqtt_url is not None:
+            self.messaging = HubMessaging(self.settings, session_factory(engine), url=mqtt_url, password=None)
+            self.messaging.start()
+            assert self.messaging.wait_connected(10)
+        self.app = create_app(self.settings, self.messaging, engine=engine)
         self.client = TestClient(self.app)
         self.sessions = self.app.state.session_factory
         with self.sessions() as session:
             self.operator = create_api_key(session, "op", Role.OPERATOR, actor="test")[1]
             self.viewer = create_api_key(session, "view", Role.VIEWER, actor="test")[1]
+
+    def close(self) -> None:
+        """Stop messaging and release the database, as a stopping hub does."""
+        if self.messaging is not None:
+            self.messaging.stop()
+        self.app.state.engine.dispose()
 
     @property
     def controller(self) -> RolloutController:
