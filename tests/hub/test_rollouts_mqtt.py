@@ -35,8 +35,8 @@ def make_hub(tmp_path: Path, broker: Broker) -> RolloutHub:
 def wait_for(
     what: str,
     check: Callable[[], bool],
-    sims: list[SimDevice] = (),
-    timeout: float = 60.0,  # type: ignore[assignment]
+    sims: Sequence[SimDevice] = (),
+    timeout: float = 60.0,
 ) -> None:
     """Poll `check`, with the devices serving traffic meanwhile; fail after `timeout`."""
     deadline = time.monotonic() + timeout
