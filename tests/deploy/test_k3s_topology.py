@@ -1,0 +1,191 @@
+"""The K3s layout on one machine, with real processes: a separate mosquitto whose auth the
+hub's init step writes (k3s/base/mosquitto.yaml), a hub on that external broker, and an agent
+started by the image's entrypoint that enrolls from a token file, then runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from hub.broker import find_dynsec_plugin
+from hub.dynsec_bootstrap import BootstrapError, write_hub_auth
+from tests.support.hub import HubProcess
+from tests.support.processes import Broker, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _bootstrap(directory: Path, password: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTODL_HUB_")}
+    env.update({"AUTODL_HUB_MQTT_USERNAME": "autodl-hub", "AUTODL_HUB_MQTT_PASSWORD": password})
+    return subprocess.run(
+        [sys.executable, "-m", "hub.dynsec_bootstrap", str(directory)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _connect_code(broker: Broker, username: str | None, password: str | None) -> int:
+    """Return the broker's CONNACK reason code value for these credentials (0: accepted)."""
+    result: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if username is not None:
+        client.username_pw_set(username, password)
+    client.on_connect = lambda _c, _u, _f, reason, _p: result.append(reason.value)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while not result and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    assert result, "no CONNACK"
+    return result[0]
+
+
+@pytest.fixture
+def separate_broker(tmp_path: Path) -> Iterator[tuple[Broker, str]]:
+    """mosquitto configured as in k3s/base/mosquitto.yaml, after the hub-auth init step."""
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    password = secrets.token_urlsafe(24)
+    out = _bootstrap(directory, password)
+    assert out.returncode == 0, out.stderr
+    broker = Broker(
+        directory,
+        extra_config=(
+            "allow_anonymous false\n"
+            f"plugin {find_dynsec_plugin()}\n"
+            f"plugin_opt_config_file {directory / 'dynamic-security.json'}\n"
+        ),
+    )
+    broker.start()
+    try:
+        yield broker, password
+    finally:
+        broker.stop()
+
+
+def test_the_hub_user_written_by_the_init_step_is_the_only_way_in(separate_broker: tuple[Broker, str]) -> None:
+    broker, password = separate_broker
+    assert _connect_code(broker, "autodl-hub", password) == 0
+    assert _connect_code(broker, "autodl-hub", password + "x") != 0
+    assert _connect_code(broker, None, None) != 0
+
+
+def test_rerunning_the_init_step_rotates_the_password_and_keeps_devices(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = write_hub_auth(directory, "autodl-hub", "first")
+    config = json.loads(path.read_text())
+    config["clients"].append({"username": "dev-1", "roles": [{"rolename": "autodl-device-dev-1"}]})
+    path.write_text(json.dumps(config))
+    write_hub_auth(directory, "autodl-hub", "second")
+    clients = {c["username"]: c for c in json.loads(path.read_text())["clients"]}
+    assert set(clients) == {"autodl-hub", "dev-1"}
+    with pytest.raises(BootstrapError, match="AUTODL_HUB_MQTT_PASSWORD"):
+        write_hub_auth(directory, "autodl-hub", "")
+    assert _bootstrap(tmp_path / "missing", "pw").returncode == 1
+
+
+def _wait(check: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except httpx.HTTPError:
+            last = None
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTODL_AGENT_", "AUTODL_HUB_"))}
+    full_env.update(env)
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent.entrypoint"], env=full_env, stdout=handle, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
+    tmp_path: Path, separate_broker: tuple[Broker, str]
+) -> None:
+    broker, password = separate_broker
+    with HubProcess(tmp_path / "hub", mqtt_url=broker.url, env={"AUTODL_HUB_MQTT_PASSWORD": password}) as hub:
+        token_file = tmp_path / "secrets" / "token"
+        token_file.parent.mkdir()
+        token_file.write_text(hub.enrollment_token(max_uses=1) + "\n")
+        port = free_port()
+        env = {
+            "AUTODL_HUB_URL": hub.url,
+            "AUTODL_AGENT_ENROLL_TOKEN_FILE": str(token_file),
+            "AUTODL_AGENT_ENROLL_NAME": "edge-node-1",
+            "AUTODL_AGENT_ENROLL_LABELS": "cluster=k3s",
+            "AUTODL_AGENT_STATE_DIR": str(tmp_path / "agent"),
+            "AUTODL_AGENT_HOST": "127.0.0.1",
+            "AUTODL_AGENT_PORT": str(port),
+        }
+        log = tmp_path / "agent.log"
+        live = f"http://127.0.0.1:{port}/v2/health/live"
+
+        def online_device() -> dict[str, Any] | None:
+            with hub.api() as client:
+                devices = client.get("/devices").json()
+            return next((d for d in devices if d["online"]), None)
+
+        agent = _start_agent(env, log)
+        try:
+            _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the agent's liveness")
+            device = _wait(online_device, "the device online at the hub")
+        finally:
+            _stop(agent)
+        assert device["name"] == "edge-node-1"
+        assert device["labels"]["cluster"] == "k3s"
+        assert (tmp_path / "agent" / "identity.json").exists()
+
+        def offline() -> bool:
+            with hub.api() as client:
+                return not client.get(f"/devices/{device['id']}").json()["online"]
+
+        _wait(offline, "the stopped agent shown offline")
+        # A restarted pod is the same device: the single-use token is not needed again.
+        agent = _start_agent(env, log)
+        try:
+            _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the restarted agent's liveness")
+            again = _wait(online_device, "the device online again")
+        finally:
+            _stop(agent)
+        assert again["id"] == device["id"]
+        with hub.api() as client:
+            assert len(client.get("/devices").json()) == 1
+        assert log.read_text().count("/enroll") == 1, log.read_text()[-3000:]
