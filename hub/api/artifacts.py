@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path as FsPath
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Response
 from fastapi.responses import StreamingResponse
@@ -69,17 +69,16 @@ def _stream(path: FsPath, start: int, length: int) -> Iterator[bytes]:
             yield chunk
 
 
-@router.api_route(
-    "/artifacts/{sha256}",
-    methods=["GET", "HEAD"],
-    response_class=Response,
-    responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "the requested byte range"},
-        304: {"description": "If-None-Match matched"},
-        416: {"description": "the range lies outside the file"},
-    },
-)
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}},
+    206: {"description": "the requested byte range"},
+    304: {"description": "If-None-Match matched"},
+    416: {"description": "the range lies outside the file"},
+}
+
+
+@router.head("/artifacts/{sha256}", response_class=Response, responses=_RESPONSES, operation_id="head_artifact")
+@router.get("/artifacts/{sha256}", response_class=Response, responses=_RESPONSES, operation_id="get_artifact")
 def get_artifact(
     sha256: Sha256Path,
     session: SessionDep,

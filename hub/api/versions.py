@@ -72,12 +72,9 @@ async def upload_version(
     try:
         parsed = Manifest.model_validate_json(await manifest.read(4 * 1024 * 1024))
     except ValidationError as exc:
-        raise RequestValidationError(
-            [
-                {**e, "loc": ("body", "manifest", *e["loc"])}
-                for e in exc.errors(include_url=False, include_context=False)
-            ]
-        ) from exc
+        # Only type, place and message: the offending input may not even be JSON (NaN).
+        errors = [{"type": e["type"], "loc": ("body", "manifest", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        raise RequestValidationError(errors) from exc
     if parsed.name != name:
         raise InvalidInputError(f"the manifest is for model {parsed.name!r}, the URL names {name!r}")
     workdir = FsPath(tempfile.mkdtemp(prefix="upload-", dir=_tmp_root(settings)))
