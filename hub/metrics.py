@@ -52,8 +52,8 @@ class _FleetCollector(Collector):
 
 
 def _snapshot(messaging: Any) -> Any:
-    counters = getattr(messaging, "counters", None) if messaging is not None else None
-    return counters.snapshot() if callable(getattr(counters, "snapshot", None)) else None
+    snapshot = getattr(getattr(messaging, "counters", None), "snapshot", None)
+    return snapshot() if callable(snapshot) else None
 
 
 def _counts(messaging: Any, which: str) -> dict[str, float]:

@@ -67,7 +67,9 @@ class Hub:
 
     def request(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         """Call the API with `key` (the admin key by default)."""
-        return self.client.request(method, path, headers={**self.headers(key), **kwargs.pop("headers", {})}, **kwargs)
+        headers = {**self.headers(key), **kwargs.pop("headers", {})}
+        response: httpx.Response = self.client.request(method, path, headers=headers, **kwargs)
+        return response
 
     def new_key(self, role: str, rate_limit: str | None = None) -> str:
         """Create an API key with `role` through the API."""
@@ -86,7 +88,8 @@ class Hub:
 
     def enroll(self, token: str, **body: Any) -> httpx.Response:
         """POST /enroll with `token` and device facts."""
-        return self.client.post("/enroll", json={"token": token, **body})
+        response: httpx.Response = self.client.post("/enroll", json={"token": token, **body})
+        return response
 
     def enrolled_device(self, **body: Any) -> dict[str, Any]:
         """Enroll one device with a fresh token; return the EnrollResponse JSON."""
