@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.broker import find_dynsec_plugin
 from hub.dynsec_bootstrap import BootstrapError, write_hub_auth
+from tests.deploy.conftest import K3S
 from tests.support.hub import HubProcess
-from tests.support.processes import Broker, free_port
+from tests.support.processes import free_port, mosquitto_binary, wait_for_port
 
 pytestmark = pytest.mark.e2e
+
+Render = Callable[[Path], list[dict[str, Any]]]
 
 
 def _bootstrap(directory: Path, password: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +44,21 @@ def _bootstrap(directory: Path, password: str) -> subprocess.CompletedProcess[st
     )
 
 
-def _connect_code(broker: Broker, username: str | None, password: str | None) -> int:
+@dataclass(frozen=True)
+class RunningBroker:
+    """A mosquitto started from the K3s ConfigMap's config."""
+
+    host: str
+    port: int
+    password: str
+
+    @property
+    def url(self) -> str:
+        """Return ``mqtt://host:port``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+
+def _connect_code(broker: RunningBroker, username: str | None, password: str | None) -> int:
     """Return the broker's CONNACK reason code value for these credentials (0: accepted)."""
     result: list[int] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -58,31 +76,49 @@ def _connect_code(broker: Broker, username: str | None, password: str | None) ->
     return result[0]
 
 
+def _k3s_broker_config(render: Render, data_dir: Path, port: int) -> str:
+    """Return the ConfigMap's mosquitto.conf with the pod's paths and port mapped to this machine."""
+    docs = render(K3S / "overlays" / "k3s")
+    conf: str = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "autodl-mosquitto")[
+        "data"
+    ]["mosquitto.conf"]
+    assert "listener 1883\n" in conf and "plugin /usr/lib/mosquitto_dynamic_security.so\n" in conf
+    conf = conf.replace("listener 1883\n", f"listener {port} 127.0.0.1\n")
+    conf = conf.replace("/usr/lib/mosquitto_dynamic_security.so", str(find_dynsec_plugin()))
+    conf = conf.replace("/mosquitto/data/", f"{data_dir}/")
+    if os.geteuid() == 0:
+        conf += "user root\n"  # else mosquitto drops to "mosquitto", who cannot read the 0600 file
+    return conf
+
+
 @pytest.fixture
-def separate_broker(tmp_path: Path) -> Iterator[tuple[Broker, str]]:
-    """mosquitto configured as in k3s/base/mosquitto.yaml, after the hub-auth init step."""
+def separate_broker(tmp_path: Path, render: Render) -> Iterator[RunningBroker]:
+    """mosquitto run with k3s/base/mosquitto.yaml's config, after the hub-auth init step."""
     directory = tmp_path / "mosquitto"
     directory.mkdir()
     password = secrets.token_urlsafe(24)
     out = _bootstrap(directory, password)
     assert out.returncode == 0, out.stderr
-    broker = Broker(
-        directory,
-        extra_config=(
-            "allow_anonymous false\n"
-            f"plugin {find_dynsec_plugin()}\n"
-            f"plugin_opt_config_file {directory / 'dynamic-security.json'}\n"
-        ),
-    )
-    broker.start()
+    port = free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(_k3s_broker_config(render, directory, port))
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        yield broker, password
+        try:
+            wait_for_port(port)
+        except TimeoutError:
+            proc.kill()
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"mosquitto did not start with the K3s config: {output}")
+        yield RunningBroker("127.0.0.1", port, password)
     finally:
-        broker.stop()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
-def test_the_hub_user_written_by_the_init_step_is_the_only_way_in(separate_broker: tuple[Broker, str]) -> None:
-    broker, password = separate_broker
+def test_the_hub_user_written_by_the_init_step_is_the_only_way_in(separate_broker: RunningBroker) -> None:
+    broker, password = separate_broker, separate_broker.password
     assert _connect_code(broker, "autodl-hub", password) == 0
     assert _connect_code(broker, "autodl-hub", password + "x") != 0
     assert _connect_code(broker, None, None) != 0
@@ -138,9 +174,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
-    tmp_path: Path, separate_broker: tuple[Broker, str]
+    tmp_path: Path, separate_broker: RunningBroker
 ) -> None:
-    broker, password = separate_broker
+    broker, password = separate_broker, separate_broker.password
     with HubProcess(tmp_path / "hub", mqtt_url=broker.url, env={"AUTODL_HUB_MQTT_PASSWORD": password}) as hub:
         token_file = tmp_path / "secrets" / "token"
         token_file.parent.mkdir()
