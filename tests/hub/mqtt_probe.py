@@ -31,6 +31,7 @@ class Probe:
         self.subacks: dict[int, list[ReasonCode]] = {}
         self.pubacks: dict[int, ReasonCode] = {}
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.expiry: dict[str, int | None] = {}  # topic -> MessageExpiryInterval of the last message
         self._cond = threading.Condition()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -61,6 +62,7 @@ class Probe:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.expiry[msg.topic] = getattr(msg.properties, "MessageExpiryInterval", None)
             self._cond.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

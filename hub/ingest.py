@@ -1,0 +1,235 @@
+"""Write what devices report into the database: state, presence, command results, telemetry.
+
+Every function takes an open session and leaves committing to the caller, so the MQTT
+writer thread (`hub.messaging`) decides what goes into one transaction. Telemetry is
+inserted with ``ON CONFLICT (device_id, seq) DO NOTHING`` (SQLite and PostgreSQL), so
+a batch delivered twice lands once.
+
+Errors::
+
+    IngestRejected(reason)     a well-formed message the hub will not store (unknown device...)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
+
+from hub.models import Command, CommandStatus, Device, TelemetryPoint, utcnow
+from shared.messages import CommandResult, Presence, ReportedState, TelemetryBatch
+
+__all__ = [
+    "REJECT_REASONS",
+    "CounterSnapshot",
+    "IngestRejected",
+    "MessageCounters",
+    "active_devices",
+    "apply_presence",
+    "apply_reported",
+    "apply_result",
+    "insert_telemetry",
+    "mark_stale_offline",
+    "telemetry_rows",
+]
+
+# Reasons besides shared.codec.REASONS (too_large, malformed, schema_version, unknown_kind,
+# wrong_kind, invalid) under which an inbound message is counted and dropped.
+REJECT_REASONS = (
+    "bad_topic",  # not a device-to-hub topic of the protocol
+    "device_mismatch",  # the payload's device_id is not the topic's device
+    "unknown_device",  # never enrolled, or decommissioned
+    "unknown_command",  # a result for a command the hub never sent
+    "db_error",  # the database refused it
+    "internal",  # a bug: logged with its traceback
+)
+
+_INSERT_CHUNK = 500  # rows per INSERT: 6 columns stay far below SQLite's variable limit
+
+
+class IngestRejected(Exception):
+    """A message that decoded fine but will not be stored; `reason` names why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class CounterSnapshot:
+    """The ingest counters at one moment."""
+
+    ingested: Mapping[str, int] = field(default_factory=dict)  # by message kind
+    rejected: Mapping[str, int] = field(default_factory=dict)  # by reason
+    points_written: int = 0
+    points_duplicate: int = 0
+    devices_marked_offline: int = 0
+
+    @property
+    def total_rejected(self) -> int:
+        """Return the number of rejected messages, all reasons together."""
+        return sum(self.rejected.values())
+
+
+class MessageCounters:
+    """Thread-safe counts of ingested and rejected messages (read by /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ingested: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._written = 0
+        self._duplicate = 0
+        self._offline = 0
+
+    def ingested(self, kind: str, n: int = 1) -> None:
+        """Count `n` stored messages of `kind`."""
+        with self._lock:
+            self._ingested[kind] += n
+
+    def rejected(self, reason: str, n: int = 1) -> None:
+        """Count `n` dropped messages for `reason`."""
+        with self._lock:
+            self._rejected[reason] += n
+
+    def points(self, written: int, duplicate: int) -> None:
+        """Count telemetry points inserted and points that were there already."""
+        with self._lock:
+            self._written += written
+            self._duplicate += duplicate
+
+    def offline(self, n: int) -> None:
+        """Count devices the heartbeat sweep marked offline."""
+        with self._lock:
+            self._offline += n
+
+    def snapshot(self) -> CounterSnapshot:
+        """Return a consistent copy of every counter."""
+        with self._lock:
+            return CounterSnapshot(
+                dict(self._ingested), dict(self._rejected), self._written, self._duplicate, self._offline
+            )
+
+
+def active_devices(session: Session, device_ids: Iterable[str]) -> set[str]:
+    """Return which of `device_ids` are enrolled and not decommissioned."""
+    ids = sorted(set(device_ids))
+    if not ids:
+        return set()
+    query = select(Device.id).where(col(Device.id).in_(ids), col(Device.decommissioned).is_(False))
+    return set(session.exec(query))
+
+
+def _device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None or device.decommissioned:
+        raise IngestRejected("unknown_device", f"no active device {device_id!r}")
+    return device
+
+
+def apply_reported(session: Session, msg: ReportedState, *, live: bool, now: datetime | None = None) -> None:
+    """Store a device's reported state; a live (not retained) one also counts as a heartbeat."""
+    device = _device(session, msg.device_id)
+    device.reported = msg.model_dump(mode="json")
+    if msg.profile is not None:
+        device.profile = msg.profile.model_dump(mode="json")
+    if msg.agent_version:
+        device.agent_version = msg.agent_version
+    if live:
+        device.online, device.last_seen = True, now or utcnow()
+    session.add(device)
+
+
+def apply_presence(session: Session, msg: Presence, *, live: bool, now: datetime | None = None) -> None:
+    """Store a device's presence.
+
+    A retained "online" replayed at subscribe time says nothing about now, so only a
+    live message marks a device online; "offline" is believed either way.
+    """
+    device = _device(session, msg.device_id)
+    if msg.agent_version:
+        device.agent_version = msg.agent_version
+    if live:
+        device.online, device.last_seen = msg.online, now or utcnow()
+    elif not msg.online:
+        device.online = False
+    session.add(device)
+
+
+def apply_result(session: Session, msg: CommandResult, *, now: datetime | None = None) -> None:
+    """Record a command's result on its row (a repeated result changes nothing)."""
+    device = _device(session, msg.device_id)
+    device.online, device.last_seen = True, now or utcnow()
+    session.add(device)
+    row = session.get(Command, msg.id)
+    if row is None:
+        raise IngestRejected("unknown_command", f"no command {msg.id!r}")
+    if row.device_id != msg.device_id:
+        raise IngestRejected("device_mismatch", f"command {msg.id} belongs to {row.device_id}, not {msg.device_id}")
+    if row.status in (CommandStatus.SUCCEEDED.value, CommandStatus.FAILED.value):
+        return
+    row.status = (CommandStatus.SUCCEEDED if msg.ok else CommandStatus.FAILED).value
+    row.result = msg.output
+    row.error = msg.error
+    row.finished_at = msg.finished_at
+    session.add(row)
+
+
+def telemetry_rows(batch: TelemetryBatch) -> list[dict[str, Any]]:
+    """Return the telemetry_point rows of a batch."""
+    return [
+        {"device_id": batch.device_id, "seq": p.seq, "ts": p.ts, "name": p.name, "value": p.value, "labels": p.labels}
+        for p in batch.points
+    ]
+
+
+def _chunks(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def insert_telemetry(session: Session, rows: Sequence[dict[str, Any]], *, now: datetime | None = None) -> int:
+    """Insert points, skipping (device_id, seq) pairs stored already; return how many were new.
+
+    Also marks the points' devices online and seen now. Rows must belong to active devices
+    (see `active_devices`).
+    """
+    unique = list({(r["device_id"], r["seq"]): r for r in rows}.values())
+    if not unique:
+        return 0
+    table: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    inserted = 0
+    for chunk in _chunks(unique, _INSERT_CHUNK):
+        if dialect == "postgresql":
+            stmt: Any = postgresql.insert(table).values(list(chunk))
+        elif dialect == "sqlite":
+            stmt = sqlite.insert(table).values(list(chunk))
+        else:
+            raise NotImplementedError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
+        # RETURNING counts the new rows on both dialects (rowcount is not reliable here).
+        stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "seq"]).returning(table.c.seq)
+        inserted += len(session.execute(stmt).all())
+    devices = sorted({r["device_id"] for r in unique})
+    session.execute(update(Device).where(col(Device.id).in_(devices)).values(online=True, last_seen=now or utcnow()))
+    return inserted
+
+
+def mark_stale_offline(session: Session, timeout_s: float, *, now: datetime | None = None) -> list[str]:
+    """Mark online devices not heard from for `timeout_s` offline; return their ids."""
+    cutoff = (now or utcnow()) - timedelta(seconds=timeout_s)
+    stale = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < cutoff)
+    ids = list(session.exec(select(Device.id).where(col(Device.online).is_(True), stale)))
+    if ids:
+        session.execute(
+            update(Device).where(col(Device.id).in_(ids), col(Device.online).is_(True), stale).values(online=False)
+        )
+    return ids
