@@ -186,7 +186,7 @@ def train_task(
         f"baseline_{spec.metric}": trivial,
     }
     lineage = {
-        "data_hash": dataset.data_hash,
+        "dataset_hash": dataset.data_hash,
         "data_path": spec.data.path,
         "data_report": dataset.report.to_dict(),
         "split": {"train_rows": len(train), "test_rows": len(test), "seed": spec.training.seed},
@@ -198,7 +198,7 @@ def train_task(
         "params": params,
         "final_epochs": epochs,
         "device": device.type,
-        "task_config": spec.model_dump(mode="json"),
+        "training_config": spec.model_dump(mode="json"),
     }
     return TrainedModel(
         spec=spec,

@@ -125,7 +125,9 @@ class TabularNet(nn.Module):
         layers: list[nn.Module] = []
         width = encoder.width
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            # SiLU, not ReLU: ORT fuses Gemm+Relu into FusedGemm, which symbolic shape
+            # inference (needed for dynamic INT8) cannot type, so the int8 build would fail.
+            layers += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(dropout)]
             width = size
         layers.append(nn.Linear(width, outputs))
         self.body = nn.Sequential(*layers)
@@ -147,7 +149,7 @@ class ImageNet(nn.Module):
         if candidate == "mlp":
             self.features: nn.Module = nn.Flatten()
             width = channels * size[0] * size[1]
-            self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, classes))
+            self.head = nn.Sequential(nn.Linear(width, 128), nn.SiLU(), nn.Dropout(dropout), nn.Linear(128, classes))
             return
         widths = _CNN_WIDTHS[candidate]
         pools = max(1, min(3, int(math.log2(max(1, min(size)))) - 2))

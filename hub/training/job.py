@@ -1,0 +1,225 @@
+"""A whole training job: task file -> trained model -> build -> registered version.
+
+`run_training` is what ``autodl-hub train`` and ``POST /jobs`` call. The build goes
+through ``hub.build.pipeline.build`` and the result is registered with
+``hub.registry.publish_version``; the manifest's lineage records the data report, the
+search, the CV scores and the task config.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hub.training.errors import TrainingError
+from hub.training.progress import Progress
+from hub.training.runner import TrainedModel, check_task, train_task
+from hub.training.search import resolve_storage
+from hub.training.spec import TaskSpec, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from hub.build.request import BuildRequest
+    from hub.config import HubSettings
+
+__all__ = ["TrainSummary", "build_request", "next_version", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+FIRST_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a training job produced (the ``--json`` output and the job's result)."""
+
+    model: str
+    task: str
+    metric: str
+    dry_run: bool
+    version: str | None = None
+    test_metric: float | None = None
+    cv_score: float | None = None
+    baseline: float | None = None
+    cv_baseline: float | None = None
+    candidate: str | None = None
+    published_targets: list[str] = field(default_factory=list)
+    skipped_targets: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    data_report: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the summary as JSON-able data."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "task": self.task,
+            "metric": self.metric,
+            "test_metric": self.test_metric,
+            "cv_score": self.cv_score,
+            "baseline": self.baseline,
+            "cv_baseline": self.cv_baseline,
+            "candidate": self.candidate,
+            "published_targets": self.published_targets,
+            "skipped_targets": self.skipped_targets,
+            "aliases": self.aliases,
+            "dry_run": self.dry_run,
+            "data_report": self.data_report,
+            "plan": self.plan,
+        }
+
+
+def next_version(session: Session, name: str) -> tuple[str, str | None]:
+    """Return (the next patch version, the current latest) for model `name`."""
+    from hub.registry import UnknownModelError, get_model, list_versions
+
+    try:
+        model = get_model(session, name)
+    except UnknownModelError:
+        return FIRST_VERSION, None
+    versions = list_versions(session, model)
+    if not versions:
+        return FIRST_VERSION, None
+    latest = versions[0].version
+    major, minor, patch = (int(p) for p in latest.split("-")[0].split("+")[0].split("."))
+    return f"{major}.{minor}.{patch + 1}", latest
+
+
+def build_request(trained: TrainedModel, name: str, version: str, *, parent: str | None = None) -> BuildRequest:
+    """Turn a trained model into a build request for ``hub.build.pipeline.build``."""
+    from hub.build.request import BuildRequest, TransformerShape
+
+    spec = trained.spec
+    transformer = None
+    encoder = getattr(trained.model, "encoder", None)
+    config = getattr(encoder, "config", None)
+    if config is not None and getattr(config, "model_type", None) is not None:
+        transformer = TransformerShape(
+            model_type="bert", num_heads=int(config.num_attention_heads), hidden_size=int(config.hidden_size)
+        )
+    lineage = dict(trained.lineage)
+    if parent is not None:
+        lineage["parent_version"] = parent
+    return BuildRequest(
+        name=name,
+        version=version,
+        model=trained.model,
+        validation=trained.validation_inputs,
+        # The gate scores classifiers by accuracy; other tasks by cosine against torch.
+        task="classification" if spec.is_classification else "regression",
+        labels=trained.validation_labels if spec.is_classification else None,
+        calibration=trained.calibration_inputs,
+        targets=tuple(spec.build.targets),
+        max_accuracy_drop=spec.build.max_accuracy_drop,
+        min_cosine=spec.build.min_cosine,
+        output_names=(trained.output_name,),
+        preprocessing=trained.preprocessing,
+        postprocessing=trained.postprocessing,
+        class_names=trained.labels,
+        tokenizer_file=trained.tokenizer_path,
+        transformer=transformer,
+        metrics=trained.metrics,
+        lineage=lineage,
+        max_length=spec.model.max_length,
+        threads=spec.resource.threads or 1,
+    )
+
+
+def run_training(
+    task: Path | str,
+    settings: HubSettings,
+    *,
+    base_dir: Path | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    actor: str = "training",
+) -> TrainSummary:
+    """Run a task file (a path, or YAML text with `base_dir`): train, build, publish."""
+    if isinstance(task, Path):
+        spec = load_spec(task)
+        base_dir = base_dir or task.parent
+    else:
+        base_dir = base_dir or Path.cwd()
+        spec = parse_spec(task, source="task", base_dir=base_dir)
+    if dry_run:
+        plan = check_task(spec, base_dir)
+        return TrainSummary(
+            model=spec.publish.model,
+            task=spec.task,
+            metric=spec.metric,
+            dry_run=True,
+            version=None if spec.publish.version == "auto" else spec.publish.version,
+            data_report=plan.report.to_dict(),
+            plan=plan.to_dict(),
+        )
+    storage = resolve_storage(spec.search.storage, settings.database_url)
+    trained = train_task(spec, base_dir, storage=storage, cancel=cancel, progress=progress)
+    return _build_and_publish(spec, trained, settings, progress=progress, cancel=cancel, actor=actor)
+
+
+def _build_and_publish(
+    spec: TaskSpec,
+    trained: TrainedModel,
+    settings: HubSettings,
+    *,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    actor: str,
+) -> TrainSummary:
+    from sqlmodel import Session
+
+    from hub.build.pipeline import build
+    from hub.db import create_engine_for, migrate
+    from hub.registry import publish_version, set_alias
+
+    engine = create_engine_for(settings)
+    migrate(engine)
+    name = spec.publish.model
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            version, parent = next_version(session, name)
+        if spec.publish.version != "auto":
+            version = spec.publish.version
+        request = build_request(trained, name, version, parent=parent)
+
+        def say(step: str, detail: str) -> None:
+            if cancel is not None and cancel.is_set():
+                raise TrainingError("cancelled during the build")
+            if progress is not None:
+                progress.message(f"build: {step}: {detail}")
+
+        with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as workdir:
+            result = build(request, Path(workdir), say)
+            with Session(engine, expire_on_commit=False) as session:
+                publish_version(session, settings, result.manifest, result.files, actor=actor)
+                aliases = [a for a in spec.publish.aliases if a != "latest"]
+                for alias in aliases:
+                    set_alias(session, name, alias, version, actor=actor)
+    finally:
+        engine.dispose()
+    if progress is not None:
+        progress.message(f"published {name} {version}: {', '.join(v.target.value for v in result.manifest.variants)}")
+    lineage = trained.lineage
+    return TrainSummary(
+        model=name,
+        task=spec.task,
+        metric=spec.metric,
+        dry_run=False,
+        version=version,
+        test_metric=trained.test_metric,
+        cv_score=trained.cv_score,
+        baseline=trained.baseline,
+        cv_baseline=float(lineage["cv_baseline"]),
+        candidate=str(lineage["candidate"]),
+        published_targets=[v.target.value for v in result.manifest.variants],
+        skipped_targets={s.target.value: s.reason for s in result.manifest.skipped},
+        aliases=list(spec.publish.aliases),
+        data_report=trained.report.to_dict(),
+    )
