@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hub.broker import BrokerAdmin, EmbeddedBroker, find_dynsec_plugin, load_or_
 from shared import topics
 from shared.topics import DeviceChannel
 from tests.hub.mqtt_probe import Probe, wait_until
-from tests.support.processes import free_port
+from tests.support.processes import Broker, free_port
 
 HUB_USER = "autodl-hub"
 HUB_PASSWORD = "hub-secret-password"
@@ -250,3 +252,35 @@ def test_hub_password_is_generated_once(tmp_path: Path) -> None:
     assert len(first) >= 32
     assert load_or_create_hub_password(tmp_path / "mq") == first
     assert (tmp_path / "mq" / "hub-mqtt-password").stat().st_mode & 0o077 == 0
+
+
+def test_admin_sets_up_an_external_mosquitto_initialised_by_mosquitto_ctrl(tmp_path: Path) -> None:
+    ctrl = shutil.which("mosquitto_ctrl")
+    if ctrl is None:
+        pytest.skip("mosquitto_ctrl is not installed")
+    dynsec = tmp_path / "external" / "dynamic-security.json"
+    dynsec.parent.mkdir()
+    subprocess.run([ctrl, "dynsec", "init", str(dynsec), "admin", "admin-password"], check=True, capture_output=True)
+    extra = f"allow_anonymous false\nplugin {find_dynsec_plugin()}\nplugin_opt_config_file {dynsec}\n"
+    external = Broker(tmp_path / "external", extra_config=extra)
+    external.start()
+    probes: list[Probe] = []
+    try:
+        # The operator's dynsec admin creates the hub's role and user once...
+        with BrokerAdmin(external.url, "admin", "admin-password") as admin:
+            admin.ensure_roles()
+            admin.set_hub_credentials(HUB_USER, HUB_PASSWORD)
+        # ...then the hub manages devices with its own user, exactly as on the embedded broker.
+        with BrokerAdmin(external.url, HUB_USER, HUB_PASSWORD) as hub_admin:
+            hub_admin.add_device("dev-a", "password-a")
+            a = Probe(external.port, "dev-a", "password-a")
+            probes.append(a)
+            assert not a.connect().is_failure
+            assert a.subscribe("autodl/v1/devices/dev-b/commands").is_failure
+            assert not a.subscribe("autodl/v1/devices/dev-a/commands").is_failure
+            hub_admin.remove_device("dev-a")
+            assert a.wait(lambda: bool(a.disconnects))
+    finally:
+        for probe in probes:
+            probe.close()
+        external.stop()

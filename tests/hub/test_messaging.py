@@ -353,3 +353,18 @@ def test_hub_session_survives_a_broker_restart(sqlite_rig: Rig) -> None:
     device = rig.as_device(rig.a)
     device.publish(telemetry(rig.a), batch(rig.a, 0, 3))
     assert wait_until(lambda: rig.points(rig.a) == 3, timeout=30)
+
+
+def test_telemetry_sent_while_the_hub_is_down_is_stored_when_it_returns(sqlite_rig: Rig) -> None:
+    rig = sqlite_rig
+    client_id = rig.messaging.client_id
+    rig.messaging.stop()
+    device = rig.as_device(rig.a)
+    device.publish(telemetry(rig.a), batch(rig.a, 0, 4))  # the broker queues it in the hub's session
+    device.publish(telemetry(rig.a), batch(rig.a, 4, 4))
+    assert rig.points(rig.a) == 0
+
+    rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
+    rig.messaging.start()
+    assert wait_until(lambda: rig.points(rig.a) == 8)
+    assert rig.messaging.snapshot().ingested["telemetry"] == 2
