@@ -186,7 +186,8 @@ class Updater:
     def run_update(self, name: str, desired: DesiredModel, cancelled: Callable[[], bool], start: UpdateState) -> None:
         """Drive one model through the state machine; raise TransientError to be retried."""
         record = self.store.model(name)
-        if record.active is not None and record.active.version == desired.version and start == S.DOWNLOADING:
+        serving = self.registry.get(name)
+        if serving is not None and serving.version == desired.version and start == S.DOWNLOADING:
             if record.state != S.ACTIVE or record.desired_version != desired.version:
                 self._save(record.with_(state=S.ACTIVE, desired_version=desired.version, pending=None, error=None))
             return

@@ -38,6 +38,7 @@ class HubStub:
         self.enrolled: list[EnrollRequest] = []
         self.ranges: list[str | None] = []  # Range header of every artifact request
         self.hold_after: int | None = None  # stop sending after this many bytes, until released
+        self.trickle = False  # while held, keep sending a little (so the client sees progress)
         self.released = threading.Event()
         self.holding = threading.Event()
         self.lock = threading.Lock()
@@ -151,6 +152,17 @@ def _make_handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body[:first])
                 self.wfile.flush()
                 hub.holding.set()
+                if hub.trickle:
+                    sent = first
+                    while not hub.released.wait(0.01) and sent < len(body):
+                        try:
+                            self.wfile.write(body[sent : sent + 512])
+                            self.wfile.flush()
+                        except OSError:
+                            return None
+                        sent += 512
+                    self.wfile.write(body[sent:])
+                    return None
                 hub.released.wait(60)
                 self.close_connection = True
                 return None  # the connection closes short: a truncated transfer
