@@ -1,0 +1,166 @@
+"""Rollouts end to end: a real hub process, mosquitto, and six real `autodl-agent run` processes.
+
+Each test first puts the whole fleet on a known version, then rolls out another one and
+checks what the agents' local APIs serve. Versions: 1.0.0, 2.0.0, 3.0.0 and 4.0.0 are
+good; 2.1.0 fails its smoke test (its manifest sample does not match the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from hub.broker import EmbeddedBroker
+from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "clf"
+AGENTS = 6
+VERSIONS: dict[str, dict[str, Any]] = {
+    "1.0.0": {"seed": 1},
+    "2.0.0": {"seed": 2},
+    "2.1.0": {"seed": 5, "wrong_sample": True},
+    "3.0.0": {"seed": 3},
+    "4.0.0": {"seed": 4},
+}
+
+
+@dataclass
+class Fleet:
+    broker: EmbeddedBroker
+    hub: HubProcess
+    key: str
+    agents: list[AgentProcess]
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.hub.api(self.key, method, path, **kwargs)
+
+    def serving(self) -> dict[str, str | None]:
+        return {a.device_id: a.serving(MODEL) for a in self.agents if a.proc is not None}
+
+    def converge(self, version: str) -> None:
+        """Deploy `version` to every device directly and wait until every agent serves it."""
+        for agent in self.agents:
+            self.api("PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": version})
+        wait_for(f"every agent to serve {version}", lambda: set(self.serving().values()) == {version})
+
+    def start(self, version: str, steps: list[float], **analysis: Any) -> str:
+        body = {
+            "model": MODEL,
+            "version": version,
+            "selector": {"all": True},
+            "steps": steps,
+            "analysis": {"min_observation_s": 1.0, "min_devices_reporting": 1, "update_timeout_s": 120, **analysis},
+        }
+        rollout_id: str = self.api("POST", "/rollouts", json=body)["id"]
+        return rollout_id
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.api("GET", f"/rollouts/{rollout_id}")
+        return body
+
+    def finished(self, rollout_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        wait_for(
+            f"rollout {rollout_id} to end", lambda: self.rollout(rollout_id)["state"] != "running", timeout=timeout
+        )
+        return self.rollout(rollout_id)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("rollout-e2e")
+    broker = start_broker(root / "mosquitto")
+    hub = HubProcess(root / "hub", broker)
+    agents: list[AgentProcess] = []
+    try:
+        key, token = hub.prepare(MODEL, VERSIONS)
+        hub.start()
+        for i in range(AGENTS):
+            agent = AgentProcess(root / f"agent{i}")
+            agent.enroll(hub.url, token)
+            agent.start()
+            agents.append(agent)
+        fleet = Fleet(broker, hub, key, agents)
+        fleet.converge("1.0.0")
+        yield fleet
+    except BaseException:
+        print(hub.tail())  # noqa: T201  (a failed set-up is read from the test output)
+        raise
+    finally:
+        for agent in agents:
+            agent.stop()
+        hub.stop()
+        broker.stop()
+
+
+def test_good_version_canaries_through_its_steps_to_every_agent(fleet: Fleet) -> None:
+    fleet.converge("1.0.0")
+    rollout_id = fleet.start("2.0.0", [20, 60, 100])
+    detail = fleet.finished(rollout_id)
+    assert detail["state"] == "succeeded", detail["reason"]
+    moved = [e["message"] for e in detail["events"] if e["kind"] == "moved"]
+    assert [m.split(":")[0] for m in moved] == ["step 1 (20%)", "step 2 (60%)", "step 3 (100%)"]
+    assert [m.split(": ")[1] for m in moved] == ["2 devices -> 2.0.0", "2 devices -> 2.0.0", "2 devices -> 2.0.0"]
+    assert set(fleet.serving().values()) == {"2.0.0"}
+
+
+def test_version_failing_its_smoke_test_stops_at_the_canary(fleet: Fleet) -> None:
+    fleet.converge("2.0.0")
+    rollout_id = fleet.start("2.1.0", [20, 100])
+    detail = fleet.finished(rollout_id)
+    assert detail["state"] == "failed"
+    assert "failed to update to 2.1.0" in detail["reason"]
+    canary = [d for d in detail["device_states"] if d["cohort_step"] == 1]
+    assert len(canary) == 2 and {d["state"] for d in canary} == {"reverted"}
+    assert [e["kind"] for e in detail["events"]].count("moved") == 1  # never left the canary step
+    devices = {d["id"]: d for d in fleet.api("GET", "/devices")}
+    for d in canary:
+        assert devices[d["device_id"]]["desired"]["models"][MODEL]["version"] == "2.0.0"
+    # Every agent, canary included, serves the old version.
+    wait_for("the canary to report 2.0.0", lambda: all(_reported(fleet, d["device_id"]) == "2.0.0" for d in canary))
+    assert set(fleet.serving().values()) == {"2.0.0"}
+
+
+def test_hub_killed_mid_rollout_finishes_it_after_restart(fleet: Fleet) -> None:
+    fleet.converge("2.0.0")
+    rollout_id = fleet.start("3.0.0", [20, 60, 100], min_observation_s=4.0)
+    wait_for("step 2", lambda: fleet.rollout(rollout_id)["step"] >= 2)
+    fleet.hub.kill()
+    serving = fleet.serving()
+    assert 2 <= list(serving.values()).count("3.0.0") < AGENTS  # stopped in the middle
+    fleet.hub.start()
+    detail = fleet.finished(rollout_id)
+    assert detail["state"] == "succeeded", detail["reason"]
+    assert set(fleet.serving().values()) == {"3.0.0"}
+
+
+def test_agent_offline_for_the_whole_rollout_converges_when_back(fleet: Fleet) -> None:
+    fleet.converge("3.0.0")
+    away = fleet.agents[-1]
+    away.stop()
+    wait_for("the hub to see the agent offline", lambda: not _device(fleet, away.device_id)["online"])
+    try:
+        rollout_id = fleet.start("4.0.0", [50, 100])
+        detail = fleet.finished(rollout_id)
+        assert detail["state"] == "succeeded", detail["reason"]
+        assert _reported(fleet, away.device_id) == "3.0.0"
+    finally:
+        away.start()
+    wait_for("the returning agent to serve 4.0.0", lambda: away.serving(MODEL) == "4.0.0")
+    wait_for("the hub to hear about it", lambda: _reported(fleet, away.device_id) == "4.0.0")
+    assert set(fleet.serving().values()) == {"4.0.0"}
+
+
+def _device(fleet: Fleet, device_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = fleet.api("GET", f"/devices/{device_id}")
+    return body
+
+
+def _reported(fleet: Fleet, device_id: str) -> str | None:
+    reported = _device(fleet, device_id).get("reported") or {}
+    active: str | None = ((reported.get("models") or {}).get(MODEL) or {}).get("active")
+    return active
