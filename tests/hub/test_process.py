@@ -1,0 +1,133 @@
+"""The hub as users run it: `autodl-hub init` and `autodl-hub serve` as processes, real HTTP and MQTT."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import topics
+from shared.codec import decode
+from shared.manifest import load_public_key, verify_manifest
+from shared.messages import DesiredState, EnrollResponse
+from shared.topics import DeviceChannel
+from tests.hub.conftest import build_version
+from tests.hub.mqtt_probe import Probe, wait_until
+from tests.support.hub import HubProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _upload(hub: HubProcess, tmp_path: Path) -> tuple[str, bytes]:
+    built = build_version(tmp_path / "build", size=2_000_000)
+    parts = [("manifest", ("manifest.json", built.manifest.model_dump_json().encode(), "application/json"))]
+    parts += [("files", (name, path.read_bytes(), "application/octet-stream")) for name, path in built.files.items()]
+    with hub.api() as client:
+        response = client.post("/models/digits/versions", files=parts)
+    assert response.status_code == 201, response.text
+    variant = built.manifest.variants[0]
+    return variant.sha256, built.files[variant.file].read_bytes()
+
+
+def _enroll(hub: HubProcess, token: str, name: str) -> EnrollResponse:
+    response = httpx.post(f"{hub.url}/enroll", json={"token": token, "name": name}, timeout=30)
+    assert response.status_code == 200, response.text
+    return EnrollResponse.model_validate(response.json())
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process: HubProcess, tmp_path: Path) -> None:
+    hub = hub_process
+    created = hub.run_cli("token", "create", "--max-uses", "2", "--label", "site=lab", "--json").stdout
+    token = json.loads(created)["token"]
+    device = _enroll(hub, token, "cam-1")
+    other = _enroll(hub, token, "cam-2")
+    assert device.mqtt_port == hub.mqtt_port and device.labels == {"site": "lab"}
+    sha, data = _upload(hub, tmp_path)
+
+    # The device logs in to the embedded broker with its own credentials and gets its desired state.
+    probe = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
+    try:
+        assert probe.connect().is_failure is False
+        desired_topic = topics.device_topic(device.device_id, DeviceChannel.DESIRED)
+        assert probe.subscribe(desired_topic).is_failure is False
+        with hub.api() as client:
+            deployed = client.put(f"/devices/{device.device_id}/models/digits", json={"version": "latest"})
+        assert deployed.status_code == 200, deployed.text
+        assert probe.wait(lambda: bool(probe.received(desired_topic)), timeout=15), hub.log_tail()
+        state = decode(probe.received(desired_topic)[-1], DesiredState)
+        assert state.revision == 1 and state.models["digits"].version == "1.0.0"
+    finally:
+        probe.close()
+
+    # The manifest it names verifies with the key from enrollment; the file downloads resumably.
+    auth = {"Authorization": f"Bearer {device.device_token}"}
+    manifest = httpx.get(state.models["digits"].manifest_url, headers=auth, timeout=30)
+    assert hashlib.sha256(manifest.content).hexdigest() == state.models["digits"].manifest_sha256
+    verify_manifest(manifest.content, load_public_key(device.signing_public_key))
+    received = bytearray()
+    with httpx.stream("GET", f"{hub.url}/artifacts/{sha}", headers=auth, timeout=30) as partial:
+        for chunk in partial.iter_bytes():
+            received += chunk
+            if len(received) > 500_000:
+                break  # the connection drops mid-download
+    assert len(received) < len(data)
+    rest = httpx.get(f"{hub.url}/artifacts/{sha}", headers={**auth, "Range": f"bytes={len(received)}-"}, timeout=30)
+    assert rest.status_code == 206
+    assert hashlib.sha256(bytes(received) + rest.content).hexdigest() == sha
+
+    # The CLI talks to the same hub.
+    listed = hub.run_cli("device", "list", "--hub", hub.url, "--api-key", hub.admin_key).stdout
+    assert device.device_id in listed and other.device_id in listed
+
+    # Decommissioning revokes HTTP and MQTT at once.
+    decommission = hub.run_cli("device", "decommission", device.device_id, "--hub", hub.url, "--api-key", hub.admin_key)
+    assert "decommissioned" in decommission.stdout
+    assert httpx.get(f"{hub.url}/artifacts/{sha}", headers=auth, timeout=30).status_code == 401
+    refused = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
+    try:
+        assert refused.connect().is_failure
+    finally:
+        refused.close()
+    still = Probe(other.mqtt_port, other.mqtt_username, other.mqtt_password)
+    try:
+        assert still.connect().is_failure is False
+    finally:
+        still.close()
+
+
+def test_sigterm_stops_the_hub_and_its_broker(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub")
+    hub.start()
+    assert _listening(hub.mqtt_port)
+    with hub.api() as client:
+        assert client.get("/readyz").json()["checks"] == {"database": "ok", "mqtt": "ok"}
+
+    assert hub.stop(signal.SIGTERM) == 0
+
+    assert wait_until(lambda: not _listening(hub.mqtt_port), timeout=10)
+    assert not _listening(hub.port)
+    # Data survives a restart: the admin key from init still works.
+    hub.start()
+    try:
+        with hub.api() as client:
+            assert client.get("/api-keys").status_code == 200
+    finally:
+        hub.stop()
+
+
+def test_http_only_hub_serves_without_a_broker(tmp_path: Path) -> None:
+    with HubProcess(tmp_path / "hub", mqtt=False) as hub:
+        assert not _listening(hub.mqtt_port)
+        token = hub.enrollment_token()
+        assert _enroll(hub, token, "solo").device_id.startswith("dev-")
+        assert httpx.post(f"{hub.url}/enroll", json={"token": token}, timeout=30).status_code == 401
