@@ -53,6 +53,7 @@ __all__ = [
     "find_dynsec_plugin",
     "find_mosquitto",
     "load_or_create_hub_password",
+    "write_hub_dynsec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,43 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def write_hub_dynsec(path: Path, username: str, password: str) -> None:
+    """Create or update a dynamic-security file with the hub's user and role and default-deny access.
+
+    Device users and roles already in the file are kept. Only for a broker that is not
+    running: mosquitto rewrites the file itself while it runs.
+    """
+    config: dict[str, Any] = {}
+    if path.exists():
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as exc:
+            # Keep the broken file for inspection; the hub re-adds devices as they re-enroll.
+            backup = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, backup)
+            logger.error("dynamic-security file unreadable (%s), moved to %s", exc, backup)
+            config = {}
+    clients: list[dict[str, Any]] = config.setdefault("clients", [])
+    roles: list[dict[str, Any]] = config.setdefault("roles", [])
+    config.setdefault("groups", [])
+    hub = next((c for c in clients if c.get("username") == username), None)
+    if hub is None:
+        hub = {"username": username, "textName": "autodl hub", "roles": []}
+        clients.append(hub)
+    if not verify_password(password, hub):
+        hub.update(hash_password(password))
+    hub.pop("disabled", None)
+    if not any(r.get("rolename") == HUB_ROLE for r in hub.setdefault("roles", [])):
+        hub["roles"].append({"rolename": HUB_ROLE})
+    role = next((r for r in roles if r.get("rolename") == HUB_ROLE), None)
+    if role is None:
+        role = {"rolename": HUB_ROLE}
+        roles.append(role)
+    role["acls"] = hub_role_acls()
+    config["defaultACLAccess"] = default_acl_access()
+    _write_private(path, json.dumps(config, indent=1))
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -239,35 +277,7 @@ class EmbeddedBroker:
 
     def _prepare_dynsec(self) -> None:
         """Create or update the dynamic-security file: the hub's user and role, default deny."""
-        config: dict[str, Any] = {}
-        if self.dynsec_path.exists():
-            try:
-                config = json.loads(self.dynsec_path.read_text())
-            except ValueError as exc:
-                # Keep the broken file for inspection; devices re-added by reconcile/enroll.
-                backup = self.dynsec_path.with_name(f"{self.dynsec_path.name}.corrupt-{int(time.time())}")
-                os.replace(self.dynsec_path, backup)
-                logger.error("dynamic-security file unreadable (%s), moved to %s", exc, backup)
-                config = {}
-        clients: list[dict[str, Any]] = config.setdefault("clients", [])
-        roles: list[dict[str, Any]] = config.setdefault("roles", [])
-        config.setdefault("groups", [])
-        hub = next((c for c in clients if c.get("username") == self.hub_username), None)
-        if hub is None:
-            hub = {"username": self.hub_username, "textName": "autodl hub", "roles": []}
-            clients.append(hub)
-        if not verify_password(self._hub_password, hub):
-            hub.update(hash_password(self._hub_password))
-        hub.pop("disabled", None)
-        if not any(r.get("rolename") == HUB_ROLE for r in hub.setdefault("roles", [])):
-            hub["roles"].append({"rolename": HUB_ROLE})
-        role = next((r for r in roles if r.get("rolename") == HUB_ROLE), None)
-        if role is None:
-            role = {"rolename": HUB_ROLE}
-            roles.append(role)
-        role["acls"] = hub_role_acls()
-        config["defaultACLAccess"] = default_acl_access()
-        _write_private(self.dynsec_path, json.dumps(config, indent=1))
+        write_hub_dynsec(self.dynsec_path, self.hub_username, self._hub_password)
 
     # -- process ------------------------------------------------------------------
 

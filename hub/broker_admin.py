@@ -17,29 +17,10 @@ Roles (dynamic-security ACLs cannot use ``%u`` patterns, so every device gets it
 A device subscribes to those exact topics (or to a concrete ``models/{name}/releases``);
 ``devices/{id}/#`` is refused by the broker.
 
-External Mosquitto (``--mqtt-url``): load the plugin and give the hub's user the
-``autodl-hub`` role, for example::
-
-    # mosquitto.conf
-    per_listener_settings false
-    allow_anonymous false
-    listener 8883
-    certfile ... keyfile ...
-    plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so
-    plugin_opt_config_file /var/lib/mosquitto/dynamic-security.json
-
-    mosquitto_ctrl dynsec init /var/lib/mosquitto/dynamic-security.json admin
-    mosquitto_ctrl -u admin dynsec createClient autodl-hub
-    mosquitto_ctrl -u admin dynsec createRole autodl-hub
-    (then the ACLs of `hub_role_acls()`, or simply run `BrokerAdmin.ensure_roles()` as
-    the dynsec admin once, then `BrokerAdmin.set_hub_credentials("autodl-hub", ...)`)
-
-A mosquitto cluster (bridges) must share one dynamic-security file or run the same
-commands on every node. EMQX has no mosquitto dynamic-security API: there, use EMQX's
-built-in database authentication with its HTTP API for users, and an ACL rule on the
-username (``{allow, {user, all}, publish, ["autodl/v1/devices/${username}/+"]}``, in
-EMQX 5 the file or built-in-database authorizer with ``${username}`` placeholders);
-the hub's own user needs a superuser flag.
+Against an external mosquitto (``--mqtt-url``) the same commands work once the hub's user
+holds the ``autodl-hub`` role (`ensure_roles` + `set_hub_credentials` as the dynsec admin,
+or ``python -m hub.dynsec_bootstrap``). Settings for external mosquitto, clusters and
+EMQX: docs/mqtt-broker.md.
 
 Errors::
 
