@@ -11,6 +11,7 @@ from hub import __version__
 from hub.cli_admin import DatabaseUrlOpt, DataDirOpt, init, key_app, load_settings, token_app
 from hub.cli_fleet import command_app, device_app, model_app
 from hub.rollouts_cli import rollout_app
+from hub.training.command import train
 
 app = typer.Typer(help="autodl hub: train, build, publish and roll out models.", no_args_is_help=True)
 app.command()(init)
@@ -20,6 +21,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(model_app, name="model")
 app.add_typer(command_app, name="command")
 app.add_typer(rollout_app, name="rollout")
+app.command()(train)
 
 
 @app.command()

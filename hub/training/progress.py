@@ -69,11 +69,18 @@ class RichProgress(Progress):
     """Two rich progress bars: trials of the search, and epochs of the current run."""
 
     def __init__(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichBars
 
+        # On stderr, so stdout carries only the summary (``--json``).
         self._bars = RichBars(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
         )
         self._trials: Any = None
         self._epochs: Any = None
