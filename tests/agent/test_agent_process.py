@@ -1,0 +1,200 @@
+"""`autodl-agent run` as a real process: real mosquitto, real HTTP, real ONNX Runtime.
+
+The hub's HTTP API is the in-test stand-in (tests/agent/hubstub.py); tests/e2e repeats
+these with the real hub.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from agent.config import AgentSettings
+from agent.enrollment import enroll
+from shared import topics
+from shared.messages import UpdateState
+from tests.agent.hubstub import HubStub, publish_desired, publisher
+from tests.agent.models import SAMPLE_X, linear_weights, make_release, reference
+from tests.agent.process import AgentProcess, Watcher, wait_until
+from tests.support.processes import Broker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def enrolled(tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker) -> str:
+    hub_stub.mqtt_host, hub_stub.mqtt_port = mqtt_broker.host, mqtt_broker.port
+    return enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token").device_id
+
+
+@pytest.fixture
+def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
+    w = Watcher(mqtt_broker.host, mqtt_broker.port)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def infer(url: str, name: str) -> tuple[str, np.ndarray]:
+    body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": SAMPLE_X.ravel().tolist()}]}
+    response = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=10)
+    response.raise_for_status()
+    out = response.json()
+    return out["model_version"], np.asarray(out["outputs"][0]["data"], np.float32).reshape(2, 3)
+
+
+def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
+    tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker, enrolled: str, watcher: Watcher
+) -> None:
+    device = enrolled
+    releases = {
+        "1.0.0": make_release(hub_stub.key, "m", "1.0.0", seed=1),
+        "2.0.0": make_release(hub_stub.key, "m", "2.0.0", seed=2),
+        "3.0.0": make_release(hub_stub.key, "m", "3.0.0", seed=3),
+        "4.0.0": make_release(hub_stub.key, "m", "4.0.0", seed=4, wrong_sample=True),
+    }
+    desired = {v: hub_stub.publish(r) for v, r in releases.items()}
+    bad = releases["3.0.0"]
+    data = hub_stub.artifacts[bad.sha256]
+    hub_stub.artifacts[bad.sha256] = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+
+    agent = AgentProcess(tmp_state_dir).start()
+    try:
+        with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
+            publish_desired(hub_mqtt, device, 1, {"m": desired["1.0.0"]})
+            agent.wait_live()
+            wait_until(lambda: agent.serving("m") == "1.0.0", what="v1 served")
+            version, y = infer(agent.url, "m")
+            np.testing.assert_allclose(y, reference(SAMPLE_X, *linear_weights(1)), rtol=1e-5, atol=1e-5)
+            state = watcher.wait_reported(lambda r: r.revision == 1 and r.models["m"].active == "1.0.0")
+            assert state.device_id == device and state.profile is not None and state.update_state == UpdateState.ACTIVE
+            wait_until(lambda: any(p.online for p in watcher.presence), what="online presence")
+
+            # The broker restarts: the agent reconnects, resubscribes and still gets new desired states.
+            mqtt_broker.restart()
+
+        with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
+            failures: list[str] = []
+            versions: set[str] = set()
+            stop = threading.Event()
+
+            def steady_load() -> None:
+                with httpx.Client(timeout=10) as client:
+                    body = {
+                        "inputs": [
+                            {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": SAMPLE_X.ravel().tolist()}
+                        ]
+                    }
+                    while not stop.is_set():
+                        try:
+                            r = client.post(f"{agent.url}/v2/models/m/infer", json=body)
+                        except httpx.HTTPError as exc:
+                            failures.append(str(exc))
+                            continue
+                        if r.status_code != 200:
+                            failures.append(r.text)
+                        else:
+                            versions.add(r.json()["model_version"])
+
+            load = threading.Thread(target=steady_load)
+            load.start()
+            try:
+                publish_desired(hub_mqtt, device, 2, {"m": desired["2.0.0"]})
+                wait_until(lambda: agent.serving("m") == "2.0.0", what="v2 served")
+                wait_until(lambda: "2.0.0" in versions, what="requests answered by v2")
+            finally:
+                stop.set()
+                load.join()
+            assert failures == [] and versions == {"1.0.0", "2.0.0"}
+            np.testing.assert_allclose(infer(agent.url, "m")[1], reference(SAMPLE_X, *linear_weights(2)), atol=1e-5)
+            state = watcher.wait_reported(lambda r: r.revision == 2 and r.models["m"].active == "2.0.0")
+            assert state.models["m"].previous == "1.0.0"
+
+            # A corrupted artifact is refused; v2 keeps serving.
+            publish_desired(hub_mqtt, device, 3, {"m": desired["3.0.0"]})
+            state = watcher.wait_reported(lambda r: r.revision == 3 and r.models["m"].state == UpdateState.ROLLED_BACK)
+            assert "sha256" in (state.models["m"].error or "") and state.models["m"].active == "2.0.0"
+            assert infer(agent.url, "m")[0] == "2.0.0"
+
+            # A model failing its smoke test is refused; v2 keeps serving.
+            publish_desired(hub_mqtt, device, 4, {"m": desired["4.0.0"]})
+            state = watcher.wait_reported(lambda r: r.revision == 4 and r.models["m"].state == UpdateState.ROLLED_BACK)
+            assert "max difference" in (state.models["m"].error or "") and state.models["m"].active == "2.0.0"
+            assert infer(agent.url, "m")[0] == "2.0.0"
+
+            # A desired state that fails validation is reported, and the daemon stays up.
+            hub_mqtt.publish(
+                topics.device_topic(device, topics.DeviceChannel.DESIRED), b'{"kind": "desired_state"}', qos=1
+            ).wait_for_publish(5)
+            watcher.wait_reported(lambda r: any("desired state rejected" in e for e in r.errors))
+            assert infer(agent.url, "m")[0] == "2.0.0"
+
+        status = subprocess.run(
+            [*STATUS, "--state-dir", str(tmp_state_dir), "--port", str(agent.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0 and "running, connected" in status.stdout and "active=2.0.0" in status.stdout
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    assert watcher.presence[-1].online is False
+
+
+STATUS = [sys.executable, "-c", "from agent.cli import main; main()", "status"]
+
+
+def test_kill9_during_download_resumes_with_range(
+    tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker, enrolled: str
+) -> None:
+    release = make_release(hub_stub.key, "m", "1.0.0", seed=1, padding_bytes=400_000)
+    desired = hub_stub.publish(release)
+    hub_stub.hold_after = 100_000
+    agent = AgentProcess(tmp_state_dir).start()
+    try:
+        with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
+            publish_desired(hub_mqtt, enrolled, 1, {"m": desired})
+        assert hub_stub.holding.wait(60), agent.log()[-3000:]
+        part = tmp_state_dir / "cache" / "partial" / f"{release.sha256}.part"
+        wait_until(lambda: part.exists() and part.stat().st_size > 0, what="partial file on disk")
+        agent.kill9()
+        kept = part.stat().st_size
+        hub_stub.hold_after = None
+        hub_stub.released.set()
+        hub_stub.ranges.clear()
+        agent = AgentProcess(tmp_state_dir).start()
+        agent.wait_live()
+        wait_until(lambda: agent.serving("m") == "1.0.0", what="v1 served after resume")
+        assert hub_stub.ranges[0] == f"bytes={kept}-"
+        assert infer(agent.url, "m")[0] == "1.0.0"
+    finally:
+        agent.stop()
+
+
+def test_bad_mqtt_credentials_are_fatal_with_a_clear_message(
+    tmp_path: Path, tmp_state_dir: Path, hub_stub: HubStub
+) -> None:
+    passwd = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "dev-1", "not-the-secret"], check=True, capture_output=True
+    )
+    broker = Broker(tmp_path / "secure", extra_config=f"allow_anonymous false\npassword_file {passwd}\n")
+    broker.start()
+    try:
+        hub_stub.mqtt_host, hub_stub.mqtt_port = broker.host, broker.port
+        enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token")
+        agent = AgentProcess(tmp_state_dir).start()
+        assert agent.proc is not None
+        code = agent.proc.wait(60)
+        assert code == 2
+        assert "bad user name or password" in agent.log() or "not authorized" in agent.log()
+    finally:
+        broker.stop()
