@@ -16,7 +16,7 @@ from shared.codec import decode
 from shared.manifest import load_public_key, verify_manifest
 from shared.messages import DesiredState, EnrollResponse
 from shared.topics import DeviceChannel
-from tests.hub.conftest import build_version
+from tests.hub.conftest import build_version, pg_schema_url
 from tests.hub.mqtt_probe import Probe, wait_until
 from tests.support.hub import HubProcess
 
@@ -125,9 +125,14 @@ def test_sigterm_stops_the_hub_and_its_broker(tmp_path: Path) -> None:
         hub.stop()
 
 
-def test_http_only_hub_serves_without_a_broker(tmp_path: Path) -> None:
-    with HubProcess(tmp_path / "hub", mqtt=False) as hub:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_http_only_hub_serves_without_a_broker(backend: str, tmp_path: Path) -> None:
+    urls = pg_schema_url() if backend == "postgres" else None
+    database_url = next(urls) if urls is not None else None
+    with HubProcess(tmp_path / "hub", mqtt=False, database_url=database_url) as hub:
         assert not _listening(hub.mqtt_port)
         token = hub.enrollment_token()
         assert _enroll(hub, token, "solo").device_id.startswith("dev-")
         assert httpx.post(f"{hub.url}/enroll", json={"token": token}, timeout=30).status_code == 401
+    if urls is not None:
+        urls.close()  # drops the PostgreSQL schema

@@ -81,3 +81,10 @@ def test_token_bucket_refills_over_time() -> None:
         limiter.hit("k", 3, 60, now=1.0)
     assert refused.value.retry_after == 19  # one token per 20 s, 1 s of it already elapsed
     limiter.hit("k", 3, 60, now=21.0)
+
+
+def test_enrollment_attempts_are_limited_per_address(tmp_path: Path) -> None:
+    for hub in make_hub(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}", enroll_rate_limit="3/minute"):
+        codes = [hub.enroll("aen_guess").status_code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        assert "retry-after" in hub.enroll("aen_guess").headers
