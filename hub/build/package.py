@@ -1,0 +1,112 @@
+"""Assemble the manifest: interface, processing, sample, per-variant metrics and recipes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from shared.manifest import (
+    Dtype,
+    Manifest,
+    Sample,
+    SkippedVariant,
+    TensorData,
+    TensorSpec,
+    TextPreprocessing,
+    Variant,
+    VariantMetrics,
+)
+from shared.targets import TargetId
+
+__all__ = ["file_digest", "sample_for", "tensor_data", "tensor_specs", "text_preprocessing", "variant_entry"]
+
+_ONNX_DTYPES: dict[int, Dtype] = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """Return a file's size and sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Return the graph's inputs and outputs as the manifest describes them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dims: list[int | str] = [d.dim_param or d.dim_value or "dim" for d in tensor.shape.dim]
+        return TensorSpec(name=value.name, dtype=_ONNX_DTYPES.get(tensor.elem_type, "float32"), shape=dims)
+
+    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
+
+
+def tensor_data(array: np.ndarray) -> TensorData:
+    """Return a small array as manifest JSON."""
+    array = np.asarray(array)
+    dtype = str(array.dtype)
+    if dtype not in ("float32", "float16", "int64", "int32", "int8", "uint8", "bool"):
+        array, dtype = array.astype(np.float32), "float32"
+    return TensorData(dtype=dtype, shape=list(array.shape), data=array.reshape(-1).tolist())
+
+
+def text_preprocessing(tokenizer: Path, max_length: int) -> TextPreprocessing:
+    """Describe the tokenizer shipped next to the model."""
+    size, sha = file_digest(tokenizer)
+    return TextPreprocessing(tokenizer_sha256=sha, tokenizer_size=size, max_length=max_length)
+
+
+def sample_for(
+    inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, precision: str, task: str, min_cosine: float
+) -> Sample:
+    """Return the smoke-test sample: exact for fp32, arg-max or cosine for reduced precision."""
+    tensors_in = {k: tensor_data(v) for k, v in inputs.items()}
+    tensors_out = {k: tensor_data(v) for k, v in outputs.items()}
+    if precision == "fp32":
+        return Sample(inputs=tensors_in, outputs=tensors_out, atol=1e-3, rtol=1e-2)
+    if task == "classification":
+        return Sample(inputs=tensors_in, outputs=tensors_out, argmax_match=True)
+    return Sample(inputs=tensors_in, outputs=tensors_out, min_cosine=min_cosine)
+
+
+def variant_entry(
+    target: TargetId,
+    precision: str,
+    providers: list[str],
+    file_name: str,
+    path: Path,
+    metrics: VariantMetrics,
+    sample: Sample | None,
+    recipe: dict[str, Any],
+) -> Variant:
+    """Return one manifest variant with the file's size and hash."""
+    size, sha = file_digest(path)
+    return Variant(
+        target=target,
+        precision=precision,
+        providers=providers,
+        file=file_name,
+        size=size,
+        sha256=sha,
+        metrics=metrics,
+        sample=sample,
+        recipe=recipe,
+    )
+
+
+def skipped(target: TargetId, reason: str) -> SkippedVariant:
+    """Return a manifest entry for a variant the gate refused."""
+    return SkippedVariant(target=target, reason=reason[:1000])
+
+
+def manifest(**fields: Any) -> Manifest:
+    """Validate and return the manifest."""
+    return Manifest(**fields)
