@@ -88,8 +88,8 @@ def send_command(
         for row in rows:
             try:
                 messaging.publish_command(to_message(row))
-            except Exception:  # a broker hiccup leaves the row pending and visible, not lost
-                logger.exception("could not publish command %s to %s", row.id, row.device_id)
+            except Exception as exc:  # a broker hiccup leaves the row pending; it goes out on reconnect
+                logger.warning("command %s to %s not sent now: %s", row.id, row.device_id, exc)
                 continue
             row.status = CommandStatus.SENT.value
             session.add(row)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from hub import devices
 from hub.api.deps import BrokerDep, Caller, DeviceIdPath, MessagingDep, ModelNamePath, Operator, SettingsDep, Viewer
-from hub.api.schemas import DeployRequest, DevicePublic, LabelsUpdate
+from hub.api.schemas import ConfigUpdate, DeployRequest, DevicePublic, LabelsUpdate
 from hub.db import SessionDep
 from hub.errors import InvalidInputError, PermissionDeniedError
 from hub.models import Device, Role
@@ -107,3 +107,11 @@ def undeploy_model(
 ) -> DesiredState:
     """Remove a model from a device's desired state."""
     return devices.undeploy_model(session, device_id, name, actor=caller.actor, messaging=messaging)
+
+
+@router.put("/devices/{device_id}/config")
+def set_config(
+    device_id: DeviceIdPath, body: ConfigUpdate, session: SessionDep, caller: Operator, messaging: MessagingDep
+) -> DesiredState:
+    """Set the agent settings in a device's desired state; returns the new desired state."""
+    return devices.update_desired(session, device_id, {}, actor=caller.actor, messaging=messaging, config=body.config)

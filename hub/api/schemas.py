@@ -22,6 +22,7 @@ __all__ = [
     "BucketPublic",
     "CommandCreate",
     "CommandPublic",
+    "ConfigUpdate",
     "DeployRequest",
     "DevicePublic",
     "EnrollmentTokenCreate",
@@ -188,6 +189,12 @@ class DeployRequest(_Body):
     """The version (or alias) a device should run."""
 
     version: str = Field(min_length=1, max_length=64)
+
+
+class ConfigUpdate(_Body):
+    """Agent settings to put in a device's desired state (replaces the previous set)."""
+
+    config: dict[str, Any] = Field(max_length=64)
 
 
 class CommandCreate(_Body):

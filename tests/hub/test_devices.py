@@ -27,8 +27,13 @@ def test_deploy_sets_desired_state_with_growing_revisions(hub: Hub, tmp_path: Pa
     assert DesiredState.model_validate(shown["desired"]) == state
     assert shown["reported"] is None
 
+    configured = hub.request("PUT", f"/devices/{device}/config", key=operator, json={"config": {"threads": 2}})
+    assert configured.json()["config"] == {"threads": 2} and configured.json()["revision"] == 3
+    assert configured.json()["models"]["digits"]["version"] == "1.1.0"  # models untouched
+
     removed = hub.request("DELETE", f"/devices/{device}/models/digits", key=operator)
-    assert removed.json()["revision"] == 3 and removed.json()["models"] == {}
+    assert removed.json()["revision"] == 4 and removed.json()["models"] == {}
+    assert removed.json()["config"] == {"threads": 2}
     assert hub.request("DELETE", f"/devices/{device}/models/digits", key=operator).status_code == 404
     viewer = hub.new_key("viewer")
     assert (
