@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from hub import __version__
+from hub.build.cli import build_command
 from hub.cli_admin import DatabaseUrlOpt, DataDirOpt, init, key_app, load_settings, token_app
 from hub.cli_fleet import command_app, device_app, model_app
 from hub.rollouts_cli import rollout_app
@@ -22,6 +23,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(command_app, name="command")
 app.add_typer(rollout_app, name="rollout")
 app.command()(train)
+app.command("build")(build_command)
 
 
 @app.command()

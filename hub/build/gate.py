@@ -72,6 +72,11 @@ def score(
     if task == "classification" and labels is not None:
         ref = float((want.argmax(-1) == labels).mean())
         return Measurement(target, "accuracy", float((got.argmax(-1) == labels).mean()), ref)
+    if task == "regression":
+        # R^2 of the variant's predictions against torch's: 1.0 is identical, 0 is no better than the mean.
+        residual = float(((got - want) ** 2).sum())
+        spread = float(((want - want.mean(0)) ** 2).sum()) or 1e-12
+        return Measurement(target, "r2_vs_torch", 1.0 - residual / spread, 1.0)
     cos = cosine_rows(got, want)
     if task == "classification":
         return Measurement(target, "agreement", float((got.argmax(-1) == want.argmax(-1)).mean()), 1.0)

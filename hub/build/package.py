@@ -74,6 +74,9 @@ def sample_for(
         return Sample(inputs=tensors_in, outputs=tensors_out, atol=1e-3, rtol=1e-2)
     if task == "classification":
         return Sample(inputs=tensors_in, outputs=tensors_out, argmax_match=True)
+    if task == "regression":
+        scale = max(float(np.abs(v).max()) for v in outputs.values())
+        return Sample(inputs=tensors_in, outputs=tensors_out, atol=max(1e-3, 0.05 * scale), rtol=0.05)
     return Sample(inputs=tensors_in, outputs=tensors_out, min_cosine=min_cosine)
 
 
