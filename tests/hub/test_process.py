@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import socket
 from pathlib import Path
@@ -12,9 +13,9 @@ import httpx
 import pytest
 
 from shared import topics
-from shared.codec import decode
+from shared.codec import decode, encode
 from shared.manifest import load_public_key, verify_manifest
-from shared.messages import DesiredState, EnrollResponse
+from shared.messages import DesiredState, EnrollResponse, TelemetryBatch, TelemetryPoint, utcnow
 from shared.topics import DeviceChannel
 from tests.hub.conftest import build_version, pg_schema_url
 from tests.hub.mqtt_probe import Probe, wait_until
@@ -66,6 +67,24 @@ def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process:
         assert probe.wait(lambda: bool(probe.received(desired_topic)), timeout=15), hub.log_tail()
         state = decode(probe.received(desired_topic)[-1], DesiredState)
         assert state.revision == 1 and state.models["digits"].version == "1.0.0"
+
+        # Telemetry sent twice (at-least-once) is stored once and shows in the API and /metrics.
+        points = [TelemetryPoint(seq=i, ts=utcnow(), name="latency_ms", value=float(i)) for i in range(5)]
+        batch = encode(TelemetryBatch(device_id=device.device_id, points=points))
+        telemetry_topic = topics.device_topic(device.device_id, DeviceChannel.TELEMETRY)
+        assert probe.publish(telemetry_topic, batch) is not None
+        assert probe.publish(telemetry_topic, batch) is not None
+        with hub.api() as client:
+
+            def stored() -> list[int]:
+                answer = client.get("/telemetry", params={"device_id": device.device_id}).json()
+                return [p["seq"] for p in answer["points"]]
+
+            assert wait_until(lambda: stored() == [0, 1, 2, 3, 4], timeout=15), stored()
+            metrics = client.get("/metrics").text
+        ingested = re.search(r'^autodl_hub_mqtt_messages_ingested_total\{kind="telemetry"\} (\S+)$', metrics, re.M)
+        assert ingested is not None and float(ingested.group(1)) >= 1
+        assert "autodl_hub_devices_online 1.0" in metrics
     finally:
         probe.close()
 
