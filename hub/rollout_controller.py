@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hub.config import HubSettings
 from hub.db import SessionFactory
+from hub.deployment_history import record_changes
 from hub.rollout_queries import active_rollout_ids
 from hub.rollouts import RolloutContext, advance, complete_reverts, republish
 
@@ -92,6 +93,8 @@ class RolloutController:
                     logger.exception("rollout %s: reconcile step failed; retrying next tick", rollout_id)
         with self.lock, self._sessions() as session:
             complete_reverts(session, self._context)
+        with self._sessions() as session:
+            self.counters["history"] += record_changes(session)
         return len(ids)
 
     def _run(self) -> None:

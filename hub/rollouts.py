@@ -283,14 +283,14 @@ def _judge(
         if state != row.state:
             row.state, row.error, row.updated_at = state, obs.error, utcnow()
             session.add(row)
-            if state in (DeviceState.UPDATED, DeviceState.FAILED):
-                event = "active" if state == DeviceState.UPDATED else "rolled_back"
+            if state == DeviceState.FAILED:
+                # What the device runs is recorded by hub.deployment_history; the failure only here.
                 session.add(
                     DeploymentHistory(
                         device_id=row.device_id,
                         model=rollout.model,
                         version=rollout.version,
-                        event=event,
+                        event="rolled_back",
                         rollout_id=rollout.id,
                         actor=row.device_id,
                     )

@@ -125,8 +125,9 @@ class DeploymentPublic(BaseModel):
 
 def _summary_fields(session: Session, rollout: Rollout) -> dict[str, Any]:
     spec = RolloutSpec.model_validate(rollout.spec)
-    counts = Counter(r.state for r in members_of(session, rollout.id) if r.assigned_version == rollout.version)
-    total = len(members_of(session, rollout.id))
+    rows = members_of(session, rollout.id)
+    counts = Counter(r.state for r in rows if r.assigned_version == rollout.version)
+    total = len(rows)
     return {
         "id": rollout.id,
         "model": rollout.model,

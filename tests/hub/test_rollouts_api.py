@@ -83,7 +83,9 @@ def test_canary_advances_step_by_step_to_every_device(hub: RolloutHub) -> None:
     assert kinds[0] == "created" and kinds.count("step_passed") == 3 and kinds.count("moved") == 3
 
     history = hub.client.get("/deployments", params={"device_id": order[0]}, headers=hub.headers("viewer")).json()
-    assert [(h["event"], h["version"]) for h in history] == [("active", NEW), ("desired", NEW)]
+    entries = [(h["event"], h["version"], h["rollout_id"]) for h in history]
+    assert entries[0] == ("active", NEW, rollout["id"])  # credited to the rollout that moved it
+    assert ("desired", NEW, rollout["id"]) in entries and ("active", OLD, None) in entries
     listed = hub.client.get("/rollouts", params={"model": MODEL}, headers=hub.headers("viewer")).json()
     assert [r["id"] for r in listed] == [rollout["id"]] and listed[0]["updated"] == 10
 
@@ -299,3 +301,17 @@ def test_postgres(tmp_path: Path, postgres_url: str) -> None:
     hub.controller.tick()
     assert get(hub, rid)["state"] == "succeeded"
     assert {hub.desired(d) for d in ids} == {NEW}
+
+
+def test_deployment_history_covers_changes_outside_rollouts(hub: RolloutHub) -> None:
+    device = hub.enroll(1)[0]
+    hub.deploy(device, OLD)
+    hub.report(device, OLD)
+    hub.controller.tick()
+    hub.deploy(device, NEW)
+    hub.report(device, OLD, state=UpdateState.ROLLED_BACK, error="smoke test failed")
+    hub.controller.tick()
+    hub.controller.tick()  # nothing changed: nothing added
+    history = hub.client.get("/deployments", params={"device_id": device}, headers=hub.headers("viewer")).json()
+    assert [(h["event"], h["version"]) for h in history] == [("desired", NEW), ("active", OLD), ("desired", OLD)]
+    assert all(h["rollout_id"] is None for h in history)
