@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hub.broker import EmbeddedBroker
 from shared import topics
 from shared.codec import decode, encode
 from shared.manifest import load_public_key, verify_manifest
@@ -20,6 +21,7 @@ from shared.topics import DeviceChannel
 from tests.hub.conftest import build_version, pg_schema_url
 from tests.hub.mqtt_probe import Probe, wait_until
 from tests.support.hub import HubProcess
+from tests.support.processes import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -155,3 +157,28 @@ def test_http_only_hub_serves_without_a_broker(backend: str, tmp_path: Path) -> 
         assert httpx.post(f"{hub.url}/enroll", json={"token": token}, timeout=30).status_code == 401
     if urls is not None:
         urls.close()  # drops the PostgreSQL schema
+
+
+def test_serve_with_an_external_broker(tmp_path: Path) -> None:
+    # A mosquitto with dynamic security that the hub did not start: the --mqtt-url set-up.
+    broker = EmbeddedBroker(
+        tmp_path / "external-mosquitto",
+        port=free_port(),
+        hub_username="autodl-hub",
+        hub_password="external-secret",
+        bind_host="127.0.0.1",
+    )
+    broker.start()
+    try:
+        env = {"AUTODL_HUB_MQTT_PASSWORD": "external-secret", "AUTODL_HUB_MQTT_PUBLIC_PORT": str(broker.port)}
+        with HubProcess(tmp_path / "hub", mqtt_url=broker.url, env=env) as hub:
+            assert not _listening(hub.mqtt_port)  # no embedded broker
+            device = _enroll(hub, hub.enrollment_token(), "edge")
+            assert device.mqtt_port == broker.port
+            probe = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
+            try:
+                assert probe.connect().is_failure is False
+            finally:
+                probe.close()
+    finally:
+        broker.stop()
