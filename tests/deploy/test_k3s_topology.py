@@ -193,6 +193,7 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
         }
         log = tmp_path / "agent.log"
         live = f"http://127.0.0.1:{port}/v2/health/live"
+        ready = f"http://127.0.0.1:{port}/v2/health/ready"
 
         def online_device() -> dict[str, Any] | None:
             with hub.api() as client:
@@ -202,6 +203,7 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
         agent = _start_agent(env, log)
         try:
             _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the agent's liveness")
+            _wait(lambda: httpx.get(ready, timeout=2).status_code == 200, "the agent's readiness")
             device = _wait(online_device, "the device online at the hub")
         finally:
             _stop(agent)
