@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,8 +50,6 @@ REJECT_REASONS = (
     "db_error",  # the database refused it
     "internal",  # a bug: logged with its traceback
 )
-
-_INSERT_CHUNK = 500  # rows per INSERT: 6 columns stay far below SQLite's variable limit
 
 
 class IngestRejected(Exception):
@@ -191,11 +189,6 @@ def telemetry_rows(batch: TelemetryBatch) -> list[dict[str, Any]]:
     ]
 
 
-def _chunks(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
 def insert_telemetry(session: Session, rows: Sequence[dict[str, Any]], *, now: datetime | None = None) -> int:
     """Insert points, skipping (device_id, seq) pairs stored already; return how many were new.
 
@@ -207,17 +200,16 @@ def insert_telemetry(session: Session, rows: Sequence[dict[str, Any]], *, now: d
         return 0
     table: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
-    inserted = 0
-    for chunk in _chunks(unique, _INSERT_CHUNK):
-        if dialect == "postgresql":
-            stmt: Any = postgresql.insert(table).values(list(chunk))
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(table).values(list(chunk))
-        else:
-            raise NotImplementedError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
-        # RETURNING counts the new rows on both dialects (rowcount is not reliable here).
-        stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "seq"]).returning(table.c.seq)
-        inserted += len(session.execute(stmt).all())
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(table)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table)
+    else:
+        raise NotImplementedError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
+    # One cached statement run with many parameter sets (SQLAlchemy batches them into
+    # multi-row INSERTs); RETURNING counts the new rows on both dialects.
+    stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "seq"]).returning(table.c.seq)
+    inserted = len(session.execute(stmt, list(unique)).all())
     devices = sorted({r["device_id"] for r in unique})
     session.execute(update(Device).where(col(Device.id).in_(devices)).values(online=True, last_seen=now or utcnow()))
     return inserted

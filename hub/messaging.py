@@ -139,6 +139,7 @@ class HubMessaging:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = 65535
         client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30, clean_start=False, properties=props)
         client.loop_start()
         self._client = client
