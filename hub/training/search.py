@@ -247,7 +247,12 @@ def run_search(
         from optuna.trial import TrialState
 
         callbacks.append(MaxTrialsCallback(search.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    study.optimize(objective, n_trials=search.trials, timeout=search.timeout_s, callbacks=callbacks, catch=())
+    # Another worker may already have spent (part of) a shared study's budget.
+    done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    if done < search.trials:
+        study.optimize(
+            objective, n_trials=search.trials - done, timeout=search.timeout_s, callbacks=callbacks, catch=()
+        )
     trials = tuple(_result(t) for t in study.trials)
     complete = [t for t in trials if t.state == "COMPLETE"]
     if not complete:

@@ -95,6 +95,9 @@ def load_tabular(spec: TaskSpec, base_dir: Path) -> Dataset:
             )
         )
 
+    if not keep.any():
+        raise DataError(f"data.path: {data.path!r} has no usable rows (none with a {data.target})")
+
     # Features as float64 with NaN for missing; string columns as vocabulary codes.
     categorical_names = set(data.categorical or [])
     matrix = np.empty((rows_in, len(features)), dtype=np.float64)

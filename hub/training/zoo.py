@@ -89,6 +89,7 @@ class TabularEncoder(nn.Module):
         self.register_buffer("high", torch.tensor(high[numeric]))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.has_numeric = bool(numeric)
         self.categorical_index = categorical
         for k, i in enumerate(categorical):
             self.register_buffer(f"category_values_{k}", torch.tensor(info.categorical[names[i]], dtype=torch.float32))
@@ -96,7 +97,7 @@ class TabularEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         parts = []
-        if self.numeric_index.numel() > 0:
+        if self.has_numeric:
             x = features.index_select(1, self.numeric_index)
             x = torch.where(torch.isnan(x), self.fill, x)
             x = torch.maximum(torch.minimum(x, self.high), self.low)
