@@ -190,7 +190,8 @@ class HubMessaging:
 
     def _filters(self) -> list[tuple[str, SubscribeOptions]]:
         # retainHandling=1: retained messages only for a new subscription, not a resumed session.
-        options = SubscribeOptions(qos=1, noLocal=True, retainHandling=1)
+        # noLocal is a protocol error on a shared subscription (MQTT 5, 3.8.3.1).
+        options = SubscribeOptions(qos=1, noLocal=not self.share_group, retainHandling=1)
         prefix = f"$share/{self.share_group}/" if self.share_group else ""
         return [(prefix + topics.device_wildcard(ch), options) for ch in sorted(topics.DEVICE_TO_HUB)]
 
@@ -198,15 +199,16 @@ class HubMessaging:
         if reason.is_failure:
             logger.error("broker refused the hub's connection: %s (retrying)", reason)
             return
-        client.subscribe(self._filters())
-        self._connected.set()
         logger.info("hub messaging connected (session present: %s)", getattr(flags, "session_present", None))
-        self._writer.request_resync()
+        client.subscribe(self._filters())
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
         for (topic, _opts), reason in zip(self._filters(), reasons, strict=False):
             if reason.is_failure:
                 logger.error("broker refused the hub's subscription to %s: %s", topic, reason)
+        # "Connected" once the subscriptions hold, so nothing published after it is missed.
+        self._connected.set()
+        self._writer.request_resync()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         self._connected.clear()

@@ -368,3 +368,28 @@ def test_telemetry_sent_while_the_hub_is_down_is_stored_when_it_returns(sqlite_r
     rig.messaging.start()
     assert wait_until(lambda: rig.points(rig.a) == 8)
     assert rig.messaging.snapshot().ingested["telemetry"] == 2
+
+
+def test_replicas_in_a_share_group_store_each_message_once(sqlite_rig: Rig) -> None:
+    rig = sqlite_rig
+    rig.messaging.stop()
+    replicas = [
+        HubMessaging(
+            rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=f"replica-{i}", share_group="hubs"
+        )
+        for i in range(2)
+    ]
+    try:
+        for replica in replicas:
+            replica.start()
+            assert replica.wait_connected()
+        device = rig.as_device(rig.a)
+        assert wait_until(lambda: all(r.connected for r in replicas))
+        for i in range(6):
+            device.publish(telemetry(rig.a), batch(rig.a, i * 2, 2))
+        assert wait_until(lambda: sum(r.snapshot().ingested.get("telemetry", 0) for r in replicas) == 6)
+        assert rig.points(rig.a) == 12
+        assert sum(r.snapshot().points_duplicate for r in replicas) == 0  # no message went to both
+    finally:
+        for replica in replicas:
+            replica.stop()
