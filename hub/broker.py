@@ -300,6 +300,9 @@ class EmbeddedBroker:
         logger.info("embedded mosquitto listening on %s:%s (pid %s)", self.bind_host, self.port, self.pid)
 
     def _spawn(self, *, restart: bool = False) -> None:
+        if _port_open(self.connect_host, self.port):
+            # Checked first: once ours runs, "something listens" could not tell it from the squatter.
+            raise BrokerStartError(f"port {self.port} is in use by another process; mosquitto cannot listen there")
         with self._lock:
             if self._stopping.is_set():
                 return

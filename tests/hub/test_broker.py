@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.broker import BrokerAdmin, EmbeddedBroker, find_dynsec_plugin, load_or_create_hub_password
+from hub.broker import BrokerAdmin, BrokerStartError, EmbeddedBroker, find_dynsec_plugin, load_or_create_hub_password
 from shared import topics
 from shared.topics import DeviceChannel
 from tests.hub.mqtt_probe import Probe, wait_until
@@ -284,3 +284,28 @@ def test_admin_sets_up_an_external_mosquitto_initialised_by_mosquitto_ctrl(tmp_p
         for probe in probes:
             probe.close()
         external.stop()
+
+
+def test_a_taken_port_is_a_clear_start_error(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    second = EmbeddedBroker(
+        tmp_path / "second", port=broker.port, hub_username=HUB_USER, hub_password="x", bind_host="127.0.0.1"
+    )
+    with pytest.raises(BrokerStartError, match="mosquitto"):
+        second.start()
+    assert not second.running
+    assert broker.running
+
+
+def test_a_corrupt_dynamic_security_file_is_set_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "mq"
+    directory.mkdir()
+    (directory / "dynamic-security.json").write_text("{ not json")
+    with EmbeddedBroker(
+        directory, port=free_port(), hub_username=HUB_USER, hub_password=HUB_PASSWORD, bind_host="127.0.0.1"
+    ) as broker:
+        probe = Probe(broker.port, HUB_USER, HUB_PASSWORD)
+        try:
+            assert not probe.connect().is_failure
+        finally:
+            probe.close()
+    assert list(directory.glob("dynamic-security.json.corrupt-*"))

@@ -393,3 +393,23 @@ def test_replicas_in_a_share_group_store_each_message_once(sqlite_rig: Rig) -> N
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_retained_replay_stores_state_but_does_not_claim_the_device_is_online(sqlite_rig: Rig) -> None:
+    rig = sqlite_rig
+    rig.messaging.stop()
+    device = rig.as_device(rig.a)
+    presence = codec.encode(Presence(device_id=rig.a, online=True))
+    device.publish(topics.device_topic(rig.a, DeviceChannel.ONLINE), presence, retain=True)
+    reported = codec.encode(ReportedState(device_id=rig.a, revision=9))
+    device.publish(topics.device_topic(rig.a, DeviceChannel.REPORTED), reported, retain=True)
+    device.close()
+
+    # A hub with a new session gets both as retained messages, possibly long after the fact.
+    rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id="new-hub")
+    rig.messaging.start()
+    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 1)
+    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1)
+    stored = rig.device(rig.a)
+    assert stored.reported is not None and stored.reported["revision"] == 9
+    assert stored.online is False and stored.last_seen is None
