@@ -36,8 +36,10 @@ def file_digest(path: Path) -> tuple[int, str]:
     return path.stat().st_size, digest.hexdigest()
 
 
-def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Return the graph's inputs and outputs as the manifest describes them."""
+def tensor_specs(
+    path: Path, output_shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Return the graph's inputs and outputs; unnamed output dims are filled from torch's shapes."""
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
@@ -46,7 +48,16 @@ def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         dims: list[int | str] = [d.dim_param or d.dim_value or "dim" for d in tensor.shape.dim]
         return TensorSpec(name=value.name, dtype=_ONNX_DTYPES.get(tensor.elem_type, "float32"), shape=dims)
 
-    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
+    def fixed(value: onnx.ValueInfoProto) -> TensorSpec:
+        out = spec(value)
+        known = (output_shapes or {}).get(value.name)
+        if known is None or len(known) + 1 != len(out.shape):
+            return out
+        # The exporter names dims it could not infer (e.g. after normalize); all but batch are static.
+        dims: list[int | str] = [out.shape[0], *known]
+        return out.model_copy(update={"shape": dims})
+
+    return [spec(v) for v in graph.input if v.name not in initializers], [fixed(v) for v in graph.output]
 
 
 def tensor_data(array: np.ndarray) -> TensorData:

@@ -313,7 +313,8 @@ def _package(
     torch_ms: float | None,
 ) -> BuildResult:
     request = ctx.request
-    inputs, outputs = package.tensor_specs(artifacts[TargetId.CPU_FP32].path)
+    shapes = {name: tuple(ref.shape[1:]) for name, ref in zip(request.output_names, ctx.reference, strict=False)}
+    inputs, outputs = package.tensor_specs(artifacts[TargetId.CPU_FP32].path, shapes)
     row = _sample_row(ctx, artifacts, decisions)
     sample_in = {k: v[row : row + 1] for k, v in request.validation.items()}
     sample_out = {name: ref[row : row + 1] for name, ref in zip(request.output_names, ctx.reference, strict=False)}
