@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,6 +104,10 @@ def run(
     """Run the agent: keep the MQTT session, converge, serve the local API."""
     settings = _settings(state_dir, port=port, host=host, log_level=log_level)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx imports its own CLI (click, rich, pygments) when they are installed, and typer
+    # installs them: about 5 MB of RSS the daemon never uses. A None entry makes that
+    # optional import fail the way httpx expects when they are absent.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     from agent.daemon import Agent
 
     try:

@@ -6,19 +6,32 @@ runs on it, so requests in flight finish on the old session while new ones get t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.errors import ModelLoadError, SmokeTestError
 from shared.manifest import Manifest, Sample, TensorData, Variant
 
-__all__ = ["LoadedModel", "ModelRegistry", "load_model", "sample_inputs", "smoke_test", "tensor_array", "warm_up"]
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = [
+    "LoadedModel",
+    "ModelRegistry",
+    "load_model",
+    "release_heap",
+    "sample_inputs",
+    "smoke_test",
+    "tensor_array",
+    "warm_up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +70,24 @@ class LoadedModel:
 
 
 def _providers(wanted: list[str]) -> list[str]:
+    import onnxruntime as ort
+
     available = set(ort.get_available_providers())
     chosen = [p for p in wanted if p in available]
     if CPU not in chosen:
         chosen.append(CPU)  # CPU is always the last resort
     return chosen
+
+
+def release_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them after a model's protobuf is parsed)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to trim
 
 
 def load_model(
@@ -72,6 +98,9 @@ def load_model(
     tokenizer_path: Path | None = None,
 ) -> LoadedModel:
     """Create an ORT session for a verified file; raise ModelLoadError."""
+    # Imported here: an agent with no model yet does not pay ORT's ~30 MB of RSS.
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -81,6 +110,7 @@ def load_model(
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
         raise ModelLoadError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load the model: {exc}") from exc
+    release_heap()
     expected = {spec.name for spec in manifest.inputs}
     actual = {i.name for i in session.get_inputs()}
     if not expected <= actual:
@@ -158,6 +188,7 @@ class ModelRegistry:
         with self._lock:
             old = self._active.get(model.name)
             self._active[model.name] = model
+        release_heap()  # warm-up and smoke-test buffers are garbage now
         logger.info("%s %s is active (%s, %s)", model.name, model.version, model.target, ",".join(model.providers))
         return old
 
