@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -413,3 +416,58 @@ def test_retained_replay_stores_state_but_does_not_claim_the_device_is_online(sq
     stored = rig.device(rig.a)
     assert stored.reported is not None and stored.reported["revision"] == 9
     assert stored.online is False and stored.last_seen is None
+
+
+_CRASHING_HUB = """
+import sys
+from hub.config import HubSettings
+from hub.db import create_engine_for, session_factory
+from hub.messaging import HubMessaging
+settings = HubSettings(telemetry_batch_size=100000, telemetry_flush_s=3600)
+messaging = HubMessaging(settings, session_factory(create_engine_for(settings)), url=sys.argv[1], client_id=sys.argv[2])
+put = messaging._writer.put
+def traced_put(item, timeout):
+    put(item, timeout)
+    print("queued", flush=True)
+messaging._writer.put = traced_put
+messaging.start()
+assert messaging.wait_connected()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_messages_a_crashed_hub_never_stored_are_delivered_again(sqlite_rig: Rig) -> None:
+    rig = sqlite_rig
+    client_id = rig.messaging.client_id
+    rig.messaging.stop()
+    env = {
+        **os.environ,
+        "AUTODL_HUB_DATA_DIR": str(rig.settings.data_dir),
+        "AUTODL_HUB_DATABASE_URL": rig.settings.database_url,
+        "AUTODL_HUB_MQTT_USERNAME": HUB_USER,
+        "AUTODL_HUB_MQTT_PASSWORD": HUB_PASSWORD,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_HUB, rig.broker.url, client_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        device = rig.as_device(rig.a)
+        for i in range(3):
+            device.publish(telemetry(rig.a), batch(rig.a, i * 2, 2))
+        for _ in range(3):  # the hub holds all three in its batch, unacknowledged...
+            assert proc.stdout.readline().strip() == "queued"
+    finally:
+        proc.kill()  # ...and dies before writing them
+        proc.wait()
+    assert rig.points(rig.a) == 0
+
+    rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
+    rig.messaging.start()
+    assert wait_until(lambda: rig.points(rig.a) == 6)
