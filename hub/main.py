@@ -19,6 +19,7 @@ from hub.errors import HubError, RateLimitedError
 from hub.metrics import HubMetrics
 from hub.rollout_controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
+from hub.ui import install as install_ui
 
 __all__ = ["create_app"]
 
@@ -141,6 +142,7 @@ def create_app(
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(DataError, _data_error)
+    install_ui(app)  # after the error handlers: /ui answers errors as HTML pages
     app.middleware("http")(app.state.metrics.middleware)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
     return app

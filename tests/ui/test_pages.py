@@ -1,0 +1,254 @@
+"""The dashboard in process (the real app on SQLite, over HTTP): sign-in, roles, CSRF, every page, errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from hub.commands import list_commands
+from hub.config import HubSettings
+from hub.devices import enroll, get_device
+from hub.main import create_app
+from hub.models import Role, TelemetryPoint
+from hub.rollout_spec import AnalysisCriteria, RolloutSpec
+from hub.rollouts import create_rollout
+from hub.security import create_api_key, create_enrollment_token, revoke_api_key
+from hub.ui.views import charts_for
+from shared.messages import EnrollRequest
+from shared.targets import DeviceProfile
+from tests.ui.support import publish_versions
+
+MODEL = "clf"
+
+
+@dataclass
+class Dash:
+    client: TestClient
+    settings: HubSettings
+    viewer: str
+    operator: str
+    viewer_id: int
+    device_id: str
+    device_token: str
+    rollout_id: str
+
+    def session(self) -> Session:
+        factory = self.client.app.state.session_factory  # type: ignore[attr-defined]
+        session: Session = factory()
+        return session
+
+    def sign_in(self, key: str) -> str:
+        """Sign in with `key`; return the CSRF token of the session."""
+        response = self.client.post("/ui/login", data={"key": key, "next": "/ui/"}, follow_redirects=False)
+        assert response.status_code == 303, response.text
+        page = self.client.get("/ui/")
+        match = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+        assert match, page.text
+        return match.group(1)
+
+
+@pytest.fixture
+def dash(tmp_path: Path) -> Iterator[Dash]:
+    settings = HubSettings(data_dir=tmp_path / "hub", public_url="http://hub.test")
+    app = create_app(settings)
+    with TestClient(app, base_url="http://hub.test") as client, app.state.session_factory() as session:
+        viewer_row, viewer = create_api_key(session, "ann", Role.VIEWER, actor="test")
+        operator = create_api_key(session, "olga", Role.OPERATOR, actor="test")[1]
+        publish_versions(session, settings, MODEL, tmp_path / "files")
+        token = create_enrollment_token(session, actor="test", max_uses=2)[1]
+        enrolled = [
+            enroll(
+                session,
+                settings,
+                EnrollRequest(token=token, name=f"cam-{i}", labels={"site": "lab"}, profile=_profile()),
+            )
+            for i in range(2)
+        ]
+        device = get_device(session, enrolled[0].device_id)
+        device.online = True
+        device.reported = {
+            "device_id": device.id,
+            "revision": 1,
+            "models": {MODEL: {"active": "1.0.0", "state": "committed", "updated_at": datetime.now(UTC).isoformat()}},
+            "update_state": "committed",
+        }
+        session.add(device)
+        session.commit()
+        spec = RolloutSpec(
+            model=MODEL, version="2.0.0", steps=[50, 100], analysis=AnalysisCriteria(min_observation_s=3600)
+        )
+        rollout = create_rollout(session, spec, actor="test")
+        assert viewer_row.id is not None
+        yield Dash(
+            client,
+            settings,
+            viewer,
+            operator,
+            viewer_row.id,
+            device.id,
+            enrolled[0].device_token,
+            rollout.id,
+        )
+
+
+def _profile() -> DeviceProfile:
+    return DeviceProfile(cores=2, memory_mb=1024)
+
+
+def test_pages_send_a_visitor_without_a_session_to_sign_in(dash: Dash) -> None:
+    response = dash.client.get("/ui/devices/x?tab=1", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/login?next=/ui/devices/x?tab=1"
+    assert dash.client.get(f"/ui/api/devices/{dash.device_id}/telemetry").status_code == 401
+    assert dash.client.post(f"/ui/rollouts/{dash.rollout_id}/pause", data={"csrf": "x"}).status_code == 401
+
+
+@pytest.mark.parametrize("which", ["wrong", "device"])
+def test_sign_in_refuses_unknown_keys_and_device_tokens(dash: Dash, which: str) -> None:
+    key = dash.device_token if which == "device" else "adk_not-a-key"
+    response = dash.client.post("/ui/login", data={"key": key}, follow_redirects=False)
+    assert response.status_code == 401
+    assert "autodl_session" not in response.cookies
+    assert 'id="login-error"' in response.text
+
+
+def test_session_cookie_is_httponly_strict_and_scoped_to_the_dashboard(dash: Dash) -> None:
+    response = dash.client.post("/ui/login", data={"key": dash.viewer}, follow_redirects=False)
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+
+
+def test_sign_in_never_redirects_off_the_dashboard(dash: Dash) -> None:
+    for target in ("https://evil.example/", "//evil.example/ui", "/devices"):
+        response = dash.client.post("/ui/login", data={"key": dash.viewer, "next": target}, follow_redirects=False)
+        assert response.headers["location"] == "/ui/"
+
+
+def test_every_page_renders_for_a_viewer(dash: Dash) -> None:
+    dash.sign_in(dash.viewer)
+    fleet = dash.client.get("/ui/")
+    assert fleet.status_code == 200
+    assert "script-src 'self'" in fleet.headers["content-security-policy"]
+    assert 'id="count-total">2<' in fleet.text and 'id="count-online">1<' in fleet.text
+    assert "site=lab" in fleet.text
+    device = dash.client.get(f"/ui/devices/{dash.device_id}")
+    assert device.status_code == 200 and "cam-0" in device.text
+    assert 'id="read-only"' in device.text and 'id="command-form"' not in device.text
+    models = dash.client.get(f"/ui/models/{MODEL}")
+    assert models.status_code == 200
+    assert "accuracy drop 0.031 &gt; 0.01" in models.text  # the skipped target's reason, escaped
+    assert "0.934" in models.text and "stable → 1.0.0" in models.text
+    rollout = dash.client.get(f"/ui/rollouts/{dash.rollout_id}")
+    assert rollout.status_code == 200
+    assert re.search(r'id="action-pause"[^>]*disabled', rollout.text)
+    assert dash.client.get("/ui/rollouts").status_code == 200
+    assert dash.client.get("/ui/models").status_code == 200
+    assert dash.client.get("/ui/static/chart.js").status_code == 200
+
+
+def test_viewer_actions_are_refused_and_change_nothing(dash: Dash) -> None:
+    csrf = dash.sign_in(dash.viewer)
+    pause = dash.client.post(f"/ui/rollouts/{dash.rollout_id}/pause", data={"csrf": csrf})
+    assert pause.status_code == 403 and "operator" in pause.text
+    command = dash.client.post(f"/ui/devices/{dash.device_id}/commands", data={"csrf": csrf, "name": "ping"})
+    assert command.status_code == 403
+    with dash.session() as session:
+        assert list_commands(session, device_id=dash.device_id) == []
+    assert "running" in dash.client.get(f"/ui/rollouts/{dash.rollout_id}/live").text
+
+
+def test_forms_without_this_sessions_csrf_token_are_refused(dash: Dash) -> None:
+    dash.sign_in(dash.operator)
+    for data in ({"name": "ping"}, {"name": "ping", "csrf": "0" * 64}):
+        response = dash.client.post(f"/ui/devices/{dash.device_id}/commands", data=data)
+        assert response.status_code == 403 and "CSRF" in response.text
+    with dash.session() as session:
+        assert list_commands(session, device_id=dash.device_id) == []
+
+
+def test_operator_sends_a_command_with_arguments(dash: Dash) -> None:
+    csrf = dash.sign_in(dash.operator)
+    data = {"csrf": csrf, "name": "set-config", "args": '{"log_level": "debug"}', "ttl_s": "60"}
+    response = dash.client.post(f"/ui/devices/{dash.device_id}/commands", data=data, follow_redirects=False)
+    assert response.status_code == 303
+    with dash.session() as session:
+        [row] = list_commands(session, device_id=dash.device_id)
+    assert (row.name, row.args, row.created_by) == ("set-config", {"log_level": "debug"}, row.created_by)
+    assert "olga" in row.created_by
+    page = dash.client.get(f"/ui/devices/{dash.device_id}")
+    assert f'data-command="{row.id}"' in page.text
+
+
+@pytest.mark.parametrize("args", ["{not json", "[1, 2]"])
+def test_command_arguments_that_are_not_a_json_object_get_a_clear_error(dash: Dash, args: str) -> None:
+    csrf = dash.sign_in(dash.operator)
+    data = {"csrf": csrf, "name": "ping", "args": args}
+    response = dash.client.post(f"/ui/devices/{dash.device_id}/commands", data=data)
+    assert response.status_code == 422
+    assert "JSON" in response.text and "text/html" in response.headers["content-type"]
+
+
+def test_unknown_things_get_an_html_404_and_the_api_keeps_json_errors(dash: Dash) -> None:
+    dash.sign_in(dash.viewer)
+    page = dash.client.get("/ui/devices/dev-nope")
+    assert page.status_code == 404 and "no device" in page.text and "text/html" in page.headers["content-type"]
+    api = dash.client.get("/devices/dev-nope", headers={"Authorization": f"Bearer {dash.viewer}"})
+    assert api.status_code == 404 and api.json() == {"detail": "no device 'dev-nope'"}
+
+
+def test_operator_pauses_and_resumes_a_rollout(dash: Dash) -> None:
+    csrf = dash.sign_in(dash.operator)
+    response = dash.client.post(f"/ui/rollouts/{dash.rollout_id}/pause", data={"csrf": csrf}, follow_redirects=False)
+    assert response.status_code == 303
+    live = dash.client.get(f"/ui/rollouts/{dash.rollout_id}/live").text
+    assert 'id="rollout-state">paused<' in live and 'id="action-resume"' in live
+    again = dash.client.post(f"/ui/rollouts/{dash.rollout_id}/pause", data={"csrf": csrf})
+    assert again.status_code == 409  # a paused rollout cannot be paused again
+    dash.client.post(f"/ui/rollouts/{dash.rollout_id}/resume", data={"csrf": csrf})
+    assert 'id="rollout-state">running<' in dash.client.get(f"/ui/rollouts/{dash.rollout_id}/live").text
+
+
+def test_revoking_the_key_ends_its_dashboard_session(dash: Dash) -> None:
+    dash.sign_in(dash.viewer)
+    with dash.session() as session:
+        revoke_api_key(session, dash.viewer_id, actor="test")
+    response = dash.client.get("/ui/", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].startswith("/ui/login")
+
+
+def test_telemetry_endpoint_groups_points_into_charts(dash: Dash) -> None:
+    now = datetime.now(UTC)
+    with dash.session() as session:
+        for seq, (name, value) in enumerate([("latency_p95_ms", 9.0), ("cpu_percent", 30.0), ("temp_c", 41.0)]):
+            session.add(
+                TelemetryPoint(
+                    device_id=dash.device_id, seq=seq, ts=now, name=name, value=value, labels={"model": MODEL}
+                )
+            )
+        session.add(  # older than the window: left out
+            TelemetryPoint(device_id=dash.device_id, seq=9, ts=now - timedelta(hours=3), name="cpu_percent", value=1.0)
+        )
+        session.commit()
+    dash.sign_in(dash.viewer)
+    body = dash.client.get(f"/ui/api/devices/{dash.device_id}/telemetry?minutes=60").json()
+    charts = {c["key"]: c for c in body["charts"]}
+    assert list(charts) == ["latency", "cpu", "other:temp_c"]
+    assert charts["latency"]["series"][0]["name"] == f"latency_p95_ms ({MODEL})"
+    assert [p[1] for p in charts["cpu"]["series"][0]["points"]] == [30.0]
+
+
+def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
+    now = datetime.now(UTC)
+    names = ["memory_percent", "latency_p50_ms", "throughput_rps", "cpu_percent", "latency_p95_ms", "requests"]
+    points = [TelemetryPoint(device_id="d", seq=i, ts=now, name=n, value=1.0) for i, n in enumerate(names)]
+    charts = charts_for(points)
+    assert [c.key for c in charts] == ["latency", "throughput", "cpu", "memory"]
+    assert sorted(charts[0].series) == ["latency_p50_ms", "latency_p95_ms"]
+    assert sorted(charts[1].series) == ["requests", "throughput_rps"]
