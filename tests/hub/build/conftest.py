@@ -10,6 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hub.build.pipeline import BuildResult, build  # noqa: E402  (after the torch skip)
+from hub.build.request import BuildRequest  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Digits:
@@ -58,6 +61,31 @@ def digits() -> Digits:
     net.eval()
     torch.set_num_threads(threads)
     return Digits(net, images[:1400], images[1400:], data.target[1400:])
+
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def digits_request(digits: Digits, **overrides: object) -> BuildRequest:
+    """A build request for the digits CNN; keyword arguments override fields."""
+    fields: dict[str, object] = {
+        "name": "digits",
+        "version": "1.0.0",
+        "model": digits.model,
+        "validation": {"input": digits.validation},
+        "labels": digits.labels,
+        "calibration": {"input": digits.train[:256]},
+        "output_names": ("logits",),
+        "class_names": CLASSES,
+    }
+    fields.update(overrides)
+    return BuildRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def cnn(digits: Digits, tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+    """The digits CNN built for every target."""
+    return build(digits_request(digits), tmp_path_factory.mktemp("cnn"))
 
 
 SUBJECTS = ["The engineer", "A small robot", "My grandmother", "The committee", "Our edge device", "A hungry cat",

@@ -15,31 +15,11 @@ from hub.build.request import BuildRequest
 from hub.build.runner import make_session
 from shared.manifest import SignedManifest, load_private_key, sign_manifest, verify_manifest
 from shared.targets import TargetId
-from tests.hub.build.conftest import Digits
+from tests.hub.build.conftest import CLASSES, Digits, digits_request
 
 torch = pytest.importorskip("torch")
 
-CLASSES = [str(i) for i in range(10)]
-
-
-def request(digits: Digits, **overrides: object) -> BuildRequest:
-    fields: dict[str, object] = {
-        "name": "digits",
-        "version": "1.0.0",
-        "model": digits.model,
-        "validation": {"input": digits.validation},
-        "labels": digits.labels,
-        "calibration": {"input": digits.train[:256]},
-        "output_names": ("logits",),
-        "class_names": CLASSES,
-    }
-    fields.update(overrides)
-    return BuildRequest(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def cnn(digits: Digits, tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build(request(digits), tmp_path_factory.mktemp("cnn"))
+request = digits_request
 
 
 def _run(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
