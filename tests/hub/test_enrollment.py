@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlmodel import select
 
+from hub.devices import enroll
+from hub.errors import AuthenticationError
 from hub.models import Device
 from hub.security import create_enrollment_token
 from shared.manifest import load_public_key
-from shared.messages import EnrollResponse
+from shared.messages import EnrollRequest, EnrollResponse
 from tests.hub.conftest import Hub
 
 
@@ -60,3 +64,24 @@ def test_malformed_enrollment_is_a_422_with_the_field(hub: Hub) -> None:
     response = hub.client.post("/enroll", json={"token": "x", "profile": {"cores": "many"}})
     assert response.status_code == 422
     assert any(err["loc"][-1] == "cores" for err in response.json()["detail"])
+
+
+def test_devices_racing_for_the_last_use_of_a_token_get_one_enrollment(hub: Hub) -> None:
+    token = hub.new_token(max_uses=1)
+    factory = hub.client.app.state.session_factory  # type: ignore[attr-defined]
+    start = threading.Barrier(4)
+
+    def attempt(name: str) -> str:
+        start.wait()
+        with factory() as session:
+            try:
+                return enroll(session, hub.settings, EnrollRequest(token=token, name=name)).device_id
+            except AuthenticationError:
+                return "refused"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(attempt, ["a", "b", "c", "d"]))
+
+    assert outcomes.count("refused") == 3
+    with factory() as session:
+        assert len(session.exec(select(Device)).all()) == 1
