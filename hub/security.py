@@ -54,6 +54,7 @@ DEVICE_TOKEN_PREFIX = "adt_"
 ENROLL_TOKEN_PREFIX = "aen_"
 MQTT_PASSWORD_PREFIX = "amq_"
 
+_TOUCH_INTERVAL = timedelta(minutes=5)
 _RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 
@@ -99,12 +100,22 @@ def authenticate(session: Session, token: str) -> Principal:
     if token.startswith(API_KEY_PREFIX):
         key = session.exec(select(ApiKey).where(ApiKey.key_hash == digest)).first()
         if key is not None and not key.revoked:
+            _touch(session, key)
             return Principal("key", str(key.id), key.name, Role(key.role), key.rate_limit)
     elif token.startswith(DEVICE_TOKEN_PREFIX):
         device = session.exec(select(Device).where(Device.token_hash == digest)).first()
         if device is not None and not device.decommissioned:
             return Principal("device", device.id, device.name)
     raise AuthenticationError("invalid or revoked credentials")
+
+
+def _touch(session: Session, key: ApiKey) -> None:
+    """Record when a key was last used, at most once per interval (a write per request would not scale)."""
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
+        key.last_used_at = now
+        session.add(key)
+        session.commit()
 
 
 def create_api_key(

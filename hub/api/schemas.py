@@ -72,6 +72,7 @@ class ApiKeyPublic(BaseModel):
     rate_limit: str | None
     revoked: bool
     created_at: datetime
+    last_used_at: datetime | None = None
 
 
 class ApiKeyCreated(ApiKeyPublic):

@@ -34,7 +34,9 @@ def test_roles_viewer_reads_operator_deploys_admin_manages(hub: Hub) -> None:
 def test_a_revoked_key_stops_working_at_once(hub: Hub) -> None:
     key = hub.new_key("viewer")
     assert hub.request("GET", "/models", key=key).status_code == 200
-    key_id = next(k["id"] for k in hub.request("GET", "/api-keys").json() if k["role"] == "viewer")
+    listed = next(k for k in hub.request("GET", "/api-keys").json() if k["role"] == "viewer")
+    key_id = listed["id"]
+    assert listed["last_used_at"] is not None
 
     assert hub.request("DELETE", f"/api-keys/{key_id}").status_code == 200
 
