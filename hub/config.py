@@ -2,6 +2,19 @@
 
 Everything with a path defaults to a place inside the data dir, so ``--data-dir`` (or
 ``AUTODL_HUB_DATA_DIR``) is the only thing a single-machine hub needs.
+
+At scale (several stateless hub replicas)::
+
+    AUTODL_HUB_DATABASE_URL=postgresql+psycopg://user:pw@db/autodl
+    AUTODL_HUB_ARTIFACT_DIR=/shared/artifacts        # one volume for every replica
+    AUTODL_HUB_PUBLIC_URL=https://hub.example.com    # what agents are told
+    AUTODL_HUB_MQTT_URL=mqtts://mqtt.example.com:8883
+    AUTODL_HUB_MQTT_USERNAME=autodl-hub  AUTODL_HUB_MQTT_PASSWORD=...
+    AUTODL_HUB_MQTT_PUBLIC_HOST=mqtt.example.com     # AUTODL_HUB_MQTT_PUBLIC_PORT if it differs
+    AUTODL_HUB_SIGNING_KEY_PATH=/secrets/signing_key.pem   # the same key on every replica
+
+Broker set-up (dynamic security on Mosquitto, EMQX rules) is in `hub.broker_admin`.
+Rate limits are kept per replica, in memory.
 """
 
 from __future__ import annotations
