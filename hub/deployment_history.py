@@ -24,15 +24,15 @@ DESIRED = "desired"
 RAN = "active"
 
 
-def latest_entries(session: Session) -> dict[tuple[str, str, str], DeploymentHistory]:
-    """Return the newest entry per (device, model, event)."""
+def latest_entries(session: Session) -> dict[tuple[str, str, str], tuple[str | None, str | None]]:
+    """Return (version, rollout id) of the newest entry per (device, model, event)."""
     newest = (
         select(func.max(DeploymentHistory.id))
         .where(col(DeploymentHistory.event).in_([DESIRED, RAN]))
         .group_by(col(DeploymentHistory.device_id), col(DeploymentHistory.model), col(DeploymentHistory.event))
     )
     rows = session.exec(select(DeploymentHistory).where(col(DeploymentHistory.id).in_(newest)))
-    return {(r.device_id, r.model, r.event): r for r in rows}
+    return {(r.device_id, r.model, r.event): (r.version, r.rollout_id) for r in rows}
 
 
 def _versions(state: Mapping[str, Any] | None, key: str) -> dict[str, str | None]:
@@ -58,29 +58,32 @@ def record_changes(session: Session) -> int:
     for device_id, model, event in latest:
         known.setdefault((device_id, event), set()).add(model)
     added = 0
-    for device in session.exec(select(Device).where(col(Device.decommissioned).is_(False))):
-        desired = _versions(device.desired, "version")
-        running = _versions(device.reported, "active")
+    # Plain columns, not ORM objects: this pass reads the whole fleet.
+    query = select(Device.id, Device.desired, Device.reported).where(col(Device.decommissioned).is_(False))
+    for device_id, desired_state, reported in session.exec(query):
+        desired = _versions(desired_state, "version")
+        running = _versions(reported, "active")
         for event, versions in ((DESIRED, desired), (RAN, running)):
-            for model in versions.keys() | known.get((device.id, event), set()):
+            for model in versions.keys() | known.get((device_id, event), set()):
                 version = versions.get(model)
-                last = latest.get((device.id, model, event))
-                if (last.version if last else None) == version:
+                last = latest.get((device_id, model, event))
+                if (last[0] if last else None) == version:
                     continue
                 # A version reached through a rollout is credited to it.
-                told = latest.get((device.id, model, DESIRED))
-                rollout_id = told.rollout_id if event == RAN and told and told.version == version else None
-                entry = DeploymentHistory(
-                    device_id=device.id,
-                    model=model,
-                    version=version,
-                    event=event,
-                    rollout_id=rollout_id,
-                    actor=device.id if event == RAN else "",
-                    ts=_when(device.reported, model) if event == RAN else utcnow(),
+                told = latest.get((device_id, model, DESIRED))
+                rollout_id = told[1] if event == RAN and told and told[0] == version else None
+                session.add(
+                    DeploymentHistory(
+                        device_id=device_id,
+                        model=model,
+                        version=version,
+                        event=event,
+                        rollout_id=rollout_id,
+                        actor=device_id if event == RAN else "",
+                        ts=_when(reported, model) if event == RAN else utcnow(),
+                    )
                 )
-                session.add(entry)
-                latest[(device.id, model, event)] = entry
+                latest[(device_id, model, event)] = (version, rollout_id)
                 added += 1
     session.commit()
     return added

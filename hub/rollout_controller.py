@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,10 +37,18 @@ class RolloutController:
     never interleaves with a half-done tick of the same hub.
     """
 
-    def __init__(self, session_factory: SessionFactory, context: RolloutContext, interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        context: RolloutContext,
+        interval_s: float = 2.0,
+        history_interval_s: float = 10.0,
+    ) -> None:
         self._sessions = session_factory
         self._context = context
         self._interval = interval_s
+        self._history_interval = history_interval_s
+        self._history_due = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,8 +102,11 @@ class RolloutController:
                     logger.exception("rollout %s: reconcile step failed; retrying next tick", rollout_id)
         with self.lock, self._sessions() as session:
             complete_reverts(session, self._context)
-        with self._sessions() as session:
-            self.counters["history"] += record_changes(session)
+        # The history pass reads the whole fleet: it runs on its own, slower clock.
+        if time.monotonic() >= self._history_due:
+            self._history_due = time.monotonic() + self._history_interval
+            with self._sessions() as session:
+                self.counters["history"] += record_changes(session)
         return len(ids)
 
     def _run(self) -> None:
@@ -114,13 +126,16 @@ class RolloutSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUTODL_HUB_ROLLOUT_", extra="ignore")
 
     interval_s: float = Field(default=2.0, gt=0, description="seconds between two reconcile passes")
+    history_interval_s: float = Field(default=10.0, ge=0, description="seconds between two deployment-history passes")
     enabled: bool = Field(default=True, description="false: this replica only serves the API")
 
 
 def install(app: FastAPI, settings: HubSettings, session_factory: SessionFactory, messaging: Any | None) -> None:
     """Attach a RolloutController to `app` (``app.state.rollout_controller``), run for the app's lifespan."""
     tuning = RolloutSettings()
-    controller = RolloutController(session_factory, RolloutContext(settings, messaging), tuning.interval_s)
+    controller = RolloutController(
+        session_factory, RolloutContext(settings, messaging), tuning.interval_s, tuning.history_interval_s
+    )
     app.state.rollout_controller = controller
     if not tuning.enabled:
         return

@@ -17,6 +17,11 @@ from shared.messages import UpdateState
 from tests.hub.rollout_helpers import MODEL, NEW, OLD, RolloutHub, spec
 
 
+@pytest.fixture(autouse=True)
+def history_every_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODL_HUB_ROLLOUT_HISTORY_INTERVAL_S", "0")
+
+
 @pytest.fixture
 def hub(tmp_path: Path) -> RolloutHub:
     hub = RolloutHub(tmp_path)
