@@ -6,6 +6,7 @@ these with the real hub.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -144,12 +145,24 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
             timeout=60,
         )
         assert status.returncode == 0 and "running, connected" in status.stdout and "active=2.0.0" in status.stdout
+        base = ["--state-dir", str(tmp_state_dir), "--port", str(agent.port)]
+        listed = subprocess.run([*CLI, "models", *base], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and listed.stdout.split()[:3] == ["m", "2.0.0", "cpu-fp32"]
+        predicted = subprocess.run(
+            [*CLI, "predict", "m", "[1, 2, 3, 4]", *base], capture_output=True, text=True, timeout=60
+        )
+        assert predicted.returncode == 0, predicted.stderr
+        got = np.asarray(json.loads(predicted.stdout)["predictions"][0], np.float32)
+        np.testing.assert_allclose(got, reference(SAMPLE_X[:1], *linear_weights(2))[0], rtol=1e-5, atol=1e-5)
+        wrong = subprocess.run([*CLI, "predict", "m", "[1, 2]", *base], capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 1 and "HTTP 400" in wrong.stderr and "float32[batch, 4]" in wrong.stderr
     finally:
         assert agent.stop() == 0, agent.log()[-3000:]
     assert watcher.presence[-1].online is False
 
 
-STATUS = [sys.executable, "-c", "from agent.cli import main; main()", "status"]
+CLI = [sys.executable, "-c", "from agent.cli import main; main()"]
+STATUS = [*CLI, "status"]
 
 
 def test_kill9_during_download_resumes_with_range(

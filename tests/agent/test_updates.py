@@ -236,3 +236,13 @@ def test_after_a_crash_a_rotten_active_file_is_never_served(rig: Rig) -> None:
     rig.apply({"m": DesiredModel(version="1.0.0", manifest_url=rig.hub.manifest_url("m", "1.0.0"))})
     rig.settle()
     assert rig.serving("m") == "1.0.0" and rig.store.model("m").state == S.ACTIVE
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    from agent.updates import backoff_delay
+
+    delays = [backoff_delay(attempt, 0.5, 8.0) for attempt in range(12) for _ in range(20)]
+    assert all(0.5 <= d <= 8.0 for d in delays)
+    late = [backoff_delay(10, 0.5, 8.0) for _ in range(50)]
+    assert len({round(d, 6) for d in late}) > 1, "jitter spreads a fleet's retries"
+    assert max(backoff_delay(0, 0.5, 8.0) for _ in range(50)) <= 1.0
