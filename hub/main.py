@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import __version__
-from hub.api import artifacts, commands, devices, enroll, health, keys, models, rollouts, telemetry, versions
+from hub.api import artifacts, commands, devices, enroll, health, jobs, keys, models, rollouts, telemetry, versions
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
@@ -134,7 +134,7 @@ def create_app(
     app.state.rate_limiter = RateLimiter()
     app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
 
-    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts):
+    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts, jobs):
         app.include_router(module.router)
     app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
     install_rollouts(app, settings, sessions, messaging)
