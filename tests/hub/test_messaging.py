@@ -147,7 +147,10 @@ def sqlite_rig(tmp_path: Path) -> Iterator[Rig]:
 def batch(device_id: str, first: int, n: int) -> bytes:
     """Encode a telemetry batch of `n` points starting at sequence `first`."""
     now = datetime.now(UTC)
-    points = [WirePoint(seq=first + i, ts=now, name="latency_ms", value=float(i)) for i in range(n)]
+    points = [
+        WirePoint(seq=first + i, ts=now, name="latency_ms", value=float(first + i), labels={"model": "digits"})
+        for i in range(n)
+    ]
     return codec.encode(TelemetryBatch(device_id=device_id, points=points))
 
 
@@ -166,6 +169,12 @@ def test_telemetry_delivered_twice_is_stored_once(rig: Rig) -> None:
     with rig.session() as session:
         seqs = sorted(session.exec(select(TelemetryPoint.seq).where(TelemetryPoint.device_id == rig.a)))
     assert seqs == list(range(15))
+    with rig.session() as session:
+        point = session.exec(
+            select(TelemetryPoint).where(TelemetryPoint.device_id == rig.a, TelemetryPoint.seq == 12)
+        ).one()
+    assert (point.name, point.value, point.labels) == ("latency_ms", 12.0, {"model": "digits"})
+    assert point.ts.tzinfo is not None and abs((datetime.now(UTC) - point.ts).total_seconds()) < 600
     snap = rig.messaging.snapshot()
     assert (snap.points_written, snap.points_duplicate) == (15, 15)
     assert rig.device(rig.a).online is True
