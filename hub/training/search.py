@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -163,7 +163,7 @@ def run_search(
         if search.pruning
         else optuna.pruners.NopPruner()
     )
-    direction = "maximize" if higher_is_better(spec.metric) else "minimize"
+    direction: Literal["maximize", "minimize"] = "maximize" if higher_is_better(spec.metric) else "minimize"
     try:
         study = optuna.create_study(
             study_name=study_name,

@@ -108,9 +108,9 @@ def load_tabular(spec: TaskSpec, base_dir: Path) -> Dataset:
             matrix[:, j] = values
             continue
         categorical_names.add(name)
-        words = tuple(sorted({v for v in values if v is not None and v != ""}))
+        words = tuple(sorted({str(v) for v in values if v is not None and v != ""}))
         index = {w: i for i, w in enumerate(words)}
-        matrix[:, j] = [np.nan if v is None or v == "" else index[v] for v in values]
+        matrix[:, j] = [np.nan if v is None or v == "" else index[str(v)] for v in values]
         vocab[name] = words
     matrix = matrix[keep]
     if spec.is_classification:

@@ -147,7 +147,7 @@ def fit(
             if not torch.isfinite(loss):
                 raise TrainingError(f"{label}: the loss became {loss.item()} at epoch {epoch}; lower training.lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             total += float(loss.detach()) * len(index)
         losses.append(total / rows)

@@ -71,6 +71,13 @@ def text_model_dir(candidate: str, base_dir: Path) -> Path:
 class TabularEncoder(nn.Module):
     """Raw feature rows -> model inputs: impute, cap, standardize, one-hot; all in the graph."""
 
+    numeric_index: torch.Tensor
+    fill: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, info: TabularInfo, x_train: np.ndarray) -> None:
         super().__init__()
         names = list(info.features)
@@ -112,6 +119,9 @@ class TabularEncoder(nn.Module):
 class TabularNet(nn.Module):
     """Encoder + MLP; regression outputs are de-standardized in the graph."""
 
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(
         self,
         encoder: TabularEncoder,
@@ -136,7 +146,8 @@ class TabularNet(nn.Module):
         self.register_buffer("target_std", torch.tensor(target_std, dtype=torch.float32))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.body(self.encoder(features)) * self.target_std + self.target_mean
+        out: torch.Tensor = self.body(self.encoder(features)) * self.target_std + self.target_mean
+        return out
 
 
 # --- images ------------------------------------------------------------------------------
@@ -169,7 +180,8 @@ class ImageNet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_ch * h * w, classes))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixel_values))
+        out: torch.Tensor = self.head(self.features(pixel_values))
+        return out
 
 
 # --- text --------------------------------------------------------------------------------
@@ -198,7 +210,8 @@ class TextClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        out: torch.Tensor = self.head(self.dropout(pooled))
+        return out
 
 
 @lru_cache(maxsize=4)
