@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
@@ -31,6 +31,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SessionFactory = Callable[[], Session]
+
+_MIGRATION_LOCK = 0x6175746F646C  # "autodl": the PostgreSQL advisory lock held while migrating
 
 
 def create_engine_for(settings: HubSettings) -> Engine:
@@ -81,7 +83,16 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     logger.info("migrating database %s to %s", engine.url.render_as_string(hide_password=True), revision)
-    command.upgrade(migration_config(engine), revision)
+    postgres = engine.dialect.name == "postgresql"
+    with engine.connect() as lock:
+        if postgres:
+            # Hub replicas starting together must not run the same migration twice.
+            lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+        try:
+            command.upgrade(migration_config(engine), revision)
+        finally:
+            if postgres:
+                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from hub.config import HubSettings
 from hub.db import create_engine_for, migrate
 from hub.models import ApiKey, Device, ModelVersion, Role
 from hub.security import authenticate, hash_secret
+from tests.hub.conftest import pg_schema_url
 
 
 def test_upgrade_from_the_first_revision_keeps_data(database_url: str, tmp_path: Path) -> None:
@@ -74,3 +77,27 @@ def test_migrating_twice_is_harmless(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
+
+
+_MIGRATE = (
+    "import sys; from hub.config import HubSettings; from hub.db import create_engine_for, migrate; "
+    "migrate(create_engine_for(HubSettings(data_dir=sys.argv[1], database_url=sys.argv[2])))"
+)
+
+
+def test_replicas_migrating_postgresql_at_once_all_succeed(tmp_path: Path) -> None:
+    urls = pg_schema_url()
+    url = next(urls)
+    try:
+        replicas = [
+            subprocess.Popen([sys.executable, "-c", _MIGRATE, str(tmp_path), url], stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        errors = [proc.communicate(timeout=120)[1].decode() for proc in replicas]
+        assert [proc.returncode for proc in replicas] == [0, 0, 0], errors
+        engine = create_engine_for(HubSettings(data_dir=tmp_path, database_url=url))
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+        engine.dispose()
+    finally:
+        urls.close()
