@@ -12,6 +12,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared import metrics
 from shared.topics import validate_id
 
 __all__ = [
@@ -88,7 +89,7 @@ class AnalysisCriteria(BaseModel):
 
     Telemetry is read from points named `requests_metric`, `errors_metric` (counters per
     interval) and `latency_metric` (a p95 in milliseconds), labelled with the model name
-    and version.
+    and version (see `shared.metrics`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -106,9 +107,9 @@ class AnalysisCriteria(BaseModel):
     update_timeout_s: float = Field(
         default=600.0, gt=0, description="after this, devices still updating no longer hold the step back"
     )
-    requests_metric: str = Field(default="requests", min_length=1, max_length=128)
-    errors_metric: str = Field(default="errors", min_length=1, max_length=128)
-    latency_metric: str = Field(default="latency_p95_ms", min_length=1, max_length=128)
+    requests_metric: str = Field(default=metrics.REQUESTS, min_length=1, max_length=128)
+    errors_metric: str = Field(default=metrics.ERRORS, min_length=1, max_length=128)
+    latency_metric: str = Field(default=metrics.LATENCY_P95_MS, min_length=1, max_length=128)
 
 
 class RolloutSpec(BaseModel):

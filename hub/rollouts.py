@@ -46,6 +46,7 @@ from hub.rollout_plan import (
 from hub.rollout_queries import get_rollout, list_rollouts, members_of
 from hub.rollout_spec import AnalysisCriteria, RolloutSpec
 from shared.messages import DesiredState
+from shared.metrics import MODEL_LABEL, VERSION_LABEL
 
 __all__ = [
     "DeviceState",
@@ -261,7 +262,8 @@ def _cohort_metrics(
             col(TelemetryPoint.ts) >= since,
         )
         for p in session.exec(query):
-            if p.labels.get("model") == model and (p.labels.get("version") == version) is on_version:
+            labels = p.labels
+            if labels.get(MODEL_LABEL) == model and (labels.get(VERSION_LABEL) == version) is on_version:
                 points.append((p.device_id, p.name, p.value))
     return aggregate_metrics(points, criteria, devices=len(devices))
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared import codec, topics
+from shared import codec, metrics, topics
 from shared.messages import (
     DesiredState,
     ModelStatus,
@@ -114,12 +114,12 @@ class SimDevice:
         if version is None:
             return
         p95 = latency(version) if latency else self.latency_ms.get(version, 5.0)
-        labels = {"model": self.model, "version": version}
+        labels = metrics.serving_labels(self.model, version)
         now = utcnow()
         points = [
-            TelemetryPoint(seq=next(self._seq), ts=now, name="requests", value=requests, labels=labels),
-            TelemetryPoint(seq=next(self._seq), ts=now, name="errors", value=0, labels=labels),
-            TelemetryPoint(seq=next(self._seq), ts=now, name="latency_p95_ms", value=p95, labels=labels),
+            TelemetryPoint(seq=next(self._seq), ts=now, name=metrics.REQUESTS, value=requests, labels=labels),
+            TelemetryPoint(seq=next(self._seq), ts=now, name=metrics.ERRORS, value=0, labels=labels),
+            TelemetryPoint(seq=next(self._seq), ts=now, name=metrics.LATENCY_P95_MS, value=p95, labels=labels),
         ]
         batch = TelemetryBatch(device_id=self.device_id, points=points)
         self.client.publish(topics.device_topic(self.device_id, DeviceChannel.TELEMETRY), codec.encode(batch), qos=1)

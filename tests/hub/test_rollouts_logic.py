@@ -315,3 +315,14 @@ def test_aggregate_metrics() -> None:
     assert metrics == CohortMetrics(devices=2, requests=40, errors=1, latency_p95_ms=6.0)
     assert metrics.error_rate == pytest.approx(0.025)
     assert aggregate_metrics([], AnalysisCriteria(), devices=0).latency_p95_ms is None
+
+
+def test_analysis_defaults_read_the_shared_metric_names() -> None:
+    from shared import metrics
+
+    criteria = AnalysisCriteria()
+    assert (criteria.requests_metric, criteria.errors_metric, criteria.latency_metric) == (
+        metrics.REQUESTS,
+        metrics.ERRORS,
+        metrics.LATENCY_P95_MS,
+    )
