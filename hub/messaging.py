@@ -345,6 +345,17 @@ class HubMessaging:
                 return False
         return True
 
+    def forget_device(self, device_id: str) -> bool:
+        """Delete every retained message of a decommissioned device: desired, reported, online."""
+        cleared = self.clear_desired(device_id)
+        for channel in (DeviceChannel.REPORTED, DeviceChannel.ONLINE):
+            try:
+                self._publish(topics.device_topic(device_id, channel), b"", retain=True)
+            except MessagingUnavailable as exc:
+                logger.warning("retained %s of %s not cleared: %s", channel.value, device_id, exc)
+                cleared = False
+        return cleared
+
     def publish_release(self, release: Release) -> bool:
         """Publish a model's newest release (retained, QoS 1); return False if not sent now."""
         self._releases[release.name] = release

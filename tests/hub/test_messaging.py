@@ -287,13 +287,20 @@ def test_desired_state_releases_and_commands_reach_the_device(rig: Rig) -> None:
     with pytest.raises(CommandExpired):
         rig.messaging.publish_command(late)
 
-    # Decommissioning clears the retained desired state: a new subscriber gets none.
-    assert rig.messaging.clear_desired(rig.a)
-    fresh = rig.as_device(rig.a)
-    assert not fresh.subscribe(desired_topic).is_failure
-    assert not fresh.subscribe(topics.release_wildcard()).is_failure
-    assert fresh.wait_message(topics.release_topic("digits"))  # retained ones arrive right at subscribe
-    assert fresh.received(desired_topic) == []
+    # Decommissioning clears the device's retained messages: a new subscriber gets none.
+    reported_topic = topics.device_topic(rig.a, DeviceChannel.REPORTED)
+    device.publish(reported_topic, codec.encode(ReportedState(device_id=rig.a, revision=1)), retain=True)
+    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1)
+    watcher = rig.probe(HUB_USER, HUB_PASSWORD)
+    for topic in (desired_topic, reported_topic):
+        assert not watcher.subscribe(topic).is_failure
+    assert rig.messaging.forget_device(rig.a)
+    assert watcher.wait_message(desired_topic, b"") and watcher.wait_message(reported_topic, b"")  # the clears
+    observer = rig.probe(HUB_USER, HUB_PASSWORD)
+    for topic in (desired_topic, reported_topic, topics.release_wildcard()):
+        assert not observer.subscribe(topic).is_failure
+    assert observer.wait_message(topics.release_topic("digits"))  # retained ones arrive right at subscribe
+    assert observer.received(desired_topic) == [] and observer.received(reported_topic) == []
 
 
 def test_devices_without_heartbeat_are_marked_offline(tmp_path: Path) -> None:
