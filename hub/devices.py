@@ -183,13 +183,13 @@ def decommission(
 ) -> Device:
     """Revoke a device's credentials at once: HTTP token, MQTT login and live connection."""
     device = get_device(session, device_id)
-    if device.decommissioned:
-        return device
-    device.decommissioned, device.decommissioned_at = True, utcnow()
-    device.token_hash, device.mqtt_password_hash, device.online = None, None, False
-    session.add(device)
-    record(session, actor, "device.decommission", f"device:{device_id}")
-    session.commit()
+    # Repeating a decommission repeats the broker removal: it may have failed the first time.
+    if not device.decommissioned:
+        device.decommissioned, device.decommissioned_at = True, utcnow()
+        device.token_hash, device.mqtt_password_hash, device.online = None, None, False
+        session.add(device)
+        record(session, actor, "device.decommission", f"device:{device_id}")
+        session.commit()
     if broker is not None:
         try:
             broker.remove_device(device_id)
