@@ -5,16 +5,22 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
+from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from hub.broker_admin import BrokerAdmin
+from hub.config import HubSettings
 from hub.devices import enroll
 from hub.errors import AuthenticationError
-from hub.models import Device
+from hub.main import create_app
+from hub.models import Device, EnrollmentToken
 from hub.security import create_enrollment_token
 from shared.manifest import load_public_key
 from shared.messages import EnrollRequest, EnrollResponse
 from tests.hub.conftest import Hub
+from tests.support.processes import free_port
 
 
 def test_two_devices_enroll_with_a_two_use_token_and_a_third_is_refused(hub: Hub) -> None:
@@ -85,3 +91,20 @@ def test_devices_racing_for_the_last_use_of_a_token_get_one_enrollment(hub: Hub)
     assert outcomes.count("refused") == 3
     with factory() as session:
         assert len(session.exec(select(Device)).all()) == 1
+
+
+def test_enrollment_fails_whole_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+    settings = HubSettings(data_dir=tmp_path / "data")
+    broker = BrokerAdmin(f"mqtt://127.0.0.1:{free_port()}", "autodl-hub", "pw", timeout=1)
+    app = create_app(settings, broker_admin=broker)
+    with app.state.session_factory() as session:
+        row, token = create_enrollment_token(session, actor="test")
+    with TestClient(app) as client:
+        response = client.post("/enroll", json={"token": token})
+    broker.close()
+
+    assert response.status_code == 503
+    with app.state.session_factory() as session:
+        assert session.exec(select(Device)).all() == []
+        refreshed = session.get(EnrollmentToken, row.id)
+        assert refreshed is not None and refreshed.uses == 0  # the device may try again
