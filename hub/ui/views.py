@@ -32,7 +32,7 @@ __all__ = [
 # so whatever exact names the agent publishes (latency_p50_ms, cpu_percent...) find a chart.
 _GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("latency", "Latency (ms)", ("latency",)),
-    ("throughput", "Throughput", ("throughput", "requests", "rps")),
+    ("throughput", "Requests and errors", ("throughput", "requests", "rps", "error")),
     ("cpu", "CPU", ("cpu",)),
     ("memory", "Memory", ("mem", "rss")),
 )

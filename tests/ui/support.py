@@ -19,14 +19,16 @@ from hub.security import load_or_create_signing_key
 from shared.codec import encode
 from shared.manifest import SkippedVariant, VariantMetrics
 from shared.messages import CommandResult, TelemetryBatch, TelemetryPoint
+from shared.metrics import ERRORS, LATENCY_P95_MS, REQUESTS, serving_labels
 from shared.targets import TargetId
 from shared.topics import DeviceChannel, device_topic
 from tests.agent.models import make_release, write_files
 
-__all__ = ["DeviceVoice", "TELEMETRY_NAMES", "publish_versions", "telemetry_points"]
+__all__ = ["SERVING", "TELEMETRY_NAMES", "DeviceVoice", "publish_versions", "telemetry_points"]
 
-# Names as the agent's telemetry reports them per model and per device.
-TELEMETRY_NAMES = ("latency_p50_ms", "latency_p95_ms", "throughput_rps", "cpu_percent", "memory_percent")
+# Serving metrics per model version (shared.metrics), then per-device resource metrics.
+SERVING = ("latency_p50_ms", LATENCY_P95_MS, REQUESTS, ERRORS, "throughput_rps")
+TELEMETRY_NAMES = (*SERVING, "cpu_percent", "memory_percent")
 
 
 def publish_versions(session: Session, settings: HubSettings, model: str, workdir: Path) -> None:
@@ -60,13 +62,15 @@ def telemetry_points(model: str, version: str, start_seq: int, now: datetime, co
         ts = now - timedelta(seconds=20 * (count - 1 - i))
         values = {
             "latency_p50_ms": 4.0 + (i % 5) * 0.3,
-            "latency_p95_ms": 9.0 + (i % 7) * 0.5,
+            LATENCY_P95_MS: 9.0 + (i % 7) * 0.5,
+            REQUESTS: 800.0 + 20 * i,
+            ERRORS: float(i % 3),
             "throughput_rps": 40.0 + i,
             "cpu_percent": 20.0 + (i * 3) % 50,
             "memory_percent": 35.0 + i * 0.2,
         }
         for name, value in values.items():
-            labels = {"model": model, "version": version} if name.startswith(("latency", "throughput")) else {}
+            labels = serving_labels(model, version) if name in SERVING else {}
             points.append(TelemetryPoint(seq=seq, ts=ts, name=name, value=value, labels=labels))
             seq += 1
     return points

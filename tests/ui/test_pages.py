@@ -246,9 +246,17 @@ def test_telemetry_endpoint_groups_points_into_charts(dash: Dash) -> None:
 
 def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
     now = datetime.now(UTC)
-    names = ["memory_percent", "latency_p50_ms", "throughput_rps", "cpu_percent", "latency_p95_ms", "requests"]
+    names = [
+        "memory_percent",
+        "latency_p50_ms",
+        "throughput_rps",
+        "cpu_percent",
+        "latency_p95_ms",
+        "requests",
+        "errors",
+    ]
     points = [TelemetryPoint(device_id="d", seq=i, ts=now, name=n, value=1.0) for i, n in enumerate(names)]
     charts = charts_for(points)
     assert [c.key for c in charts] == ["latency", "throughput", "cpu", "memory"]
     assert sorted(charts[0].series) == ["latency_p50_ms", "latency_p95_ms"]
-    assert sorted(charts[1].series) == ["requests", "throughput_rps"]
+    assert sorted(charts[1].series) == ["errors", "requests", "throughput_rps"]
