@@ -18,14 +18,17 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlmodel import Session, col, select
 
 from hub.config import HubSettings
 from hub.db import SessionFactory
 from hub.deployment_history import record_changes
-from hub.rollout_queries import active_rollout_ids
-from hub.rollouts import RolloutContext, advance, complete_reverts, republish
+from hub.models import Device
+from hub.rollout_queries import active_rollout_ids, chunks, list_rollouts, members_of
+from hub.rollouts import RolloutContext, advance, complete_reverts
+from shared.messages import DesiredState
 
-__all__ = ["RolloutController", "RolloutSettings", "install"]
+__all__ = ["RolloutController", "RolloutSettings", "install", "republish"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,25 @@ class RolloutController:
                 logger.exception("rollout controller tick failed")
             self._wake.wait(self._interval)
             self._wake.clear()
+
+
+def republish(session: Session, ctx: RolloutContext) -> int:
+    """Publish again the stored desired state of every device an active rollout touched.
+
+    A hub that died between a commit and its publish would otherwise leave a device
+    waiting; desired state is idempotent (same revision), so sending it twice is harmless.
+    """
+    if ctx.messaging is None:
+        return 0
+    count = 0
+    for rollout in list_rollouts(session, active=True, limit=1000):
+        ids = [r.device_id for r in members_of(session, rollout.id) if r.assigned_version is not None]
+        for chunk in chunks(ids):
+            for device in session.exec(select(Device).where(col(Device.id).in_(chunk))):
+                if device.desired and not device.decommissioned:
+                    ctx.messaging.publish_desired(DesiredState.model_validate(device.desired))
+                    count += 1
+    return count
 
 
 class RolloutSettings(BaseSettings):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from sqlmodel import Session, col, select
 
 from hub.errors import NotFoundError
@@ -11,12 +13,16 @@ from hub.rollout_plan import ACTIVE_STATES, RolloutState
 __all__ = [
     "UnknownRolloutError",
     "active_rollout_ids",
+    "chunks",
     "device_history",
     "events_of",
     "get_rollout",
     "list_rollouts",
     "members_of",
 ]
+
+
+IN_CHUNK = 500  # ids per IN (...) query: SQLite allows 999 bound parameters
 
 
 class UnknownRolloutError(NotFoundError):
@@ -73,3 +79,9 @@ def device_history(
     if model is not None:
         query = query.where(DeploymentHistory.model == model)
     return list(session.exec(query.order_by(col(DeploymentHistory.id).desc()).limit(limit)))
+
+
+def chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    """Yield `items` in slices small enough for one IN (...) query."""
+    for start in range(0, len(items), IN_CHUNK):
+        yield items[start : start + IN_CHUNK]

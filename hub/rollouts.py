@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlmodel import Session, col, select
 
@@ -22,15 +21,13 @@ from hub.audit import record
 from hub.config import HubSettings
 from hub.devices import DesiredPublisher, update_desired
 from hub.errors import ConflictError, InvalidInputError
-from hub.models import DeploymentHistory, Device, Rollout, RolloutDevice, RolloutEvent, TelemetryPoint, utcnow
+from hub.models import DeploymentHistory, Device, Rollout, RolloutDevice, RolloutEvent, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.rollout_analysis import (
-    CohortMetrics,
     Outcome,
     StepEvidence,
     Verdict,
     VerdictKind,
-    aggregate_metrics,
     analyse,
     classify,
     observe,
@@ -44,9 +41,8 @@ from hub.rollout_plan import (
     transition,
 )
 from hub.rollout_queries import get_rollout, list_rollouts, members_of
-from hub.rollout_spec import AnalysisCriteria, RolloutSpec
-from shared.messages import DesiredState
-from shared.metrics import MODEL_LABEL, VERSION_LABEL
+from hub.rollout_spec import RolloutSpec
+from hub.rollout_telemetry import cohort_metrics
 
 __all__ = [
     "DeviceState",
@@ -57,12 +53,9 @@ __all__ = [
     "advance",
     "complete_reverts",
     "create_rollout",
-    "republish",
 ]
 
 logger = logging.getLogger(__name__)
-
-_IN_CHUNK = 500  # devices per IN (...) query: SQLite allows 999 bound parameters
 
 
 class RolloutConflictError(ConflictError):
@@ -238,36 +231,6 @@ def _move_cohorts(
         )
 
 
-def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
-
-
-def _cohort_metrics(
-    session: Session,
-    criteria: AnalysisCriteria,
-    model: str,
-    devices: Sequence[str],
-    since: datetime,
-    version: str,
-    on_version: bool,
-) -> CohortMetrics:
-    """Aggregate the model's telemetry of `devices` since `since`, on `version` or on any other."""
-    names = [criteria.requests_metric, criteria.errors_metric, criteria.latency_metric]
-    points: list[tuple[str, str, float]] = []
-    for chunk in _chunks(devices):
-        query = select(TelemetryPoint).where(
-            col(TelemetryPoint.device_id).in_(chunk),
-            col(TelemetryPoint.name).in_(names),
-            col(TelemetryPoint.ts) >= since,
-        )
-        for p in session.exec(query):
-            labels = p.labels
-            if labels.get(MODEL_LABEL) == model and (labels.get(VERSION_LABEL) == version) is on_version:
-                points.append((p.device_id, p.name, p.value))
-    return aggregate_metrics(points, criteria, devices=len(devices))
-
-
 def _judge(
     session: Session, rollout: Rollout, spec: RolloutSpec, rows: Sequence[RolloutDevice], fleet: dict[str, Device]
 ) -> Verdict:
@@ -306,8 +269,8 @@ def _judge(
         devices=tuple(observations),
         elapsed_s=(utcnow() - since).total_seconds(),
         hold_s=spec.step_pause_s,
-        canary=_cohort_metrics(session, criteria, rollout.model, moved_ids, since, rollout.version, True),
-        baseline=_cohort_metrics(session, criteria, rollout.model, others, since, rollout.version, False),
+        canary=cohort_metrics(session, criteria, rollout.model, moved_ids, since, rollout.version, True),
+        baseline=cohort_metrics(session, criteria, rollout.model, others, since, rollout.version, False),
     )
     return analyse(evidence, criteria)
 
@@ -431,22 +394,3 @@ def act(
         _event(session, rollout, "rolled_back", f"{reverted} devices returned to their previous version")
     session.commit()
     return rollout
-
-
-def republish(session: Session, ctx: RolloutContext) -> int:
-    """Publish again the stored desired state of every device an active rollout touched.
-
-    A hub that died between a commit and its publish would otherwise leave a device
-    waiting; desired state is idempotent (same revision), so sending it twice is harmless.
-    """
-    if ctx.messaging is None:
-        return 0
-    count = 0
-    for rollout in list_rollouts(session, active=True, limit=1000):
-        ids = [r.device_id for r in members_of(session, rollout.id) if r.assigned_version is not None]
-        for chunk in _chunks(ids):
-            for device in session.exec(select(Device).where(col(Device.id).in_(chunk))):
-                if device.desired and not device.decommissioned:
-                    ctx.messaging.publish_desired(DesiredState.model_validate(device.desired))
-                    count += 1
-    return count
