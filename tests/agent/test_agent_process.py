@@ -108,6 +108,7 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
             load = threading.Thread(target=steady_load)
             load.start()
             try:
+                wait_until(lambda: "1.0.0" in versions, 30, "requests answered by v1")
                 publish_desired(hub_mqtt, device, 2, {"m": desired["2.0.0"]})
                 wait_until(lambda: agent.serving("m") == "2.0.0", what="v2 served")
                 wait_until(lambda: "2.0.0" in versions, what="requests answered by v2")

@@ -141,6 +141,7 @@ def test_agent_converges_swaps_and_refuses_bad_versions_with_a_real_hub(hub: Hub
         load = threading.Thread(target=steady_load)
         load.start()
         try:
+            wait_until(lambda: "1.0.0" in versions, 30, "requests answered by v1")
             deploy(hub, device, "2.0.0")
             wait_until(lambda: agent.serving(MODEL) == "2.0.0", 60, "v2 served")
             wait_until(lambda: "2.0.0" in versions, 30, "requests answered by v2")
