@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -26,8 +27,12 @@ _Handler = Callable[[Request, Exception], Awaitable[Response]]
 _AnyHandler = Callable[[Request, Any], Any]
 
 
+_FRAGMENT = re.compile(r"^/ui/(api/.*|rollouts/[^/]+/live)$")
+
+
 def _is_page(request: Request) -> bool:
-    return request.method == "GET" and not request.url.path.startswith("/ui/api/") and "/live" not in request.url.path
+    # Pages redirect to the sign-in form; script-fetched JSON and fragments get a plain 401.
+    return request.method == "GET" and not _FRAGMENT.match(request.url.path)
 
 
 async def _not_signed_in(request: Request, exc: Exception) -> Response:

@@ -108,6 +108,8 @@ def test_pages_send_a_visitor_without_a_session_to_sign_in(dash: Dash) -> None:
     assert response.headers["location"] == "/ui/login?next=/ui/devices/x?tab=1"
     assert dash.client.get(f"/ui/api/devices/{dash.device_id}/telemetry").status_code == 401
     assert dash.client.post(f"/ui/rollouts/{dash.rollout_id}/pause", data={"csrf": "x"}).status_code == 401
+    assert dash.client.get(f"/ui/rollouts/{dash.rollout_id}/live").status_code == 401
+    assert dash.client.get("/ui/models/live", follow_redirects=False).status_code == 303  # a page, though named live
 
 
 @pytest.mark.parametrize("which", ["wrong", "device"])
