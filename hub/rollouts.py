@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from hub.audit import record
@@ -41,7 +42,7 @@ from hub.rollout_plan import (
     transition,
 )
 from hub.rollout_queries import get_rollout, list_rollouts, members_of
-from hub.rollout_spec import RolloutSpec
+from hub.rollout_spec import RolloutSpec, Selector
 from hub.rollout_telemetry import cohort_metrics
 
 __all__ = [
@@ -115,7 +116,7 @@ def create_rollout(session: Session, spec: RolloutSpec, *, actor: str) -> Rollou
         raise InvalidInputError("the selector matches no device")
     devices = [(d.id, d.labels) for d in fleet]
     for other in list_rollouts(session, model=spec.model, active=True):
-        if RolloutSpec.model_validate(other.spec).selector.overlaps(spec.selector, devices):
+        if _selector_of(other).overlaps(spec.selector, devices):
             raise RolloutConflictError(
                 f"rollout {other.id} ({spec.model} {other.version}, {other.state}) already covers some of these devices"
             )
@@ -151,6 +152,15 @@ def create_rollout(session: Session, spec: RolloutSpec, *, actor: str) -> Rollou
     record(session, actor, "rollout.create", f"rollout:{rollout.id}", model=spec.model, version=spec.version)
     session.commit()
     return rollout
+
+
+def _selector_of(rollout: Rollout) -> Selector:
+    """Return a stored rollout's selector; an unreadable one counts as covering every device."""
+    try:
+        return RolloutSpec.model_validate(rollout.spec).selector
+    except ValidationError:
+        logger.error("rollout %s has an unreadable spec; treating it as covering every device", rollout.id)
+        return Selector(all=True)
 
 
 def _member(rollout: Rollout, device: Device) -> RolloutDevice:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hub.models import TelemetryPoint, utcnow
+from hub.models import Rollout, TelemetryPoint, utcnow
 from shared.messages import UpdateState
 from tests.hub.rollout_helpers import MODEL, NEW, OLD, RolloutHub, spec
 
@@ -320,3 +320,45 @@ def test_deployment_history_covers_changes_outside_rollouts(hub: RolloutHub) -> 
     history = hub.client.get("/deployments", params={"device_id": device}, headers=hub.headers("viewer")).json()
     assert [(h["event"], h["version"]) for h in history] == [("desired", NEW), ("active", OLD), ("desired", OLD)]
     assert all(h["rollout_id"] is None for h in history)
+
+
+def test_a_broken_rollout_is_counted_and_does_not_stop_the_others(hub: RolloutHub) -> None:
+    fleet(hub, 4, {"site": "a"})
+    ids_b = fleet(hub, 4, {"site": "b"})
+    broken = start(hub, selector={"labels": {"site": "a"}})["id"]
+    healthy = start(hub, selector={"labels": {"site": "b"}}, steps=[50, 100])["id"]
+    with hub.sessions() as session:
+        row = session.get(Rollout, broken)
+        assert row is not None
+        row.spec = {"model": MODEL, "steps": "garbage"}  # as a bad manual edit or a buggy migration would
+        session.add(row)
+        session.commit()
+    hub.controller.tick()
+    assert hub.controller.counters["errors"] == 1
+    assert len(on_new(hub, ids_b)) == 2  # the other rollout moved on
+    assert get(hub, healthy)["state"] == "running"
+    # A new rollout of the model is refused while the unreadable one is active, not a 500.
+    fleet(hub, 1, {"site": "c"})
+    again = hub.client.post("/rollouts", json=spec(selector={"labels": {"site": "c"}}), headers=hub.headers())
+    assert again.status_code == 409 and broken in again.json()["detail"]
+
+
+def test_an_interrupted_rollback_is_finished_on_restart(hub: RolloutHub) -> None:
+    ids = fleet(hub, 10)
+    rid = start(hub)["id"]
+    hub.controller.tick()
+    assert len(on_new(hub, ids)) == 2
+    # The hub died after marking the rollout failed and before reverting the devices.
+    with hub.sessions() as session:
+        row = session.get(Rollout, rid)
+        assert row is not None
+        row.state, row.reason = "failed", "smoke test failed"
+        session.add(row)
+        session.commit()
+    hub.controller.start()  # recovery runs first, then the loop
+    hub.controller.stop()
+    assert on_new(hub, ids) == set()
+    assert {d["state"] for d in get(hub, rid)["device_states"] if d["assigned_version"] is not None} <= {
+        "reverted",
+        "baseline",
+    }
