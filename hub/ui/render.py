@@ -57,6 +57,10 @@ def _when(value: datetime | str | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _clock(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%H:%M:%S")
+
+
 def _size(value: int | None) -> str:
     if value is None:
         return ""
@@ -82,7 +86,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, when=_when, size=_size, number=_number)
+    env.filters.update(ago=_ago, when=_when, clock=_clock, size=_size, number=_number)
     env.globals["hub_version"] = __version__
     return env
 
