@@ -32,6 +32,7 @@ from shared.messages import DesiredModel, DesiredState, EnrollRequest, EnrollRes
 __all__ = [
     "BrokerCredentials",
     "DesiredPublisher",
+    "RetainedCleaner",
     "UnknownDeviceError",
     "decommission",
     "deploy_model",
@@ -52,6 +53,12 @@ class DesiredPublisher(Protocol):
     def publish_desired(self, state: DesiredState) -> object: ...
 
     def clear_desired(self, device_id: str) -> object: ...
+
+
+class RetainedCleaner(Protocol):
+    """What decommissioning needs of `hub.messaging.HubMessaging`."""
+
+    def forget_device(self, device_id: str) -> object: ...
 
 
 class BrokerCredentials(Protocol):
@@ -179,9 +186,9 @@ def decommission(
     *,
     actor: str,
     broker: BrokerCredentials | None = None,
-    messaging: DesiredPublisher | None = None,
+    messaging: RetainedCleaner | None = None,
 ) -> Device:
-    """Revoke a device's credentials at once: HTTP token, MQTT login and live connection."""
+    """Revoke a device's credentials at once (HTTP token, MQTT login, live connection); drop its retained state."""
     device = get_device(session, device_id)
     # Repeating a decommission repeats the broker removal: it may have failed the first time.
     if not device.decommissioned:
@@ -198,7 +205,7 @@ def decommission(
             logger.error("device %s decommissioned, but the broker did not remove it: %s", device_id, exc)
             raise UnavailableError(f"device revoked in the hub, but the broker did not remove it: {exc}") from exc
     if messaging is not None:
-        messaging.clear_desired(device_id)
+        messaging.forget_device(device_id)
     logger.info("decommissioned device %s", device_id)
     return device
 
