@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from hub.errors import NotFoundError
 from hub.models import DeploymentHistory, Rollout, RolloutDevice, RolloutEvent
 from hub.rollout_plan import ACTIVE_STATES, RolloutState
+from hub.rollout_spec import RolloutSpec
 
 __all__ = [
     "UnknownRolloutError",
@@ -19,6 +21,7 @@ __all__ = [
     "get_rollout",
     "list_rollouts",
     "members_of",
+    "read_spec",
 ]
 
 
@@ -85,3 +88,11 @@ def chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     """Yield `items` in slices small enough for one IN (...) query."""
     for start in range(0, len(items), IN_CHUNK):
         yield items[start : start + IN_CHUNK]
+
+
+def read_spec(rollout: Rollout) -> RolloutSpec | None:
+    """Return a stored rollout's spec, or None when it no longer validates (a bad manual edit)."""
+    try:
+        return RolloutSpec.model_validate(rollout.spec)
+    except ValidationError:
+        return None

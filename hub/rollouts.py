@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from hub.audit import record
@@ -41,7 +40,7 @@ from hub.rollout_plan import (
     planned_devices,
     transition,
 )
-from hub.rollout_queries import get_rollout, list_rollouts, members_of
+from hub.rollout_queries import get_rollout, list_rollouts, members_of, read_spec
 from hub.rollout_spec import RolloutSpec, Selector
 from hub.rollout_telemetry import cohort_metrics
 
@@ -156,11 +155,11 @@ def create_rollout(session: Session, spec: RolloutSpec, *, actor: str) -> Rollou
 
 def _selector_of(rollout: Rollout) -> Selector:
     """Return a stored rollout's selector; an unreadable one counts as covering every device."""
-    try:
-        return RolloutSpec.model_validate(rollout.spec).selector
-    except ValidationError:
+    spec = read_spec(rollout)
+    if spec is None:
         logger.error("rollout %s has an unreadable spec; treating it as covering every device", rollout.id)
         return Selector(all=True)
+    return spec.selector
 
 
 def _member(rollout: Rollout, device: Device) -> RolloutDevice:
@@ -340,7 +339,15 @@ def advance(session: Session, ctx: RolloutContext, rollout_id: str) -> Rollout:
     rollout = get_rollout(session, rollout_id, for_update=True)
     if rollout.state != RolloutState.RUNNING.value:
         return rollout
-    spec = RolloutSpec.model_validate(rollout.spec)
+    spec = read_spec(rollout)
+    if spec is None:
+        # Retrying cannot fix a stored spec; stop and say so instead of failing every tick.
+        logger.error("rollout %s has an unreadable spec; pausing it (abort is the way out)", rollout.id)
+        rollout.state, rollout.reason, rollout.updated_at = RolloutState.PAUSED.value, "unreadable spec", utcnow()
+        _event(session, rollout, "paused", "the stored spec does not validate; abort this rollout")
+        session.add(rollout)
+        session.commit()
+        return rollout
     rows, fleet = _sync_members(session, rollout, spec)
     _move_cohorts(session, ctx, rollout, spec, rows)
     verdict = _judge(session, rollout, spec, rows, fleet)
@@ -376,9 +383,12 @@ def act(
 ) -> Rollout:
     """Apply an operator action: pause, resume, promote or abort."""
     rollout = get_rollout(session, rollout_id, for_update=True)
-    spec = RolloutSpec.model_validate(rollout.spec)
+    spec = read_spec(rollout)
+    if spec is None and event is not Event.ABORT:
+        raise RolloutStateError(f"rollout {rollout.id} has an unreadable spec; it can only be aborted")
+    steps = len(spec.steps) if spec is not None else rollout.step + 1
     try:
-        result = transition(RolloutState(rollout.state), rollout.step, len(spec.steps), event)
+        result = transition(RolloutState(rollout.state), rollout.step, steps, event)
     except InvalidTransition as exc:
         raise RolloutStateError(str(exc)) from exc
     message = reason or f"{event.value} by {actor}"
@@ -393,7 +403,7 @@ def act(
             rollout.step_started_at = utcnow()  # a pause does not count as observation time
         session.add(rollout)
     session.commit()
-    if event is Event.PROMOTE:
+    if event is Event.PROMOTE and spec is not None:
         rows, _fleet_now = _sync_members(session, rollout, spec)
         for row in rows:
             if row.assigned_version != rollout.version:

@@ -17,7 +17,7 @@ from hub.db import SessionDep
 from hub.models import DeploymentHistory, Device, Rollout
 from hub.rollout_analysis import observe
 from hub.rollout_plan import Event, step_count
-from hub.rollout_queries import device_history, events_of, get_rollout, list_rollouts, members_of
+from hub.rollout_queries import device_history, events_of, get_rollout, list_rollouts, members_of, read_spec
 from hub.rollout_spec import RolloutSpec
 
 __all__ = [
@@ -124,7 +124,7 @@ class DeploymentPublic(BaseModel):
 
 
 def _summary_fields(session: Session, rollout: Rollout) -> dict[str, Any]:
-    spec = RolloutSpec.model_validate(rollout.spec)
+    spec = read_spec(rollout)
     rows = members_of(session, rollout.id)
     counts = Counter(r.state for r in rows if r.assigned_version == rollout.version)
     total = len(rows)
@@ -133,10 +133,10 @@ def _summary_fields(session: Session, rollout: Rollout) -> dict[str, Any]:
         "model": rollout.model,
         "version": rollout.version,
         "baseline_version": rollout.baseline_version,
-        "strategy": spec.strategy.value,
+        "strategy": spec.strategy.value if spec else "unreadable",
         "state": rollout.state,
         "step": rollout.step + 1,
-        "steps": spec.steps,
+        "steps": spec.steps if spec else [],
         "reason": rollout.reason,
         "devices": total,
         "updated": counts[rollouts.DeviceState.UPDATED],
@@ -156,10 +156,11 @@ def rollout_summary(session: Session, rollout: Rollout) -> RolloutSummary:
 
 def rollout_detail(session: Session, rollout: Rollout) -> RolloutDetail:
     """Return the full view of a rollout."""
-    spec = RolloutSpec.model_validate(rollout.spec)
+    spec = read_spec(rollout)
+    steps = spec.steps if spec else []
     rows = members_of(session, rollout.id)
     total = len(rows)
-    counts = [step_count(total, p) for p in spec.steps]
+    counts = [step_count(total, p) for p in steps]
     progress = [
         RolloutStepPublic(
             step=i + 1,
@@ -171,7 +172,7 @@ def rollout_detail(session: Session, rollout: Rollout) -> RolloutDetail:
             if i == rollout.step
             else "next",
         )
-        for i, p in enumerate(spec.steps)
+        for i, p in enumerate(steps)
     ]
     ids = [r.device_id for r in rows]
     devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))} if ids else {}

@@ -322,7 +322,7 @@ def test_deployment_history_covers_changes_outside_rollouts(hub: RolloutHub) -> 
     assert all(h["rollout_id"] is None for h in history)
 
 
-def test_a_broken_rollout_is_counted_and_does_not_stop_the_others(hub: RolloutHub) -> None:
+def test_a_broken_rollout_is_paused_and_does_not_stop_the_others(hub: RolloutHub) -> None:
     fleet(hub, 4, {"site": "a"})
     ids_b = fleet(hub, 4, {"site": "b"})
     broken = start(hub, selector={"labels": {"site": "a"}})["id"]
@@ -334,13 +334,19 @@ def test_a_broken_rollout_is_counted_and_does_not_stop_the_others(hub: RolloutHu
         session.add(row)
         session.commit()
     hub.controller.tick()
-    assert hub.controller.counters["errors"] == 1
+    hub.controller.tick()
+    assert (get(hub, broken)["state"], get(hub, broken)["reason"]) == ("paused", "unreadable spec")
     assert len(on_new(hub, ids_b)) == 2  # the other rollout moved on
     assert get(hub, healthy)["state"] == "running"
     # A new rollout of the model is refused while the unreadable one is active, not a 500.
     fleet(hub, 1, {"site": "c"})
     again = hub.client.post("/rollouts", json=spec(selector={"labels": {"site": "c"}}), headers=hub.headers())
     assert again.status_code == 409 and broken in again.json()["detail"]
+    # It can still be read and aborted.
+    assert get(hub, broken)["strategy"] == "unreadable"
+    assert hub.client.post(f"/rollouts/{broken}/pause", headers=hub.headers()).status_code == 409
+    aborted = hub.client.post(f"/rollouts/{broken}/abort", headers=hub.headers())
+    assert aborted.status_code == 200 and aborted.json()["state"] == "aborted"
 
 
 def test_an_interrupted_rollback_is_finished_on_restart(hub: RolloutHub) -> None:
