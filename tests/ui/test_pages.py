@@ -23,6 +23,7 @@ from hub.security import create_api_key, create_enrollment_token, revoke_api_key
 from hub.ui.views import charts_for
 from shared.messages import EnrollRequest
 from shared.targets import DeviceProfile
+from tests.hub.conftest import pg_schema_url
 from tests.ui.support import publish_versions
 
 MODEL = "clf"
@@ -55,8 +56,18 @@ class Dash:
 
 
 @pytest.fixture
-def dash(tmp_path: Path) -> Iterator[Dash]:
-    settings = HubSettings(data_dir=tmp_path / "hub", public_url="http://hub.test")
+def dash(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dash]:
+    """The app on SQLite, or on a fresh PostgreSQL schema with ``parametrize("dash", ["postgres"], indirect=True)``."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        urls = pg_schema_url()
+        yield from _dash(tmp_path, next(urls))
+        urls.close()
+    else:
+        yield from _dash(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}")
+
+
+def _dash(tmp_path: Path, database_url: str) -> Iterator[Dash]:
+    settings = HubSettings(data_dir=tmp_path / "hub", public_url="http://hub.test", database_url=database_url)
     app = create_app(settings)
     with TestClient(app, base_url="http://hub.test") as client, app.state.session_factory() as session:
         viewer_row, viewer = create_api_key(session, "ann", Role.VIEWER, actor="test")
@@ -96,6 +107,7 @@ def dash(tmp_path: Path) -> Iterator[Dash]:
             enrolled[0].device_token,
             rollout.id,
         )
+    app.state.engine.dispose()
 
 
 def _profile() -> DeviceProfile:
@@ -133,6 +145,7 @@ def test_sign_in_never_redirects_off_the_dashboard(dash: Dash) -> None:
         assert response.headers["location"] == "/ui/"
 
 
+@pytest.mark.parametrize("dash", ["sqlite", "postgres"], indirect=True)
 def test_every_page_renders_for_a_viewer(dash: Dash) -> None:
     dash.sign_in(dash.viewer)
     fleet = dash.client.get("/ui/")
