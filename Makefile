@@ -14,10 +14,12 @@ demo: install
 
 test: install lint typecheck pytest
 
-# apt packages the project runs: mosquitto (the broker the hub supervises and the tests start).
+# apt packages: mosquitto (the broker the hub supervises and the tests start), chromium (UI tests).
 system-deps:
 	@command -v mosquitto >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; }
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
+	@# Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
