@@ -7,18 +7,20 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint typecheck pytest system-deps install clean
+.PHONY: demo test lint typecheck pytest system-deps test-system-deps install clean
 
 demo: install
 	$(VENV)/bin/autodl-hub demo
 
-test: install lint typecheck pytest
+test: install test-system-deps lint typecheck pytest
 
-# apt packages: mosquitto (the broker the hub supervises and the tests start), chromium (UI tests).
+# apt packages the project runs: mosquitto (the broker the hub supervises and the tests start).
 system-deps:
 	@command -v mosquitto >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; }
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
-	@# Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+
+# Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+test-system-deps:
 	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 $(VENV)/.installed: pyproject.toml
