@@ -51,6 +51,22 @@ class AgentSettings(BaseSettings):
     # Runtime
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: physical cores")
     warmup_runs: int = Field(default=2, ge=0)
+    # Outbox, telemetry and heartbeat (issue "Agent offline")
+    outbox_max_mb: float = Field(default=64.0, gt=0, description="bound of the on-disk outbox")
+    outbox_batch: int = Field(default=1000, ge=1, le=5000, description="telemetry points per MQTT message")
+    publish_timeout_s: float = Field(default=10.0, gt=0, description="wait for a PUBACK before resending")
+    telemetry_interval_s: float = Field(default=10.0, gt=0, description="aggregation period of telemetry points")
+    heartbeat_s: float = Field(default=30.0, gt=0, description="presence is re-published this often")
+    # Commands
+    command_rate: int = Field(default=30, ge=1, description="commands accepted per minute; more are refused")
+    # Self-healing
+    health_window_s: float = Field(default=300.0, ge=0, description="watch a new version this long, then commit")
+    health_min_requests: int = Field(default=20, ge=1, description="requests needed before judging a version")
+    health_latency_ratio: float = Field(default=2.0, gt=1, description="roll back past previous p95 x this")
+    health_latency_min_ms: float = Field(default=5.0, ge=0, description="...and past previous p95 + this")
+    health_error_delta: float = Field(default=0.05, ge=0, description="roll back past previous error rate + this")
+    watchdog_stuck_s: float = Field(default=60.0, gt=0, description="a request running this long means stuck")
+    watchdog_errors: int = Field(default=20, ge=1, description="consecutive failures that reload the session")
 
     @property
     def identity_path(self) -> Path:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from collections import deque
 from types import FrameType
 from typing import Any
@@ -12,16 +16,21 @@ from typing import Any
 import httpx
 
 from agent import __version__
+from agent.actions import apply_config, build_actions
 from agent.artifacts import ArtifactCache
+from agent.commands import CommandHandler
 from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
-from agent.errors import CredentialsError
+from agent.errors import AgentError, CredentialsError
+from agent.healing import HealthMonitor, Watchdog, reload, rollback
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
+from agent.telemetry import Telemetry
 from agent.updates import IN_PROGRESS, Updater
-from shared.messages import ModelStatus, ReportedState, UpdateState
+from shared.codec import encode
+from shared.messages import CommandResult, ModelStatus, ReportedState, UpdateState, utcnow
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 
@@ -53,7 +62,11 @@ def reported_state(
         overall = (
             UpdateState.ROLLED_BACK
             if UpdateState.ROLLED_BACK in states
-            else (UpdateState.ACTIVE if UpdateState.ACTIVE in states else UpdateState.IDLE)
+            else (
+                UpdateState.ACTIVE
+                if UpdateState.ACTIVE in states
+                else (UpdateState.COMMITTED if UpdateState.COMMITTED in states else UpdateState.IDLE)
+            )
         )
     return ReportedState(
         device_id=identity.device_id,
@@ -74,6 +87,9 @@ class Agent:
         self.identity = identity or load_identity(settings)
         self.profile = detect_profile(settings.state_dir)
         self.store = Store(settings.db_path)
+        self._load_config()
+        self.store.outbox_max_bytes = int(settings.outbox_max_mb * 1024 * 1024)
+        self.telemetry = Telemetry(settings.state_dir)
         self.cache = ArtifactCache(settings.cache_dir, settings.download_chunk_bytes, settings.disk_reserve_mb)
         self.registry = ModelRegistry()
         self.errors: deque[str] = deque(maxlen=32)
@@ -95,6 +111,14 @@ class Agent:
             choose_targets(self.profile),
             settings.intra_op_threads or physical_cores(),
             on_change=self.publish_reported,
+            on_activated=self._activated,
+        )
+        self.watchdog = Watchdog(settings, self.telemetry, lambda name: reload(self.updater, name))
+        self.health = HealthMonitor(
+            settings, self.telemetry, lambda name, why: rollback(self.updater, name, why), self._commit
+        )
+        self.commands = CommandHandler(
+            self.identity.device_id, self.store, build_actions(self), self._emit_result, settings.command_rate
         )
         self.session = MqttSession(
             self.identity,
@@ -102,13 +126,24 @@ class Agent:
             on_desired=self.updater.apply,
             on_connected=self.publish_reported,
             on_invalid=self._invalid,
+            on_command=self.commands.handle,
+            store=self.store,
         )
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._publish_lock = threading.Lock()
-        self.server = InferenceServer(
-            settings.host, settings.port, ServerContext(self.registry, self._ready.is_set, self.status)
+        self._restart = False
+        self._tick = time.monotonic()
+        self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+        context = ServerContext(
+            self.registry,
+            self._ready.is_set,
+            self.status,
+            track=self.watchdog.request,
+            metrics=self.metrics_text,
+            live=self.live,
         )
+        self.server = InferenceServer(settings.host, settings.port, context)
 
     def _invalid(self, message: str) -> None:
         self.errors.append(message)
@@ -121,7 +156,105 @@ class Agent:
         )
         with self._publish_lock:
             self.store.put("reported", state.model_dump_json())
-            self.session.publish(DeviceChannel.REPORTED, state, retain=True)
+            # Through the outbox; a newer state replaces an unsent older one (the hub keeps the latest).
+            self.store.enqueue_message(DeviceChannel.REPORTED.value, encode(state).decode(), retain=True, replace=True)
+        self.session.wake()
+
+    def _emit_result(self, result: CommandResult) -> None:
+        self.store.enqueue_message(DeviceChannel.RESULTS.value, encode(result).decode())
+        self.session.wake()
+
+    # self-healing, telemetry, config -------------------------------------------------------------
+    def _activated(self, name: str, version: str, previous: str | None) -> None:
+        self.health.activated(name, version, previous)
+
+    def _commit(self, name: str, version: str) -> None:
+        record = self.store.model(name)
+        if record.active is not None and record.active.version == version and record.state == UpdateState.ACTIVE:
+            self.updater.save(record.with_(state=UpdateState.COMMITTED), f"committed {version} after a clean window")
+
+    def _load_config(self) -> None:
+        raw = self.store.get("config")
+        if raw:
+            try:
+                apply_config(self.settings, json.loads(raw))
+            except (AgentError, ValueError) as exc:
+                logger.warning("stored configuration ignored: %s", exc)
+
+    def save_config(self, applied: dict[str, Any]) -> None:
+        """Keep `set-config` changes across restarts."""
+        current = json.loads(self.store.get("config") or "{}")
+        self.store.put("config", json.dumps({**current, **applied}, default=str))
+        self.store.outbox_max_bytes = int(self.settings.outbox_max_mb * 1024 * 1024)
+        self.commands.limit.per_minute = self.settings.command_rate
+
+    def request_restart(self) -> None:
+        """Restart the process once the pending results are acknowledged (the `restart` command)."""
+
+        def later() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.store.outbox_stats().messages_pending:
+                time.sleep(0.05)
+            self._restart = True
+            self._stop.set()
+
+        # The restart result is queued after this returns: give it a moment to be enqueued.
+        threading.Timer(0.2, later).start()
+
+    def _maintain(self) -> None:
+        next_collect = time.monotonic() + self.settings.telemetry_interval_s
+        while not self._stop.wait(min(0.25, self.settings.telemetry_interval_s)):
+            self._tick = time.monotonic()
+            try:
+                self.watchdog.check()
+                self.health.check()
+                if time.monotonic() >= next_collect:
+                    next_collect = time.monotonic() + self.settings.telemetry_interval_s
+                    self._collect()
+            except Exception:  # one failed round must not stop telemetry for good
+                logger.exception("maintenance round failed")
+
+    def _collect(self) -> None:
+        stats = self.store.outbox_stats()
+        points = self.telemetry.collect()
+        points.append(("outbox_pending", float(stats.telemetry_pending + stats.messages_pending), {}))
+        points.append(("outbox_dropped_total", float(stats.dropped), {}))
+        ts = utcnow().isoformat()
+        self.store.enqueue_telemetry([(ts, name, value, labels) for name, value, labels in points])
+        self.session.wake()
+
+    def live(self) -> bool:
+        """Return False when the maintenance loop has stopped ticking (a hung agent: restart it)."""
+        return time.monotonic() - self._tick < max(30.0, 4 * self.settings.telemetry_interval_s)
+
+    def metrics_text(self) -> str:
+        """Return /metrics."""
+        stats = self.store.outbox_stats()
+        gauges = {
+            "outbox_telemetry_pending": float(stats.telemetry_pending),
+            "outbox_messages_pending": float(stats.messages_pending),
+            "outbox_bytes": float(stats.bytes),
+            "outbox_dropped_total": float(stats.dropped),
+            "mqtt_connected": float(self.session.connected.is_set()),
+            "watchdog_reloads_total": float(self.watchdog.reloads),
+        }
+        return self.telemetry.prometheus(gauges)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Return what the `diagnostics` command answers."""
+        stats = self.store.outbox_stats()
+        return {
+            "profile": self.profile.model_dump(mode="json"),
+            "agent_version": __version__,
+            "models": self.status()["models"],
+            "recent_errors": list(self.errors),
+            "journal": [entry.__dict__ for entry in self.store.journal(limit=20)],
+            "outbox": stats.__dict__,
+            "commands": dict(self.commands.counters),
+            "rejected_messages": dict(self.session.rejected),
+            "health_windows": self.health.open_windows(),
+            "watchdog_reloads": self.watchdog.reloads,
+        }
 
     def status(self) -> dict[str, Any]:
         """Return what `autodl-agent status` shows."""
@@ -144,7 +277,7 @@ class Agent:
                 for r in self.store.models()
             ],
             "updating": any(r.state in IN_PROGRESS for r in self.store.models()),
-            "outbox": 0,
+            "outbox": self.store.outbox_stats().__dict__,
             "errors": list(self.errors),
             "agent_version": __version__,
         }
@@ -155,12 +288,15 @@ class Agent:
         self.store.put("api_port", str(self.server.port))
         self.updater.recover()
         self._ready.set()
+        self.commands.start()
+        self._maintenance.start()
         self.session.start()
 
     def stop(self) -> None:
         """Stop everything; an update in progress stays journaled."""
         self._stop.set()
         self.session.stop()
+        self.commands.stop()
         self.updater.stop()
         self.server.stop()
         self.client.close()
@@ -184,3 +320,6 @@ class Agent:
         self.stop()
         if fatal is not None:
             raise fatal
+        if self._restart:
+            logger.info("restarting (restart command)")
+            os.execv(sys.executable, sys.orig_argv)

@@ -8,6 +8,8 @@ POST /v2/models/{name}/infer         OIP v2 typed tensors
 POST /v1/models/{name}:predict       JSON numbers, text or base64 image; pre/post-processing applied
 GET  /v1/models                      active models
 GET  /v1/status                      identity, connection, models, update state
+GET  /metrics                        Prometheus text format (serving, device, outbox)
+GET  /healthz, /readyz               K3s liveness (the agent's loops tick) and readiness probes
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +45,13 @@ class ServerContext:
     registry: ModelRegistry
     ready: Callable[[], bool]
     status: Callable[[], dict[str, Any]]
+    track: Callable[[LoadedModel], AbstractContextManager[Any]] = lambda model: nullcontext()
+    metrics: Callable[[], str] = lambda: ""
+    live: Callable[[], bool] = lambda: True
+
+
+class _Text(str):
+    """A plain-text body (the Prometheus exposition format)."""
 
 
 class _HttpError(Exception):
@@ -79,9 +89,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, ctx: ServerContext, method: str, path: str) -> tuple[HTTPStatus, Any]:
         parts = path.strip("/").split("/")
-        if method == "GET" and path == "/v2/health/live":
-            return HTTPStatus.OK, {"live": True}
-        if method == "GET" and path == "/v2/health/ready":
+        if method == "GET" and path in ("/v2/health/live", "/healthz"):
+            live = ctx.live()
+            return (HTTPStatus.OK if live else HTTPStatus.SERVICE_UNAVAILABLE), {"live": live}
+        if method == "GET" and path == "/metrics":
+            return HTTPStatus.OK, _Text(ctx.metrics())
+        if method == "GET" and path in ("/v2/health/ready", "/readyz"):
             ready = ctx.ready()
             return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), {"ready": ready}
         if method == "GET" and path == "/v2":
@@ -103,10 +116,14 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and rest == ["ready"]:
                 return HTTPStatus.OK, {"name": model.name, "ready": True}
             if method == "POST" and rest == ["infer"]:
-                return HTTPStatus.OK, _infer(model, self._json())
+                body = self._json()
+                with ctx.track(model):
+                    return HTTPStatus.OK, _infer(model, body)
         if len(parts) == 3 and parts[:2] == ["v1", "models"] and parts[2].endswith(":predict") and method == "POST":
             model = self._model(ctx, parts[2].removesuffix(":predict"))
-            return HTTPStatus.OK, _predict(model, self._json())
+            body = self._json()
+            with ctx.track(model):
+                return HTTPStatus.OK, _predict(model, body)
         raise _HttpError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}")
 
     def _model(self, ctx: ServerContext, name: str) -> LoadedModel:
@@ -130,9 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}") from exc
 
     def _send(self, status: HTTPStatus, body: Any) -> None:
-        data = json.dumps(body).encode()
+        text = isinstance(body, _Text)
+        data = body.encode() if text else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/plain; version=0.0.4" if text else "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -17,7 +17,7 @@ from typing import Any
 
 from shared.messages import UpdateState, utcnow
 
-__all__ = ["JournalEntry", "ModelRecord", "Slot", "Store"]
+__all__ = ["JournalEntry", "ModelRecord", "OutboxMessage", "OutboxStats", "Slot", "Store"]
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -41,6 +41,24 @@ _MIGRATIONS: tuple[str, ...] = (
         state TEXT NOT NULL,
         detail TEXT
     );
+    """,
+    # 2: the outbox (issue "Agent offline"). Telemetry and messages (reported state, command
+    # results) have their own monotonic sequences: AUTOINCREMENT never reuses a number, so
+    # (device, seq) identifies a point at the hub forever.
+    """
+    CREATE TABLE outbox_telemetry (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        payload TEXT NOT NULL,
+        size INTEGER NOT NULL
+    );
+    CREATE TABLE outbox_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        retain INTEGER NOT NULL,
+        size INTEGER NOT NULL
+    );
+    CREATE TABLE executed_commands (id TEXT PRIMARY KEY, ts TEXT NOT NULL);
     """,
 )
 
@@ -94,6 +112,28 @@ class JournalEntry:
     detail: str | None
 
 
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One queued message (reported state or command result) waiting for its PUBACK."""
+
+    seq: int
+    channel: str
+    payload: str
+    retain: bool
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """How full the outbox is and what it had to drop."""
+
+    telemetry_pending: int
+    messages_pending: int
+    bytes: int
+    max_bytes: int
+    dropped: int
+    last_telemetry_seq: int
+
+
 class Store:
     """A thread-safe handle on the agent's SQLite file."""
 
@@ -105,6 +145,8 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._migrate()
+        self.outbox_max_bytes = 64 * 1024 * 1024
+        self._outbox_bytes = self._sum_outbox_bytes()
 
     def close(self) -> None:
         """Close the connection."""
@@ -217,3 +259,131 @@ class Store:
             error=error,
             failed=failed,
         )
+
+    # the outbox ------------------------------------------------------------------------------
+    def _sum_outbox_bytes(self) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT (SELECT COALESCE(SUM(size), 0) FROM outbox_telemetry)"
+                " + (SELECT COALESCE(SUM(size), 0) FROM outbox_messages)"
+            ).fetchone()
+        return int(row[0])
+
+    def enqueue_telemetry(self, points: list[tuple[str, str, float, dict[str, str]]]) -> list[int]:
+        """Queue (ts, name, value, labels) points; return their sequence numbers.
+
+        Past `outbox_max_bytes` the oldest telemetry is dropped (and counted) first;
+        queued messages are never dropped.
+        """
+        if not points:
+            return []
+        rows = [
+            json.dumps({"ts": ts, "name": name, "value": value, "labels": labels}) for ts, name, value, labels in points
+        ]
+        seqs: list[int] = []
+        with self._tx() as conn:
+            for payload in rows:
+                cursor = conn.execute(
+                    "INSERT INTO outbox_telemetry(payload, size) VALUES(?, ?)", (payload, len(payload))
+                )
+                seqs.append(int(cursor.lastrowid or 0))
+            self._outbox_bytes += sum(len(p) for p in rows)
+            self._enforce_bound(conn)
+        return seqs
+
+    def _enforce_bound(self, conn: sqlite3.Connection) -> None:
+        over = self._outbox_bytes - self.outbox_max_bytes
+        if over <= 0:
+            return
+        dropped, freed, last = 0, 0, 0
+        for seq, size in conn.execute("SELECT seq, size FROM outbox_telemetry ORDER BY seq"):
+            if freed >= over:
+                break
+            dropped, freed, last = dropped + 1, freed + int(size), int(seq)
+        if dropped:
+            conn.execute("DELETE FROM outbox_telemetry WHERE seq <= ?", (last,))
+            conn.execute(
+                "INSERT INTO kv(key, value) VALUES('outbox_dropped', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+                (str(dropped), dropped),
+            )
+            self._outbox_bytes -= freed
+
+    def enqueue_message(self, channel: str, payload: str, retain: bool = False, replace: bool = False) -> int:
+        """Queue a message; `replace` drops unsent older ones of the channel (a newer state supersedes them)."""
+        with self._tx() as conn:
+            if replace:
+                row = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox_messages WHERE channel = ?", (channel,)
+                ).fetchone()
+                conn.execute("DELETE FROM outbox_messages WHERE channel = ?", (channel,))
+                self._outbox_bytes -= int(row[1])
+            cursor = conn.execute(
+                "INSERT INTO outbox_messages(channel, payload, retain, size) VALUES(?, ?, ?, ?)",
+                (channel, payload, int(retain), len(payload)),
+            )
+            self._outbox_bytes += len(payload)
+            self._enforce_bound(conn)
+        return int(cursor.lastrowid or 0)
+
+    def next_messages(self, limit: int = 100) -> list[OutboxMessage]:
+        """Return the oldest queued messages, in sequence order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, channel, payload, retain FROM outbox_messages ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [OutboxMessage(int(r[0]), str(r[1]), str(r[2]), bool(r[3])) for r in rows]
+
+    def next_telemetry(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Return the oldest queued points as (seq, point fields), in sequence order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, payload FROM outbox_telemetry ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [(int(seq), json.loads(payload)) for seq, payload in rows]
+
+    def ack_messages(self, seqs: list[int]) -> None:
+        """Delete messages the broker acknowledged."""
+        self._ack("outbox_messages", seqs)
+
+    def ack_telemetry(self, seqs: list[int]) -> None:
+        """Delete points the broker acknowledged."""
+        self._ack("outbox_telemetry", seqs)
+
+    def _ack(self, table: str, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        marks = ",".join("?" * len(seqs))
+        with self._tx() as conn:
+            size = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {table} WHERE seq IN ({marks})", seqs).fetchone()
+            conn.execute(f"DELETE FROM {table} WHERE seq IN ({marks})", seqs)
+            self._outbox_bytes -= int(size[0])
+
+    def outbox_stats(self) -> OutboxStats:
+        """Return the outbox's size, bound, drop count and last telemetry sequence number."""
+        with self._lock:
+            telemetry = self._conn.execute("SELECT COUNT(*) FROM outbox_telemetry").fetchone()[0]
+            messages = self._conn.execute("SELECT COUNT(*) FROM outbox_messages").fetchone()[0]
+            last = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_telemetry'").fetchone()
+        return OutboxStats(
+            telemetry_pending=int(telemetry),
+            messages_pending=int(messages),
+            bytes=self._outbox_bytes,
+            max_bytes=self.outbox_max_bytes,
+            dropped=int(self.get("outbox_dropped") or 0),
+            last_telemetry_seq=int(last[0]) if last else 0,
+        )
+
+    # commands already executed (a command delivered twice runs once) ----------------------------
+    def claim_command(self, command_id: str) -> bool:
+        """Record a command id; return False when it was already executed."""
+        with self._tx() as conn:
+            try:
+                conn.execute("INSERT INTO executed_commands(id, ts) VALUES(?, ?)", (command_id, utcnow().isoformat()))
+            except sqlite3.IntegrityError:
+                return False
+            # Keep the table small: ids older than the newest 10,000 are forgotten.
+            conn.execute(
+                "DELETE FROM executed_commands WHERE rowid <= (SELECT MAX(rowid) FROM executed_commands) - 10000"
+            )
+        return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +23,11 @@ from pydantic import BaseModel
 from agent import __version__
 from agent.config import AgentSettings, Identity
 from agent.errors import CredentialsError
+from agent.store import Store
 from agent.updates import backoff_delay
 from shared import topics
 from shared.codec import ProtocolError, decode, encode
-from shared.messages import DesiredState, Presence
+from shared.messages import DesiredState, Presence, TelemetryBatch, TelemetryPoint
 from shared.topics import DeviceChannel
 
 __all__ = ["MqttSession"]
@@ -52,6 +54,7 @@ class MqttSession:
         on_connected: Callable[[], None] = lambda: None,
         on_command: Callable[[bytes], None] | None = None,
         on_invalid: Callable[[str], None] = lambda reason: None,
+        store: Store | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
@@ -65,6 +68,10 @@ class MqttSession:
         self.connects = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self.store = store
+        self.sent_points = 0
+        self._wake = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="outbox", daemon=True)
         self._client = self._wire()
 
     def _topic(self, channel: DeviceChannel) -> str:
@@ -91,12 +98,17 @@ class MqttSession:
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start connecting in the background."""
+        """Start connecting in the background (and draining the outbox, when there is one)."""
         self._thread.start()
+        if self.store is not None:
+            self._sender.start()
 
     def stop(self) -> None:
         """Publish "offline" and disconnect cleanly."""
         self._stop.set()
+        self._wake.set()
+        if self._sender.is_alive():
+            self._sender.join(timeout=self.settings.publish_timeout_s + 1)
         if self.connected.is_set():
             info = self._client.publish(self._topic(DeviceChannel.ONLINE), self._presence(False), qos=1, retain=True)
             try:
@@ -117,6 +129,77 @@ class MqttSession:
             return False
         info = self._client.publish(self._topic(channel), encode(message), qos=1, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def wake(self) -> None:
+        """Tell the sender the outbox has something new."""
+        self._wake.set()
+
+    # the outbox sender ---------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        """Drain the outbox in order while connected; a row goes only after its PUBACK.
+
+        Each round sends the queued messages (reported state, command results: small and
+        live) first, then one batch of the oldest telemetry, so a backlog of points drains
+        in batches without holding back what happens now.
+        """
+        last_presence = 0.0
+        while not self._stop.is_set():
+            if not self.connected.wait(0.2):
+                continue
+            now = time.monotonic()
+            if now - last_presence >= self.settings.heartbeat_s:
+                # Presence doubles as the heartbeat: an idle agent is not marked offline.
+                last_presence = now
+                self._client.publish(self._topic(DeviceChannel.ONLINE), self._presence(True), qos=1, retain=True)
+            try:
+                busy = self._send_round()
+            except Exception:  # a store or encoding failure must not end the sender
+                logger.exception("outbox round failed")
+                busy = False
+            if not busy:
+                self._wake.wait(min(0.5, self.settings.heartbeat_s))
+                self._wake.clear()
+
+    def _send_round(self) -> bool:
+        assert self.store is not None
+        messages = self.store.next_messages(100)
+        infos = [
+            (
+                m.seq,
+                self._client.publish(self._topic(DeviceChannel(m.channel)), m.payload.encode(), qos=1, retain=m.retain),
+            )
+            for m in messages
+        ]
+        for seq, info in infos:
+            if not self._acked(info):
+                return False
+            self.store.ack_messages([seq])
+        rows = self.store.next_telemetry(self.settings.outbox_batch)
+        if rows:
+            batch = TelemetryBatch(
+                device_id=self.identity.device_id,
+                points=[TelemetryPoint(seq=seq, **fields) for seq, fields in rows],
+            )
+            info = self._client.publish(self._topic(DeviceChannel.TELEMETRY), encode(batch), qos=1)
+            if not self._acked(info):
+                return False
+            self.store.ack_telemetry([seq for seq, _ in rows])
+            self.sent_points += len(rows)
+        return bool(messages or rows)
+
+    def _acked(self, info: mqtt.MQTTMessageInfo) -> bool:
+        """Wait for a PUBACK; False (the rows stay queued, to be sent again) on timeout or disconnect."""
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        deadline = time.monotonic() + self.settings.publish_timeout_s
+        while not info.is_published():
+            if self._stop.is_set() or not self.connected.is_set() or time.monotonic() > deadline:
+                return False
+            try:
+                info.wait_for_publish(timeout=0.1)
+            except (RuntimeError, ValueError):
+                return False
+        return True
 
     # the connection loop -----------------------------------------------------------------------
     def _run(self) -> None:

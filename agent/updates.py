@@ -89,6 +89,7 @@ class Updater:
         targets: list[TargetId],
         threads: int,
         on_change: Callable[[], None] = lambda: None,
+        on_activated: Callable[[str, str, str | None], None] = lambda name, version, previous: None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -99,6 +100,7 @@ class Updater:
         self.targets = targets
         self.threads = threads
         self.on_change = on_change
+        self.on_activated = on_activated
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
         self._revision: int | None = None
@@ -188,7 +190,7 @@ class Updater:
         record = self.store.model(name)
         serving = self.registry.get(name)
         if serving is not None and serving.version == desired.version and start == S.DOWNLOADING:
-            if record.state != S.ACTIVE or record.desired_version != desired.version:
+            if record.state not in (S.ACTIVE, S.COMMITTED) or record.desired_version != desired.version:
                 self._save(record.with_(state=S.ACTIVE, desired_version=desired.version, pending=None, error=None))
             return
         if record.failed == _key(desired) and start == S.DOWNLOADING:
@@ -284,6 +286,15 @@ class Updater:
             f"active {job.loaded.version} ({job.loaded.target})",
         )
         self._collect_garbage()
+        self.on_activated(job.name, job.loaded.version, previous.version if previous else None)
+
+    def want(self, name: str, desired: DesiredModel) -> None:
+        """Converge one model to `desired` outside the desired state (the `deploy` command)."""
+        self._worker(name).want(desired)
+
+    def save(self, record: ModelRecord, detail: str | None = None) -> ModelRecord:
+        """Persist a model record (journaled) and report the change."""
+        return self._save(record, detail)
 
     def _artifact_url(self, sha256: str) -> str:
         return f"{self.identity.hub_url.rstrip('/')}/artifacts/{sha256}"
@@ -313,7 +324,7 @@ class Updater:
             if slot is None or slot.manifest is None or slot.sha256 is None:
                 continue
             try:
-                model = self._load_verified(slot)
+                model = self.load_verified(slot)
             except AgentError as exc:
                 logger.warning("%s %s cannot be restored: %s", record.name, slot.version, exc)
                 self._save(record.with_(error=f"restore {slot.version}: {exc}"))
@@ -323,7 +334,8 @@ class Updater:
                 self._save(record.with_(active=slot, previous=None), f"restored previous {slot.version}")
             return
 
-    def _load_verified(self, slot: Slot) -> LoadedModel:
+    def load_verified(self, slot: Slot) -> LoadedModel:
+        """Load a journaled version again from its re-verified manifest and file, smoke-tested."""
         assert slot.manifest is not None and slot.sha256 is not None
         manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
         variant = next((v for v in manifest.variants if v.sha256 == slot.sha256), None)

@@ -1,0 +1,289 @@
+"""Serving and device telemetry: per-interval points for the outbox, `/metrics` text for Prometheus.
+
+Per model version: `requests`, `errors`, `latency_p50_ms`, `latency_p95_ms`,
+`latency_p99_ms` and `throughput_rps` per interval, labelled model/version (the names
+`shared.metrics` promises the hub's rollout analysis). Per device: CPU, memory, disk,
+process RSS, temperature where /sys exposes it, GPU through NVML where present. The
+Prometheus text format is written here directly: the agent does not carry a client library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared import metrics
+
+__all__ = ["Point", "Telemetry", "VersionStats", "device_points", "percentile"]
+
+Point = tuple[str, float, dict[str, str]]  # name, value, labels
+
+# Histogram buckets of request latency (seconds) on /metrics.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_RECENT = 2048  # latencies kept per version for the health window's comparison
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Return the q-th percentile (0..100) by nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """Requests, errors and latency of one model version since it was last reset."""
+
+    requests: int
+    errors: int
+    p95_ms: float
+
+    @property
+    def error_rate(self) -> float:
+        """Return errors per request (0 with no requests)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass
+class _Serving:
+    interval_latencies: list[float] = field(default_factory=list)
+    interval_requests: int = 0
+    interval_errors: int = 0
+    total_requests: int = 0
+    total_errors: int = 0
+    latency_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    since_requests: int = 0
+    since_errors: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
+
+
+class Telemetry:
+    """Thread-safe request accounting; `collect()` turns one interval into points."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._lock = threading.Lock()
+        self._serving: dict[tuple[str, str], _Serving] = {}
+        self._interval_start = time.monotonic()
+        self._cpu = _CpuSampler()
+
+    def observe(self, model: str, version: str, seconds: float, ok: bool) -> None:
+        """Account one inference request."""
+        with self._lock:
+            s = self._serving.setdefault((model, version), _Serving())
+            s.interval_requests += 1
+            s.total_requests += 1
+            s.since_requests += 1
+            s.latency_sum += seconds
+            s.interval_latencies.append(seconds)
+            s.recent.append(seconds)
+            if not ok:
+                s.interval_errors += 1
+                s.total_errors += 1
+                s.since_errors += 1
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    s.buckets[i] += 1
+                    break
+
+    def reset_version(self, model: str, version: str) -> None:
+        """Start counting a version afresh (it was just activated)."""
+        with self._lock:
+            s = self._serving.setdefault((model, version), _Serving())
+            s.since_requests = s.since_errors = 0
+            s.recent.clear()
+
+    def version_stats(self, model: str, version: str) -> VersionStats:
+        """Return a version's requests and errors since its reset and its recent p95."""
+        with self._lock:
+            s = self._serving.get((model, version))
+            if s is None:
+                return VersionStats(0, 0, 0.0)
+            return VersionStats(s.since_requests, s.since_errors, percentile(list(s.recent), 95) * 1000)
+
+    def collect(self) -> list[Point]:
+        """Return this interval's serving and device points and start a new interval."""
+        now = time.monotonic()
+        with self._lock:
+            elapsed = max(now - self._interval_start, 1e-9)
+            self._interval_start = now
+            points: list[Point] = []
+            for (model, version), s in self._serving.items():
+                if not s.interval_requests:
+                    continue
+                labels = metrics.serving_labels(model, version)
+                ms = [v * 1000 for v in s.interval_latencies]
+                points += [
+                    (metrics.REQUESTS, float(s.interval_requests), labels),
+                    (metrics.ERRORS, float(s.interval_errors), labels),
+                    ("latency_p50_ms", percentile(ms, 50), labels),
+                    (metrics.LATENCY_P95_MS, percentile(ms, 95), labels),
+                    ("latency_p99_ms", percentile(ms, 99), labels),
+                    ("throughput_rps", s.interval_requests / elapsed, labels),
+                ]
+                s.interval_latencies, s.interval_requests, s.interval_errors = [], 0, 0
+        return points + device_points(self.state_dir, self._cpu)
+
+    def prometheus(self, gauges: dict[str, float]) -> str:
+        """Return the cumulative serving metrics and `gauges` in the Prometheus text format."""
+        lines: list[str] = []
+        with self._lock:
+            serving = {
+                key: (s.total_requests, s.total_errors, s.latency_sum, list(s.buckets))
+                for key, s in self._serving.items()
+            }
+        lines += ["# HELP autodl_requests_total Inference requests served.", "# TYPE autodl_requests_total counter"]
+        lines += [f"autodl_requests_total{_labels(k)} {v[0]}" for k, v in sorted(serving.items())]
+        lines += ["# HELP autodl_errors_total Inference requests that failed.", "# TYPE autodl_errors_total counter"]
+        lines += [f"autodl_errors_total{_labels(k)} {v[1]}" for k, v in sorted(serving.items())]
+        lines += ["# HELP autodl_request_seconds Inference latency.", "# TYPE autodl_request_seconds histogram"]
+        for key, (count, _, total, buckets) in sorted(serving.items()):
+            running = 0
+            for bound, n in zip(BUCKETS, buckets, strict=True):
+                running += n
+                lines.append(f"autodl_request_seconds_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"autodl_request_seconds_bucket{_labels(key, le='+Inf')} {count}")
+            lines.append(f"autodl_request_seconds_sum{_labels(key)} {total}")
+            lines.append(f"autodl_request_seconds_count{_labels(key)} {count}")
+        for name, value in sorted(gauges.items()):
+            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name} {value}"]
+        for name, value, labels in device_points(self.state_dir, None):
+            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name}{_label_text(labels)} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _label_text(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())) + "}"
+
+
+def _labels(key: tuple[str, str], **extra: str) -> str:
+    return _label_text({**metrics.serving_labels(*key), **extra})
+
+
+class _CpuSampler:
+    """CPU busy percent between two reads of /proc/stat."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    def percent(self) -> float | None:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] == last[0]:
+            return None
+        total, idle = now[0] - last[0], now[1] - last[1]
+        return 100.0 * (total - idle) / total
+
+
+def device_points(state_dir: Path, cpu: _CpuSampler | None) -> list[Point]:
+    """Return what can be read of CPU, memory, disk, temperature and GPU on this machine."""
+    points: list[Point] = []
+    if cpu is not None and (busy := cpu.percent()) is not None:
+        points.append(("cpu_percent", busy, {}))
+    meminfo = _meminfo()
+    if "MemTotal" in meminfo and "MemAvailable" in meminfo:
+        used = meminfo["MemTotal"] - meminfo["MemAvailable"]
+        points.append(("memory_used_bytes", float(used), {}))
+        points.append(("memory_percent", 100.0 * used / max(meminfo["MemTotal"], 1), {}))
+    rss = _rss_bytes()
+    if rss is not None:
+        points.append(("process_rss_bytes", float(rss), {}))
+    try:
+        disk = shutil.disk_usage(state_dir if state_dir.exists() else state_dir.parent)
+        points.append(("disk_free_bytes", float(disk.free), {}))
+        points.append(("disk_used_percent", 100.0 * disk.used / max(disk.total, 1), {}))
+    except OSError:
+        pass
+    points += [("temperature_c", value, {"zone": zone}) for zone, value in _temperatures()]
+    points += _gpu_points()
+    return points
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def _rss_bytes() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _temperatures() -> Iterator[tuple[str, float]]:
+    for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
+        try:
+            kind = (zone / "type").read_text().strip() or zone.name
+            yield kind, int((zone / "temp").read_text().strip()) / 1000.0
+        except (OSError, ValueError):
+            continue
+
+
+_nvml: Any = None
+_nvml_state = {"tried": False}
+
+
+def _gpu_points() -> list[Point]:
+    """Return GPU utilisation and memory through NVML; nothing when pynvml or a GPU is absent."""
+    global _nvml
+    if not _nvml_state["tried"]:
+        _nvml_state["tried"] = True
+        try:
+            import pynvml  # optional: only where NVIDIA GPUs are
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # no library, no driver, no device: no GPU telemetry
+            _nvml = None
+    if _nvml is None:
+        return []
+    points: list[Point] = []
+    try:
+        for i in range(_nvml.nvmlDeviceGetCount()):
+            handle = _nvml.nvmlDeviceGetHandleByIndex(i)
+            util = _nvml.nvmlDeviceGetUtilizationRates(handle)
+            mem = _nvml.nvmlDeviceGetMemoryInfo(handle)
+            labels = {"gpu": str(i)}
+            points += [
+                ("gpu_utilization_percent", float(util.gpu), labels),
+                ("gpu_memory_used_bytes", float(mem.used), labels),
+            ]
+    except Exception:  # a GPU that went away mid-read is skipped this interval
+        return points
+    return points
