@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -99,18 +100,30 @@ def accuracy_ok(m: Measurement, policy: Policy) -> tuple[bool, str]:
 
 
 def measure_latency(
-    runners: Mapping[str, Callable[[], object]], *, runs: int = 30, warmup: int = 5
+    runners: Mapping[str, Callable[[], object]], *, runs: int = 30, warmup: int = 5, min_sample_ms: float = 2.0
 ) -> dict[str, float]:
-    """Return the median milliseconds per runner, interleaving runs so machine noise hits all alike."""
-    for run in runners.values():
+    """Return the median milliseconds per call for each runner.
+
+    Runs are interleaved (one sample of every runner per round) so machine noise hits all
+    alike; a sample of a sub-millisecond model times several calls, so a scheduler hiccup
+    in one call does not decide between two variants that differ by microseconds.
+    """
+    repeats: dict[str, int] = {}
+    for key, run in runners.items():
         for _ in range(warmup):
             run()
+        start = time.perf_counter()
+        run()
+        once_ms = (time.perf_counter() - start) * 1000
+        repeats[key] = max(1, min(1000, math.ceil(min_sample_ms / max(once_ms, 1e-6))))
     samples: dict[str, list[float]] = {key: [] for key in runners}
     for _ in range(runs):
         for key, run in runners.items():
+            n = repeats[key]
             start = time.perf_counter()
-            run()
-            samples[key].append((time.perf_counter() - start) * 1000)
+            for _ in range(n):
+                run()
+            samples[key].append((time.perf_counter() - start) * 1000 / n)
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
