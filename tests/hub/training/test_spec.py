@@ -113,3 +113,20 @@ def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "model.candidates[0]: unknown candidate 'mlp-huge'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_text_candidate_may_be_a_local_hugging_face_dir(tmp_path: Path) -> None:
+    from hub.training.zoo import minilm_dir
+
+    text = """
+task: text-classification
+data: {path: t.csv, target: label}
+model: {candidates: [CANDIDATE]}
+publish: {model: t}
+"""
+    spec = parse_spec(text.replace("CANDIDATE", str(minilm_dir())), base_dir=tmp_path)
+    assert spec.model.candidates == [str(minilm_dir())]
+    (tmp_path / "not-a-model").mkdir()
+    message = _error(text.replace("CANDIDATE", "not-a-model"))
+    assert "model.candidates[0]: unknown candidate 'not-a-model'" in message
+    assert "or a local Hugging Face model directory" in message
