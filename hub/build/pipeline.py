@@ -81,7 +81,6 @@ class _Context:
     reference: list[np.ndarray]
     exported: Path
     optimized: Path
-    has_conv: bool
     progress: Progress
     calibration_note: str = "calibration set"
     shaped: Path | None = None
@@ -128,8 +127,7 @@ def build(request: BuildRequest, workdir: Path, progress: Progress | None = None
     optimized = workdir / "model.onnx"
     fused = optimize(exported, optimized, request.transformer)
     check_against(optimized, request.validation, reference, request.output_names, step="optimize", atol=1e-3)
-    has_conv = any(n.op_type == "Conv" for n in onnx.load(str(exported), load_external_data=False).graph.node)
-    ctx = _Context(request, module, workdir, reference, exported, optimized, has_conv, say)
+    ctx = _Context(request, module, workdir, reference, exported, optimized, say)
     if request.calibration is None:
         ctx.calibration_note = "validation set (no calibration set given)"
 
@@ -199,7 +197,8 @@ def _make(ctx: _Context, recipe: Recipe, dest: Path, exclude: list[str]) -> tupl
             "calibration": ctx.calibration_note,
             "calibration_table": quantize.calibration_table(cache),
         }
-    if ctx.has_conv and not ctx.request.transformer:
+    if not ctx.request.transformer:
+        # Conv nets and MLPs: static QDQ (ORT's dynamic quantizer skips Gemm, so an MLP would stay fp32).
         cache = ctx.workdir / "calibration-cpu.json"
         source = ctx.static_source(target)
         quantize.static_int8(source, dest, ctx.calibration, target=target, exclude=exclude, cache=cache)
@@ -244,6 +243,7 @@ def _build_target(ctx: _Context, recipe: Recipe) -> _Artifact:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # the checker raises ValidationError and friends
         raise TargetBuildError("onnx-check", recipe.target.value, str(exc)) from exc
+    quantize.verify_precision(path, recipe.precision, recipe.target.value)
     measurement, outputs = _score(ctx, recipe, path)
     policy = gate.Policy(ctx.request.max_accuracy_drop, ctx.request.min_cosine)
     ok, why = gate.accuracy_ok(measurement, policy)
@@ -253,7 +253,7 @@ def _build_target(ctx: _Context, recipe: Recipe) -> _Artifact:
 
     ctx.progress(f"build {recipe.target.value}", f"{why}; measuring node sensitivity")
     op_types = ("Conv", "MatMul", "Gemm", "Attention")
-    static = recipe.method == "int8-tensorrt" or (ctx.has_conv and not ctx.request.transformer)
+    static = recipe.method == "int8-tensorrt" or not ctx.request.transformer
     source = ctx.static_source(recipe.target.value) if static else (ctx.shaped or ctx.optimized)
     candidates = quantize.quantizable_nodes(source, op_types)
     probe = ctx.workdir / "probe.onnx"

@@ -20,6 +20,7 @@ __all__ = [
     "fp16",
     "infer_shapes",
     "preprocess",
+    "verify_precision",
     "quantizable_nodes",
     "static_int8",
 ]
@@ -187,3 +188,28 @@ def preprocess(source: Path, dest: Path, target: str) -> Path:
     except Exception as exc:  # the pre-processor raises bare Exceptions
         raise TargetBuildError("quantize-preprocess", target, f"{type(exc).__name__}: {exc}") from exc
     return dest
+
+
+_INT8_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger",
+                       "QAttention", "QLinearConv", "QLinearMatMul", "ConvInteger", "QEmbedLayerNormalization"})  # fmt: skip
+
+
+def verify_precision(path: Path, precision: str, target: str) -> None:
+    """Raise TargetBuildError when a recipe left the graph in its old precision.
+
+    The quantizers skip what they cannot handle (float64 weights, unknown ops) without
+    an error; an "int8" artifact that is really fp32 must not be published as one.
+    """
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if precision == "int8" and not any(node.op_type in _INT8_OPS for node in graph.node):
+        kinds = sorted({onnx.TensorProto.DataType.Name(i.data_type) for i in graph.initializer})
+        raise TargetBuildError(
+            "quantize",
+            target,
+            f"no operator was quantized (weights are {', '.join(kinds) or 'none'}); INT8 cannot be built",
+        )
+    if precision == "fp16" and not any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
+        kinds = sorted({onnx.TensorProto.DataType.Name(i.data_type) for i in graph.initializer})
+        raise TargetBuildError(
+            "convert-fp16", target, f"no weight became float16 (weights are {', '.join(kinds) or 'none'})"
+        )

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from hub.build import gate
-from hub.build.errors import BuildInputError, CalibrationError, ExportError
+from hub.build.errors import BuildInputError, CalibrationError, ExportError, TargetBuildError
 from hub.build.pipeline import BuildResult, build
 from hub.build.request import BuildRequest
 from hub.build.runner import make_session
@@ -149,3 +149,28 @@ def test_unknown_target(digits: Digits) -> None:
     with pytest.raises(BuildInputError) as info:
         request(digits, targets=("cpu-fp32", "tpu-int4"))
     assert info.value.step == "targets" and "tpu-int4" in info.value.message
+
+
+def test_mlp_gets_a_real_int8_variant(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    req = BuildRequest(name="mlp", version="1.0.0", model=mlp, validation={"x": x}, task="regression",
+                       targets=("cpu-fp32", "cpu-int8"), max_accuracy_drop=0.05)  # fmt: skip
+    result = build(req, tmp_path)
+    entry = next(e for e in result.report if e.measurement.target == TargetId.CPU_INT8)
+    assert entry.measurement.metric == "r2_vs_torch" and (entry.measurement.value or 0) > 0.95
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model-int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops  # Gemm layers really quantized, not silently left fp32
+
+
+def test_target_that_cannot_be_built_from_this_model(tmp_path: Path) -> None:
+    # float64 weights: the INT8 quantizers skip every operator, so there is no INT8 model to ship.
+    double = torch.nn.Sequential(torch.nn.Linear(8, 4)).double().eval()
+    x = np.random.default_rng(0).normal(size=(16, 8))
+    req = BuildRequest(name="dbl", version="1.0.0", model=double, validation={"x": x}, task="embedding",
+                       targets=("cpu-fp32", "cpu-int8"))  # fmt: skip
+    with pytest.raises(TargetBuildError) as info:
+        build(req, tmp_path)
+    assert (info.value.step, info.value.target) == ("quantize", "cpu-int8")
+    assert "DOUBLE" in info.value.message
