@@ -11,6 +11,7 @@ from hub import __version__
 from hub.build.cli import build_command
 from hub.cli_admin import DatabaseUrlOpt, DataDirOpt, init, key_app, load_settings, token_app
 from hub.cli_fleet import command_app, device_app, model_app
+from hub.demo import demo
 from hub.rollouts_cli import rollout_app
 from hub.training.command import train
 
@@ -24,6 +25,7 @@ app.add_typer(command_app, name="command")
 app.add_typer(rollout_app, name="rollout")
 app.command()(train)
 app.command("build")(build_command)
+app.command()(demo)
 
 
 @app.command()

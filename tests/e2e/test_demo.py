@@ -1,0 +1,67 @@
+"""`autodl-hub demo` end to end: the real command trains, rolls out and serves, then Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+_SCRIPT = Path(sys.executable).with_name("autodl-hub")
+_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli import main; main()"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """Read the demo's output until its JSON summary line."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("{"):
+            summary: dict[str, Any] = json.loads(line)
+            return summary
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError("no summary from the demo:\n" + "".join(seen[-40:]))
+
+
+def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
+    args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "2", "--requests", "5", "--json"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        summary = _summary(proc, timeout=480)
+        assert summary["rollout"]["state"] == "succeeded", summary["rollout"]
+        assert len(summary["versions"]) == 2
+        candidate = summary["versions"][1]
+        assert [d["serving"] for d in summary["devices"]] == [candidate, candidate]
+        assert {d["labels"]["ring"] for d in summary["devices"]} == {"canary", "stable"}
+        assert summary["inference"]["requests"] == 5
+        assert summary["inference"]["model_version"] == candidate
+        assert summary["inference"]["accuracy"] >= 0.6  # real digits through a real model
+        assert summary["telemetry_points"] > 0
+        hub_port = int(summary["hub_url"].rsplit(":", 1)[1])
+        ports = [hub_port, *(d["port"] for d in summary["devices"])]
+        assert all(_listening(p) for p in ports)
+
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        assert proc.wait(60) == 0
+        assert not any(_listening(p) for p in ports)  # hub and both agents are gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
