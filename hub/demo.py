@@ -217,7 +217,7 @@ class Demo:
         for agent in agents:
             self.api(key, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": baseline})
         for agent in agents:
-            _wait(f"{agent.name} to serve {baseline}", lambda a=agent: a.serving() == baseline, 180, self.children)
+            _wait(f"{agent.name} to serve {baseline}", functools.partial(agent.serves, baseline), 180, self.children)
         self.say(f"both agents serve {baseline}")
 
         rollout = self.rollout(key, candidate, agents)
@@ -361,6 +361,10 @@ class DemoAgent:
 
         response = httpx.get(f"{self.url}/v2/models/{MODEL}", timeout=5)
         return str(response.json()["versions"][0]) if response.status_code == 200 else None
+
+    def serves(self, version: str) -> bool:
+        """Return True when the local API serves `version` of the model."""
+        return self.serving() == version
 
     def predict(self, images: list[str]) -> dict[str, Any]:
         import httpx
