@@ -91,9 +91,16 @@ def send_command(
             except Exception as exc:  # a broker hiccup leaves the row pending; it goes out on reconnect
                 logger.warning("command %s to %s not sent now: %s", row.id, row.device_id, exc)
                 continue
-            row.status = CommandStatus.SENT.value
-            session.add(row)
+            # Conditional: a fast device may have answered already (the ingest writer set
+            # succeeded/failed), and "sent" must not overwrite its result.
+            session.execute(
+                update(Command)
+                .where(col(Command.id) == row.id, col(Command.status) == CommandStatus.PENDING.value)
+                .values(status=CommandStatus.SENT.value)
+            )
         session.commit()
+        for row in rows:
+            session.refresh(row)
     return rows
 
 

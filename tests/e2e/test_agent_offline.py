@@ -1,0 +1,156 @@
+"""Agent offline end to end: real mosquitto, real `autodl-hub serve`, real `autodl-agent run`.
+
+The broker goes away; the agent keeps serving and buffers over 10,000 telemetry points on
+disk; it is killed with SIGKILL while offline and started again; the broker comes back;
+every point reaches the hub's database exactly once. Every command round-trips through
+the hub's API with its result. A version whose latency degrades after activation is
+rolled back by the agent's health window.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.agent.models import make_release
+from tests.agent.process import wait_until
+from tests.e2e.offline_fleet import OfflineFleet, infer, slow_linear_onnx
+from tests.e2e.test_agent_core import MODEL, deploy, hub_reported, upload
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+POINTS = 10_000
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[OfflineFleet]:
+    env = {
+        "AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.005",  # many points fast
+        "AUTODL_AGENT_HEARTBEAT_S": "1",
+        "AUTODL_AGENT_HEALTH_WINDOW_S": "2",
+    }
+    fleet = OfflineFleet(tmp_path, env)
+    try:
+        key = Ed25519PrivateKey.generate()
+        for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
+            upload(fleet.hub, make_release(key, MODEL, version, seed=seed))
+        deploy(fleet.hub, fleet.device, "1.0.0")
+        wait_until(lambda: fleet.agent.serving(MODEL) == "1.0.0", 60, "v1 served")
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: OfflineFleet) -> None:
+    wait_until(lambda: fleet.hub_seqs(), 30, "first telemetry at the hub")
+    fleet.broker.stop()
+    wait_until(lambda: not fleet.status()["connected"], 30, "agent sees the broker gone")
+
+    # Offline: inference goes on, points pile up on disk.
+    served = [infer(fleet.agent.url) for _ in range(20)]
+    assert set(served) == {"1.0.0"}
+    wait_until(lambda: fleet.status()["outbox"]["telemetry_pending"] >= POINTS // 2, 120, "half the backlog")
+    fleet.agent.kill9()
+    fleet.agent.start()
+    fleet.agent.wait_live()
+    wait_until(lambda: fleet.agent.serving(MODEL) == "1.0.0", 60, "v1 restored offline")
+    assert infer(fleet.agent.url) == "1.0.0"
+    buffered = wait_until(
+        lambda: (n := fleet.status()["outbox"]["telemetry_pending"]) >= POINTS and n, 120, f"{POINTS} points"
+    )
+    assert buffered >= POINTS
+
+    fleet.broker.start()
+    # Stop producing points (a command through the hub), then everything must drain.
+    result = fleet.command("set-config", {"telemetry_interval_s": 3600})
+    assert result["status"] == "succeeded", result
+    outbox = fleet.wait_drained()
+    assert outbox["dropped"] == 0
+    last = outbox["last_telemetry_seq"]
+    assert last >= POINTS
+    seqs = wait_until(lambda: (s := fleet.hub_seqs()) and len(s) >= last and s, 120, "every point at the hub")
+    assert len(seqs) == last, "duplicates or extra points at the hub"
+    assert seqs == list(range(1, last + 1)), "a point is missing"
+    with fleet.hub.api() as client:
+        device = client.get(f"/devices/{fleet.device}").json()
+    assert device["online"] is True
+
+
+def test_every_command_round_trips_through_the_hub(fleet: OfflineFleet) -> None:
+    ping = fleet.command("ping")
+    assert ping["status"] == "succeeded" and ping["result"]["pong"] is True
+
+    deployed = fleet.command("deploy", {"model": MODEL, "version": "2.0.0"})
+    assert deployed["status"] == "succeeded", deployed
+    assert fleet.agent.serving(MODEL) == "2.0.0"
+
+    back = fleet.command("rollback", {"model": MODEL})
+    assert back["status"] == "succeeded" and back["result"]["version"] == "1.0.0"
+    assert fleet.agent.serving(MODEL) == "1.0.0"
+    again = fleet.command("rollback", {"model": MODEL})
+    assert again["status"] == "failed" and "no previous version" in again["error"]
+
+    reloaded = fleet.command("reload", {"model": MODEL})
+    assert reloaded["status"] == "succeeded" and reloaded["result"]["reloaded"] == {MODEL: "1.0.0"}
+
+    bad = fleet.command("set-config", {"telemetry_interval_s": -1})
+    assert bad["status"] == "failed" and "invalid configuration" in bad["error"]
+    config = fleet.command("set-config", {"log_level": "DEBUG", "heartbeat_s": 2})
+    assert config["status"] == "succeeded" and config["result"]["applied"]["heartbeat_s"] == 2
+
+    diagnostics = fleet.command("diagnostics")
+    assert diagnostics["status"] == "succeeded"
+    report = diagnostics["result"]
+    assert {m["name"]: m["active"] for m in report["models"]} == {MODEL: "1.0.0"}
+    assert report["outbox"]["dropped"] == 0 and report["profile"]["arch"]
+    assert report["commands"]["succeeded"] >= 5
+
+    before = fleet.agent.proc.pid if fleet.agent.proc else None
+    restarted = fleet.command("restart")
+    assert restarted["status"] == "succeeded" and restarted["result"] == {"restarting": True}
+    # execv keeps the pid; the process answers again with the persisted configuration.
+    wait_until(lambda: fleet.command("ping", timeout=30)["result"]["uptime_s"] < 30, 60, "restarted agent")
+    assert fleet.agent.proc is not None and fleet.agent.proc.pid == before
+    assert fleet.command("diagnostics")["result"]["models"][0]["active"] == "1.0.0"
+
+
+def test_a_version_whose_latency_degrades_is_rolled_back(fleet: OfflineFleet, tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    upload(fleet.hub, make_release(key, MODEL, "3.0.0", seed=1, model_bytes=slow_linear_onnx(seed=1)))
+    fast = [infer(fleet.agent.url) for _ in range(60)]  # the baseline of 1.0.0
+    assert set(fast) == {"1.0.0"}
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                infer(fleet.agent.url)
+            except httpx.HTTPError:
+                pass
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        deploy(fleet.hub, fleet.device, "3.0.0")
+        reported = wait_until(
+            lambda: (
+                (m := hub_reported(fleet.hub, fleet.device).get("models", {}).get(MODEL, {}))
+                and m.get("state") == "rolled_back"
+                and m
+            ),
+            90,
+            "automatic rollback reported to the hub",
+        )
+    finally:
+        stop.set()
+        worker.join(10)
+    assert reported["active"] == "1.0.0"
+    assert "p95 latency" in reported["error"] and "3.0.0" in reported["error"]
+    assert fleet.agent.serving(MODEL) == "1.0.0"
+    # The desired state still names 3.0.0; the agent does not bring the bad version back.
+    assert infer(fleet.agent.url) == "1.0.0"
