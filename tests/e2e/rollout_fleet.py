@@ -6,12 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from hub.broker import EmbeddedBroker
 from hub.config import HubSettings
@@ -22,7 +26,7 @@ from hub.security import create_api_key, create_enrollment_token, load_or_create
 from tests.agent.models import make_release, write_files
 from tests.support.processes import free_port, wait_for_port
 
-__all__ = ["AgentProcess", "HubProcess", "wait_for"]
+__all__ = ["AgentProcess", "HubProcess", "Traffic", "slow_linear_onnx", "wait_for"]
 
 BIN = Path(sys.executable).parent
 HUB_USER = "autodl-hub"
@@ -40,6 +44,77 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 90.0, every:
             pass  # a process that is (re)starting
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def slow_linear_onnx(weights: np.ndarray, bias: np.ndarray, width: int = 768, layers: int = 24) -> bytes:
+    """Return y = x @ W + b, like tests.agent.models.linear_onnx, but slow: it also runs a deep
+    tanh MLP on x whose result joins the output multiplied by zero (same answers, more work)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(weights, "W"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array((rng.normal(size=(4, width)) / 2).astype(np.float32), "A"),
+        numpy_helper.from_array((rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32), "B"),
+        numpy_helper.from_array(np.zeros((1,), dtype=np.float32), "zero"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h0"])]
+    for i in range(layers):
+        nodes += [
+            helper.make_node("MatMul", [f"h{i}", "B"], [f"m{i}"]),
+            helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceSum", [f"h{layers}"], ["s"], keepdims=1),
+        helper.make_node("Mul", ["s", "zero"], ["nothing"]),
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["xwb"]),
+        helper.make_node("Add", ["xwb", "nothing"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class Traffic:
+    """Requests to every agent's OIP v2 endpoint from a background thread, as clients would send."""
+
+    def __init__(self, agents: list[AgentProcess], model: str) -> None:
+        self.agents, self.model = agents, model
+        self.sent = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                for agent in self.agents:
+                    if agent.proc is None:
+                        continue
+                    try:
+                        response = client.post(f"http://127.0.0.1:{agent.port}/v2/models/{self.model}/infer", json=body)
+                        self.sent += 1
+                        self.failed += response.status_code != 200
+                    except httpx.HTTPError:
+                        self.failed += 1
+                self._stop.wait(0.01)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60.0) -> None:
@@ -175,6 +250,10 @@ class AgentProcess:
             "AUTODL_AGENT_WARMUP_RUNS": "0",
             "AUTODL_AGENT_INTRA_OP_THREADS": "1",
             "AUTODL_AGENT_DISK_RESERVE_MB": "0",
+            "AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.5",
+            # The agent's own health window would roll a slow version back by itself; these
+            # tests are about the hub's analysis, so only a 1000x slowdown would trip it.
+            "AUTODL_AGENT_HEALTH_LATENCY_RATIO": "1000",
         }
 
     def enroll(self, hub_url: str, token: str) -> str:

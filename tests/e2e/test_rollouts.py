@@ -1,8 +1,9 @@
 """Rollouts end to end: a real hub process, mosquitto, and six real `autodl-agent run` processes.
 
 Each test first puts the whole fleet on a known version, then rolls out another one and
-checks what the agents' local APIs serve. Versions: 1.0.0, 2.0.0, 3.0.0 and 4.0.0 are
-good; 2.1.0 fails its smoke test (its manifest sample does not match the model).
+checks what the agents' local APIs serve. Versions: 1.0.0, 2.0.0, 3.0.0, 4.0.0 and 5.0.0
+are good; 2.1.0 fails its smoke test (its manifest sample does not match the model); 5.1.0
+gives the same answers as 5.0.0 but takes far longer to compute them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from hub.broker import EmbeddedBroker
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
+from tests.agent.models import linear_weights
+from tests.e2e.rollout_fleet import AgentProcess, HubProcess, Traffic, slow_linear_onnx, start_broker, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,6 +28,8 @@ VERSIONS: dict[str, dict[str, Any]] = {
     "2.1.0": {"seed": 5, "wrong_sample": True},
     "3.0.0": {"seed": 3},
     "4.0.0": {"seed": 4},
+    "5.0.0": {"seed": 6},
+    "5.1.0": {"seed": 6, "slow": True},
 }
 
 
@@ -77,7 +81,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     hub = HubProcess(root / "hub", broker)
     agents: list[AgentProcess] = []
     try:
-        key, token = hub.prepare(MODEL, VERSIONS)
+        versions = {
+            v: {k: a for k, a in kwargs.items() if k != "slow"}
+            | (
+                {"model_bytes": slow_linear_onnx(*linear_weights(kwargs["seed"]), layers=64)}
+                if kwargs.get("slow")
+                else {}
+            )
+            for v, kwargs in VERSIONS.items()
+        }
+        key, token = hub.prepare(MODEL, versions)
         hub.start()
         for i in range(AGENTS):
             agent = AgentProcess(root / f"agent{i}")
@@ -153,6 +166,20 @@ def test_agent_offline_for_the_whole_rollout_converges_when_back(fleet: Fleet) -
     wait_for("the returning agent to serve 4.0.0", lambda: away.serving(MODEL) == "4.0.0")
     wait_for("the hub to hear about it", lambda: _reported(fleet, away.device_id) == "4.0.0")
     assert set(fleet.serving().values()) == {"4.0.0"}
+
+
+def test_version_with_degraded_latency_is_rolled_back_by_the_analysis(fleet: Fleet) -> None:
+    fleet.converge("5.0.0")
+    with Traffic(fleet.agents, MODEL) as traffic:
+        rollout_id = fleet.start("5.1.0", [20, 100], min_observation_s=8.0, min_requests=5, max_latency_increase=1.0)
+        detail = fleet.finished(rollout_id)
+    assert detail["state"] == "failed", detail["reason"]
+    assert "p95 latency" in detail["reason"] and "on 5.1.0 vs" in detail["reason"], detail["reason"]
+    canary = [d["device_id"] for d in detail["device_states"] if d["cohort_step"] == 1]
+    assert {d["state"] for d in detail["device_states"] if d["device_id"] in canary} == {"reverted"}
+    # The canary served 5.1.0 (its own telemetry is what failed it) and is back on 5.0.0.
+    wait_for("every agent to serve 5.0.0 again", lambda: set(fleet.serving().values()) == {"5.0.0"})
+    assert traffic.sent > 0 and traffic.failed == 0
 
 
 def _device(fleet: Fleet, device_id: str) -> dict[str, Any]:
