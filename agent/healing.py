@@ -197,6 +197,11 @@ class HealthMonitor:
                 if reason is not None and window.previous is not None:
                     self.on_rollback(name, f"health window: {reason}")
                 elif reason is None:
+                    stats = self.telemetry.version_stats(name, window.version)
+                    if stats.requests < self.settings.health_min_requests:
+                        logger.info(
+                            "%s %s: %d requests in the window, too few to judge", name, window.version, stats.requests
+                        )
                     self.on_commit(name, window.version)
                 else:
                     logger.warning("%s %s is unhealthy (%s) with nothing to roll back to", name, window.version, reason)

@@ -32,7 +32,10 @@ def fleet(tmp_path: Path) -> Iterator[OfflineFleet]:
     env = {
         "AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.005",  # many points fast
         "AUTODL_AGENT_HEARTBEAT_S": "1",
-        "AUTODL_AGENT_HEALTH_WINDOW_S": "2",
+        # Long enough for the slow version to collect its evidence on a busy machine;
+        # the rollback itself happens as soon as enough requests are in.
+        "AUTODL_AGENT_HEALTH_WINDOW_S": "60",
+        "AUTODL_AGENT_HEALTH_MIN_REQUESTS": "10",
     }
     fleet = OfflineFleet(tmp_path, env)
     try:
