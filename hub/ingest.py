@@ -17,12 +17,12 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, Table, Text, bindparam, cast, func, or_, update
 from sqlalchemy import select as sa_select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from hub.models import Command, CommandStatus, Device, TelemetryPoint, utcnow
@@ -202,20 +202,74 @@ def insert_telemetry(session: Session, rows: Sequence[dict[str, Any]], *, now: d
         return 0
     table: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
+    stmt: Any = None
+    inserted = 0
     if dialect == "postgresql":
-        stmt: Any = _pg_insert_from_arrays(table, unique)
-        params: Any = None
+        stmt = _pg_insert_from_arrays(table, unique)
     elif dialect == "sqlite":
-        # One cached statement run with many parameter sets (SQLAlchemy batches them).
-        stmt, params = sqlite.insert(table), list(unique)
+        inserted = _sqlite_insert(session, unique)
     else:
         raise NotImplementedError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
-    # RETURNING counts the new rows on both dialects (rowcount is not reliable here).
-    stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "seq"]).returning(table.c.seq)
-    inserted = len(session.execute(stmt, params).all())
+    if stmt is not None:
+        # RETURNING counts the new rows (rowcount is not reliable for this statement).
+        stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "seq"]).returning(table.c.seq)
+        inserted = len(session.execute(stmt).all())
     devices = sorted({r["device_id"] for r in unique})
     session.execute(update(Device).where(col(Device.id).in_(devices)).values(online=True, last_seen=now or utcnow()))
     return inserted
+
+
+_SQLITE_INSERT = (
+    "INSERT INTO telemetry_point (device_id, seq, ts, name, value, labels) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (device_id, seq) DO NOTHING"
+)
+
+
+def _sqlite_ts(ts: datetime | str) -> str:
+    """Return `ts` as SQLAlchemy stores a DateTime in SQLite (UTC, no offset); a str is that already."""
+    if isinstance(ts, str):
+        return ts
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts.isoformat(" ", "microseconds")
+
+
+def _labels_json(labels: dict[str, str], cache: dict[tuple[tuple[str, str], ...], str]) -> str:
+    """Return `labels` as JSON; most points of a batch share their labels, so memoize per call."""
+    if not labels:
+        return "{}"
+    key = tuple(labels.items())
+    text = cache.get(key)
+    if text is None:
+        text = cache[key] = json.dumps(labels)
+    return text
+
+
+def _sqlite_insert(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert with one sqlite3 executemany of plain tuples; return how many rows were new.
+
+    SQLAlchemy's insertmanyvalues path (with RETURNING) costs several times the insert
+    itself; the driver's executemany in the session's transaction does not, and
+    ``total_changes`` counts what DO NOTHING skipped out.
+    """
+    driver = session.connection().connection.driver_connection
+    assert driver is not None
+    cache: dict[tuple[tuple[str, str], ...], str] = {}
+    params = [
+        (r["device_id"], r["seq"], _sqlite_ts(r["ts"]), r["name"], r["value"], _labels_json(r["labels"], cache))
+        for r in rows
+    ]
+    before = driver.total_changes
+    driver.executemany(_SQLITE_INSERT, params)
+    changed: int = driver.total_changes - before
+    return changed
+
+
+def _aware(ts: datetime | str) -> datetime:
+    """Return a row's time as an aware datetime (fast-path rows carry SQLite's UTC string)."""
+    if isinstance(ts, str):
+        return datetime.fromisoformat(ts).replace(tzinfo=UTC)
+    return ts
 
 
 def _pg_insert_from_arrays(table: Table, rows: Sequence[dict[str, Any]]) -> Any:
@@ -227,7 +281,7 @@ def _pg_insert_from_arrays(table: Table, rows: Sequence[dict[str, Any]]) -> Any:
     arrays: dict[str, tuple[Any, list[Any]]] = {
         "device_id": (Text(), [r["device_id"] for r in rows]),
         "seq": (BigInteger(), [r["seq"] for r in rows]),
-        "ts": (DateTime(timezone=True), [r["ts"] for r in rows]),
+        "ts": (DateTime(timezone=True), [_aware(r["ts"]) for r in rows]),
         "name": (Text(), [r["name"] for r in rows]),
         "value": (Float(), [r["value"] for r in rows]),
         "labels": (Text(), [json.dumps(r["labels"]) for r in rows]),

@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from hub import ingest
 from hub.ingest import IngestRejected, MessageCounters
+from hub.telemetry_decode import TelemetryRows
 from shared.messages import CommandResult, Presence, ReportedState, TelemetryBatch
 
 __all__ = ["Inbound", "IngestWriter"]
@@ -40,11 +41,22 @@ _RESYNC = object()
 class Inbound:
     """A validated device message waiting for the writer thread."""
 
-    message: ReportedState | CommandResult | TelemetryBatch | Presence
+    message: ReportedState | CommandResult | TelemetryBatch | TelemetryRows | Presence
     live: bool  # False for a retained message replayed at subscribe time
     mid: int
     qos: int
     received_at: datetime
+
+
+_Telemetry = TelemetryRows | TelemetryBatch
+
+
+def _count(message: _Telemetry) -> int:
+    return message.count if isinstance(message, TelemetryRows) else len(message.points)
+
+
+def _rows(message: _Telemetry) -> list[dict[str, Any]]:
+    return message.rows if isinstance(message, TelemetryRows) else ingest.telemetry_rows(message)
 
 
 class IngestWriter:
@@ -113,11 +125,11 @@ class IngestWriter:
                 if item is _RESYNC:
                     self._on_resync()
                 elif isinstance(item, Inbound):
-                    if isinstance(item.message, TelemetryBatch):
+                    if isinstance(item.message, TelemetryRows | TelemetryBatch):
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(item)
-                        points += len(item.message.points)
+                        points += _count(item.message)
                     else:
                         self._apply(item)
                 if pending and (points >= self.batch_size or time.monotonic() - oldest >= self.flush_s):
@@ -139,7 +151,7 @@ class IngestWriter:
             except queue.Empty:
                 return
             if isinstance(item, Inbound):
-                if isinstance(item.message, TelemetryBatch):
+                if isinstance(item.message, TelemetryRows | TelemetryBatch):
                     pending.append(item)
                 else:
                     self._apply(item)
@@ -189,13 +201,13 @@ class IngestWriter:
     def _flush(self, pending: list[Inbound]) -> None:
         if not pending:
             return
-        batches = [i.message for i in pending if isinstance(i.message, TelemetryBatch)]
+        batches = [i.message for i in pending if isinstance(i.message, TelemetryRows | TelemetryBatch)]
         seen = max(i.received_at for i in pending)
 
-        def work(session: Session) -> tuple[list[TelemetryBatch], list[TelemetryBatch], int, int]:
+        def work(session: Session) -> tuple[list[_Telemetry], list[_Telemetry], int, int]:
             known = ingest.active_devices(session, (b.device_id for b in batches))
             accepted = [b for b in batches if b.device_id in known]
-            rows = [row for b in accepted for row in ingest.telemetry_rows(b)]
+            rows = [row for b in accepted for row in _rows(b)]
             written = ingest.insert_telemetry(session, rows, now=seen)
             return accepted, [b for b in batches if b.device_id not in known], len(rows), written
 
