@@ -1,0 +1,485 @@
+"""A simulated fleet against a real hub: enrollment, connect, rollout convergence, telemetry ingest.
+
+Starts ``autodl-hub serve`` (SQLite, its embedded mosquitto) in a temp dir, publishes two
+versions of a small model, then for each fleet size N:
+
+- enrolls N devices over HTTP with the agent's own ``agent.enrollment.enroll``;
+- connects them all from ONE process on one selector-driven loop: every device is the
+  agent's real ``agent.sync.MqttSession`` (its paho client, last will, subscriptions and
+  callbacks: presence on connect, desired state decoded and handed on), but instead of the
+  session's two threads per device, paho's ``loop_read/loop_write/loop_misc`` are driven
+  from a ``selectors`` loop (paho's ``loop_start`` stops near 1,024 file descriptors);
+- the model runtime is a no-op: a device "runs" a version the moment its desired state
+  names it and publishes its reported state (the agent's ``reported_state`` builder);
+- starts a rollout of the new version to every device and times until every device has
+  reported it (PUBACK seen) and until the hub's rollout has succeeded;
+- fills each device's outbox (the agent's ``agent.store.Store``, in memory) with points and
+  drains it the way the agent's sender does (oldest batch, QoS 1, acknowledged rows leave
+  the outbox), timing until the hub's database holds every point.
+
+    .venv/bin/python bench/fleet.py                       # N = 100, 1000, 5000
+    .venv/bin/python bench/fleet.py --devices 1000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import selectors
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from agent.config import AgentSettings, Identity  # noqa: E402
+from agent.daemon import reported_state  # noqa: E402
+from agent.enrollment import enroll  # noqa: E402
+from agent.store import ModelRecord, Slot, Store  # noqa: E402
+from agent.sync import MqttSession  # noqa: E402
+from hub.config import HubSettings  # noqa: E402
+from hub.db import create_engine_for, migrate, session_factory  # noqa: E402
+from hub.models import Role  # noqa: E402
+from hub.registry import publish_version  # noqa: E402
+from hub.security import create_api_key, create_enrollment_token, load_or_create_signing_key  # noqa: E402
+from shared.codec import encode  # noqa: E402
+from shared.messages import DesiredState, TelemetryBatch, TelemetryPoint, UpdateState  # noqa: E402
+from shared.topics import DeviceChannel  # noqa: E402
+from tests.agent.models import make_release, write_files  # noqa: E402
+
+MODEL = "clf"
+BASELINE, CANDIDATE = "1.0.0", "2.0.0"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit (children, mosquitto too, inherit it)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@dataclass
+class SimDevice:
+    """One device: the agent's MqttSession and Store, run by the fleet's loop instead of threads."""
+
+    identity: Identity
+    settings: AgentSettings
+    fleet: Fleet
+    store: Store = field(init=False)
+    session: MqttSession = field(init=False)
+    running: str | None = None
+    revision: int = 0
+    reported_version: str | None = None  # the version of the last reported state the broker acknowledged
+    inflight: dict[int, tuple[str, Any]] = field(default_factory=dict)  # mid -> (what, detail)
+
+    def __post_init__(self) -> None:
+        self.store = Store(":memory:")
+        self.session = MqttSession(
+            self.identity, self.settings, on_desired=self.on_desired, on_connected=self.report, store=self.store
+        )
+        self.session._client.on_publish = self._on_publish
+        # The device starts on the baseline, as if an earlier deployment put it there.
+        self.store.save_model(ModelRecord(MODEL, UpdateState.COMMITTED, BASELINE, active=Slot(BASELINE, "cpu-fp32")))
+        self.running = BASELINE
+
+    @property
+    def client(self) -> mqtt.Client:
+        return self.session._client
+
+    def connect(self) -> None:
+        """Connect as MqttSession._run does (persistent session, keepalive, expiry)."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self.client.connect(
+            self.identity.mqtt_host,
+            self.identity.mqtt_port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+
+    def on_desired(self, desired: DesiredState) -> None:
+        """The no-op runtime: run what the desired state names at once, then report it."""
+        entry = desired.models.get(MODEL)
+        if entry is None:
+            return
+        self.revision = desired.revision
+        record = self.store.model(MODEL)
+        previous = record.active
+        slot = Slot(version=entry.version, target="cpu-fp32", manifest_url=str(entry.manifest_url))
+        self.store.save_model(
+            record.with_(active=slot, previous=previous, desired_version=entry.version, state=UpdateState.COMMITTED)
+        )
+        self.running = entry.version
+        self.report()
+
+    def report(self) -> None:
+        state = reported_state(self.identity, self.store, self.revision, None, [])
+        info = self.client.publish(self.session._topic(DeviceChannel.REPORTED), encode(state), qos=1, retain=True)
+        self.inflight[info.mid] = ("reported", self.running)
+
+    def send_telemetry(self, batch: int) -> bool:
+        """Send the oldest batch of the outbox as the agent's sender does; False when it is empty."""
+        if any(what == "telemetry" for what, _ in self.inflight.values()):
+            return True
+        rows = self.store.next_telemetry(batch)
+        if not rows:
+            return False
+        message = TelemetryBatch(
+            device_id=self.identity.device_id, points=[TelemetryPoint(seq=seq, **fields) for seq, fields in rows]
+        )
+        info = self.client.publish(self.session._topic(DeviceChannel.TELEMETRY), encode(message), qos=1)
+        self.inflight[info.mid] = ("telemetry", [seq for seq, _ in rows])
+        return True
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        what, detail = self.inflight.pop(mid, (None, None))
+        if what == "reported":
+            self.reported_version = detail
+        elif what == "telemetry":
+            self.store.ack_telemetry(detail)
+            self.fleet.points_acked += len(detail)
+
+
+@dataclass
+class Fleet:
+    """Many SimDevices on one selectors loop."""
+
+    devices: list[SimDevice] = field(default_factory=list)
+    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
+    points_acked: int = 0
+    _last_misc: float = 0.0
+
+    def attach(self, device: SimDevice) -> None:
+        client = device.client
+
+        def register_write(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+
+        def unregister_write(c: mqtt.Client, _u: Any, sock: Any) -> None:
+            self.selector.modify(sock, selectors.EVENT_READ, device)
+
+        device.connect()
+        sock = client.socket()
+        self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+        client.on_socket_register_write = register_write
+        client.on_socket_unregister_write = unregister_write
+        self.devices.append(device)
+
+    def step(self, timeout: float = 0.05) -> None:
+        """Run one round of the loop: socket I/O, then keepalives once a second."""
+        for key, events in self.selector.select(timeout):
+            client = key.data.client
+            if events & selectors.EVENT_READ:
+                client.loop_read()
+            if events & selectors.EVENT_WRITE:
+                client.loop_write()
+        now = time.monotonic()
+        if now - self._last_misc >= 1.0:
+            self._last_misc = now
+            for device in self.devices:
+                device.client.loop_misc()
+
+    def run_until(self, done: Any, timeout: float, what: str) -> float:
+        start = time.perf_counter()
+        while not done():
+            if time.perf_counter() - start > timeout:
+                raise TimeoutError(f"{what} not reached in {timeout}s")
+            self.step()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        for device in self.devices:
+            try:
+                device.client.disconnect()
+                device.client.loop_write()
+            except (OSError, ValueError):
+                pass
+            device.store.close()
+        self.selector.close()
+
+
+class Hub:
+    """``autodl-hub serve`` with its embedded mosquitto in a temp dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.mqtt_port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = HubSettings(data_dir=root / "hub", port=self.port)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def prepare(self, max_devices: int) -> tuple[str, str]:
+        engine = create_engine_for(self.settings)
+        migrate(engine)
+        key = load_or_create_signing_key(self.settings.signing_key)
+        with session_factory(engine)() as session:
+            for version, seed in ((BASELINE, 1), (CANDIDATE, 2)):
+                release = make_release(key, MODEL, version, seed)
+                publish_version(session, self.settings, release.manifest, write_files(release, self.root / version))
+            api_key = create_api_key(session, "bench", Role.OPERATOR, actor="bench", rate_limit="1000000/minute")[1]
+            token = create_enrollment_token(session, actor="bench", max_uses=max_devices)[1]
+        engine.dispose()
+        return api_key, token
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "AUTODL_HUB_DATA_DIR": str(self.root / "hub"),
+            "AUTODL_HUB_HOST": "127.0.0.1",
+            "AUTODL_HUB_PORT": str(self.port),
+            "AUTODL_HUB_PUBLIC_URL": self.url,
+            "AUTODL_HUB_MQTT_PORT": str(self.mqtt_port),
+            "AUTODL_HUB_MQTT_PUBLIC_HOST": "127.0.0.1",
+            "AUTODL_HUB_ENROLL_RATE_LIMIT": "1000000/minute",
+            "AUTODL_HUB_RATE_LIMIT": "1000000/minute",
+            "AUTODL_HUB_TELEMETRY_BATCH_SIZE": "5000",
+            "AUTODL_HUB_TELEMETRY_FLUSH_S": "0.2",
+            "AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "3600",
+        }
+        log = (self.root / "hub.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "autodl-hub"), "serve", "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the hub did not get ready: " + (self.root / "hub.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def processes(self) -> dict[str, psutil.Process]:
+        assert self.proc is not None
+        hub = psutil.Process(self.proc.pid)
+        found = {"hub": hub}
+        for child in hub.children(recursive=True):
+            if "mosquitto" in child.name():
+                found["mosquitto"] = child
+        return found
+
+    def stored_points(self) -> int:
+        conn = sqlite3.connect(f"file:{self.root / 'hub' / 'hub.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(conn.execute("SELECT count(*) FROM telemetry_point").fetchone()[0])
+        finally:
+            conn.close()
+
+    def api(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
+        response = httpx.request(
+            method, self.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60, **kwargs
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+class Usage:
+    """CPU seconds and peak RSS of the hub and its mosquitto over one phase."""
+
+    def __init__(self, procs: dict[str, psutil.Process]) -> None:
+        self.procs = procs
+        self.cpu0 = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+        self.t0 = time.perf_counter()
+
+    def result(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            used = sum(proc.cpu_times()[:2]) - self.cpu0[name]
+            out[f"{name}_cpu_pct"] = round(100 * used / max(wall, 1e-9), 1)
+            out[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+        return out
+
+
+def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one fleet size; return its row."""
+    root = hub.root / f"fleet-{n}"
+    settings = [AgentSettings(state_dir=root / f"d{i:05d}", keepalive_s=60, outbox_batch=args.batch) for i in range(n)]
+    logging.getLogger("agent").setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        identities = list(pool.map(lambda s: enroll(s, hub.url, token, s.state_dir.name, {"fleet": str(n)}), settings))
+    enroll_s = time.perf_counter() - t0
+
+    fleet = Fleet()
+    procs = hub.processes()
+    try:
+        usage = Usage(procs)
+        t0 = time.perf_counter()
+        for identity, s in zip(identities, settings, strict=True):
+            fleet.attach(SimDevice(identity, s, fleet))
+            fleet.step(0)
+        fleet.run_until(
+            lambda: all(d.reported_version == BASELINE for d in fleet.devices), args.timeout, "every device connected"
+        )
+        connect_s = time.perf_counter() - t0
+        connect_usage = usage.result()
+
+        usage = Usage(procs)
+        body = {
+            "model": MODEL,
+            "version": CANDIDATE,
+            "selector": {"labels": {"fleet": str(n)}},
+            "steps": [100],
+            "analysis": {
+                "min_observation_s": 0,
+                "min_devices_reporting": 1,
+                "max_error_rate_increase": None,
+                "max_latency_increase": None,
+                "update_timeout_s": 600,
+            },
+        }
+        t0 = time.perf_counter()
+        rollout_id = hub.api(api_key, "POST", "/rollouts", json=body)["id"]
+        fleet.run_until(
+            lambda: all(d.reported_version == CANDIDATE for d in fleet.devices), args.timeout, "every device on it"
+        )
+        converge_s = time.perf_counter() - t0
+        state = "running"
+        while state == "running" and time.perf_counter() - t0 < args.timeout:
+            for _ in range(20):
+                fleet.step(0.01)
+            state = hub.api(api_key, "GET", f"/rollouts/{rollout_id}")["state"]
+        rollout_s = time.perf_counter() - t0
+        rollout_usage = usage.result()
+
+        # Telemetry: fill every outbox, then drain it as the agent's sender does.
+        before = hub.stored_points()
+        stamp = datetime.now(UTC).isoformat()
+        per_device = args.points
+        for device in fleet.devices:
+            device.store.enqueue_telemetry([(stamp, "requests", float(i), {"model": MODEL}) for i in range(per_device)])
+        expected = per_device * n
+        fleet.points_acked = 0
+        usage = Usage(procs)
+        t0 = time.perf_counter()
+        pending = list(fleet.devices)
+        stored = before
+        last_check = 0.0
+        while time.perf_counter() - t0 < args.timeout:
+            pending = [d for d in pending if d.send_telemetry(args.batch)]
+            fleet.step(0.01)
+            if time.perf_counter() - last_check > 0.25:
+                last_check = time.perf_counter()
+                stored = hub.stored_points()
+                if stored - before >= expected:
+                    break
+        ingest_s = time.perf_counter() - t0
+        ingest_usage = usage.result()
+        stored = hub.stored_points() - before
+    finally:
+        fleet.close()
+    return {
+        "devices": n,
+        "enroll_s": round(enroll_s, 2),
+        "connect_s": round(connect_s, 2),
+        "converge_s": round(converge_s, 2),
+        "rollout_state": state,
+        "rollout_s": round(rollout_s, 2),
+        "points": expected,
+        "points_stored": stored,
+        "points_lost": expected - stored,
+        "ingest_s": round(ingest_s, 2),
+        "ingest_points_per_s": round(stored / ingest_s, 1),
+        "connect": connect_usage,
+        "rollout": rollout_usage,
+        "ingest": ingest_usage,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        ("devices", "devices", "{}"),
+        ("enroll_s", "enroll s", "{:.1f}"),
+        ("connect_s", "connect s", "{:.2f}"),
+        ("converge_s", "converge s", "{:.2f}"),
+        ("rollout_s", "rollout done s", "{:.2f}"),
+        ("points", "points", "{}"),
+        ("points_lost", "lost", "{}"),
+        ("ingest_points_per_s", "points/s", "{:.0f}"),
+    ]
+    phases = [("connect", "connect"), ("rollout", "rollout"), ("ingest", "ingest")]
+    header = (
+        [title for _, title, _ in columns] + [f"hub CPU % {t}" for _, t in phases] + ["hub RSS MB", "mosquitto RSS MB"]
+    )
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for row in rows:
+        cells = [fmt.format(row[key]) for key, _, fmt in columns]
+        cells += [f"{row[p].get('hub_cpu_pct', 0):.0f}" for p, _ in phases]
+        cells += [f"{row['ingest'].get('hub_rss_mb', 0):.0f}", f"{row['ingest'].get('mosquitto_rss_mb', 0):.0f}"]
+        lines.append(" | ".join(cells))
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+def main() -> None:
+    """Parse arguments, run every size against one hub, print the table (or JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, action="append", help="fleet size (repeatable; default 100, 1000, 5000)")
+    parser.add_argument("--points", type=int, default=100, help="telemetry points queued per device")
+    parser.add_argument(
+        "--batch", type=int, default=100, help="points per telemetry message (the agent's outbox_batch)"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for each phase")
+    parser.add_argument("--json", action="store_true", help="print JSON: the largest size's figures, and every row")
+    args = parser.parse_args()
+    sizes = sorted(args.devices or [100, 1000, 5000])
+    limit = raise_nofile()
+    if limit < 2 * max(sizes) + 200:
+        parser.error(f"the open-file hard limit {limit} is too low for {max(sizes)} devices")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="autodl-fleet-") as tmp:
+        hub = Hub(Path(tmp))
+        api_key, token = hub.prepare(sum(sizes))
+        hub.start()
+        try:
+            for n in sizes:
+                rows.append(run_size(hub, api_key, token, n, args))
+                if not args.json:
+                    print(f"N={n}: {json.dumps(rows[-1])}", file=sys.stderr)
+        finally:
+            hub.stop()
+    if args.json:
+        print(json.dumps({**rows[-1], "runs": rows}))
+    else:
+        print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
