@@ -79,7 +79,9 @@ def infer(url: str) -> str:
 class OfflineFleet:
     """mosquitto (dynamic security, stoppable), `autodl-hub serve` on it, one enrolled agent."""
 
-    def __init__(self, root: Path, agent_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, agent_env: dict[str, str] | None = None, hub_env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.broker = EmbeddedBroker(
             root / "mosquitto",
@@ -89,7 +91,11 @@ class OfflineFleet:
             bind_host="127.0.0.1",
         )
         self.broker.start()
-        env = {"AUTODL_HUB_MQTT_PASSWORD": HUB_PASSWORD, "AUTODL_HUB_MQTT_PUBLIC_PORT": str(self.broker.port)}
+        env = {
+            "AUTODL_HUB_MQTT_PASSWORD": HUB_PASSWORD,
+            "AUTODL_HUB_MQTT_PUBLIC_PORT": str(self.broker.port),
+            **(hub_env or {}),
+        }
         self.hub = HubProcess(root / "hub", mqtt_url=self.broker.url, env=env)
         self.hub.start()
         self.device = enroll(self.hub.url, self.hub.enrollment_token(), root / "agent")

@@ -10,6 +10,7 @@ rolled back by the agent's health window.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +82,37 @@ def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: O
     assert seqs == list(range(1, last + 1)), "a point is missing"
     with fleet.hub.api() as client:
         device = client.get(f"/devices/{fleet.device}").json()
+        served = client.get("/telemetry", params={"device_id": fleet.device, "name": "requests"}).json()
     assert device["online"] is True
+    # The serving points the rollout analysis reads, labelled with model and version.
+    assert served, "no requests telemetry at the hub"
+    # The local Prometheus view and the K3s probes.
+    metrics = httpx.get(f"{fleet.agent.url}/metrics", timeout=5).text
+    assert f'autodl_requests_total{{model="{MODEL}",version="1.0.0"}}' in metrics
+    assert "autodl_outbox_dropped_total 0" in metrics
+    assert httpx.get(f"{fleet.agent.url}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{fleet.agent.url}/readyz", timeout=5).status_code == 200
+
+
+def test_an_idle_connected_agent_stays_online_through_its_heartbeat(tmp_path: Path) -> None:
+    # No telemetry and no traffic: only the heartbeat keeps the hub's 2 s window satisfied.
+    env = {"AUTODL_AGENT_TELEMETRY_INTERVAL_S": "3600", "AUTODL_AGENT_HEARTBEAT_S": "0.5"}
+    fleet = OfflineFleet(tmp_path, env, hub_env={"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"})
+    try:
+
+        def online() -> bool:
+            with fleet.hub.api() as client:
+                return bool(client.get(f"/devices/{fleet.device}").json()["online"])
+
+        wait_until(online, 30, "device online")
+        deadline = time.monotonic() + 6  # three heartbeat windows
+        while time.monotonic() < deadline:
+            assert online(), "an idle but connected agent was marked offline"
+            time.sleep(0.3)
+        fleet.agent.kill9()  # no heartbeat any more: the will or the window marks it offline
+        wait_until(lambda: not online(), 30, "device offline after kill -9")
+    finally:
+        fleet.close()
 
 
 def test_every_command_round_trips_through_the_hub(fleet: OfflineFleet) -> None:
