@@ -144,7 +144,13 @@ def status(
     typer.echo(
         f"agent    {'running' if info['running'] else 'not running'}, {'connected' if info.get('connected') else 'disconnected'}"
     )
-    typer.echo(f"revision {info['applied_revision']}  outbox {info['outbox']}")
+    outbox = info["outbox"]
+    if isinstance(outbox, dict):
+        outbox = (
+            f"{outbox['telemetry_pending']} points + {outbox['messages_pending']} messages queued,"
+            f" {outbox['dropped']} points dropped"
+        )
+    typer.echo(f"revision {info['applied_revision']}  outbox {outbox}")
     for m in info["models"]:
         extra = f"  error: {m['error']}" if m.get("error") else ""
         typer.echo(f"model    {m['name']}: {m['state']} active={m['active']} previous={m['previous']}{extra}")
@@ -166,6 +172,7 @@ def _offline_status(settings: Any, identity: Any) -> dict[str, Any]:
     if settings.db_path.exists():
         store = Store(settings.db_path)
         info["applied_revision"] = int(store.get("applied_revision") or 0)
+        info["outbox"] = store.outbox_stats().__dict__
         info["models"] = [
             {
                 "name": r.name,
