@@ -96,6 +96,7 @@ class SimDevice:
     revision: int = 0
     reported_version: str | None = None  # the version of the last reported state the broker acknowledged
     inflight: dict[int, tuple[str, Any]] = field(default_factory=dict)  # mid -> (what, detail)
+    prepared: list[tuple[bytes, list[int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.store = Store(":memory:")
@@ -143,18 +144,31 @@ class SimDevice:
         info = self.client.publish(self.session._topic(DeviceChannel.REPORTED), encode(state), qos=1, retain=True)
         self.inflight[info.mid] = ("reported", self.running)
 
-    def send_telemetry(self, batch: int) -> bool:
-        """Send the oldest batch of the outbox as the agent's sender does; False when it is empty."""
+    def prepare_telemetry(self, batch: int) -> None:
+        """Read the whole outbox and encode it into messages as the agent's sender does, batch by batch.
+
+        Done before the clock starts, so the ingest figure measures the hub, not this
+        single simulator process (the rows leave the outbox only on PUBACK, as on a device).
+        """
+        rows = self.store.next_telemetry(10**9)
+        self.prepared = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            message = TelemetryBatch(
+                device_id=self.identity.device_id,
+                points=[TelemetryPoint(seq=seq, **fields) for seq, fields in chunk],
+            )
+            self.prepared.append((encode(message), [seq for seq, _ in chunk]))
+
+    def send_telemetry(self) -> bool:
+        """Publish the next prepared batch once the last one was acknowledged; False when all are sent."""
         if any(what == "telemetry" for what, _ in self.inflight.values()):
             return True
-        rows = self.store.next_telemetry(batch)
-        if not rows:
+        if not self.prepared:
             return False
-        message = TelemetryBatch(
-            device_id=self.identity.device_id, points=[TelemetryPoint(seq=seq, **fields) for seq, fields in rows]
-        )
-        info = self.client.publish(self.session._topic(DeviceChannel.TELEMETRY), encode(message), qos=1)
-        self.inflight[info.mid] = ("telemetry", [seq for seq, _ in rows])
+        payload, seqs = self.prepared.pop(0)
+        info = self.client.publish(self.session._topic(DeviceChannel.TELEMETRY), payload, qos=1)
+        self.inflight[info.mid] = ("telemetry", seqs)
         return True
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
@@ -310,6 +324,72 @@ class Hub:
         return response.json()
 
 
+def provision(hub: Hub, n: int) -> list[Identity]:
+    """Register `n` devices in bulk: their rows in one transaction, their broker users and roles
+    in batched dynamic-security messages.
+
+    For fleets past ``--http-enroll-max``: one HTTP enrollment makes several dynsec round
+    trips, each rewriting mosquitto's whole dynsec file, so enrolling thousands one by one
+    takes many minutes. What the devices do after enrolling is the same either way.
+    """
+    from hub.broker import EmbeddedBroker
+    from hub.broker_admin import device_role_acls, device_role_name
+    from hub.models import Device
+    from hub.security import DEVICE_TOKEN_PREFIX, MQTT_PASSWORD_PREFIX, hash_secret, new_secret, signing_public_key
+
+    settings = HubSettings(data_dir=hub.root / "hub", mqtt_port=hub.mqtt_port)
+    public_key = signing_public_key(settings.signing_key)
+    creds = [
+        (f"dev-fleet{n}-{i:05d}", new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)) for i in range(n)
+    ]
+    engine = create_engine_for(settings)
+    with session_factory(engine)() as session:
+        for device_id, token, password in creds:
+            session.add(
+                Device(
+                    id=device_id,
+                    name=device_id,
+                    labels={"fleet": str(n)},
+                    token_hash=hash_secret(token),
+                    mqtt_password_hash=hash_secret(password),
+                )
+            )
+        session.commit()
+    engine.dispose()
+    with EmbeddedBroker.from_settings(settings).admin() as admin:
+        for start in range(0, n, 250):
+            commands: list[dict[str, Any]] = []
+            for device_id, _, password in creds[start : start + 250]:
+                role = device_role_name(device_id)
+                commands.append({"command": "createRole", "rolename": role, "acls": device_role_acls(device_id)})
+                commands.append(
+                    {
+                        "command": "createClient",
+                        "username": device_id,
+                        "password": password,
+                        "roles": [{"rolename": role}],
+                    }
+                )
+            errors = [r["error"] for r in admin.execute(commands) if r.get("error")]
+            if errors:
+                raise RuntimeError(f"dynamic security refused: {errors[:3]}")
+    return [
+        Identity(
+            device_id=device_id,
+            device_token=token,
+            mqtt_host="127.0.0.1",
+            mqtt_port=hub.mqtt_port,
+            mqtt_username=device_id,
+            mqtt_password=password,
+            signing_public_key=public_key,
+            hub_url=hub.url,
+            name=device_id,
+            labels={"fleet": str(n)},
+        )
+        for device_id, token, password in creds
+    ]
+
+
 class Usage:
     """CPU seconds and peak RSS of the hub and its mosquitto over one phase."""
 
@@ -334,8 +414,14 @@ def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespac
     settings = [AgentSettings(state_dir=root / f"d{i:05d}", keepalive_s=60, outbox_batch=args.batch) for i in range(n)]
     logging.getLogger("agent").setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        identities = list(pool.map(lambda s: enroll(s, hub.url, token, s.state_dir.name, {"fleet": str(n)}), settings))
+    enrolled_over_http = n <= args.http_enroll_max
+    if enrolled_over_http:
+        with ThreadPoolExecutor(8) as pool:
+            identities = list(
+                pool.map(lambda s: enroll(s, hub.url, token, s.state_dir.name, {"fleet": str(n)}), settings)
+            )
+    else:
+        identities = provision(hub, n)
     enroll_s = time.perf_counter() - t0
 
     fleet = Fleet()
@@ -383,10 +469,12 @@ def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespac
         # Telemetry: fill every outbox, then drain it as the agent's sender does.
         before = hub.stored_points()
         stamp = datetime.now(UTC).isoformat()
-        per_device = args.points
+        per_device = max(1, args.total_points // n)
         for device in fleet.devices:
             device.store.enqueue_telemetry([(stamp, "requests", float(i), {"model": MODEL}) for i in range(per_device)])
         expected = per_device * n
+        for device in fleet.devices:
+            device.prepare_telemetry(args.batch)
         fleet.points_acked = 0
         usage = Usage(procs)
         t0 = time.perf_counter()
@@ -394,7 +482,7 @@ def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespac
         stored = before
         last_check = 0.0
         while time.perf_counter() - t0 < args.timeout:
-            pending = [d for d in pending if d.send_telemetry(args.batch)]
+            pending = [d for d in pending if d.send_telemetry()]
             fleet.step(0.01)
             if time.perf_counter() - last_check > 0.25:
                 last_check = time.perf_counter()
@@ -409,6 +497,7 @@ def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespac
     return {
         "devices": n,
         "enroll_s": round(enroll_s, 2),
+        "enrolled": "http" if enrolled_over_http else "bulk",
         "connect_s": round(connect_s, 2),
         "converge_s": round(converge_s, 2),
         "rollout_state": state,
@@ -452,9 +541,12 @@ def main() -> None:
     """Parse arguments, run every size against one hub, print the table (or JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, action="append", help="fleet size (repeatable; default 100, 1000, 5000)")
-    parser.add_argument("--points", type=int, default=100, help="telemetry points queued per device")
+    parser.add_argument("--total-points", type=int, default=500_000, help="telemetry points queued over the fleet")
     parser.add_argument(
-        "--batch", type=int, default=100, help="points per telemetry message (the agent's outbox_batch)"
+        "--batch", type=int, default=1000, help="points per telemetry message (the agent's outbox_batch)"
+    )
+    parser.add_argument(
+        "--http-enroll-max", type=int, default=1000, help="larger fleets are registered in bulk (see provision)"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for each phase")
     parser.add_argument("--json", action="store_true", help="print JSON: the largest size's figures, and every row")
