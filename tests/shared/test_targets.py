@@ -14,9 +14,11 @@ TRT = "TensorrtExecutionProvider"
     [
         (DeviceProfile(cpu_flags=["avx2", "avx512_vnni"]), ["cpu-int8", "cpu-fp32"]),
         (DeviceProfile(arch="aarch64", cpu_flags=["asimd", "asimddp"]), ["cpu-int8", "cpu-fp32"]),
-        (DeviceProfile(cpu_flags=["sse4_2", "avx2"]), ["cpu-fp32", "cpu-int8"]),
+        (DeviceProfile(cpu_flags=["sse4_2", "avx2"]), ["cpu-int8", "cpu-fp32"]),
+        (DeviceProfile(cpu_flags=["sse4_2"]), ["cpu-fp32", "cpu-int8"]),
+        (DeviceProfile(arch="aarch64", cpu_flags=["asimd"]), ["cpu-fp32", "cpu-int8"]),
         (
-            DeviceProfile(cpu_flags=["avx2"], providers=[CUDA, CPU], cuda_devices=["NVIDIA A2"]),
+            DeviceProfile(cpu_flags=["sse4_2"], providers=[CUDA, CPU], cuda_devices=["NVIDIA A2"]),
             ["cuda-fp16", "cpu-fp32", "cpu-int8"],
         ),
         (
