@@ -237,6 +237,7 @@ class Agent:
             "outbox_dropped_total": float(stats.dropped),
             "mqtt_connected": float(self.session.connected.is_set()),
             "watchdog_reloads_total": float(self.watchdog.reloads),
+            **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
         }
         return self.telemetry.prometheus(gauges)
 
@@ -287,6 +288,11 @@ class Agent:
         self.server.start()
         self.store.put("api_port", str(self.server.port))
         self.updater.recover()
+        for record in self.store.models():
+            # A window the last process did not finish starts again (no baseline survives a
+            # restart, so only the error rate is judged).
+            if record.state == UpdateState.ACTIVE and record.active is not None and record.previous is not None:
+                self.health.activated(record.name, record.active.version, record.previous.version)
         self._ready.set()
         self.commands.start()
         self._maintenance.start()
