@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from agent import __version__
-from agent.actions import apply_config, build_actions
+from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
 from agent.commands import CommandHandler
 from agent.config import AgentSettings, Identity, load_identity
@@ -30,7 +30,7 @@ from agent.sync import MqttSession
 from agent.telemetry import Telemetry
 from agent.updates import IN_PROGRESS, Updater
 from shared.codec import encode
-from shared.messages import CommandResult, ModelStatus, ReportedState, UpdateState, utcnow
+from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 
@@ -123,7 +123,7 @@ class Agent:
         self.session = MqttSession(
             self.identity,
             settings,
-            on_desired=self.updater.apply,
+            on_desired=self._on_desired,
             on_connected=self.publish_reported,
             on_invalid=self._invalid,
             on_command=self.commands.handle,
@@ -144,6 +144,20 @@ class Agent:
             live=self.live,
         )
         self.server = InferenceServer(settings.host, settings.port, context)
+
+    def _on_desired(self, desired: DesiredState) -> None:
+        """Apply the desired settings (the settable ones; others are reported), then the models."""
+        if desired.config and desired.device_id == self.identity.device_id:
+            known = {k: v for k, v in desired.config.items() if k in SETTABLE}
+            unknown = sorted(set(desired.config) - SETTABLE)
+            if unknown:
+                self.errors.append(f"desired config keys not settable on this agent: {unknown}")
+            try:
+                if known:
+                    self.save_config(apply_config(self.settings, known))
+            except AgentError as exc:
+                self.errors.append(f"desired config refused: {exc}")
+        self.updater.apply(desired)
 
     def _invalid(self, message: str) -> None:
         self.errors.append(message)
@@ -255,6 +269,7 @@ class Agent:
             "rejected_messages": dict(self.session.rejected),
             "health_windows": self.health.open_windows(),
             "watchdog_reloads": self.watchdog.reloads,
+            "settings": {key: getattr(self.settings, key) for key in sorted(SETTABLE)},
         }
 
     def status(self) -> dict[str, Any]:

@@ -143,6 +143,15 @@ def test_every_command_round_trips_through_the_hub(fleet: OfflineFleet) -> None:
     assert {m["name"]: m["active"] for m in report["models"]} == {MODEL: "1.0.0"}
     assert report["outbox"]["dropped"] == 0 and report["profile"]["arch"]
     assert report["commands"]["succeeded"] >= 5
+    assert report["settings"]["log_level"] == "DEBUG" and report["settings"]["heartbeat_s"] == 2
+
+    # Settings in the desired state (PUT /devices/{id}/config) apply the same way.
+    with fleet.hub.api() as client:
+        response = client.put(f"/devices/{fleet.device}/config", json={"config": {"command_rate": 50}})
+        assert response.status_code == 200, response.text
+    wait_until(
+        lambda: fleet.command("diagnostics")["result"]["settings"]["command_rate"] == 50, 30, "desired config applied"
+    )
 
     before = fleet.agent.proc.pid if fleet.agent.proc else None
     restarted = fleet.command("restart")
