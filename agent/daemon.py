@@ -150,8 +150,9 @@ class Agent:
         if desired.config and desired.device_id == self.identity.device_id:
             known = {k: v for k, v in desired.config.items() if k in SETTABLE}
             unknown = sorted(set(desired.config) - SETTABLE)
-            if unknown:
-                self.errors.append(f"desired config keys not settable on this agent: {unknown}")
+            message = f"desired config keys not settable on this agent: {unknown}"
+            if unknown and message not in self.errors:  # the retained state comes again on reconnect
+                self.errors.append(message)
             try:
                 if known:
                     self.save_config(apply_config(self.settings, known))
