@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,27 @@ def _numbers(manifest: Manifest, body: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _tabular(manifest: Manifest, rows: Any) -> dict[str, np.ndarray]:
     columns = manifest.preprocessing.features or []
+    categories = manifest.preprocessing.categories or {}
     rows = [rows] if isinstance(rows, dict) else rows
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise InvalidInputError("'features' must be an object or a list of objects keyed by column")
     missing = sorted({c for r in rows for c in columns if c not in r})
     if missing:
         raise InvalidInputError(f"missing feature columns: {', '.join(missing)}")
-    return {manifest.inputs[0].name: _cast(manifest.inputs[0], [[r[c] for c in columns] for r in rows])}
+    table = [[_cell(c, r[c], categories.get(c)) for c in columns] for r in rows]
+    return {manifest.inputs[0].name: _cast(manifest.inputs[0], table)}
+
+
+def _cell(column: str, value: Any, vocabulary: list[str] | None) -> float:
+    """Return one tabular value as the graph expects it: a category's index, NaN for missing."""
+    if value is None:
+        return math.nan  # the graph imputes missing values
+    if vocabulary is not None and isinstance(value, str):
+        return float(vocabulary.index(value)) if value in vocabulary else -1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        expected = f"one of {vocabulary}" if vocabulary is not None else "a number"
+        raise InvalidInputError(f"feature {column!r}: expected {expected}, got {value!r}")
+    return float(value)
 
 
 @lru_cache(maxsize=8)

@@ -235,3 +235,34 @@ def test_base64_image_is_resized_and_normalized(tmp_path: Path, api: tuple[Model
     np.testing.assert_allclose(answer["predictions"][0], ((pixels / 255 - 0.5) / 0.5).ravel(), atol=1e-5)
     bad = httpx.post(f"{url}/v1/models/img:predict", json={"image": "bm90IGFuIGltYWdl"})
     assert bad.status_code == 400 and "not a base64-encoded image" in bad.json()["error"]
+
+
+def test_tabular_rows_map_categories_and_missing_values(tmp_path: Path, api: tuple[ModelRegistry, str]) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["features"], ["echo"])],
+        "echo",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("echo", TensorProto.FLOAT, ["batch", 2])],
+    )
+    x = np.zeros((1, 2), np.float32)
+    manifest = Manifest(
+        name="tab",
+        version="1.0.0",
+        task="classification",
+        inputs=[TensorSpec(name="features", dtype="float32", shape=["batch", 2])],
+        outputs=[TensorSpec(name="echo", dtype="float32", shape=["batch", 2])],
+        preprocessing=Preprocessing(type="tabular", features=["contract", "tenure"], categories={"contract": ["monthly", "yearly"]}),
+        sample=Sample(inputs={"features": tensor(x)}, outputs={"echo": tensor(x)}),
+        variants=[Variant(target="cpu-fp32", precision="fp32", providers=["CPUExecutionProvider"], file="m.onnx", size=1, sha256="0" * 64)],
+    )  # fmt: skip
+    registry, url = api
+    registry.activate(load(tmp_path, manifest, _onnx(graph)))
+    rows = [{"contract": "yearly", "tenure": 12}, {"contract": "weekly", "tenure": None}]
+    answer = httpx.post(f"{url}/v1/models/tab:predict", json={"features": rows}).json()
+    assert answer["predictions"][0] == [1.0, 12.0]
+    unknown_category, missing_value = answer["predictions"][1]
+    assert unknown_category == -1.0 and np.isnan(missing_value)
+    bad = httpx.post(f"{url}/v1/models/tab:predict", json={"features": {"contract": "monthly", "tenure": "long"}})
+    assert bad.status_code == 400 and "feature 'tenure'" in bad.json()["error"]
+    missing = httpx.post(f"{url}/v1/models/tab:predict", json={"features": {"contract": "monthly"}})
+    assert missing.status_code == 400 and "missing feature columns: tenure" in missing.json()["error"]
