@@ -35,11 +35,20 @@ def infer_shapes(source: Path, dest: Path, target: str) -> Path:
     """Run symbolic shape inference; without it fused ops have no shapes and silently stay fp32."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    # The loop of SymbolicShapeInference.infer_shapes, which on failure also dumps the
+    # half-inferred model and its weights into the working directory (the hub's cwd).
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
     try:
-        model = SymbolicShapeInference.infer_shapes(onnx.load(str(source)), auto_merge=True)
-        onnx.save(model, str(dest))
+        inference._preprocess(onnx.load(str(source)))
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
     except Exception as exc:  # symbolic inference raises bare Exceptions
         raise TargetBuildError("shape-inference", target, f"{type(exc).__name__}: {exc}") from exc
+    if not complete:
+        raise TargetBuildError("shape-inference", target, "incomplete symbolic shape inference")
+    onnx.save(inference.out_mp_, str(dest))
     return dest
 
 
