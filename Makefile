@@ -43,5 +43,9 @@ typecheck:
 pytest:
 	$(VENV)/bin/pytest -q
 
+# The fault-injection suite with 20 randomized runs of each repeated fault, and schemathesis on the API.
+faults: install
+	AUTODL_FAULT_RUNS=20 $(VENV)/bin/pytest -q tests/faults tests/hub/test_schemathesis.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

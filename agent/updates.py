@@ -11,9 +11,11 @@ and an active model is re-hashed and smoke-tested before it serves.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import random
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,13 @@ RESUME: dict[UpdateState, UpdateState | None] = {
 }
 
 IN_PROGRESS = frozenset({S.DOWNLOADING, S.VERIFYING, S.STAGING})
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Return True for "no space left" from the file system or from SQLite (the journal)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def backoff_delay(attempt: int, low: float, high: float) -> float:
@@ -414,9 +423,15 @@ class _Worker:
                 delay = backoff_delay(attempt, self.updater.settings.retry_min_s, self.updater.settings.retry_max_s)
                 attempt += 1
                 logger.warning("%s: %s; retrying in %.1fs", self.name, exc, delay)
-            except Exception:  # a bug must not kill the worker; report it as a failed update
-                logger.exception("%s: update to %s crashed", self.name, target.version)
-                done = True
+            except Exception as exc:  # a bug must not kill the worker; report it as a failed update
+                # A full disk is retried, though: space may come back, and the partial download resumes.
+                done = not _disk_full(exc)
+                if done:
+                    logger.exception("%s: update to %s crashed", self.name, target.version)
+                else:
+                    delay = backoff_delay(attempt, self.updater.settings.retry_min_s, self.updater.settings.retry_max_s)
+                    attempt += 1
+                    logger.warning("%s: update to %s: disk full; retrying in %.1fs", self.name, target.version, delay)
             with self._cond:
                 self._running = False
                 if done:
@@ -424,7 +439,10 @@ class _Worker:
                 else:
                     self._start = S.DOWNLOADING
                     self._cond.wait_for(functools.partial(self._changed, target), timeout=delay)
-            self.updater._settle()
+            try:
+                self.updater._settle()
+            except Exception:  # e.g. the journal on a full disk: the worker must outlive it
+                logger.exception("%s: could not record the settled state", self.name)
 
     def _changed(self, target: DesiredModel) -> bool:
         return self._stopped or self._want != target
