@@ -55,6 +55,11 @@ def _count(message: _Telemetry) -> int:
     return message.count if isinstance(message, TelemetryRows) else len(message.points)
 
 
+def _marks_offline(item: Inbound) -> bool:
+    """Return True for a presence message saying the device went offline."""
+    return isinstance(item.message, Presence) and not item.message.online
+
+
 def _rows(message: _Telemetry) -> list[dict[str, Any]]:
     return message.rows if isinstance(message, TelemetryRows) else ingest.telemetry_rows(message)
 
@@ -131,6 +136,10 @@ class IngestWriter:
                         pending.append(item)
                         points += _count(item.message)
                     else:
+                        if pending and _marks_offline(item):
+                            # Keep arrival order: points sent before "offline" must not flip it back.
+                            self._flush(pending)
+                            pending, points = [], 0
                         self._apply(item)
                 if pending and (points >= self.batch_size or time.monotonic() - oldest >= self.flush_s):
                     self._flush(pending)
@@ -154,6 +163,9 @@ class IngestWriter:
                 if isinstance(item.message, TelemetryRows | TelemetryBatch):
                     pending.append(item)
                 else:
+                    if pending and _marks_offline(item):
+                        self._flush(pending)
+                        pending.clear()
                     self._apply(item)
 
     def transact(self, work: Callable[[Session], T]) -> T:

@@ -322,6 +322,23 @@ def test_devices_without_heartbeat_are_marked_offline(tmp_path: Path) -> None:
         rig_iter.close()
 
 
+def test_points_sent_before_going_offline_do_not_bring_the_device_back_online(tmp_path: Path) -> None:
+    # A long flush interval holds the points in the writer's batch while "offline" arrives.
+    rig_iter = make_rig(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}", telemetry_flush_s=30.0)
+    rig = next(rig_iter)
+    try:
+        device = rig.as_device(rig.a)
+        online = topics.device_topic(rig.a, DeviceChannel.ONLINE)
+        device.publish(online, codec.encode(Presence(device_id=rig.a, online=True)))
+        device.publish(telemetry(rig.a), batch(rig.a, 0, 5))
+        device.publish(online, codec.encode(Presence(device_id=rig.a, online=False)), retain=True)
+        assert wait_until(lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 2)
+        assert rig.points(rig.a) == 5  # stored before the offline presence was applied
+        assert rig.device(rig.a).online is False
+    finally:
+        rig_iter.close()
+
+
 def test_reconnect_republishes_desired_state_and_pending_commands(tmp_path: Path) -> None:
     database_url = f"sqlite:///{tmp_path / 'hub.db'}"
     rig_iter = make_rig(tmp_path, database_url)
