@@ -356,10 +356,10 @@ def provision(hub: Hub, n: int) -> list[Identity]:
             )
         session.commit()
     engine.dispose()
-    with EmbeddedBroker.from_settings(settings).admin() as admin:
-        for start in range(0, n, 250):
+    with EmbeddedBroker.from_settings(settings).admin(timeout=300) as admin:
+        for start in range(0, n, 100):
             commands: list[dict[str, Any]] = []
-            for device_id, _, password in creds[start : start + 250]:
+            for device_id, _, password in creds[start : start + 100]:
                 role = device_role_name(device_id)
                 commands.append({"command": "createRole", "rolename": role, "acls": device_role_acls(device_id)})
                 commands.append(
