@@ -325,19 +325,19 @@ class Hub:
 
 
 def provision(hub: Hub, n: int) -> list[Identity]:
-    """Register `n` devices in bulk: their rows in one transaction, their broker users and roles
-    in batched dynamic-security messages.
+    """Register `n` devices in bulk while the hub (and so mosquitto) is stopped: their rows in
+    one transaction, their broker users and roles written into the dynamic-security file.
 
-    For fleets past ``--http-enroll-max``: one HTTP enrollment makes several dynsec round
-    trips, each rewriting mosquitto's whole dynsec file, so enrolling thousands one by one
-    takes many minutes. What the devices do after enrolling is the same either way.
+    For fleets past ``--http-enroll-max``: an HTTP enrollment makes several dynsec commands,
+    and mosquitto 2.0 rewrites its whole dynsec file after each one, so registering device N
+    costs O(N) (5,000 devices take over ten minutes). What the devices do after enrolling is
+    the same either way.
     """
-    from hub.broker import EmbeddedBroker
-    from hub.broker_admin import device_role_acls, device_role_name
+    from hub.broker_admin import device_role_acls, device_role_name, hash_password
     from hub.models import Device
     from hub.security import DEVICE_TOKEN_PREFIX, MQTT_PASSWORD_PREFIX, hash_secret, new_secret, signing_public_key
 
-    settings = HubSettings(data_dir=hub.root / "hub", mqtt_port=hub.mqtt_port)
+    settings = HubSettings(data_dir=hub.root / "hub")
     public_key = signing_public_key(settings.signing_key)
     creds = [
         (f"dev-fleet{n}-{i:05d}", new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)) for i in range(n)
@@ -356,23 +356,17 @@ def provision(hub: Hub, n: int) -> list[Identity]:
             )
         session.commit()
     engine.dispose()
-    with EmbeddedBroker.from_settings(settings).admin(timeout=300) as admin:
-        for start in range(0, n, 100):
-            commands: list[dict[str, Any]] = []
-            for device_id, _, password in creds[start : start + 100]:
-                role = device_role_name(device_id)
-                commands.append({"command": "createRole", "rolename": role, "acls": device_role_acls(device_id)})
-                commands.append(
-                    {
-                        "command": "createClient",
-                        "username": device_id,
-                        "password": password,
-                        "roles": [{"rolename": role}],
-                    }
-                )
-            errors = [r["error"] for r in admin.execute(commands) if r.get("error")]
-            if errors:
-                raise RuntimeError(f"dynamic security refused: {errors[:3]}")
+    path = hub.root / "hub" / "mosquitto" / "dynamic-security.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    for device_id, _, password in creds:
+        role = device_role_name(device_id)
+        config.setdefault("roles", []).append({"rolename": role, "acls": device_role_acls(device_id)})
+        config.setdefault("clients", []).append(
+            {"username": device_id, "roles": [{"rolename": role}], **hash_password(password)}
+        )
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
     return [
         Identity(
             device_id=device_id,
@@ -408,7 +402,9 @@ class Usage:
         return out
 
 
-def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_size(
+    hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespace, bulk: dict[int, tuple[list[Identity], float]]
+) -> dict[str, Any]:
     """Measure one fleet size; return its row."""
     root = hub.root / f"fleet-{n}"
     settings = [AgentSettings(state_dir=root / f"d{i:05d}", keepalive_s=60, outbox_batch=args.batch) for i in range(n)]
@@ -420,9 +416,9 @@ def run_size(hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespac
             identities = list(
                 pool.map(lambda s: enroll(s, hub.url, token, s.state_dir.name, {"fleet": str(n)}), settings)
             )
-    else:
-        identities = provision(hub, n)
     enroll_s = time.perf_counter() - t0
+    if not enrolled_over_http:
+        identities, enroll_s = bulk[n]
 
     fleet = Fleet()
     procs = hub.processes()
@@ -559,12 +555,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="autodl-fleet-") as tmp:
         hub = Hub(Path(tmp))
         api_key, token = hub.prepare(sum(sizes))
+        bulk: dict[int, tuple[list[Identity], float]] = {}
+        for n in sizes:
+            if n > args.http_enroll_max:
+                t0 = time.perf_counter()
+                bulk[n] = (provision(hub, n), time.perf_counter() - t0)
         hub.start()
         try:
             for n in sizes:
-                rows.append(run_size(hub, api_key, token, n, args))
-                if not args.json:
-                    print(f"N={n}: {json.dumps(rows[-1])}", file=sys.stderr)
+                rows.append(run_size(hub, api_key, token, n, args, bulk))
+                print(f"N={n}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         finally:
             hub.stop()
     if args.json:
