@@ -3,7 +3,8 @@
 Starts ``autodl-hub serve`` (SQLite, its embedded mosquitto) in a temp dir, publishes two
 versions of a small model, then for each fleet size N:
 
-- enrolls N devices over HTTP with the agent's own ``agent.enrollment.enroll``;
+- enrolls N devices over HTTP with the agent's own ``agent.enrollment.enroll`` (past
+  ``--http-enroll-max``, registers them in bulk before the hub starts: see `provision`);
 - connects them all from ONE process on one selector-driven loop: every device is the
   agent's real ``agent.sync.MqttSession`` (its paho client, last will, subscriptions and
   callbacks: presence on connect, desired state decoded and handed on), but instead of the
@@ -17,7 +18,7 @@ versions of a small model, then for each fleet size N:
   drains it the way the agent's sender does (oldest batch, QoS 1, acknowledged rows leave
   the outbox), timing until the hub's database holds every point.
 
-    .venv/bin/python bench/fleet.py                       # N = 100, 1000, 5000
+    .venv/bin/python bench/fleet.py --http-enroll-max 100  # N = 100, 1000, 5000
     .venv/bin/python bench/fleet.py --devices 1000 --json
 """
 
