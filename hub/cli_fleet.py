@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-__all__ = ["command_app", "device_app", "model_app"]
+__all__ = ["DEFAULT_HUB", "HubOpt", "KeyOpt", "call_hub", "command_app", "device_app", "model_app"]
 
 HubOpt = Annotated[str, typer.Option("--hub", envvar="AUTODL_HUB_URL", help="the hub's URL")]
 KeyOpt = Annotated[str, typer.Option("--api-key", envvar="AUTODL_HUB_API_KEY", help="an API key", show_default=False)]
@@ -23,7 +23,7 @@ model_app = typer.Typer(help="Models: list, show, alias.", no_args_is_help=True)
 command_app = typer.Typer(help="Commands: send.", no_args_is_help=True)
 
 
-def _call(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
+def call_hub(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
     """Call the hub; print its error and exit 1 on failure."""
     try:
         with httpx.Client(base_url=hub, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
@@ -70,7 +70,7 @@ def device_list(
     for name, value in (("online", online), ("model", model), ("version", version)):
         if value is not None:
             params[name] = value
-    for d in _call(hub, key, "GET", "/devices", params=params):
+    for d in call_hub(hub, key, "GET", "/devices", params=params):
         state = "online" if d["online"] else "offline"
         models = ",".join(f"{n}@{s.get('active')}" for n, s in ((d.get("reported") or {}).get("models") or {}).items())
         typer.echo(f"{d['id']}\t{d['name']}\t{state}\t{d['labels']}\t{models or '-'}")
@@ -79,7 +79,7 @@ def device_list(
 @device_app.command("show")
 def device_show(device_id: str, key: KeyOpt, hub: HubOpt = DEFAULT_HUB) -> None:
     """Show a device: facts, desired and reported state."""
-    _show(_call(hub, key, "GET", f"/devices/{device_id}"))
+    _show(call_hub(hub, key, "GET", f"/devices/{device_id}"))
 
 
 @device_app.command("label")
@@ -92,27 +92,27 @@ def device_label(
 ) -> None:
     """Set and remove labels of a device."""
     body = {"set": _pairs(labels, "label"), "remove": remove}
-    _show(_call(hub, key, "PATCH", f"/devices/{device_id}/labels", json=body)["labels"])
+    _show(call_hub(hub, key, "PATCH", f"/devices/{device_id}/labels", json=body)["labels"])
 
 
 @device_app.command("decommission")
 def device_decommission(device_id: str, key: KeyOpt, hub: HubOpt = DEFAULT_HUB) -> None:
     """Revoke a device's credentials at once."""
-    _call(hub, key, "POST", f"/devices/{device_id}/decommission")
+    call_hub(hub, key, "POST", f"/devices/{device_id}/decommission")
     typer.echo(f"device {device_id} decommissioned")
 
 
 @device_app.command("deploy")
 def device_deploy(device_id: str, model: str, version: str, key: KeyOpt, hub: HubOpt = DEFAULT_HUB) -> None:
     """Make a device run VERSION (a version, 'latest' or an alias) of MODEL."""
-    state = _call(hub, key, "PUT", f"/devices/{device_id}/models/{model}", json={"version": version})
+    state = call_hub(hub, key, "PUT", f"/devices/{device_id}/models/{model}", json={"version": version})
     typer.echo(f"device {device_id} desired revision {state['revision']}: {model} {state['models'][model]['version']}")
 
 
 @model_app.command("list")
 def model_list(key: KeyOpt, hub: HubOpt = DEFAULT_HUB) -> None:
     """List models with their versions and aliases."""
-    for m in _call(hub, key, "GET", "/models"):
+    for m in call_hub(hub, key, "GET", "/models"):
         aliases = ",".join(f"{a}={v}" for a, v in sorted(m["aliases"].items()))
         typer.echo(f"{m['name']}\t{m['task']}\t{len(m['versions'])} versions\t{aliases or '-'}")
 
@@ -126,13 +126,13 @@ def model_show(
 ) -> None:
     """Show a model, or one of its versions."""
     path = f"/models/{name}" if version is None else f"/models/{name}/versions/{version}"
-    _show(_call(hub, key, "GET", path))
+    _show(call_hub(hub, key, "GET", path))
 
 
 @model_app.command("alias")
 def model_alias(name: str, alias: str, version: str, key: KeyOpt, hub: HubOpt = DEFAULT_HUB) -> None:
     """Point ALIAS (such as stable) of model NAME at VERSION."""
-    result = _call(hub, key, "PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
+    result = call_hub(hub, key, "PUT", f"/models/{name}/aliases/{alias}", json={"version": version})
     typer.echo(f"{name}: {alias} -> {result['aliases'][alias]}")
 
 
@@ -158,5 +158,5 @@ def command_send(
         body["device_id"] = device
     if selector:
         body["selector"] = _pairs(selector, "selector")
-    for row in _call(hub, key, "POST", "/commands", json=body):
+    for row in call_hub(hub, key, "POST", "/commands", json=body):
         typer.echo(f"{row['id']}\t{row['device_id']}\t{row['status']}")

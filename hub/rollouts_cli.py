@@ -11,21 +11,19 @@ import json
 import time
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console, Group
 from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
 
+from hub.cli_fleet import DEFAULT_HUB, HubOpt, KeyOpt, call_hub
+
 __all__ = ["render", "rollout_app"]
 
-HubOpt = Annotated[str, typer.Option("--hub", envvar="AUTODL_HUB_URL", help="the hub's URL")]
-KeyOpt = Annotated[str, typer.Option("--api-key", envvar="AUTODL_HUB_API_KEY", help="an API key", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")]
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="show live progress until the rollout ends")]
 ReasonOpt = Annotated[str, typer.Option(help="why (kept in the rollout's timeline)")]
-DEFAULT_HUB = "http://127.0.0.1:8080"
 TERMINAL = {"succeeded", "failed", "aborted"}
 _STATE_STYLE = {
     "running": "cyan",
@@ -40,24 +38,6 @@ _STATE_STYLE = {
 }
 
 rollout_app = typer.Typer(help="Rollouts: start, status, pause, resume, promote, abort.", no_args_is_help=True)
-
-
-def _call(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
-    """Call the hub; print its error and exit 1 on failure."""
-    try:
-        with httpx.Client(base_url=hub, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
-            response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        typer.echo(f"error: {response.status_code}: {detail}", err=True)
-        raise typer.Exit(1)
-    return response.json()
 
 
 def _styled(state: str) -> Text:
@@ -111,11 +91,11 @@ def render(detail: dict[str, Any], max_devices: int = 20) -> Group:
 def _watch(hub: str, key: str, rollout_id: str, interval: float) -> dict[str, Any]:
     from rich.live import Live
 
-    detail: dict[str, Any] = _call(hub, key, "GET", f"/rollouts/{rollout_id}")
+    detail: dict[str, Any] = call_hub(hub, key, "GET", f"/rollouts/{rollout_id}")
     with Live(render(detail), console=Console(), refresh_per_second=4) as live:
         while detail["state"] not in TERMINAL:
             time.sleep(interval)
-            detail = _call(hub, key, "GET", f"/rollouts/{rollout_id}")
+            detail = call_hub(hub, key, "GET", f"/rollouts/{rollout_id}")
             live.update(render(detail))
     return detail
 
@@ -191,7 +171,7 @@ def start(
             "update_timeout_s": update_timeout,
         },
     }
-    detail = _call(hub, key, "POST", "/rollouts", json=body)
+    detail = call_hub(hub, key, "POST", "/rollouts", json=body)
     _finish(hub, key, detail, as_json, watch, interval)
 
 
@@ -208,7 +188,7 @@ def status(
     """Show one rollout (progress per step, state per device, timeline), or list them."""
     if rollout_id is None:
         params = {"model": model} if model else {}
-        rows = _call(hub, key, "GET", "/rollouts", params=params)
+        rows = call_hub(hub, key, "GET", "/rollouts", params=params)
         if as_json:
             typer.echo(json.dumps(rows, indent=2, sort_keys=True))
             return
@@ -228,7 +208,7 @@ def status(
             )
         Console().print(table)
         return
-    detail = _call(hub, key, "GET", f"/rollouts/{rollout_id}")
+    detail = call_hub(hub, key, "GET", f"/rollouts/{rollout_id}")
     _finish(hub, key, detail, as_json, watch, interval)
 
 
@@ -240,7 +220,7 @@ def _action(name: str, help_text: str) -> None:
         reason: ReasonOpt = "",
         as_json: JsonOpt = False,
     ) -> None:
-        detail = _call(hub, key, "POST", f"/rollouts/{rollout_id}/{name}", json={"reason": reason})
+        detail = call_hub(hub, key, "POST", f"/rollouts/{rollout_id}/{name}", json={"reason": reason})
         if as_json:
             typer.echo(json.dumps(detail, indent=2, sort_keys=True))
         else:

@@ -20,28 +20,8 @@ from hub.models import Role
 from hub.security import create_api_key
 from shared.manifest import Manifest, Sample, TensorData, TensorSpec, Variant
 from shared.targets import TargetId
-from tests.conftest import PG_DSN
 from tests.support.hub import HubProcess
-
-
-def pg_schema_url() -> Iterator[str]:
-    """Yield a URL to a fresh PostgreSQL schema, dropped afterwards; skip if none answers."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        conn = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL answers at {PG_DSN}: {exc}")
-    schema = f"autodl_hub_{uuid.uuid4().hex[:12]}"
-    params = dict(item.split("=", 1) for item in PG_DSN.split())
-    with conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-        try:
-            yield (
-                f"postgresql+psycopg://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
-                f"{params.get('port', '5432')}/{params.get('dbname', 'test')}?options=-csearch_path%3D{schema}"
-            )
-        finally:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+from tests.support.postgres import pg_schema_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
