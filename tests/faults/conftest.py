@@ -98,6 +98,8 @@ class Fleet:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("faults")
     broker = start_broker(root / "mosquitto")
+    # Twenty kills in a row look like a crash loop; keep the supervisor's restart delay short.
+    broker.backoff_max_s = 2.0
     hub = HubProcess(root / "hub", broker)
     agents: list[AgentProcess] = []
     try:
