@@ -41,9 +41,14 @@ def linear_onnx(weights: np.ndarray, bias: np.ndarray, padding_bytes: int = 0) -
         # An unused initializer makes the file big enough to interrupt its download.
         pad = np.random.default_rng(0).integers(0, 255, size=padding_bytes, dtype=np.uint8)
         inits.append(numpy_helper.from_array(pad, "padding"))
+    return linear_io_model(nodes, inits, "linear")
+
+
+def linear_io_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name: str) -> bytes:
+    """Return a checked opset-17 model of `nodes` from x float32[batch, 4] to y float32[batch, 3]."""
     graph = helper.make_graph(
         nodes,
-        "linear",
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         inits,

@@ -9,11 +9,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from hub.broker import EmbeddedBroker
-from tests.agent.models import SAMPLE_X, linear_weights
+from tests.agent.models import SAMPLE_X, linear_io_model, linear_weights
 from tests.agent.process import AgentProcess, wait_until
 from tests.e2e.test_agent_core import MODEL, enroll
 from tests.support.hub import HubProcess
@@ -55,17 +54,7 @@ def slow_linear_onnx(seed: int, rounds: int = 24, width: int = 256) -> bytes:
         helper.make_node("Mul", ["s", "zero"], ["nothing"]),
         helper.make_node("Add", ["lin", "nothing"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "slow_linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return linear_io_model(nodes, inits, "slow_linear")
 
 
 def infer(url: str) -> str:

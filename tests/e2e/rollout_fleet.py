@@ -14,8 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from hub.broker import EmbeddedBroker
 from hub.config import HubSettings
@@ -23,7 +22,7 @@ from hub.db import create_engine_for, migrate, session_factory
 from hub.models import Role
 from hub.registry import publish_version
 from hub.security import create_api_key, create_enrollment_token, load_or_create_signing_key
-from tests.agent.models import make_release, write_files
+from tests.agent.models import linear_io_model, make_release, write_files
 from tests.support.processes import free_port, wait_for_port
 
 __all__ = ["AgentProcess", "HubProcess", "Traffic", "slow_linear_onnx", "wait_for"]
@@ -70,17 +69,7 @@ def slow_linear_onnx(weights: np.ndarray, bias: np.ndarray, width: int = 768, la
         helper.make_node("Add", ["xw", "b"], ["xwb"]),
         helper.make_node("Add", ["xwb", "nothing"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "slow_linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return linear_io_model(nodes, inits, "slow_linear")
 
 
 class Traffic:
