@@ -1,28 +1,32 @@
 """The ``autodl-agent`` command line: thin commands over the agent's modules.
 
 Domain errors become exit code 1 with one clear line (credentials: exit code 2).
-Heavy modules (onnxruntime, numpy, paho) load inside the commands, not at import.
+Heavy modules (onnxruntime, numpy, paho) load inside the commands, not at import, and
+the parser is the standard library's: a CLI framework would stay in the daemon's memory.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from agent import __version__
 from agent.errors import AgentError, CredentialsError
 
-app = typer.Typer(help="autodl edge agent: enroll with a hub, run models, report back.", no_args_is_help=True)
 
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="state directory (env AUTODL_AGENT_STATE_DIR)")]
-Port = Annotated[int | None, typer.Option("--port", help="local API port (env AUTODL_AGENT_PORT, default 8500)")]
+class CliError(Exception):
+    """A command failed: print the message and exit with the code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _settings(state_dir: Path | None = None, **overrides: Any) -> Any:
@@ -34,9 +38,8 @@ def _settings(state_dir: Path | None = None, **overrides: Any) -> Any:
     return AgentSettings(**values)
 
 
-def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
+def _fail(exc: Exception, code: int = 1) -> CliError:
+    return CliError(str(exc), code)
 
 
 def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
@@ -60,52 +63,35 @@ def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
     return data
 
 
-@app.command()
-def version() -> None:
+def version(_args: argparse.Namespace) -> None:
     """Print the agent version."""
-    typer.echo(__version__)
+    print(__version__)
 
 
-@app.command()
-def enroll(
-    hub: Annotated[str, typer.Option(help="hub URL, e.g. http://hub:8080")],
-    token: Annotated[str, typer.Option(help="enrollment token")],
-    name: Annotated[str | None, typer.Option(help="device name")] = None,
-    label: Annotated[list[str] | None, typer.Option(help="label k=v (repeatable)")] = None,
-    force: Annotated[bool, typer.Option(help="enroll again even if enrolled")] = False,
-    state_dir: StateDir = None,
-) -> None:
+def enroll(args: argparse.Namespace) -> None:
     """Enroll this device with a hub and store its identity."""
     from agent.enrollment import enroll as do_enroll
 
     labels: dict[str, str] = {}
-    for item in label or []:
+    for item in args.label:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise _fail(ValueError(f"label {item!r} is not k=v"))
         labels[key] = value
-    settings = _settings(state_dir)
+    settings = _settings(args.state_dir)
     try:
-        identity = do_enroll(settings, hub, token, name, labels, force)
+        identity = do_enroll(settings, args.hub, args.token, args.name, labels, args.force)
     except AgentError as exc:
         raise _fail(exc) from exc
-    typer.echo(
-        f"enrolled as {identity.device_id} (hub {identity.hub_url}, mqtt {identity.mqtt_host}:{identity.mqtt_port})"
-    )
+    print(f"enrolled as {identity.device_id} (hub {identity.hub_url}, mqtt {identity.mqtt_host}:{identity.mqtt_port})")
 
 
-@app.command()
-def run(
-    state_dir: StateDir = None,
-    port: Port = None,
-    host: Annotated[str | None, typer.Option(help="local API bind address")] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING")] = None,
-) -> None:
+def run(args: argparse.Namespace) -> None:
     """Run the agent: keep the MQTT session, converge, serve the local API."""
-    settings = _settings(state_dir, port=port, host=host, log_level=log_level)
+    settings = _settings(args.state_dir, port=args.port, host=args.host, log_level=args.log_level)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx imports its own CLI (click, rich, pygments) when they are installed, and typer
-    # installs them: about 5 MB of RSS the daemon never uses. A None entry makes that
+    # httpx imports its own CLI (click, rich, pygments) when they are installed (the hub
+    # installs them): about 5 MB of RSS the daemon never uses. A None entry makes that
     # optional import fail the way httpx expects when they are absent.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     from agent.daemon import Agent
@@ -118,16 +104,11 @@ def run(
         raise _fail(exc) from exc
 
 
-@app.command()
-def status(
-    state_dir: StateDir = None,
-    port: Port = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
+def status(args: argparse.Namespace) -> None:
     """Show identity, connection, models, update state and outbox size."""
     from agent.config import load_identity
 
-    settings = _settings(state_dir, port=port)
+    settings = _settings(args.state_dir, port=args.port)
     try:
         identity = load_identity(settings)
     except AgentError as exc:
@@ -137,11 +118,11 @@ def status(
         info["running"] = True
     except AgentError:
         info = _offline_status(settings, identity)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
         return
-    typer.echo(f"device   {info['device_id']}  hub {info['hub_url']}  mqtt {info['mqtt']}")
-    typer.echo(
+    print(f"device   {info['device_id']}  hub {info['hub_url']}  mqtt {info['mqtt']}")
+    print(
         f"agent    {'running' if info['running'] else 'not running'}, {'connected' if info.get('connected') else 'disconnected'}"
     )
     outbox = info["outbox"]
@@ -150,10 +131,10 @@ def status(
             f"{outbox['telemetry_pending']} points + {outbox['messages_pending']} messages queued,"
             f" {outbox['dropped']} points dropped"
         )
-    typer.echo(f"revision {info['applied_revision']}  outbox {outbox}")
+    print(f"revision {info['applied_revision']}  outbox {outbox}")
     for m in info["models"]:
         extra = f"  error: {m['error']}" if m.get("error") else ""
-        typer.echo(f"model    {m['name']}: {m['state']} active={m['active']} previous={m['previous']}{extra}")
+        print(f"model    {m['name']}: {m['state']} active={m['active']} previous={m['previous']}{extra}")
 
 
 def _offline_status(settings: Any, identity: Any) -> dict[str, Any]:
@@ -187,67 +168,108 @@ def _offline_status(settings: Any, identity: Any) -> dict[str, Any]:
     return info
 
 
-@app.command()
-def models(state_dir: StateDir = None, port: Port = None) -> None:
+def models(args: argparse.Namespace) -> None:
     """List the models the running agent serves."""
-    settings = _settings(state_dir, port=port)
+    settings = _settings(args.state_dir, port=args.port)
     try:
         data = _api(settings, "GET", "/v1/models")
     except AgentError as exc:
         raise _fail(exc) from exc
     if not data["models"]:
-        typer.echo("no models active")
+        print("no models active")
     for m in data["models"]:
-        typer.echo(f"{m['name']}\t{m['version']}\t{m['target']}\t{','.join(m['providers'])}")
+        print(f"{m['name']}\t{m['version']}\t{m['target']}\t{','.join(m['providers'])}")
 
 
-@app.command()
-def predict(
-    name: Annotated[str, typer.Argument(help="model name")],
-    input: Annotated[str, typer.Argument(help="JSON body, a JSON/image file path, or text")],  # noqa: A002
-    state_dir: StateDir = None,
-    port: Port = None,
-) -> None:
+def predict(args: argparse.Namespace) -> None:
     """Send one prediction to the running agent and print the answer."""
-    settings = _settings(state_dir, port=port)
+    settings = _settings(args.state_dir, port=args.port)
     body: Any
-    path = Path(input)
-    if input.lstrip().startswith(("{", "[")):
-        body = json.loads(input) if input.lstrip().startswith("{") else {"data": json.loads(input)}
+    raw, path = args.input, Path(args.input)
+    if raw.lstrip().startswith(("{", "[")):
+        body = json.loads(raw) if raw.lstrip().startswith("{") else {"data": json.loads(raw)}
     elif path.is_file() and path.suffix.lower() == ".json":
         body = json.loads(path.read_text())
     elif path.is_file():
         body = {"image": base64.b64encode(path.read_bytes()).decode()}
     else:
-        body = {"text": input}
+        body = {"text": raw}
     try:
-        data = _api(settings, "POST", f"/v1/models/{name}:predict", body)
+        data = _api(settings, "POST", f"/v1/models/{args.name}:predict", body)
     except AgentError as exc:
         raise _fail(exc) from exc
-    typer.echo(json.dumps(data, indent=2))
+    print(json.dumps(data, indent=2))
 
 
-@app.command()
-def unenroll(
-    state_dir: StateDir = None,
-    yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
-) -> None:
+def unenroll(args: argparse.Namespace) -> None:
     """Forget the identity, journal and cached models of this device."""
     from agent.config import delete_identity
 
-    settings = _settings(state_dir)
+    settings = _settings(args.state_dir)
     if not settings.identity_path.exists():
         raise _fail(AgentError(f"not enrolled (no {settings.identity_path})"))
-    if not yes:
-        typer.confirm(f"Forget this device's identity and models in {settings.state_dir}?", abort=True)
+    if not args.yes:
+        answer = input(f"Forget this device's identity and models in {settings.state_dir}? [y/N]: ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CliError("aborted")
     delete_identity(settings)
     settings.db_path.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         Path(str(settings.db_path) + suffix).unlink(missing_ok=True)
     shutil.rmtree(settings.cache_dir, ignore_errors=True)
-    typer.echo("unenrolled: identity, journal and cache removed")
+    print("unenrolled: identity, journal and cache removed")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """Return the command-line parser, one sub-command per function above."""
+    root = argparse.ArgumentParser(
+        prog="autodl-agent", description="autodl edge agent: enroll with a hub, run models, report back."
+    )
+    commands = root.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(func: Callable[[argparse.Namespace], None], *, state: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(func.__name__, help=(func.__doc__ or "").splitlines()[0])
+        sub.set_defaults(func=func)
+        if state:
+            sub.add_argument("--state-dir", type=Path, help="state directory (env AUTODL_AGENT_STATE_DIR)")
+        return sub
+
+    def port(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--port", type=int, help="local API port (env AUTODL_AGENT_PORT, default 8500)")
+
+    command(version, state=False)
+    sub = command(enroll)
+    sub.add_argument("--hub", required=True, help="hub URL, e.g. http://hub:8080")
+    sub.add_argument("--token", required=True, help="enrollment token")
+    sub.add_argument("--name", help="device name")
+    sub.add_argument("--label", action="append", default=[], metavar="K=V", help="label (repeatable)")
+    sub.add_argument("--force", action="store_true", help="enroll again even if enrolled")
+    sub = command(run)
+    port(sub)
+    sub.add_argument("--host", help="local API bind address (env AUTODL_AGENT_HOST)")
+    sub.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    sub = command(status)
+    port(sub)
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    port(command(models))
+    sub = command(predict)
+    port(sub)
+    sub.add_argument("name", help="model name")
+    sub.add_argument("input", help="JSON body, a JSON/image file path, or text")
+    sub = command(unenroll)
+    sub.add_argument("--yes", action="store_true", help="do not ask")
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    app()
+    cli = parser()
+    args = cli.parse_args(argv)
+    if not hasattr(args, "func"):
+        cli.print_help()
+        raise SystemExit(2)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.code) from None

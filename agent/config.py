@@ -1,4 +1,8 @@
-"""Agent settings (env ``AUTODL_AGENT_*`` and flags) and the enrolled identity file."""
+"""Agent settings (env ``AUTODL_AGENT_*`` and flags) and the enrolled identity file.
+
+Settings are a plain pydantic model that fills the fields it is not given from the
+environment: a settings library would cost the daemon 5 MB of RSS for this one loop.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import FatalError, NotEnrolledError
 from shared.messages import EnrollResponse, utcnow
@@ -16,6 +20,7 @@ from shared.messages import EnrollResponse, utcnow
 __all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
 
 IDENTITY_FILE = "identity.json"
+ENV_PREFIX = "AUTODL_AGENT_"
 
 
 def default_state_dir() -> Path:
@@ -26,10 +31,13 @@ def default_state_dir() -> Path:
     return Path(base) / "autodl-agent"
 
 
-class AgentSettings(BaseSettings):
-    """Everything the agent can be told; tests shorten the intervals instead of sleeping."""
+class AgentSettings(BaseModel):
+    """Everything the agent can be told; tests shorten the intervals instead of sleeping.
 
-    model_config = SettingsConfigDict(env_prefix="AUTODL_AGENT_", extra="ignore")
+    A field not passed in comes from ``AUTODL_AGENT_<FIELD>`` when that is set (flags win).
+    """
+
+    model_config = ConfigDict(extra="ignore")
 
     state_dir: Path = Field(default_factory=default_state_dir)
     host: str = "127.0.0.1"
@@ -67,6 +75,18 @@ class AgentSettings(BaseSettings):
     health_error_delta: float = Field(default=0.05, ge=0, description="roll back past previous error rate + this")
     watchdog_stuck_s: float = Field(default=60.0, gt=0, description="a request running this long means stuck")
     watchdog_errors: int = Field(default=20, ge=1, description="consecutive failures that reload the session")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        env = {
+            name: os.environ[ENV_PREFIX + name.upper()]
+            for name in cls.model_fields
+            if name not in data and ENV_PREFIX + name.upper() in os.environ
+        }
+        return {**env, **data}
 
     @property
     def identity_path(self) -> Path:

@@ -47,15 +47,30 @@ def is_jetson(release_file: Path = Path("/etc/nv_tegra_release")) -> bool:
     return release_file.exists()
 
 
-def physical_cores() -> int:
-    """Return the number of physical cores, or logical ones when unknown."""
-    try:
-        import psutil
+def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Return the physical cores this process may run on (its CPU affinity), logical CPUs when unknown.
 
-        count = psutil.cpu_count(logical=False)
-    except ImportError:
-        count = None
-    return max(1, count or os.cpu_count() or 1)
+    Hyper-threads of one core share it: counting each core once gives ONNX Runtime's
+    threads one core each. A container's cpuset shows in the affinity mask.
+    """
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores: set[str] = set()
+    for cpu in usable:
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                cores.add((topology / name).read_text().strip())
+                break
+            except OSError:
+                continue
+        else:
+            return max(1, len(usable))  # no topology (some containers, non-Linux): logical CPUs
+    return max(1, len(cores))
+
+
+def memory_mb() -> int:
+    """Return the machine's physical memory in MB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
 
 
 def ort_providers() -> list[str]:
@@ -89,15 +104,13 @@ def detect_profile(
     tegra_release: Path = Path("/etc/nv_tegra_release"),
 ) -> DeviceProfile:
     """Detect this machine's profile."""
-    import psutil
-
     disk_root = state_dir if state_dir is not None and state_dir.exists() else Path("/")
     return DeviceProfile(
         arch=platform.machine() or "unknown",
         os=f"{platform.system().lower()} {platform.release()}"[:64],
         cpu_flags=cpu_flags(cpuinfo),
         cores=physical_cores(),
-        memory_mb=psutil.virtual_memory().total // (1024 * 1024),
+        memory_mb=memory_mb(),
         disk_free_mb=shutil.disk_usage(disk_root).free // (1024 * 1024),
         providers=ort_providers(),
         cuda_devices=cuda_devices(),

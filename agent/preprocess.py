@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.tensors import InvalidInputError, check_input, spec_text
+from agent.tensors import InvalidInputError, UnsupportedInputError, check_input, spec_text
 from shared.manifest import ImagePreprocessing, Manifest, TensorSpec
 
 __all__ = ["preprocess"]
@@ -135,7 +135,12 @@ def _image(manifest: Manifest, body: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _one_image(b64: str, spec: ImagePreprocessing) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    try:  # Pillow is the optional `image` extra: devices without image models skip its 22 MB
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise UnsupportedInputError(
+            "image input needs Pillow, which this agent lacks: pip install 'autodl[agent,image]'"
+        ) from exc
 
     try:
         raw = base64.b64decode(b64, validate=True)

@@ -29,7 +29,7 @@ from agent import __version__
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
-from agent.tensors import DTYPE_TO_V2, InvalidInputError, from_v2, to_v2
+from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, from_v2, to_v2
 
 __all__ = ["InferenceServer", "ServerContext"]
 
@@ -82,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = exc.status, {"error": str(exc)}
         except InvalidInputError as exc:
             status, body = HTTPStatus.BAD_REQUEST, {"error": str(exc)}
+        except UnsupportedInputError as exc:
+            status, body = HTTPStatus.NOT_IMPLEMENTED, {"error": str(exc)}
         except Exception as exc:  # one bad request must never take the server down
             logger.exception("%s %s failed", method, path)
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"}

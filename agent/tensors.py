@@ -8,7 +8,7 @@ import numpy as np
 
 from shared.manifest import TensorSpec
 
-__all__ = ["InvalidInputError", "check_input", "from_v2", "spec_text", "to_v2"]
+__all__ = ["InvalidInputError", "UnsupportedInputError", "check_input", "from_v2", "spec_text", "to_v2"]
 
 # OIP v2 datatype names <-> manifest dtypes
 V2_TO_DTYPE = {
@@ -26,6 +26,10 @@ DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
 
 class InvalidInputError(ValueError):
     """A request that does not fit the model's interface (HTTP 400)."""
+
+
+class UnsupportedInputError(Exception):
+    """A valid request this install cannot decode: an optional package is missing (HTTP 501)."""
 
 
 def spec_text(spec: TensorSpec) -> str:

@@ -1,5 +1,7 @@
 """Agent footprint: RSS idle and serving MiniLM INT8, import time, size of a fresh `pip install .[agent]`.
 
+(and of `.[agent,image]`, which adds Pillow for image models.)
+
     .venv/bin/python bench/footprint.py [--json] [--skip-install]
 
 Targets (issue "Agent core"): serving RSS <= 120 MB, no torch in the agent process,
@@ -264,16 +266,19 @@ def import_time_s() -> float:
     return round(min(wall("import agent.daemon") for _ in range(3)) - base, 3)
 
 
-def install_mb(workdir: Path) -> float:
-    """Return the size in MB of a fresh venv's packages after `pip install .[agent]`, minus the empty venv."""
+def install_mb(workdir: Path) -> tuple[float, float]:
+    """Return the MB a fresh venv gains from `pip install .[agent]`, then from adding the `image` extra."""
     venv = workdir / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = next((venv / "lib").glob("python*/site-packages"))
-    before = _du(site)
-    subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{ROOT}[agent]"], check=True
-    )
-    return round((_du(site) - before) / 1e6, 1)
+    sizes = [_du(site)]
+    for extras in ("agent", "agent,image"):
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extras}]"],
+            check=True,
+        )
+        sizes.append(_du(site))
+    return round((sizes[1] - sizes[0]) / 1e6, 1), round((sizes[2] - sizes[0]) / 1e6, 1)
 
 
 def _du(path: Path) -> int:
@@ -293,12 +298,14 @@ def main() -> None:
         workdir = Path(tmp)
         idle, idle_torch = measure_idle(workdir, free_port())
         serving = measure_serving(workdir, free_port(), args.requests)
+        installed = (None, None) if args.skip_install else install_mb(workdir)
         result: dict[str, Any] = {
             "agent_rss_idle_mb": round(idle, 1),
             **serving,
             "torch_loaded": bool(idle_torch or serving["torch_loaded"]),
             "agent_import_s": import_time_s(),
-            "agent_install_mb": None if args.skip_install else install_mb(workdir),
+            "agent_install_mb": installed[0],
+            "agent_image_install_mb": installed[1],  # with the `image` extra (Pillow)
         }
     targets = {"agent_rss_serving_mb": 120, "agent_install_mb": 220}
     result["targets_met"] = bool(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the agent image's requirements: the base dependencies and the ``agent`` extra.
+"""Print the agent image's requirements: the base dependencies plus the extras named (default: ``agent``).
 
 The ONNX Runtime requirement is swapped for the build's choice (``--ort onnxruntime-gpu``
 for CUDA; ``--ort ''`` when the base image already has one, such as JetPack's
@@ -13,6 +13,7 @@ import argparse
 import re
 import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 ORT_NAMES = {"onnxruntime", "onnxruntime-gpu"}
@@ -27,10 +28,12 @@ def requirement_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(1)).lower()
 
 
-def agent_requirements(pyproject: Path, ort_package: str, extra: str = "agent") -> list[str]:
+def agent_requirements(pyproject: Path, ort_package: str, extras: Sequence[str] = ("agent",)) -> list[str]:
     """Return the requirement lines for the agent image."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    wanted = list(project.get("dependencies", [])) + list(project["optional-dependencies"][extra])
+    wanted = list(project.get("dependencies", []))
+    for extra in extras:
+        wanted += [r for r in project["optional-dependencies"][extra] if r not in wanted]
     lines = [r for r in wanted if requirement_name(r) not in ORT_NAMES]
     ort = ort_package.strip()
     if ort:
@@ -49,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parent.parent / "pyproject.toml")
     parser.add_argument("--ort", default="onnxruntime", help="the ONNX Runtime requirement, or '' for none")
-    parser.add_argument("--extra", default="agent")
+    parser.add_argument("--extra", action="append", help="an extra to include (repeatable; default: agent)")
     args = parser.parse_args(argv)
-    sys.stdout.write("".join(line + "\n" for line in agent_requirements(args.pyproject, args.ort, args.extra)))
+    lines = agent_requirements(args.pyproject, args.ort, args.extra or ["agent"])
+    sys.stdout.write("".join(line + "\n" for line in lines))
     return 0
 
 

@@ -4,7 +4,8 @@ Everything that crosses the wire is declared here once and imported by both side
 MQTT topics (`shared.topics`), message payloads (`shared.messages`), the signed
 artifact manifest (`shared.manifest`), target ids and their choice per device
 (`shared.targets`), and the only place bytes become models (`shared.codec`).
-This package depends on pydantic (and `cryptography` for signatures) and does no I/O.
+This package depends on pydantic and PyNaCl (verifying signatures; the hub signs with
+`cryptography`) and does no I/O.
 """
 
 from __future__ import annotations

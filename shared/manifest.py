@@ -4,6 +4,10 @@ A manifest is signed by the hub (Ed25519 over its canonical JSON); an agent veri
 it with the public key it received at enrollment before it trusts any field, and then
 checks each downloaded file against the variant's sha256.
 
+Verification uses libsodium (PyNaCl), which every install has. Signing and the hub's PEM
+key use `cryptography`, imported by those functions only: it is a hub dependency, and
+the agent, which only verifies, never loads it (8 MB of RSS).
+
 Errors::
 
     ProtocolError (shared.codec)    the bytes are not a signed manifest
@@ -16,16 +20,18 @@ import base64
 import hashlib
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.codec import DEFAULT_MAX_BYTES, decode
 from shared.messages import Version, utcnow
 from shared.targets import TargetId
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "Dtype",
@@ -242,6 +248,9 @@ def canonical_json(manifest: Manifest) -> bytes:
 
 def generate_signing_key() -> bytes:
     """Return a new Ed25519 private key as PEM (PKCS8, unencrypted)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -249,6 +258,9 @@ def generate_signing_key() -> bytes:
 
 def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     """Load an Ed25519 private key from PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError("the signing key is not an Ed25519 key")
@@ -257,22 +269,23 @@ def load_private_key(pem: bytes) -> Ed25519PrivateKey:
 
 def public_key_b64(private_key: Ed25519PrivateKey) -> str:
     """Return the raw public key as base64, the form agents receive at enrollment."""
-    raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+    return base64.b64encode(private_key.public_key().public_bytes_raw()).decode()
 
 
-def load_public_key(b64: str) -> Ed25519PublicKey:
+def load_public_key(b64: str) -> VerifyKey:
     """Load a raw base64 Ed25519 public key."""
     try:
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(b64, validate=True))
+        raw = base64.b64decode(b64, validate=True)
     except ValueError as exc:
         raise SignatureError(f"not an Ed25519 public key: {exc}") from exc
+    if len(raw) != 32:
+        raise SignatureError(f"not an Ed25519 public key: {len(raw)} bytes, expected 32")
+    return VerifyKey(raw)
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """Return a short, stable id for a public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def key_id(public_key: bytes) -> str:
+    """Return a short, stable id for a raw public key."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
 
 
 def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> SignedManifest:
@@ -281,22 +294,23 @@ def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> SignedM
     return SignedManifest(
         manifest=manifest,
         signature=base64.b64encode(signature).decode(),
-        key_id=key_id(private_key.public_key()),
+        key_id=key_id(private_key.public_key().public_bytes_raw()),
     )
 
 
-def verify_manifest(signed: SignedManifest | bytes, public_key: Ed25519PublicKey) -> Manifest:
+def verify_manifest(signed: SignedManifest | bytes, public_key: VerifyKey) -> Manifest:
     """Return the manifest if its signature verifies; raise SignatureError otherwise.
 
     Bytes are parsed first (ProtocolError when they are not a signed manifest).
     """
     if isinstance(signed, bytes):
         signed = SignedManifest.from_bytes(signed)
-    if signed.key_id != key_id(public_key):
-        raise SignatureError(f"manifest signed by key {signed.key_id}, expected {key_id(public_key)}")
+    expected = key_id(bytes(public_key))
+    if signed.key_id != expected:
+        raise SignatureError(f"manifest signed by key {signed.key_id}, expected {expected}")
     try:
         signature = base64.b64decode(signed.signature, validate=True)
-        public_key.verify(signature, canonical_json(signed.manifest))
-    except (InvalidSignature, ValueError) as exc:
+        public_key.verify(canonical_json(signed.manifest), signature)
+    except (BadSignatureError, ValueError) as exc:
         raise SignatureError(f"manifest {signed.manifest.name} {signed.manifest.version}: bad signature") from exc
     return signed.manifest

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from agent.device import cpu_flags, detect_profile, is_jetson
+from agent.device import cpu_flags, detect_profile, is_jetson, physical_cores
 from shared.targets import TargetId, choose_targets
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni ht\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
@@ -42,3 +43,13 @@ def test_profile_of_a_vnni_cpu_prefers_int8(tmp_path: Path) -> None:
     assert "CPUExecutionProvider" in profile.providers
     assert not profile.jetson
     assert choose_targets(profile)[0] == TargetId.CPU_INT8
+
+
+def test_hyperthreads_of_one_core_count_once(tmp_path: Path) -> None:
+    usable = sorted(os.sched_getaffinity(0))
+    for cpu in usable:
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        topology.joinpath("core_cpus_list").write_text(f"{cpu // 2 * 2}-{cpu // 2 * 2 + 1}\n")  # pairs share a core
+    assert physical_cores(tmp_path) == len({cpu // 2 for cpu in usable})
+    assert physical_cores(tmp_path / "missing") == len(usable)  # no topology: logical CPUs

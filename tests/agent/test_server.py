@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,7 +208,8 @@ def test_text_is_tokenized_with_tokenizers_and_mean_pooled(tmp_path: Path, api: 
         np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
 
 
-def test_base64_image_is_resized_and_normalized(tmp_path: Path, api: tuple[ModelRegistry, str]) -> None:
+def _image_model(tmp_path: Path) -> LoadedModel:
+    """A 2x2 grayscale image model that returns its normalized pixels."""
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1)],
         "flat",
@@ -225,8 +227,12 @@ def test_base64_image_is_resized_and_normalized(tmp_path: Path, api: tuple[Model
         sample=Sample(inputs={"pixels": tensor(x)}, outputs={"flat": tensor(x.reshape(1, 4))}),
         variants=[Variant(target="cpu-fp32", precision="fp32", providers=["CPUExecutionProvider"], file="m.onnx", size=1, sha256="0" * 64)],
     )  # fmt: skip
+    return load(tmp_path, manifest, _onnx(graph))
+
+
+def test_base64_image_is_resized_and_normalized(tmp_path: Path, api: tuple[ModelRegistry, str]) -> None:
     registry, url = api
-    registry.activate(load(tmp_path, manifest, _onnx(graph)))
+    registry.activate(_image_model(tmp_path))
     pixels = np.array([[0, 255], [51, 102]], np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buf, format="PNG")
@@ -235,6 +241,18 @@ def test_base64_image_is_resized_and_normalized(tmp_path: Path, api: tuple[Model
     np.testing.assert_allclose(answer["predictions"][0], ((pixels / 255 - 0.5) / 0.5).ravel(), atol=1e-5)
     bad = httpx.post(f"{url}/v1/models/img:predict", json={"image": "bm90IGFuIGltYWdl"})
     assert bad.status_code == 400 and "not a base64-encoded image" in bad.json()["error"]
+
+
+def test_image_input_without_pillow_is_501_naming_the_extra(
+    tmp_path: Path, api: tuple[ModelRegistry, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, url = api
+    registry.activate(_image_model(tmp_path))
+    monkeypatch.setitem(sys.modules, "PIL", None)  # an agent installed without the `image` extra
+    answer = httpx.post(f"{url}/v1/models/img:predict", json={"image": "aGVsbG8="})
+    assert answer.status_code == 501 and "autodl[agent,image]" in answer.json()["error"]
+    tensors = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [0.0] * 4}]}
+    assert httpx.post(f"{url}/v2/models/img/infer", json=tensors).status_code == 200  # tensors still served
 
 
 def test_tabular_rows_map_categories_and_missing_values(tmp_path: Path, api: tuple[ModelRegistry, str]) -> None:

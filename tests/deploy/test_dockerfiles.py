@@ -76,7 +76,10 @@ def test_agent_dockerfile_installs_only_the_agent_requirements() -> None:
         "/opt/venv/bin/pip install --no-deps .",
     ]
     generating = [line for line in _run_lines(ROOT / "Dockerfile.agent") if "agent-requirements.txt" in line]
-    assert 'scripts/agent_requirements.py --ort "${ORT_PACKAGE}" > /tmp/agent-requirements.txt' in generating[0]
+    assert (
+        'scripts/agent_requirements.py --ort "${ORT_PACKAGE}" --extra agent --extra image > /tmp/agent-requirements.txt'
+        in generating[0]
+    )
     copies = [x for x in (ROOT / "Dockerfile.agent").read_text().splitlines() if x.startswith("COPY ")]
     assert not any("hub" in line.split()[1] for line in copies if "--from" not in line), "the agent image copies hub/"
 

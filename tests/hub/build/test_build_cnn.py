@@ -13,7 +13,14 @@ from hub.build.errors import BuildInputError, CalibrationError, ExportError, Tar
 from hub.build.pipeline import BuildResult, build
 from hub.build.request import BuildRequest
 from hub.build.runner import make_session
-from shared.manifest import SignedManifest, load_private_key, sign_manifest, verify_manifest
+from shared.manifest import (
+    SignedManifest,
+    load_private_key,
+    load_public_key,
+    public_key_b64,
+    sign_manifest,
+    verify_manifest,
+)
 from shared.targets import TargetId
 from tests.hub.build.conftest import CLASSES, Digits, digits_request
 
@@ -79,7 +86,7 @@ def test_signed_manifest_verifies(cnn: BuildResult) -> None:
 
     key = load_private_key(generate_signing_key())
     signed = SignedManifest.from_bytes(sign_manifest(cnn.manifest, key).to_bytes())
-    assert verify_manifest(signed, key.public_key()) == cnn.manifest
+    assert verify_manifest(signed, load_public_key(public_key_b64(key))) == cnn.manifest
 
 
 def test_gate_refuses_variant_calibrated_on_clipped_range(digits: Digits, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from hub.config import HubSettings
 from hub.db import create_engine_for, migrate
 from hub.models import Model, ModelVersion
 from hub.registry import artifact_path
-from shared.manifest import load_private_key, verify_manifest
+from shared.manifest import load_private_key, load_public_key, public_key_b64, verify_manifest
 from tests.hub.build.conftest import Digits
 
 torch = pytest.importorskip("torch")
@@ -38,7 +38,7 @@ def test_published_build_is_signed_and_stored(cnn: BuildResult, tmp_path: Path) 
     migrate(engine)
     with Session(engine, expire_on_commit=False) as session:
         version = cnn.publish(session, settings)
-    public = load_private_key(settings.signing_key.read_bytes()).public_key()
+    public = load_public_key(public_key_b64(load_private_key(settings.signing_key.read_bytes())))
     assert verify_manifest(version.signed_manifest.encode(), public) == cnn.manifest
     for variant in cnn.manifest.variants:
         stored = artifact_path(settings, variant.sha256)
