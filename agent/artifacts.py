@@ -80,12 +80,13 @@ def verify_signed(data: bytes, public_key_b64: str) -> Manifest:
 
 
 class ArtifactCache:
-    """Verified files by sha256, plus resumable partial downloads."""
+    """Verified files by sha256, resumable partial downloads, and copies derived from verified files."""
 
     def __init__(self, root: Path, chunk_bytes: int = 256 * 1024, reserve_mb: int = 64) -> None:
         self.root = root
         self.objects = root / "objects"
         self.partial = root / "partial"
+        self.mapped = root / "mapped"
         self.chunk_bytes = chunk_bytes
         self.reserve_bytes = reserve_mb * 1024 * 1024
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,10 @@ class ArtifactCache:
     def path(self, sha256: str) -> Path:
         """Return where a verified file lives."""
         return self.objects / sha256
+
+    def mapped_dir(self, sha256: str) -> Path:
+        """Return where the mapped-weights copies of a verified model live (agent.runtime.mapped_copy)."""
+        return self.mapped / sha256
 
     def part_path(self, sha256: str) -> Path:
         """Return where a partial download of a file lives."""
@@ -203,11 +208,15 @@ class ArtifactCache:
         return final
 
     def gc(self, keep: Iterable[str]) -> list[str]:
-        """Delete cached files not in `keep`; return the removed sha256s."""
+        """Delete cached files not in `keep`, and what was derived from them; return the removed sha256s."""
         wanted = set(keep)
         removed = []
         for path in self.objects.iterdir():
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
+        if self.mapped.exists():
+            for folder in self.mapped.iterdir():
+                if folder.name not in wanted:
+                    shutil.rmtree(folder, ignore_errors=True)
         return removed

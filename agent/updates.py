@@ -275,7 +275,8 @@ class Updater:
     def _stage(self, job: _Job) -> UpdateState:
         if job.manifest is None or job.variant is None or job.path is None:
             return S.VERIFYING  # resumed here after a crash: never stage what was not verified now
-        job.loaded = load_model(job.manifest, job.variant, job.path, self.threads, job.tokenizer)
+        mapped = self.cache.mapped_dir(job.variant.sha256)
+        job.loaded = load_model(job.manifest, job.variant, job.path, self.threads, job.tokenizer, mapped)
         warm_up(job.loaded, self.settings.warmup_runs)
         smoke_test(job.loaded)
         return S.ACTIVE
@@ -354,7 +355,7 @@ class Updater:
         tokenizer = None
         if (text := manifest.preprocessing.text) is not None:
             tokenizer = self.cache.verify(text.tokenizer_sha256, text.tokenizer_size)
-        model = load_model(manifest, variant, path, self.threads, tokenizer)
+        model = load_model(manifest, variant, path, self.threads, tokenizer, self.cache.mapped_dir(variant.sha256))
         smoke_test(model)
         return model
 

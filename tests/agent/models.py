@@ -98,11 +98,12 @@ def make_release(
     postprocessing: Postprocessing | None = None,
     target: TargetId = TargetId.CPU_FP32,
     model_bytes: bytes | None = None,
+    expected: np.ndarray | None = None,
 ) -> Release:
-    """Build a linear model version, its manifest (sample from the reference) and sign it."""
+    """Build a linear model version (or `model_bytes`, whose output on SAMPLE_X is `expected`), sign it."""
     weights, bias = linear_weights(seed)
     data = model_bytes if model_bytes is not None else linear_onnx(weights, bias, padding_bytes)
-    expected = reference(SAMPLE_X, weights, bias)
+    expected = reference(SAMPLE_X, weights, bias) if expected is None else expected
     if wrong_sample:
         expected = expected + 10.0  # the model will not reproduce this: its smoke test fails
     sha = hashlib.sha256(data).hexdigest()

@@ -1,0 +1,80 @@
+"""A big CPU model is served from an ORT-optimized copy whose weights ORT memory-maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.artifacts import ArtifactCache
+from agent.runtime import MAPPED_MIN_BYTES, LoadedModel, load_model, smoke_test
+from tests.agent.models import SAMPLE_X, Release, linear_io_model, make_release
+
+KEY = Ed25519PrivateKey.generate()
+ROWS = 500_000  # a 6 MB lookup table, like a vocabulary embedding: a request reads 4 of its rows
+
+
+def table_release(seed: int = 3) -> Release:
+    """y = the sum of the table rows that x's values (cast to int) index."""
+    table = np.random.default_rng(seed).normal(size=(ROWS, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["ids"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        helper.make_node("ReduceSum", ["rows", "axis"], ["y"], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    data = linear_io_model(nodes, inits, "table")
+    assert len(data) >= MAPPED_MIN_BYTES
+    expected = table[SAMPLE_X.astype(np.int64)].sum(axis=1)
+    return make_release(KEY, "table", "1.0.0", seed, model_bytes=data, expected=expected)
+
+
+def load(cache: ArtifactCache, release: Release) -> LoadedModel:
+    path = cache.path(release.sha256)
+    path.write_bytes(release.files[release.sha256])
+    variant = release.manifest.variants[0]
+    return load_model(release.manifest, variant, path, threads=1, mapped_dir=cache.mapped_dir(release.sha256))
+
+
+def mapped_files(cache: ArtifactCache, release: Release) -> dict[str, Path]:
+    (folder,) = cache.mapped_dir(release.sha256).iterdir()
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_big_cpu_model_runs_from_mapped_weights(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    release = table_release()
+    model = load(cache, release)
+    files = mapped_files(cache, release)
+    assert set(files) == {"model.onnx", "weights.bin", "sha256.json"}
+    assert files["weights.bin"].stat().st_size > MAPPED_MIN_BYTES
+    assert str(files["weights.bin"]) in Path("/proc/self/maps").read_text()  # mapped, not copied
+    assert model.path == cache.path(release.sha256)  # the verified file stays the model's identity
+    smoke_test(model)  # the sample's expected output comes from numpy, not from ORT
+
+
+def test_damaged_mapped_copy_is_made_again(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    release = table_release()
+    load(cache, release)
+    weights = mapped_files(cache, release)["weights.bin"]
+    intact = weights.read_bytes()[:4096]
+    with open(weights, "r+b") as fh:  # what a bad sector or a stray write would leave: the rows the sample reads
+        fh.write(b"\xff" * 4096)
+    model = load(cache, release)
+    assert mapped_files(cache, release)["weights.bin"].read_bytes()[:4096] == intact
+    smoke_test(model)
+
+
+def test_small_models_load_directly_and_gc_drops_mapped_copies(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    small = make_release(KEY, "lin", "1.0.0", 1)
+    smoke_test(load(cache, small))
+    assert not cache.mapped_dir(small.sha256).exists()
+    table = table_release()
+    load(cache, table)
+    assert cache.mapped_dir(table.sha256).exists()
+    cache.gc(keep=[small.sha256])
+    assert not cache.mapped_dir(table.sha256).exists() and not cache.path(table.sha256).exists()
