@@ -7,6 +7,10 @@
 Targets (issue "Agent core"): serving RSS <= 120 MB, no torch in the agent process,
 install <= 220 MB. The bench itself uses torch/transformers to export MiniLM; the agent
 process it measures never does (checked through /proc/<pid>/maps).
+
+The agent runs from the fresh `.[agent]` venv whose size is measured, as a device runs it
+(with --skip-install, from this interpreter instead: the project's dev venv, where the
+same code shows a few MB more of file-backed RSS).
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def prepare_state(state_dir: Path, model: Path, tokenizer: Path) -> None:
     out = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
 
     def tensor(a: np.ndarray) -> TensorData:
-        return TensorData(dtype=str(a.dtype), shape=list(a.shape), data=a.ravel().tolist())  # type: ignore[arg-type]
+        return TensorData(dtype=str(a.dtype), shape=list(a.shape), data=a.ravel().tolist())
 
     data, tok_bytes = model.read_bytes(), tokenizer.read_bytes()
     sha, tok_sha = hashlib.sha256(data).hexdigest(), hashlib.sha256(tok_bytes).hexdigest()
@@ -168,12 +172,14 @@ def torch_loaded(pid: int) -> bool:
     return "libtorch" in maps or "/torch/" in maps
 
 
-def run_agent(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def run_agent(state_dir: Path, port: int, python: Path) -> subprocess.Popen[bytes]:
+    """Start `autodl-agent run` with `python`, from outside the repo so its installed `agent` is the one run."""
     env = {**os.environ, "AUTODL_AGENT_WARMUP_RUNS": "1", "AUTODL_AGENT_BACKOFF_MIN_S": "5"}
-    cmd = [sys.executable, "-c", "from agent.cli import main; main()", "run", "--state-dir", str(state_dir)]
+    cmd = [str(python), "-c", "from agent.cli import main; main()", "run", "--state-dir", str(state_dir)]
     return subprocess.Popen(
         [*cmd, "--port", str(port), "--log-level", "WARNING"],
         env=env,
+        cwd=state_dir.parent if python != Path(sys.executable) else ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -202,7 +208,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure_idle(workdir: Path, port: int) -> tuple[float, bool]:
+def measure_idle(workdir: Path, port: int, python: Path) -> tuple[float, bool]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.config import AgentSettings, Identity, save_identity
@@ -222,7 +228,7 @@ def measure_idle(workdir: Path, port: int) -> tuple[float, bool]:
             hub_url="http://127.0.0.1:9",
         ),
     )
-    proc = run_agent(state, port)
+    proc = run_agent(state, port, python)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         time.sleep(1.0)
@@ -231,11 +237,11 @@ def measure_idle(workdir: Path, port: int) -> tuple[float, bool]:
         stop(proc)
 
 
-def measure_serving(workdir: Path, port: int, requests: int) -> dict[str, Any]:
+def measure_serving(workdir: Path, port: int, requests: int, python: Path) -> dict[str, Any]:
     model, tokenizer = export_minilm_int8(workdir)
     state = workdir / "serving"
     prepare_state(state, model, tokenizer)
-    proc = run_agent(state, port)
+    proc = run_agent(state, port, python)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -254,31 +260,28 @@ def measure_serving(workdir: Path, port: int, requests: int) -> dict[str, Any]:
         stop(proc)
 
 
-def import_time_s() -> float:
+def import_time_s(python: Path, cwd: Path) -> float:
     """Return the wall time of importing the agent daemon in a fresh interpreter, minus bare startup."""
 
     def wall(code: str) -> float:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        subprocess.run([str(python), "-c", code], check=True, cwd=cwd)
         return time.perf_counter() - start
 
     base = min(wall("pass") for _ in range(3))
     return round(min(wall("import agent.daemon") for _ in range(3)) - base, 3)
 
 
-def install_mb(workdir: Path) -> tuple[float, float]:
-    """Return the MB a fresh venv gains from `pip install .[agent]`, then from adding the `image` extra."""
-    venv = workdir / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+def pip_install(venv: Path, extras: str) -> float:
+    """Install `.[extras]` into `venv` (made when missing); return its site-packages size in MB before."""
+    if not venv.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = next((venv / "lib").glob("python*/site-packages"))
-    sizes = [_du(site)]
-    for extras in ("agent", "agent,image"):
-        subprocess.run(
-            [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extras}]"],
-            check=True,
-        )
-        sizes.append(_du(site))
-    return round((sizes[1] - sizes[0]) / 1e6, 1), round((sizes[2] - sizes[0]) / 1e6, 1)
+    before = _du(site)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extras}]"], check=True
+    )
+    return round((_du(site) - before) / 1e6, 1)
 
 
 def _du(path: Path) -> int:
@@ -296,16 +299,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="autodl-footprint-") as tmp:
         workdir = Path(tmp)
-        idle, idle_torch = measure_idle(workdir, free_port())
-        serving = measure_serving(workdir, free_port(), args.requests)
-        installed = (None, None) if args.skip_install else install_mb(workdir)
+        venv = workdir / "venv"
+        python, cwd, installed = Path(sys.executable), ROOT, None
+        if not args.skip_install:
+            installed = pip_install(venv, "agent")
+            python, cwd = venv / "bin" / "python", workdir
+        idle, idle_torch = measure_idle(workdir, free_port(), python)
+        serving = measure_serving(workdir, free_port(), args.requests, python)
+        import_s = import_time_s(python, cwd)
+        with_image = None if installed is None else round(installed + pip_install(venv, "agent,image"), 1)
         result: dict[str, Any] = {
             "agent_rss_idle_mb": round(idle, 1),
             **serving,
             "torch_loaded": bool(idle_torch or serving["torch_loaded"]),
-            "agent_import_s": import_time_s(),
-            "agent_install_mb": installed[0],
-            "agent_image_install_mb": installed[1],  # with the `image` extra (Pillow)
+            "agent_import_s": import_s,
+            "agent_install_mb": installed,
+            "agent_image_install_mb": with_image,  # with the `image` extra (Pillow)
+            "python": str(python),
         }
     targets = {"agent_rss_serving_mb": 120, "agent_install_mb": 220}
     result["targets_met"] = bool(
