@@ -77,16 +77,21 @@ def decode_telemetry(raw: bytes, *, max_bytes: int = codec.DEFAULT_MAX_BYTES) ->
         raise codec.ProtocolError("too_large", f"{len(raw)} bytes > limit {max_bytes}")
     try:
         batch = _adapter().validate_json(raw)
+        device_id = batch["device_id"]
         rows: list[dict[str, Any]] = batch["points"]  # type: ignore[assignment]
+        # The points of one collection round share their time: convert each distinct one once.
+        converted: dict[str, str] = {}
         for row in rows:
-            row["ts"] = _sqlite_ts(row["ts"])
+            ts = row["ts"]
+            text = converted.get(ts)
+            if text is None:
+                text = converted[ts] = _sqlite_ts(ts)
+            row["ts"] = text
+            row["device_id"] = device_id
     except ValueError:  # pydantic's ValidationError, or a canonical-looking but impossible time
         # The contract's decoder names the precise reason (and accepts whatever it accepts).
         model = codec.decode(raw, TelemetryBatch, max_bytes=max_bytes)
         return TelemetryRows(model.device_id, [{"device_id": model.device_id, **p.model_dump()} for p in model.points])
-    device_id = batch["device_id"]
-    for row in rows:
-        row["device_id"] = device_id
     return TelemetryRows(device_id, rows)
 
 

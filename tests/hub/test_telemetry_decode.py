@@ -92,3 +92,27 @@ def test_other_time_forms_are_stored_in_utc_and_duplicates_once(tmp_path: Path) 
         (datetime(2026, 1, 2, 3, 4, 6), {"a": "b"}),
     ]
     engine.dispose()
+
+
+def test_more_points_than_one_sqlite_statement_holds_are_each_stored_once(tmp_path: Path) -> None:
+    engine = create_engine_for(HubSettings(data_dir=tmp_path))
+    migrate(engine)
+    times = ["2026-01-02T03:04:05Z", "2026-01-02T03:04:05.25Z"]  # shared times are converted once
+    points = [
+        {"seq": i, "ts": times[i % 2], "name": "x", "value": float(i), "labels": {"n": str(i % 3)}} for i in range(1234)
+    ]
+    first = decode_telemetry(_payload(points=points[:700])).rows
+    again = decode_telemetry(_payload(points=points)).rows  # 700 resent, 534 new
+    with Session(engine) as session:
+        session.add(Device(id="dev-1"))
+        session.commit()
+        assert ingest.insert_telemetry(session, first) == 700
+        assert ingest.insert_telemetry(session, again) == 534
+        session.commit()
+        stored = session.exec(select(TelemetryPoint).order_by(TelemetryPoint.seq)).all()
+    assert [p.seq for p in stored] == list(range(1234))
+    assert [(p.ts.replace(tzinfo=None), p.value, p.labels) for p in stored[:2]] == [
+        (datetime(2026, 1, 2, 3, 4, 5), 0.0, {"n": "0"}),
+        (datetime(2026, 1, 2, 3, 4, 5, 250000), 1.0, {"n": "1"}),
+    ]
+    engine.dispose()
