@@ -169,13 +169,14 @@ def apply_presence(session: Session, msg: Presence, *, live: bool, now: datetime
 def apply_result(session: Session, msg: CommandResult, *, now: datetime | None = None) -> None:
     """Record a command's result on its row (a repeated result changes nothing)."""
     device = _device(session, msg.device_id)
-    device.online, device.last_seen = True, now or utcnow()
-    session.add(device)
     row = session.get(Command, msg.id)
     if row is None:
         raise IngestRejected("unknown_command", f"no command {msg.id!r}")
     if row.device_id != msg.device_id:
         raise IngestRejected("device_mismatch", f"command {msg.id} belongs to {row.device_id}, not {msg.device_id}")
+    # Checked before any change: the writer stores many messages in one transaction.
+    device.online, device.last_seen = True, now or utcnow()
+    session.add(device)
     if row.status in (CommandStatus.SUCCEEDED.value, CommandStatus.FAILED.value):
         return
     row.status = (CommandStatus.SUCCEEDED if msg.ok else CommandStatus.FAILED).value

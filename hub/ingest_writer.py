@@ -1,8 +1,9 @@
 """The one thread that writes device messages into the database.
 
 `hub.messaging` validates messages on paho's network thread and hands them over as
-`Inbound` items; `IngestWriter` applies state, presence and command results as they come,
-buffers telemetry and writes it in batches (on `batch_size` points or after `flush_s`),
+`Inbound` items; `IngestWriter` applies state, presence and command results as they come
+(those queued together in one transaction: 5,000 devices reporting at once are not 5,000
+commits), buffers telemetry and writes it in batches (on `batch_size` points or after `flush_s`),
 then acknowledges each MQTT message through `ack` (so one the hub crashed on comes again),
 and marks devices offline that missed their heartbeat window. A database outage is
 retried a few times; a message that still cannot be stored is counted as ``db_error``.
@@ -60,6 +61,17 @@ def _marks_offline(item: Inbound) -> bool:
     return isinstance(item.message, Presence) and not item.message.online
 
 
+def _store(session: Session, item: Inbound) -> None:
+    """Apply a state, presence or command result in `session` (raises IngestRejected before any change)."""
+    message = item.message
+    if isinstance(message, ReportedState):
+        ingest.apply_reported(session, message, live=item.live, now=item.received_at)
+    elif isinstance(message, Presence):
+        ingest.apply_presence(session, message, live=item.live, now=item.received_at)
+    elif isinstance(message, CommandResult):
+        ingest.apply_result(session, message, now=item.received_at)
+
+
 def _rows(message: _Telemetry) -> list[dict[str, Any]]:
     return message.rows if isinstance(message, TelemetryRows) else ingest.telemetry_rows(message)
 
@@ -79,6 +91,7 @@ class IngestWriter:
         heartbeat_timeout_s: float,
         sweep_interval_s: float,
         queue_size: int = 10000,
+        group_size: int = 500,
     ) -> None:
         self._sessions = session_factory
         self.counters = counters
@@ -88,6 +101,7 @@ class IngestWriter:
         self.flush_s = flush_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.sweep_interval_s = sweep_interval_s
+        self.group_size = group_size  # queued messages taken and stored together at most
         self.queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
 
@@ -119,28 +133,39 @@ class IngestWriter:
         while True:
             deadline = min(next_sweep, oldest + self.flush_s if pending else math.inf)
             try:
-                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                items = [self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))]
             except queue.Empty:
-                item = None
+                items = []
+            items += self._take(self.group_size - len(items))
+            # States, presence and results that came together are stored in one transaction.
+            run: list[Inbound] = []
             try:
-                if item is _STOP:
-                    self._drain(pending)
-                    self._flush(pending)
-                    return
-                if item is _RESYNC:
-                    self._on_resync()
-                elif isinstance(item, Inbound):
-                    if isinstance(item.message, TelemetryRows | TelemetryBatch):
-                        if not pending:
-                            oldest = time.monotonic()
-                        pending.append(item)
-                        points += _count(item.message)
-                    else:
-                        if pending and _marks_offline(item):
-                            # Keep arrival order: points sent before "offline" must not flip it back.
-                            self._flush(pending)
-                            pending, points = [], 0
-                        self._apply(item)
+                for item in items:
+                    if item is _STOP:
+                        self._apply_all(run)
+                        self._drain(pending)
+                        self._flush(pending)
+                        return
+                    if item is _RESYNC:
+                        self._apply_all(run)
+                        run = []
+                        self._on_resync()
+                    elif isinstance(item, Inbound):
+                        if isinstance(item.message, TelemetryRows | TelemetryBatch):
+                            if not pending:
+                                oldest = time.monotonic()
+                            pending.append(item)
+                            points += _count(item.message)
+                        else:
+                            if pending and _marks_offline(item):
+                                # Keep arrival order: points sent before "offline" must not flip it back.
+                                self._apply_all(run)
+                                run = []
+                                self._flush(pending)
+                                pending, points = [], 0
+                            run.append(item)
+                self._apply_all(run)
+                run = []
                 if pending and (points >= self.batch_size or time.monotonic() - oldest >= self.flush_s):
                     self._flush(pending)
                     pending, points = [], 0
@@ -150,8 +175,18 @@ class IngestWriter:
             except Exception:  # the writer must outlive any one bad batch
                 # Unacknowledged messages come again after the next reconnect.
                 logger.exception("ingest writer error")
-                self.counters.rejected("internal", max(len(pending), 1))
+                self.counters.rejected("internal", max(len(pending) + len(run), 1))
                 pending, points = [], 0
+
+    def _take(self, n: int) -> list[object]:
+        """Return up to `n` more queued items without waiting."""
+        items: list[object] = []
+        while len(items) < n:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
 
     def _drain(self, pending: list[Inbound]) -> None:
         while True:
@@ -190,17 +225,8 @@ class IngestWriter:
 
     def _apply(self, item: Inbound) -> None:
         message = item.message
-
-        def work(session: Session) -> None:
-            if isinstance(message, ReportedState):
-                ingest.apply_reported(session, message, live=item.live, now=item.received_at)
-            elif isinstance(message, Presence):
-                ingest.apply_presence(session, message, live=item.live, now=item.received_at)
-            elif isinstance(message, CommandResult):
-                ingest.apply_result(session, message, now=item.received_at)
-
         try:
-            self.transact(work)
+            self.transact(lambda session: _store(session, item))
         except IngestRejected as exc:
             self._reject(exc.reason, message.kind, exc.detail)
         except Exception:
@@ -209,6 +235,50 @@ class IngestWriter:
         else:
             self.counters.ingested(message.kind)
         self._ack(item.mid, item.qos)
+
+    def _apply_all(self, items: list[Inbound]) -> None:
+        """Store states, presence and results in one transaction, then acknowledge each.
+
+        A message the hub refuses (IngestRejected) changes nothing before it is raised, so
+        it is counted and the others are committed. If the transaction fails, each is
+        stored on its own, so one bad message cannot take the others down.
+        """
+        if len(items) <= 1:
+            for item in items:
+                self._apply(item)
+            return
+        outcomes: list[IngestRejected | None] = []
+
+        def work(session: Session) -> None:
+            outcomes.clear()  # a retried transaction starts over
+            for item in items:
+                try:
+                    _store(session, item)
+                except IngestRejected as exc:
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+
+        try:
+            self.transact(work)
+        except OperationalError:
+            # The database stayed unavailable through the retries: as each alone would have.
+            logger.exception("could not store %d device messages", len(items))
+            self.counters.rejected("db_error", len(items))
+            for item in items:
+                self._ack(item.mid, item.qos)
+            return
+        except Exception:
+            logger.warning("could not store %d device messages together; storing them one by one", len(items))
+            for item in items:
+                self._apply(item)
+            return
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome is None:
+                self.counters.ingested(item.message.kind)
+            else:
+                self._reject(outcome.reason, item.message.kind, outcome.detail)
+            self._ack(item.mid, item.qos)
 
     def _flush(self, pending: list[Inbound]) -> None:
         if not pending:
