@@ -1,8 +1,9 @@
 """The fleet: enrollment, listing and labels, decommissioning, and each device's desired state.
 
 `update_desired` is the one writer of desired state (the API, the CLI and rollouts call
-it): it bumps the revision, stores the shared `DesiredState` on the device row and,
-after the commit, publishes it retained so the agent converges to it.
+it, rollouts through `stage_desired` to commit many devices at once): it bumps the
+revision, stores the shared `DesiredState` on the device row and, after the commit,
+publishes it retained so the agent converges to it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "get_device",
     "list_devices",
     "set_labels",
+    "stage_desired",
     "undeploy_model",
     "update_desired",
 ]
@@ -220,6 +222,26 @@ def update_desired(
     config: Mapping[str, object] | None = None,
 ) -> DesiredState:
     """Set (or, with None, remove) models in a device's desired state, bump its revision, publish it."""
+    state = stage_desired(session, device_id, changes, actor=actor, config=config)
+    session.commit()
+    if messaging is not None:
+        messaging.publish_desired(state)
+    return state
+
+
+def stage_desired(
+    session: Session,
+    device_id: str,
+    changes: Mapping[str, DesiredModel | None],
+    *,
+    actor: str,
+    config: Mapping[str, object] | None = None,
+) -> DesiredState:
+    """Make `update_desired`'s change in `session` without committing or publishing.
+
+    For a caller that moves many devices: it commits them together, then publishes each
+    returned state (a hub that dies in between re-publishes stored states on start).
+    """
     device = get_device(session, device_id, for_update=True)
     if device.decommissioned:
         raise ConflictError(f"device {device_id} is decommissioned")
@@ -248,9 +270,6 @@ def update_desired(
         revision=state.revision,
         models={k: v.version for k, v in models.items()},
     )
-    session.commit()
-    if messaging is not None:
-        messaging.publish_desired(state)
     return state
 
 
