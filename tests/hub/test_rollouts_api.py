@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from hub.models import Rollout, TelemetryPoint, utcnow
-from shared.messages import UpdateState
+from hub.models import Device, Rollout, TelemetryPoint, utcnow
+from hub.rollouts import RolloutContext
+from shared.messages import DesiredState, UpdateState
 from tests.hub.rollout_helpers import MODEL, NEW, OLD, RolloutHub, spec
 
 
@@ -177,6 +178,32 @@ def test_abort_reverts_every_device_it_touched(hub: RolloutHub) -> None:
     assert on_new(hub, ids + [fresh]) == set()
     assert {hub.desired(d) for d in ids} == {OLD}
     assert hub.desired(fresh) in (None, OLD)  # back to nothing, or the baseline it was given
+
+
+def test_a_step_larger_than_one_transaction_publishes_each_device_after_its_commit(hub: RolloutHub) -> None:
+    ids = [f"dev-many-{i:04d}" for i in range(600)]
+    with hub.sessions() as session:
+        for device_id in ids:
+            session.add(Device(id=device_id))
+        session.commit()
+    committed: dict[str, bool] = {}  # device -> was its new desired state stored when it was published
+
+    class Recorder:
+        def publish_desired(self, state: DesiredState) -> bool:
+            committed[state.device_id] = (
+                hub.revision(state.device_id) == state.revision
+                and hub.desired(state.device_id) == state.models[MODEL].version
+            )
+            return True
+
+        def clear_desired(self, device_id: str) -> bool:
+            return True
+
+    hub.controller._context = RolloutContext(hub.settings, Recorder())
+    start(hub, steps=[100])
+    hub.controller.tick()
+    assert committed == dict.fromkeys(ids, True)
+    assert on_new(hub, ids) == set(ids)
 
 
 def test_conflicting_rollout_is_refused(hub: RolloutHub) -> None:
