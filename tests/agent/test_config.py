@@ -1,0 +1,26 @@
+"""Agent settings come from flags, then AUTODL_AGENT_* variables, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agent.config import AgentSettings
+
+
+def test_environment_fills_what_flags_leave_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODL_AGENT_PORT", "9100")
+    monkeypatch.setenv("AUTODL_AGENT_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("AUTODL_AGENT_INTRA_OP_THREADS", "3")
+    settings = AgentSettings(port=9200)
+    assert settings.port == 9200  # the flag wins
+    assert settings.state_dir == tmp_path and settings.intra_op_threads == 3
+    assert settings.outbox_batch == 1000  # neither: the default
+
+
+def test_a_bad_variable_is_an_error_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODL_AGENT_OUTBOX_BATCH", "lots")
+    with pytest.raises(ValidationError, match="outbox_batch"):
+        AgentSettings()
