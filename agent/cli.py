@@ -30,12 +30,18 @@ class CliError(Exception):
 
 
 def _settings(state_dir: Path | None = None, **overrides: Any) -> Any:
+    from pydantic import ValidationError
+
     from agent.config import AgentSettings
 
     values = {k: v for k, v in overrides.items() if v is not None}
     if state_dir is not None:
         values["state_dir"] = state_dir
-    return AgentSettings(**values)
+    try:
+        return AgentSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"bad settings (flags or AUTODL_AGENT_*): {problems}") from exc
 
 
 def _fail(exc: Exception, code: int = 1) -> CliError:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agent.cli import main
 from agent.config import AgentSettings
 
 
@@ -24,3 +25,13 @@ def test_a_bad_variable_is_an_error_naming_the_field(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("AUTODL_AGENT_OUTBOX_BATCH", "lots")
     with pytest.raises(ValidationError, match="outbox_batch"):
         AgentSettings()
+
+
+def test_the_cli_reports_a_bad_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AUTODL_AGENT_PORT", "http")
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("error: bad settings (flags or AUTODL_AGENT_*): port: ")
