@@ -140,10 +140,10 @@ class IngestWriter:
             # States, presence and results that came together are stored in one transaction.
             run: list[Inbound] = []
             try:
-                for item in items:
+                for index, item in enumerate(items):
                     if item is _STOP:
                         self._apply_all(run)
-                        self._drain(pending)
+                        self._drain(pending, items[index + 1 :])
                         self._flush(pending)
                         return
                     if item is _RESYNC:
@@ -188,12 +188,16 @@ class IngestWriter:
                 break
         return items
 
-    def _drain(self, pending: list[Inbound]) -> None:
+    def _drain(self, pending: list[Inbound], taken: list[object]) -> None:
+        """Store what was taken after the stop request, then whatever is still queued."""
+        items = iter(taken)
         while True:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                return
+            item = next(items, None)
+            if item is None:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    return
             if isinstance(item, Inbound):
                 if isinstance(item.message, TelemetryRows | TelemetryBatch):
                     pending.append(item)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, func, select
 
-from hub import ingest
+from hub import ingest, ingest_writer
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.ingest import MessageCounters
@@ -50,11 +50,18 @@ def _stored(engine: Engine, item: Inbound) -> bool:
         return device is not None and device.online is (isinstance(message, Presence) and message.online)
 
 
-def _run(engine: Engine, items: list[Inbound]) -> tuple[MessageCounters, dict[int, bool]]:
-    """Queue `items` before the writer starts (so it takes them together), stop it; return counters and acks."""
+def _run(
+    engine: Engine,
+    items: list[Inbound],
+    after_stop: Sequence[Inbound] = (),
+) -> tuple[MessageCounters, dict[int, bool]]:
+    """Queue `items` before the writer starts (so it takes them together), stop it; return counters and acks.
+
+    `after_stop` are queued behind the stop request, as paho's thread can while the hub stops.
+    """
     counters = MessageCounters()
     acked: dict[int, bool] = {}  # mid -> was the message committed when it was acknowledged
-    by_mid = {item.mid: item for item in items}
+    by_mid = {item.mid: item for item in [*items, *after_stop]}
 
     def ack(mid: int, _qos: int) -> None:
         acked[mid] = _stored(engine, by_mid[mid])
@@ -71,6 +78,10 @@ def _run(engine: Engine, items: list[Inbound]) -> tuple[MessageCounters, dict[in
     )
     for item in items:
         writer.put(item, timeout=1.0)
+    if after_stop:
+        writer.queue.put(ingest_writer._STOP)
+        for item in after_stop:
+            writer.put(item, timeout=1.0)
     writer.start()
     writer.stop()
     return counters, acked
@@ -119,3 +130,14 @@ def test_a_failed_group_is_stored_one_by_one_and_loses_nothing_else(
     snap = counters.snapshot()
     assert snap.ingested == {"presence": len(DEVICES) - 1}
     assert snap.rejected == {"db_error": 1}
+
+
+def test_messages_queued_behind_the_stop_request_are_stored_and_acknowledged(engine: Engine) -> None:
+    before = [_inbound(i, ReportedState(device_id=d, revision=1)) for i, d in enumerate(DEVICES[:10])]
+    after = [_inbound(100 + i, ReportedState(device_id=d, revision=1)) for i, d in enumerate(DEVICES[10:20])]
+    after += [_inbound(200 + i, _points(d, 5)) for i, d in enumerate(DEVICES[:10])]
+
+    counters, acked = _run(engine, before, after)
+
+    assert acked == {item.mid: True for item in [*before, *after]}
+    assert counters.snapshot().ingested == {"reported_state": 20, "telemetry": 10}
