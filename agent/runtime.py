@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.artifacts import sha256_file
 from agent.errors import ModelLoadError, SmokeTestError
 from shared.manifest import Manifest, Sample, TensorData, Variant
 
@@ -188,7 +189,7 @@ def mapped_copy(path: Path, mapped_dir: Path) -> Path | None:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", _MAPPED_WEIGHTS)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
-        sums = {name: _sha256(tmp / name) for name in (_MAPPED_MODEL, _MAPPED_WEIGHTS) if (tmp / name).exists()}
+        sums = {name: sha256_file(tmp / name) for name in (_MAPPED_MODEL, _MAPPED_WEIGHTS) if (tmp / name).exists()}
         (tmp / _MAPPED_SUMS).write_text(json.dumps(sums))
         for name in (*sums, _MAPPED_SUMS):
             with open(tmp / name, "rb") as fh:
@@ -204,18 +205,10 @@ def mapped_copy(path: Path, mapped_dir: Path) -> Path | None:
     return final / _MAPPED_MODEL
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _intact(folder: Path) -> bool:
     try:
         sums = json.loads((folder / _MAPPED_SUMS).read_text())
-        return _MAPPED_MODEL in sums and all(_sha256(folder / name) == sha for name, sha in sums.items())
+        return _MAPPED_MODEL in sums and all(sha256_file(folder / name) == sha for name, sha in sums.items())
     except (OSError, ValueError):
         return False
 
