@@ -64,6 +64,7 @@ from shared.codec import encode  # noqa: E402
 from shared.messages import DesiredState, TelemetryBatch, TelemetryPoint, UpdateState  # noqa: E402
 from shared.topics import DeviceChannel  # noqa: E402
 from tests.agent.models import make_release, write_files  # noqa: E402
+from tests.support.processes import stop_process, wait_http_ready  # noqa: E402
 
 MODEL = "clf"
 BASELINE, CANDIDATE = "1.0.0", "2.0.0"
@@ -282,24 +283,13 @@ class Hub:
         self.proc = subprocess.Popen(
             [str(BIN / "autodl-hub"), "serve", "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the hub did not get ready: " + (self.root / "hub.log").read_text()[-2000:])
+        wait_http_ready(
+            f"{self.url}/readyz", self.proc, "the hub", 60, lambda: (self.root / "hub.log").read_text()[-2000:]
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 30)
 
     def processes(self) -> dict[str, psutil.Process]:
         assert self.proc is not None

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.support.processes import free_port, stop_process, wait_http_ready  # noqa: E402
 
 SENTENCES = ["edge devices run small models", "the hub rolls out a new version", "hello world"]
 
@@ -88,7 +89,6 @@ def prepare_state(state_dir: Path, model: Path, tokenizer: Path) -> None:
         sign_manifest,
     )
     from shared.messages import UpdateState
-    from tests.support.processes import free_port
 
     key = Ed25519PrivateKey.generate()
     settings = AgentSettings(state_dir=state_dir)
@@ -185,29 +185,6 @@ def run_agent(state_dir: Path, port: int, python: Path) -> subprocess.Popen[byte
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("agent not ready")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def measure_idle(workdir: Path, port: int, python: Path) -> tuple[float, bool]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -230,11 +207,11 @@ def measure_idle(workdir: Path, port: int, python: Path) -> tuple[float, bool]:
     )
     proc = run_agent(state, port, python)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_http_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, "the agent", 120)
         time.sleep(1.0)
         return rss_mb(proc.pid), torch_loaded(proc.pid)
     finally:
-        stop(proc)
+        stop_process(proc, 20)
 
 
 def measure_serving(workdir: Path, port: int, requests: int, python: Path) -> dict[str, Any]:
@@ -244,7 +221,7 @@ def measure_serving(workdir: Path, port: int, requests: int, python: Path) -> di
     proc = run_agent(state, port, python)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_http_ready(f"{url}/v2/health/ready", proc, "the agent", 120)
         with httpx.Client(timeout=30) as client:
             for i in range(requests):
                 r = client.post(f"{url}/v1/models/minilm:predict", json={"text": SENTENCES[i % len(SENTENCES)]})
@@ -257,7 +234,7 @@ def measure_serving(workdir: Path, port: int, requests: int, python: Path) -> di
             "embedding_norm": round(float(np.linalg.norm(emb)), 4),
         }
     finally:
-        stop(proc)
+        stop_process(proc, 20)
 
 
 def import_time_s(python: Path, cwd: Path) -> float:
@@ -273,7 +250,7 @@ def import_time_s(python: Path, cwd: Path) -> float:
 
 
 def pip_install(venv: Path, extras: str) -> float:
-    """Install `.[extras]` into `venv` (made when missing); return its site-packages size in MB before."""
+    """Install `.[extras]` into `venv` (made when missing); return the MB its site-packages grew by."""
     if not venv.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = next((venv / "lib").glob("python*/site-packages"))
@@ -295,7 +272,6 @@ def main() -> None:
     parser.add_argument("--skip-install", action="store_true", help="skip the fresh-venv install measurement")
     parser.add_argument("--requests", type=int, default=50)
     args = parser.parse_args()
-    from tests.support.processes import free_port
 
     with tempfile.TemporaryDirectory(prefix="autodl-footprint-") as tmp:
         workdir = Path(tmp)

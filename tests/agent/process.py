@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from shared import topics
 from shared.codec import ProtocolError, decode
 from shared.messages import Presence, ReportedState
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process, wait_http_ready
 
 FAST = {
     "AUTODL_AGENT_BACKOFF_MIN_S": "0.1",
@@ -68,16 +68,8 @@ class AgentProcess:
         return self
 
     def wait_live(self, timeout: float = 60) -> None:
-        def live() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}: {self.log()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(live, timeout, "agent ready")
+        assert self.proc is not None
+        wait_http_ready(f"{self.url}/v2/health/ready", self.proc, "the agent", timeout, lambda: self.log()[-3000:])
 
     def serving(self, name: str) -> str | None:
         try:
@@ -95,14 +87,7 @@ class AgentProcess:
         self.proc.wait(10)
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return None if self.proc is None else stop_process(self.proc, 20)
 
 
 class Watcher:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from hub.broker import find_dynsec_plugin
 from hub.dynsec_bootstrap import BootstrapError, write_hub_auth
 from tests.deploy.conftest import K3S
 from tests.support.hub import HubProcess
-from tests.support.processes import free_port, mosquitto_binary, wait_for_port
+from tests.support.processes import free_port, mosquitto_binary, stop_process, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -162,16 +161,6 @@ def _start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
     tmp_path: Path, separate_broker: RunningBroker
@@ -206,7 +195,7 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
             _wait(lambda: httpx.get(ready, timeout=2).status_code == 200, "the agent's readiness")
             device = _wait(online_device, "the device online at the hub")
         finally:
-            _stop(agent)
+            stop_process(agent, 30)
         assert device["name"] == "edge-node-1"
         assert device["labels"]["cluster"] == "k3s"
         assert (tmp_path / "agent" / "identity.json").exists()
@@ -222,7 +211,7 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
             _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the restarted agent's liveness")
             again = _wait(online_device, "the device online again")
         finally:
-            _stop(agent)
+            stop_process(agent, 30)
         assert again["id"] == device["id"]
         with hub.api() as client:
             assert len(client.get("/devices").json()) == 1

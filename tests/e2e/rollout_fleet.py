@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from hub.models import Role
 from hub.registry import publish_version
 from hub.security import create_api_key, create_enrollment_token, load_or_create_signing_key
 from tests.agent.models import linear_io_model, make_release, write_files
-from tests.support.processes import free_port, wait_for_port
+from tests.support.processes import free_port, stop_process, wait_for_port
 
 __all__ = ["AgentProcess", "HubProcess", "Traffic", "slow_linear_onnx", "wait_for"]
 
@@ -198,13 +197,8 @@ class HubProcess:
             self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 15)
         self.proc = None
 
     def api(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
@@ -273,13 +267,8 @@ class AgentProcess:
         _wait_listening(self.proc, self.port, self.log)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 15)
         self.proc = None
 
     def serving(self, model: str) -> str | None:

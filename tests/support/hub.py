@@ -17,14 +17,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process, wait_http_ready
 
 __all__ = ["HubProcess"]
 
@@ -91,32 +90,16 @@ class HubProcess:
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen([*_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the hub exited with {self._proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"the hub was not ready after {self.start_timeout}s:\n{self.log_tail()}")
+        try:
+            wait_http_ready(f"{self.url}/readyz", self._proc, "the hub", self.start_timeout, self.log_tail)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Stop the hub (SIGTERM: it stops its broker too); return its exit code."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return None if proc is None else stop_process(proc, timeout, sig)
 
     @property
     def running(self) -> bool:

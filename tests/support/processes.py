@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Broker", "free_port", "wait_for_port"]
+import httpx
+
+__all__ = ["Broker", "answers_ok", "free_port", "stop_process", "wait_for_port", "wait_http_ready"]
 
 
 def free_port() -> int:
@@ -31,6 +34,46 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float, sig: signal.Signals = signal.SIGTERM) -> int:
+    """Send `sig` unless `proc` has ended, wait up to `timeout`, then SIGKILL; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def answers_ok(url: str) -> bool:
+    """Return True when GET `url` answers 200 within a second."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_http_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    what: str,
+    timeout: float,
+    log: Callable[[], str] = lambda: "",
+) -> None:
+    """Wait until GET `url` answers 200; RuntimeError if `proc` exits first, TimeoutError past `timeout`.
+
+    Both errors name `what` and end with `log()` (the process's log tail, say).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        if answers_ok(url):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} was not ready after {timeout}s:\n{log()}")
 
 
 def mosquitto_binary() -> str:
@@ -116,11 +159,5 @@ class Broker:
 
     def _end(self, sig: signal.Signals) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, 10, sig)
