@@ -41,12 +41,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from agent.runtime import release_heap
+
 __all__ = ["HttpError", "HttpServer", "Limits", "Request", "Response", "Router", "Streaming"]
 
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _RECV = 256 * 1024
+_TRIM_AFTER = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class Request:
     query: str
     version: str
     headers: dict[str, str]
-    body: bytes = b""
+    body: bytes | bytearray = b""
     params: dict[str, str] = field(default_factory=dict)
     sock: socket.socket | None = field(default=None, repr=False)
 
@@ -177,7 +180,20 @@ class _Refused(Exception):
 class _Conn:
     """A connection's buffer and where its current request stands."""
 
-    __slots__ = ("addr", "buf", "deadline", "fd", "head", "need", "refusal", "reserved", "sock", "state")
+    __slots__ = (
+        "addr",
+        "body",
+        "buf",
+        "deadline",
+        "fd",
+        "got",
+        "head",
+        "need",
+        "refusal",
+        "reserved",
+        "sock",
+        "state",
+    )
 
     def __init__(self, sock: socket.socket, addr: str) -> None:
         self.sock = sock
@@ -187,6 +203,8 @@ class _Conn:
         self.buf = bytearray()
         self.head: Request | None = None
         self.need = 0
+        self.body: bytearray | None = None  # allocated once at the announced length, filled in place
+        self.got = 0
         self.reserved = 0
         self.state = "idle"  # idle (keep-alive), head, body, linger (closing after a refusal)
         self.deadline = 0.0
@@ -335,18 +353,28 @@ class HttpServer:
 
     def _readable(self, conn: _Conn) -> None:
         try:
-            data = conn.sock.recv(_RECV)
+            received = self._receive(conn)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            received = False
+        if not received:
             self._close(conn)
             return
-        if conn.state == "linger":
-            return  # discarding what a refused client still sends
-        conn.buf += data
-        self._advance(conn)
+        if conn.state != "linger":  # a refused client's bytes are read and dropped
+            self._advance(conn)
+
+    @staticmethod
+    def _receive(conn: _Conn) -> bool:
+        """Read what the socket has into the body (in place) or the head buffer; False at EOF."""
+        if conn.body is not None:
+            n = conn.sock.recv_into(memoryview(conn.body)[conn.got :])
+            conn.got += n
+            return n > 0
+        data = conn.sock.recv(_RECV)
+        if conn.state != "linger":
+            conn.buf += data
+        return bool(data)
 
     def _advance(self, conn: _Conn) -> None:
         try:
@@ -384,7 +412,7 @@ class HttpServer:
             if conn.state not in ("idle", "head", "body", "linger"):
                 continue  # a worker holds it
             if conn.state == "head" or conn.state == "body":
-                what = "request head" if conn.state == "head" else f"body ({len(conn.buf)} of {conn.need} bytes)"
+                what = "request head" if conn.state == "head" else f"body ({conn.got} of {conn.need} bytes)"
                 limit = self.limits.header_timeout_s if conn.state == "head" else self.limits.body_timeout_s
                 self._selector.unregister(conn.sock)
                 self._release(conn)
@@ -420,14 +448,17 @@ class HttpServer:
                 self._reserve(conn, conn.need)
                 if conn.head.headers.get("expect", "").lower() == "100-continue" and not conn.buf:
                     conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                conn.body = bytearray(conn.need)
+                conn.got = min(len(conn.buf), conn.need)
+                conn.body[: conn.got] = conn.buf[: conn.got]
+                del conn.buf[: conn.got]
             conn.state = "body"
             conn.deadline = time.monotonic() + self.limits.body_timeout_s
-        if len(conn.buf) < conn.need:
+        if conn.got < conn.need:
             return None
         request = conn.head
-        request.body = bytes(conn.buf[: conn.need])
-        del conn.buf[: conn.need]
-        conn.head, conn.state = None, "busy"
+        request.body = conn.body if conn.body is not None else b""
+        conn.head, conn.body, conn.got, conn.state = None, None, 0, "busy"
         return request
 
     def _head(self, raw: bytes) -> tuple[Request, int]:
@@ -516,7 +547,7 @@ class HttpServer:
         except OSError:
             self._close(conn)
             return
-        conn.state, conn.buf, conn.head = "linger", bytearray(), None
+        conn.state, conn.buf, conn.head, conn.body = "linger", bytearray(), None, None
         conn.deadline = time.monotonic() + 2.0
         with self._conns_lock:
             self._conns[conn.fd] = conn
@@ -606,14 +637,10 @@ class HttpServer:
                 return None
             try:
                 readable, _, _ = select.select([conn.sock], [], [], remaining)
-                if not readable:
+                if not readable or not self._receive(conn):
                     return None
-                data = conn.sock.recv(_RECV)
             except (OSError, ValueError):
                 return None
-            if not data:
-                return None
-            conn.buf += data
 
     def _answer(self, conn: _Conn, request: Request) -> bool:
         """Run the request's handler and write its answer; return whether to keep the connection."""
@@ -633,7 +660,10 @@ class HttpServer:
             error = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}", "internal")
             self.on_refused(error.reason)
             result = Response(500, self.error_body(error))
-        request.body = b""  # the body's budget is released after this answer: drop it now
+        if len(request.body) >= _TRIM_AFTER:
+            request.body = b""  # the body's budget is released after this answer: drop it now
+            release_heap()  # and give its pages back, or malloc keeps them for the process's life
+        request.body = b""
         if isinstance(result, Streaming):
             self._stream(conn, result, request.version == "HTTP/1.1")
             return keep_alive and request.version == "HTTP/1.1"

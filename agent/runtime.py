@@ -59,9 +59,9 @@ _MAPPED_MODEL, _MAPPED_WEIGHTS, _MAPPED_SUMS = "model.onnx", "weights.bin", "sha
 
 
 def tensor_array(tensor: TensorData) -> np.ndarray:
-    """Return a manifest tensor as a numpy array (strings as bytes objects, as ORT takes them)."""
+    """Return a manifest tensor as a numpy array (strings as str objects, as ORT takes them)."""
     if tensor.dtype == "string":
-        return np.asarray([str(v).encode() for v in tensor.data], dtype=object).reshape(tensor.shape)
+        return np.asarray([str(v) for v in tensor.data], dtype=object).reshape(tensor.shape)
     return np.asarray(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tensor.shape)
 
 
@@ -290,6 +290,10 @@ def _compare(model: LoadedModel, name: str, got: np.ndarray, expected: np.ndarra
     where = f"{model.name} {model.version} ({model.target}) output {name!r}"
     if got.shape != expected.shape:
         raise SmokeTestError(f"{where}: shape {list(got.shape)}, sample expects {list(expected.shape)}")
+    if got.dtype == object or expected.dtype == object:  # strings: equal or not
+        if not np.array_equal(got, expected):
+            raise SmokeTestError(f"{where}: strings differ from the sample's")
+        return
     a = got.astype(np.float64)
     b = expected.astype(np.float64)
     if sample.argmax_match:

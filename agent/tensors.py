@@ -5,7 +5,7 @@ A request body is a JSON header, optionally followed by binary tensor data: the
 input with ``parameters.binary_data_size`` takes that many bytes, in input order.
 Outputs are answered in binary when asked (``binary_data`` on a requested output, or the
 request's ``binary_data_output``). BYTES elements are sent as a 4-byte little-endian
-length and the bytes. Everything is checked against the model's specs: a request that
+length and the bytes; they reach the model as text (ONNX string tensors). Everything is checked against the model's specs: a request that
 does not fit gets InvalidInputError naming what is wrong, never a numpy traceback.
 """
 
@@ -130,7 +130,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
             flat = np.asarray(data, dtype=object).ravel()
             if not all(isinstance(v, str) for v in flat):
                 raise InvalidInputError(f"input {name!r}: BYTES data must be strings")
-            array = np.asarray([v.encode() for v in flat], dtype=object)
+            array = flat
         elif dtype.kind in _INT_KINDS or dtype.kind == "b":
             natural = np.asarray(data)
             kinds = {"b"} if dtype.kind == "b" else _INT_KINDS
@@ -151,7 +151,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
         raise InvalidInputError(f"input {name!r}: data does not fit shape {list(shape)} as {datatype}: {exc}") from exc
 
 
-def raw_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> np.ndarray:
+def raw_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | bytearray | memoryview) -> np.ndarray:
     """Decode one tensor's raw bytes (the binary extension, gRPC raw contents)."""
     count = 1
     for dim in shape:
@@ -168,7 +168,7 @@ def raw_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | me
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
-def bytes_tensor(name: str, shape: tuple[int, ...], raw: bytes | memoryview, count: int) -> np.ndarray:
+def bytes_tensor(name: str, shape: tuple[int, ...], raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Decode length-prefixed BYTES elements."""
     view, items, at = memoryview(raw), [], 0
     while at < len(view):
@@ -177,7 +177,10 @@ def bytes_tensor(name: str, shape: tuple[int, ...], raw: bytes | memoryview, cou
         (size,) = struct.unpack_from("<I", view, at)
         if at + 4 + size > len(view):
             raise InvalidInputError(f"input {name!r}: a BYTES element of {size} bytes runs past the data")
-        items.append(bytes(view[at + 4 : at + 4 + size]))
+        try:  # ONNX string tensors hold text: ORT takes str, not bytes
+            items.append(str(view[at + 4 : at + 4 + size], "utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"input {name!r}: a BYTES element is not UTF-8 text: {exc}") from exc
         at += 4 + size
     if len(items) != count:
         raise InvalidInputError(f"input {name!r}: {len(items)} BYTES elements, shape {list(shape)} needs {count}")
@@ -220,7 +223,7 @@ def tensor_from(
     return array
 
 
-def decode_request(raw: bytes, header_length: int | None, specs: dict[str, TensorSpec]) -> InferRequest:
+def decode_request(raw: bytes | bytearray, header_length: int | None, specs: dict[str, TensorSpec]) -> InferRequest:
     """Decode an infer request body (JSON, or JSON then binary data) against the model's specs."""
     if header_length is not None and not 0 <= header_length <= len(raw):
         raise InvalidInputError(f"Inference-Header-Content-Length {header_length} is past the body's {len(raw)} bytes")
