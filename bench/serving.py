@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.manifest import Batching  # noqa: E402
+from shared.targets import TargetId  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_http_ready  # noqa: E402
 
 KSERVE_VENV = ROOT / ".venv-kserve"
@@ -369,7 +370,7 @@ def main() -> None:
         fp32_path = minilm_path.parent / "minilm-fp32.onnx"
         fp32_bytes = fp32_path.read_bytes()
         fp32_variant = minilm.variants[0].model_copy(
-            update={"target": "cpu-fp32", "precision": "fp32", "file": fp32_path.name, "size": len(fp32_bytes),
+            update={"target": TargetId.CPU_FP32, "precision": "fp32", "file": fp32_path.name, "size": len(fp32_bytes),
                     "sha256": hashlib.sha256(fp32_bytes).hexdigest(), "batching": Batching(max_batch_size=8)}
         )  # fmt: skip
         fp32 = minilm.model_copy(update={"name": "minilm-fp32", "variants": [fp32_variant]})
