@@ -426,7 +426,7 @@ class HttpServer:
     def _parse(self, conn: _Conn) -> Request | None:
         """Advance the connection's request with its buffer; return it once complete."""
         if conn.head is None:
-            if conn.state == "idle" and conn.buf:
+            if conn.state in ("idle", "busy") and conn.buf:  # a new request's first bytes: its head's clock starts
                 conn.state = "head"
                 conn.deadline = time.monotonic() + self.limits.header_timeout_s
             end = conn.buf.find(b"\r\n\r\n")

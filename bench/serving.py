@@ -144,6 +144,17 @@ def models(work: Path, threads: int) -> tuple[Any, Path, np.ndarray, Any, Path, 
     return digits, digits_path, digits_row, minilm, minilm_path, minilm_inputs
 
 
+def fp32_sample(minilm: Any, path: Path, inputs: dict[str, np.ndarray]) -> Any:
+    """Return the smoke-test sample of MiniLM fp32 (the INT8 one's outputs differ by quantization)."""
+    import onnxruntime as ort
+
+    from shared.manifest import Sample, TensorData
+
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    data = TensorData(dtype="float32", shape=list(out.shape), data=out.ravel().tolist())
+    return Sample(inputs=minilm.sample.inputs, outputs={"last_hidden_state": data}, atol=1e-3, rtol=1e-2)
+
+
 def write_state(state_dir: Path, models: list[tuple[Any, Path]]) -> None:
     """Write an identity and a journal with `models` active, as a converged agent leaves them."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -373,8 +384,9 @@ def main() -> None:
             update={"target": TargetId.CPU_FP32, "precision": "fp32", "file": fp32_path.name, "size": len(fp32_bytes),
                     "sha256": hashlib.sha256(fp32_bytes).hexdigest(), "batching": Batching(max_batch_size=8)}
         )  # fmt: skip
-        fp32 = minilm.model_copy(update={"name": "minilm-fp32", "variants": [fp32_variant]})
-        fp32_nb = minilm.model_copy(
+        sample = fp32_sample(minilm, fp32_path, minilm_inputs)
+        fp32 = minilm.model_copy(update={"name": "minilm-fp32", "variants": [fp32_variant], "sample": sample})
+        fp32_nb = fp32.model_copy(
             update={"name": "minilm-fp32-nb", "variants": [fp32_variant.model_copy(update={"batching": None})]}
         )
         write_state(
