@@ -167,6 +167,8 @@ class Agent:
             refused=self.telemetry.refused,
             batching=self.batching,
             batch_stats=self.telemetry.observe_batch,
+            # A run with N intra-op threads keeps N cores busy: this many runs fill the device.
+            batch_instances=max(1, (os.cpu_count() or 1) // (settings.intra_op_threads or physical_cores())),
             limits=limits(settings),
         )
         raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
