@@ -23,8 +23,8 @@ from hub.security import create_api_key, create_enrollment_token, revoke_api_key
 from hub.ui.views import charts_for
 from shared.messages import EnrollRequest
 from shared.targets import DeviceProfile
-from tests.hub.conftest import pg_schema_url
-from tests.ui.support import publish_versions
+from tests.support.dashboard import publish_versions
+from tests.support.postgres import pg_schema_url
 
 MODEL = "clf"
 
