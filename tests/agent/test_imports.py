@@ -2,7 +2,7 @@
 
 Nor what the agent was slimmed of (bench/footprint.py measures the result): a CLI
 framework, a settings library, `cryptography` (the agent verifies with PyNaCl), psutil,
-and Pillow, which loads only when an image request arrives.
+and Pillow, which loads only when an image request arrives; nor grpc unless a gRPC port is set.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 HUB_STACK = ("torch", "transformers", "sqlmodel", "sqlalchemy", "optimum", "hub")
-SLIMMED = ("typer", "click", "rich", "pydantic_settings", "cryptography", "psutil", "PIL")
+SLIMMED = ("typer", "click", "rich", "pydantic_settings", "cryptography", "psutil", "PIL", "grpc")
 FORBIDDEN = HUB_STACK + SLIMMED
 
 PROBE = """
