@@ -28,7 +28,7 @@ from hub.build.lm_gate import UNMEASURED, LmMeasurement, measure_variant, qualit
 from hub.build.lm_reference import TorchReference, chunk, eos_ids, load_causal_lm, load_tokenizer
 from hub.build.pipeline import BuildResult, GateEntry, Progress
 from hub.build.textgen_request import TextGenBuildRequest
-from shared.generation import layout_from_genai_config, read_genai_config
+from shared.generation import GenerationError, layout_from_genai_config, read_genai_config
 from shared.manifest import (
     TEXT_GENERATION,
     GenerationSpec,
@@ -180,10 +180,16 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
     def measure(target: TargetId, item: BuiltFolder) -> LmMeasurement:
         assert item.folder is not None
         say("measure", f"{target.value}: perplexity, parity, decode speed ({item.exporter})")
-        return measure_variant(
-            target, item.folder, spec, pieces, reference.perplexity,
-            threads=request.threads, decode_tokens=request.decode_tokens,
-        )  # fmt: skip
+        try:
+            return measure_variant(
+                target, item.folder, spec, pieces, reference.perplexity,
+                threads=request.threads, decode_tokens=request.decode_tokens,
+            )  # fmt: skip
+        except GenerationError as exc:
+            # A graph the loop cannot run fails the gate like a wrong one.
+            return LmMeasurement(
+                target, None, reference.perplexity, None, request.parity_tokens, None, note=str(exc)[:900]
+            )
 
     measured = {TargetId.CPU_FP32: measure(TargetId.CPU_FP32, built[TargetId.CPU_FP32])}
     if (why := quality_reason(measured[TargetId.CPU_FP32], request.budget("fp32"))) is not None:
