@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -193,9 +193,16 @@ def _read_gguf_header(name: str, path: Path) -> CheckpointCandidate:
     )
 
 
+def _auto() -> tuple[Any, Any]:
+    """Return transformers' AutoModelForCausalLM and AutoTokenizer (untyped, so as Any)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+
+
 def load_checkpoint(candidate: CheckpointCandidate) -> LoadedCheckpoint:
     """Load `candidate` as a float32 torch causal LM with its own tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM, AutoTokenizer = _auto()
 
     if candidate.kind == "gguf":
         cached = gguf_cache_dir(candidate.path) / "model"
@@ -216,7 +223,7 @@ def load_checkpoint(candidate: CheckpointCandidate) -> LoadedCheckpoint:
 
 def _dequantize_gguf(path: Path, out: Path) -> None:
     """Load a GGUF file with transformers (dequantized to float32) and save it as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM, AutoTokenizer = _auto()
 
     folder, file = str(path.parent), path.name
     try:
@@ -243,14 +250,18 @@ def _dequantize_gguf(path: Path, out: Path) -> None:
 
 
 def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer, LlamaTokenizerFast
+    import transformers
 
+    _, AutoTokenizer = _auto()
+    LlamaTokenizerFast: Any = transformers.LlamaTokenizerFast
     if (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path))
+        return cast("PreTrainedTokenizerBase", AutoTokenizer.from_pretrained(str(path)))
     if (path / "tokenizer.model").is_file():
         # Baichuan's remote BaichuanTokenizer is a SentencePiece model that Llama's fast tokenizer reads.
         try:
-            return LlamaTokenizerFast(vocab_file=str(path / "tokenizer.model"), legacy=True)
+            return cast(
+                "PreTrainedTokenizerBase", LlamaTokenizerFast(vocab_file=str(path / "tokenizer.model"), legacy=True)
+            )
         except (ImportError, ValueError) as exc:
             raise CheckpointError(f"{path / 'tokenizer.model'}: cannot convert the SentencePiece model: {exc}") from exc
     raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model beside the checkpoint")
@@ -279,12 +290,13 @@ def _is_baichuan2(config: dict[str, Any]) -> bool:
 
 def convert_baichuan(state: dict[str, torch.Tensor], config: dict[str, Any]) -> PreTrainedModel:
     """Return a LlamaForCausalLM with the weights of a Baichuan 7B-layout state dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    classes: Any = transformers
     if "max_position_embeddings" not in config:
         raise CheckpointError("Baichuan 13B layout (ALiBi) cannot convert to Llama")
     hidden = int(config["hidden_size"])
-    llama = LlamaConfig(
+    llama = classes.LlamaConfig(
         vocab_size=int(config["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(config["intermediate_size"]),
@@ -314,13 +326,14 @@ def convert_baichuan(state: dict[str, torch.Tensor], config: dict[str, Any]) -> 
         if key == "lm_head.weight" and _is_baichuan2(config):
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1)
         out[key] = tensor.float()
-    model = LlamaForCausalLM(llama)
+    model = classes.LlamaForCausalLM(llama)
     missing, unexpected = model.load_state_dict(out, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"Baichuan weights do not fit the 7B layout: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
         )
-    return model.eval()
+    model.train(False)
+    return cast("PreTrainedModel", model)
 
 
 @torch.no_grad()
@@ -353,7 +366,7 @@ def baichuan_reference_logits(
     for layer in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{layer}."
         x = norm(h, w(p + "input_layernorm.weight"))
-        q, k, v = (x @ w(p + "self_attn.W_pack.weight").T).split(hidden, dim=-1)
+        q, k, v = torch.split(x @ w(p + "self_attn.W_pack.weight").T, hidden, dim=-1)
         q, k, v = (t.view(steps, heads, head_dim).transpose(0, 1) for t in (q, k, v))
         q, k = rotate(q), rotate(k)
         attn = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5 + mask, dim=-1) @ v

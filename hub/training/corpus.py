@@ -208,8 +208,8 @@ def _read_jsonl(path: Path, report: CorpusReport) -> list[Document]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from exc
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{bad_line}: not valid UTF-8 (byte {exc.start})") from exc
     docs: list[Document] = []
     blank = 0
     for number, line in enumerate(text.splitlines(), start=1):

@@ -385,7 +385,7 @@ def _save(
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         max_new_tokens=generation.max_new_tokens,
         do_sample=generation.temperature > 0,
         temperature=generation.temperature if generation.temperature > 0 else None,

@@ -60,7 +60,7 @@ def train_tokenizer(docs: Sequence[Document], *, vocab_size: int, chat: bool) ->
     )
     # Chat turns are learned from their contents; the markers are special tokens already.
     tokenizer.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
-    fast = PreTrainedTokenizerFast(
+    fast: PreTrainedTokenizerBase = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token=EOS,
         eos_token=EOS,

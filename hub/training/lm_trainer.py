@@ -88,7 +88,7 @@ def validation_blocks(ids: np.ndarray, block: int, max_blocks: int) -> np.ndarra
 @torch.no_grad()
 def evaluate(model: PreTrainedModel, blocks: np.ndarray, *, batch_size: int = 8) -> Evaluation:
     """Return the summed next-token loss of `model` over `blocks`."""
-    model.eval()
+    model.train(False)
     nll = 0.0
     tokens = 0
     for start in range(0, len(blocks), batch_size):

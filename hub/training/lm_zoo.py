@@ -92,8 +92,7 @@ def parse_family(name: str, default_size: Size) -> FamilyCandidate | None:
         return FamilyCandidate(name, family, default_size)
     if size not in SIZES:
         return None
-    chosen: Size = size  # type: ignore[assignment]  # checked against SIZES above
-    return FamilyCandidate(name, family, chosen)
+    return FamilyCandidate(name, family, SIZES[SIZES.index(size)])
 
 
 def build_config(
@@ -107,7 +106,10 @@ def build_config(
     width: float = 1.0,
 ) -> PretrainedConfig:
     """Return the transformers config of `candidate` at `width` (no weights, no download)."""
-    from transformers import GlmConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    import transformers
+
+    # transformers' config classes are untyped; build them through Any.
+    classes: Any = transformers
 
     preset = PRESETS[candidate.size]
     heads = preset.heads_at(width)
@@ -135,14 +137,14 @@ def build_config(
     }
     config: PretrainedConfig
     if candidate.family == "qwen2":
-        config = Qwen2Config(**common, use_sliding_window=False)
+        config = classes.Qwen2Config(**common, use_sliding_window=False)
     elif candidate.family == "qwen3":
-        config = Qwen3Config(**common, use_sliding_window=False)
+        config = classes.Qwen3Config(**common, use_sliding_window=False)
     elif candidate.family == "llama":
-        config = LlamaConfig(**common, mlp_bias=False, attention_bias=False)
+        config = classes.LlamaConfig(**common, mlp_bias=False, attention_bias=False)
     else:
         # GLM-4's port: half the head dimensions rotate (interleaved), biased q/k/v.
-        config = GlmConfig(**common, partial_rotary_factor=0.5, attention_bias=True)
+        config = classes.GlmConfig(**common, partial_rotary_factor=0.5, attention_bias=True)
     config.architectures = [FAMILIES[candidate.family]]
     return config
 
@@ -152,8 +154,9 @@ def build_family_model(config: PretrainedConfig, *, seed: int) -> PreTrainedMode
     import torch
     from transformers import AutoModelForCausalLM
 
+    auto: Any = AutoModelForCausalLM
     torch.manual_seed(seed)
     # Eager attention: SDPA's CPU kernels are slower for these sizes and the export path
     # traces eager attention anyway.
-    model: PreTrainedModel = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model: PreTrainedModel = auto.from_config(config, attn_implementation="eager")
     return model

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.training.errors import SpecError
 from shared.messages import Version
-from shared.targets import TargetId
+from shared.targets import GENERATION_TARGETS, TargetId
 
 __all__ = [
     "CANDIDATES",
@@ -247,6 +247,9 @@ def _check_consistency(spec: TaskSpec, source: str, root: yaml.Node | None, base
         return
     if spec.generation is not None:
         _fail(source, root, ("generation",), f"only for text-generation, not {spec.task}")
+    for index, target in enumerate(spec.build.targets):
+        if target in (TargetId.CPU_INT4, TargetId.CUDA_INT4):
+            _fail(source, root, ("build", "targets", index), f"{target.value} is for text-generation only")
     known = CANDIDATES[spec.task]
     for index, name in enumerate(spec.model.candidates):
         if name in known:
@@ -305,6 +308,12 @@ def _check_text_generation(spec: TaskSpec, source: str, root: yaml.Node | None, 
                 root,
                 ("generation", "context_length"),
                 f"{context} is larger than the {checkpoint.context_length} positions of {name!r}",
+            )
+    for index, target in enumerate(spec.build.targets):
+        if target not in GENERATION_TARGETS:
+            choices = ", ".join(t.value for t in GENERATION_TARGETS)
+            _fail(
+                source, root, ("build", "targets", index), f"{target.value} is not a text-generation target ({choices})"
             )
     if spec.model.max_length > context:
         _fail(source, root, ("model", "max_length"), f"{spec.model.max_length} exceeds generation.context_length")
