@@ -285,7 +285,7 @@ def train_text_generation(
         "dataset_hash": corpus.data_hash,
         "data_path": spec.data.path,
         "data_report": report.to_dict(),
-        "candidates": [s.to_dict() for s in scores],
+        "candidate_runs": [s.to_dict() for s in scores],
         "selected_by": "val_perplexity" if shared_tokenizer else "val_bits_per_byte",
         "candidate": best.label,
         "params": params,

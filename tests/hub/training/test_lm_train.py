@@ -63,7 +63,7 @@ def test_auto_select_picks_the_lower_validation_perplexity(code: Path, tmp_path:
     assert trained.chosen == best.name
     assert scores["llama:tiny"].val_perplexity != scores["qwen3:small"].val_perplexity
     recorded = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert {c["name"] for c in recorded["candidates"]} == set(scores)
+    assert {c["name"] for c in recorded["candidate_runs"]} == set(scores)
     assert recorded["selected_by"] == "val_perplexity" and recorded["candidate"] == best.name
 
 
