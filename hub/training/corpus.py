@@ -21,12 +21,16 @@ from typing import Any, Literal
 
 from hub.training.errors import DataError
 
-__all__ = ["Corpus", "CorpusReport", "Document", "load_corpus"]
+__all__ = ["BUILTIN_CORPORA", "Corpus", "CorpusReport", "Document", "load_corpus", "resolve_corpus"]
 
 DocKind = Literal["text", "completion", "chat"]
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json")
 ROLES = ("system", "user", "assistant")
+# The Python standard library's own source (PSF licence), on every machine that runs the hub.
+BUILTIN_CORPORA = ("builtin:python-stdlib",)
+# Folders of the standard library that are tests, caches or third-party packages.
+_STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 # Under this many documents, long ones are cut at line boundaries so both splits get some.
 _MIN_DOCUMENTS = 10
 _CHUNK_CHARS = 4000
@@ -101,6 +105,18 @@ class Corpus:
         return any(d.kind == "chat" for d in self.train + self.validation)
 
 
+def resolve_corpus(path: str, base_dir: Path) -> tuple[Path, frozenset[str]]:
+    """Return the folder or file `path` names (a built-in corpus or a path) and folder names to skip."""
+    if path == "builtin:python-stdlib":
+        import sysconfig
+
+        return Path(sysconfig.get_paths()["stdlib"]), _STDLIB_SKIP
+    if path.startswith("builtin:"):
+        raise DataError(f"data.path: unknown built-in corpus {path!r}; choose from {', '.join(BUILTIN_CORPORA)}")
+    found = Path(path).expanduser()
+    return (found if found.is_absolute() else base_dir / found), frozenset()
+
+
 def load_corpus(
     path: Path,
     *,
@@ -110,6 +126,7 @@ def load_corpus(
     max_bytes: int | None = None,
     max_line_length: int = 1000,
     clean: bool = True,
+    skip_dirs: frozenset[str] = frozenset(),
 ) -> Corpus:
     """Read, check, clean and split the documents at `path`; raise DataError on unusable input."""
     report = CorpusReport(path=str(path))
@@ -118,7 +135,7 @@ def load_corpus(
     if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
         docs = _read_jsonl(path, report)
     else:
-        docs = _read_files(path, report, extensions or DEFAULT_EXTENSIONS, max_bytes, seed)
+        docs = _read_files(path, report, extensions or DEFAULT_EXTENSIONS, max_bytes, seed, skip_dirs)
     report.documents_in = len(docs)
     docs = _clean(docs, report, max_line_length, clean)
     if not docs:
@@ -145,7 +162,12 @@ def _found(report: CorpusReport) -> str:
 
 
 def _read_files(
-    root: Path, report: CorpusReport, extensions: tuple[str, ...], max_bytes: int | None, seed: int
+    root: Path,
+    report: CorpusReport,
+    extensions: tuple[str, ...],
+    max_bytes: int | None,
+    seed: int,
+    skip_dirs: frozenset[str],
 ) -> list[Document]:
     wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     if root.is_file():
@@ -156,7 +178,8 @@ def _read_files(
             for p in root.rglob("*")
             if p.is_file()
             and p.suffix.lower() in wanted
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and not any(part.startswith(".") or part in skip_dirs for part in p.relative_to(root).parts[:-1])
+            and not p.name.startswith(".")
         ]
     if not files:
         raise DataError(f"data.path: {root}: no files with extension {', '.join(sorted(wanted))}")

