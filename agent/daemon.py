@@ -23,11 +23,13 @@ from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
+from agent.openai_api import GenerationHooks
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
 from agent.telemetry import Telemetry
+from agent.textgen import Finished
 from agent.updates import IN_PROGRESS, Updater
 from shared.codec import encode
 from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
@@ -142,6 +144,7 @@ class Agent:
             track=self.watchdog.request,
             metrics=self.metrics_text,
             live=self.live,
+            generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
         )
         self.server = InferenceServer(settings.host, settings.port, context)
 
@@ -182,6 +185,18 @@ class Agent:
     # self-healing, telemetry, config -------------------------------------------------------------
     def _activated(self, name: str, version: str, previous: str | None) -> None:
         self.health.activated(name, version, previous)
+
+    def _observe_generation(self, name: str, version: str, seconds: float, ok: bool, done: Finished | None) -> None:
+        self.telemetry.observe_generation(
+            name,
+            version,
+            seconds,
+            ok,
+            done.ttft_s if done else None,
+            done.decode_tps if done else None,
+            done.prompt_tokens if done else 0,
+            done.completion_tokens if done else 0,
+        )
 
     def _commit(self, name: str, version: str) -> None:
         record = self.store.model(name)

@@ -6,7 +6,8 @@ GET  /v2/models/{name}               OIP v2 model metadata
 GET  /v2/models/{name}/ready         the model is loaded
 POST /v2/models/{name}/infer         OIP v2 typed tensors
 POST /v1/models/{name}:predict       JSON numbers, text or base64 image; pre/post-processing applied
-GET  /v1/models                      active models
+GET  /v1/models                      active models (OpenAI's list shape; agent.openai_api)
+POST /v1/chat/completions, /v1/completions, /v2/models/{name}/generate[_stream]   text generation
 GET  /v1/status                      identity, connection, models, update state
 GET  /metrics                        Prometheus text format (serving, device, outbox)
 GET  /healthz, /readyz               K3s liveness (the agent's loops tick) and readiness probes
@@ -25,7 +26,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent import __version__
+from agent import __version__, openai_api
+from agent.openai_api import GenerationHooks
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
@@ -48,6 +50,7 @@ class ServerContext:
     track: Callable[[LoadedModel], AbstractContextManager[Any]] = lambda model: nullcontext()
     metrics: Callable[[], str] = lambda: ""
     live: Callable[[], bool] = lambda: True
+    generation: GenerationHooks = GenerationHooks()
 
 
 class _Text(str):
@@ -76,6 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         ctx = self.server.context
         path = self.path.split("?", 1)[0].rstrip("/")
+        if openai_api.handles(method, path):  # text generation writes its own (streamed) responses
+            openai_api.route(self, ctx.registry, ctx.generation, method, path)
+            return
         try:
             status, body = self._route(ctx, method, path)
         except _HttpError as exc:
@@ -101,8 +107,6 @@ class _Handler(BaseHTTPRequestHandler):
             return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), {"ready": ready}
         if method == "GET" and path == "/v2":
             return HTTPStatus.OK, {"name": "autodl-agent", "version": __version__, "extensions": []}
-        if method == "GET" and path == "/v1/models":
-            return HTTPStatus.OK, {"models": ctx.registry.describe()}
         if method == "GET" and path == "/v1/status":
             return HTTPStatus.OK, ctx.status()
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
