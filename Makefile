@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[hub,agent,image,dev]'
+	$(PIP) install -q -e '.[hub,agent,image,genai,dev]'
 	touch $@
 
 install: system-deps $(VENV)/.installed

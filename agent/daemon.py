@@ -23,7 +23,7 @@ from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
-from agent.openai_api import GenerationHooks
+from agent.openai_api import GenerationHooks, sequence_metrics
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
@@ -269,7 +269,7 @@ class Agent:
             "watchdog_reloads_total": float(self.watchdog.reloads),
             **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
         }
-        return self.telemetry.prometheus(gauges)
+        return self.telemetry.prometheus(gauges) + sequence_metrics(self.registry)
 
     def diagnostics(self) -> dict[str, Any]:
         """Return what the `diagnostics` command answers."""

@@ -41,7 +41,7 @@ from agent.textgen import Busy, Delta, Finished, Generation, TextModel
 if TYPE_CHECKING:
     from agent.runtime import LoadedModel, ModelRegistry
 
-__all__ = ["GenerationHooks", "handles", "models_list", "route"]
+__all__ = ["GenerationHooks", "handles", "models_list", "route", "sequence_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,20 @@ def models_list(registry: ModelRegistry) -> dict[str, Any]:
     return {"object": "list", "data": data, "models": described}
 
 
+def sequence_metrics(registry: ModelRegistry) -> str:
+    """Return Prometheus lines: sequences in flight, queued and allowed, per text-generation model."""
+    lines: list[str] = []
+    rows = [(m.name, m.version, m.text) for m in registry.all() if isinstance(getattr(m, "text", None), TextModel)]
+    for metric, help_text, read in (
+        ("generation_sequences_in_flight", "Sequences being generated.", lambda t: t.limiter.running),
+        ("generation_sequences_queued", "Requests waiting for a sequence slot.", lambda t: t.limiter.waiting),
+        ("generation_sequences_max", "Sequences allowed at once.", lambda t: t.limiter.slots),
+    ):
+        lines += [f"# HELP autodl_{metric} {help_text}", f"# TYPE autodl_{metric} gauge"]
+        lines += [f'autodl_{metric}{{model="{n}",version="{v}"}} {read(t)}' for n, v, t in rows]
+    return "\n".join(lines) + "\n"
+
+
 def route(
     handler: BaseHTTPRequestHandler, registry: ModelRegistry, hooks: GenerationHooks, method: str, path: str
 ) -> None:
@@ -116,6 +130,7 @@ def route(
         else:
             _send_json(handler, exc.status, error_body(str(exc), exc.kind, exc.param, exc.code))
     except Busy as exc:
+        hooks.bad_request(model_name, "overloaded")
         headers = {"Retry-After": str(exc.retry_after_s)}
         body = {"error": str(exc)} if triton else error_body(str(exc), "server_error", None, "overloaded")
         _send_json(handler, 503, body, headers)
@@ -177,15 +192,19 @@ def _openai(
         hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, None)
         return
     shape = _OpenAIShape(ident, "chat.completion" if chat else "text_completion", model.name, int(time.time()), chat)
-    if request.stream:
-        usage = bool(request.stream_options and request.stream_options.include_usage)
-        finished = _stream(handler, generation, shape.chunks(usage), done=True)
-    else:
-        text, finished = _collect(generation)
-        if finished is not None and not finished.cancelled:
-            _send_json(handler, 200, shape.whole(text, finished))
-    ok = finished is not None
-    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, ok, finished)
+    try:
+        if request.stream:
+            usage = bool(request.stream_options and request.stream_options.include_usage)
+            finished = _stream(handler, generation, shape.chunks(usage), done=True)
+        else:
+            text, finished = _collect(generation)
+            if finished is not None and not finished.cancelled:
+                _send_json(handler, 200, shape.whole(text, finished))
+    except Exception:
+        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, False, None)
+        raise
+    # A client that went away is not the model's failure: counted as a request, not an error.
+    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, finished)
 
 
 def _generate(
@@ -216,19 +235,23 @@ def _generate(
         hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, None)
         return
     head = {"model_name": loaded.name, "model_version": loaded.version}
-    if stream:
 
-        def events(item: Delta | Finished) -> list[dict[str, Any]]:
-            if isinstance(item, Delta):
-                return [{**head, "text_output": item.text}]
-            return [{**head, "text_output": "", "finish_reason": item.reason}]
+    def events(item: Delta | Finished) -> list[dict[str, Any]]:
+        if isinstance(item, Delta):
+            return [{**head, "text_output": item.text}]
+        return [{**head, "text_output": "", "finish_reason": item.reason}]
 
-        finished = _stream(handler, generation, events, done=False)
-    else:
-        text, finished = _collect(generation)
-        if finished is not None and not finished.cancelled:
-            _send_json(handler, 200, {**head, "text_output": text, "finish_reason": finished.reason})
-    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, finished is not None, finished)
+    try:
+        if stream:
+            finished = _stream(handler, generation, events, done=False)
+        else:
+            text, finished = _collect(generation)
+            if finished is not None and not finished.cancelled:
+                _send_json(handler, 200, {**head, "text_output": text, "finish_reason": finished.reason})
+    except Exception:
+        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, False, None)
+        raise
+    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, finished)
 
 
 def _admit(
@@ -317,7 +340,7 @@ def _stream(
     events: Callable[[Delta | Finished], list[dict[str, Any]]],
     done: bool,
 ) -> Finished | None:
-    """Write server-sent events as they come; return the Finished, None when the client went away."""
+    """Write server-sent events as they come; return the Finished, None when a write failed."""
     finished: Finished | None = None
     iterator = iter(generation)
     try:
@@ -331,7 +354,7 @@ def _stream(
             if isinstance(item, Finished):
                 finished = item
                 if item.cancelled:
-                    return None  # nobody is listening
+                    return item  # nobody is listening
             payload = b"".join(b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\n\n" for e in events(item))
             _chunk(handler, payload)
         if done:

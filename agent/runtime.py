@@ -38,6 +38,8 @@ from shared.manifest import Manifest, Sample, TensorData, Variant
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from agent.textgen import TextModel
+
 __all__ = [
     "LoadedModel",
     "ModelRegistry",
@@ -75,13 +77,18 @@ class LoadedModel:
     target: str
     manifest: Manifest
     variant: Variant
-    session: ort.InferenceSession = field(repr=False, compare=False)
+    session: ort.InferenceSession | None = field(repr=False, compare=False)  # None: served by ORT GenAI
     path: Path
     providers: tuple[str, ...]
     tokenizer_path: Path | None = None
+    text: TextModel | None = field(default=None, repr=False, compare=False)  # a text-generation model
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the session; ORT sessions are safe to call from many threads."""
+        if self.session is None:
+            from agent.tensors import UnsupportedInputError
+
+            raise UnsupportedInputError(f"{self.name} is served by ONNX Runtime GenAI: use its generate endpoints")
         names = outputs or [o.name for o in self.session.get_outputs()]
         values = self.session.run(names, inputs)
         return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
@@ -215,6 +222,8 @@ def _intact(folder: Path) -> bool:
 
 def warm_up(model: LoadedModel, runs: int) -> None:
     """Run the sample a few times so the first real request does not pay for allocation."""
+    if model.text is not None:
+        return  # a language model's smoke test generates, which warms it up
     inputs = sample_inputs(model.manifest)
     for _ in range(runs):
         model.run(inputs)
@@ -222,6 +231,11 @@ def warm_up(model: LoadedModel, runs: int) -> None:
 
 def smoke_test(model: LoadedModel) -> None:
     """Run the manifest sample and compare with its expected outputs; raise SmokeTestError."""
+    if model.text is not None:
+        from agent.textgen_runtime import smoke_test_text
+
+        smoke_test_text(model)
+        return
     sample: Sample = model.variant.sample or model.manifest.sample
     try:
         got = model.run(sample_inputs(model.manifest), list(sample.outputs))

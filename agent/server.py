@@ -185,7 +185,7 @@ def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
     wanted = None
     if isinstance(body, dict) and isinstance(body.get("outputs"), list):
         wanted = [str(o.get("name")) for o in body["outputs"] if isinstance(o, dict)]
-        known = {o.name for o in model.session.get_outputs()}
+        known = {o.name for o in model.session.get_outputs()} if model.session is not None else set()
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise InvalidInputError(f"unknown outputs {unknown}; the model has {sorted(known)}")

@@ -21,18 +21,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.chat_template import ChatMessage, ChatTemplate
 from agent.openai_schema import BadRequest, SamplingFields
 from agent.textstream import IncrementalDecoder, StopHoldBack
+
+if TYPE_CHECKING:
+    from shared.generation import SamplingParams
 
 __all__ = [
     "Busy",
     "Delta",
     "Finished",
     "Generation",
-    "GenerationParams",
     "SequenceLimiter",
     "TextModel",
     "TokenLoop",
@@ -45,10 +47,10 @@ MEMORY_SHARE = 0.5  # of the memory free at load that in-flight KV caches may ta
 
 
 class TokenLoop(Protocol):
-    """The generation loop: prompt ids in, new token ids out, one at a time."""
+    """The generation loop (`shared.generation.GenerationModel`): prompt ids in, new ids out."""
 
-    def __call__(
-        self, prompt_ids: list[int], params: GenerationParams, cancelled: Callable[[], bool]
+    def generate(
+        self, prompt_ids: Sequence[int], params: Any = None, *, cancelled: Callable[[], bool] | None = None
     ) -> Iterator[int]: ...
 
 
@@ -66,18 +68,6 @@ class Busy(Exception):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """What one request asks of the loop, already clamped and defaulted."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,7 +166,7 @@ class TextModel:
     context_length: int
     limiter: SequenceLimiter
     template: ChatTemplate | None = None
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # the loop stops on them; kept for the smoke test and /v1/models
     defaults: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 300.0
     kv_bytes_per_token: int = 0
@@ -198,7 +188,7 @@ class TextModel:
 
     def params(
         self, fields: SamplingFields, limit: int | None, prompt_tokens: int, param: str = "prompt"
-    ) -> GenerationParams:
+    ) -> SamplingParams:
         """Apply defaults and clamp `prompt + max_tokens` to the context; raise BadRequest."""
         room = self.context_length - prompt_tokens
         if room < 1:
@@ -212,13 +202,10 @@ class TextModel:
         temperature = fields.temperature if fields.temperature is not None else float(d.get("temperature") or 0.0)
         top_p = fields.top_p if fields.top_p is not None else float(d.get("top_p") or 1.0)
         top_k = fields.top_k if fields.top_k is not None else int(d.get("top_k") or 0)
-        return GenerationParams(
-            max_new_tokens=min(wanted, room),
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=fields.seed,
-            eos_token_ids=self.eos_token_ids,
+        from shared.generation import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=min(wanted, room), temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed
         )
 
     def stops(self, fields: SamplingFields) -> list[str]:
@@ -228,7 +215,7 @@ class TextModel:
         return [s for s in self.defaults.get("stop") or [] if isinstance(s, str) and s]
 
     def start(
-        self, prompt_ids: list[int], params: GenerationParams, stops: Sequence[str], disconnected: Callable[[], bool]
+        self, prompt_ids: list[int], params: SamplingParams, stops: Sequence[str], disconnected: Callable[[], bool]
     ) -> Generation | None:
         """Take a sequence slot (waiting in the queue) and return the generation; raise Busy.
 
@@ -256,7 +243,7 @@ class Generation:
         self,
         model: TextModel,
         prompt_ids: list[int],
-        params: GenerationParams,
+        params: SamplingParams,
         stops: Sequence[str],
         cancelled: Callable[[], bool],
         timed_out: threading.Event,
@@ -290,23 +277,25 @@ class Generation:
         count = 0
         first: float | None = None
         reason = "length"
-        eos = set(params.eos_token_ids)
-        for token in self.model.loop(self.prompt_ids, params, cancelled):
-            now = time.monotonic()
-            if first is None:
-                first = now
-            if token in eos:
-                reason = "stop"
-                break
-            count += 1
-            text = hold.push(decoder.push(token))
-            if text:
-                yield Delta(text)
-            if hold.stopped:
-                reason = "stop"
-                break
-            if count >= params.max_new_tokens or cancelled():
-                break
+        tokens = self.model.loop.generate(self.prompt_ids, params, cancelled=cancelled)
+        try:
+            for token in tokens:
+                if first is None:
+                    first = time.monotonic()
+                count += 1
+                text = hold.push(decoder.push(token))
+                if text:
+                    yield Delta(text)
+                if hold.stopped:
+                    reason = "stop"
+                    break
+            else:
+                # The loop ended by itself: EOS ("stop"), the budget ("length") or cancelled.
+                reason = "stop" if getattr(tokens, "finish_reason", None) == "stop" else "length"
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()  # frees the request's KV cache at once
         if not hold.stopped:
             tail = hold.push(decoder.flush()) + hold.flush()
             if hold.stopped:
