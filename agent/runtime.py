@@ -65,6 +65,8 @@ def tensor_array(tensor: TensorData) -> np.ndarray:
 
 def sample_inputs(manifest: Manifest) -> dict[str, np.ndarray]:
     """Return the manifest sample's inputs as arrays."""
+    if manifest.sample is None:  # text generation: its check is generation.samples (parity tokens)
+        raise SmokeTestError(f"{manifest.name} {manifest.version}: the manifest has no tensor sample")
     return {name: tensor_array(t) for name, t in manifest.sample.inputs.items()}
 
 
@@ -236,7 +238,9 @@ def smoke_test(model: LoadedModel) -> None:
 
         smoke_test_text(model)
         return
-    sample: Sample = model.variant.sample or model.manifest.sample
+    sample: Sample | None = model.variant.sample or model.manifest.sample
+    if sample is None:
+        raise SmokeTestError(f"{model.name} {model.version}: the manifest has no tensor sample")
     try:
         got = model.run(sample_inputs(model.manifest), list(sample.outputs))
     except Exception as exc:  # an ORT failure on the sample is a failed smoke test
