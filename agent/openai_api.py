@@ -36,7 +36,7 @@ from agent.openai_schema import (
     error_body,
     parse,
 )
-from agent.textgen import Busy, Delta, Finished, Generation, TextModel
+from agent.textgen import Busy, Delta, Finished, Generation, SequenceLimiter, TextModel
 
 if TYPE_CHECKING:
     from agent.runtime import LoadedModel, ModelRegistry
@@ -94,14 +94,15 @@ def models_list(registry: ModelRegistry) -> dict[str, Any]:
 def sequence_metrics(registry: ModelRegistry) -> str:
     """Return Prometheus lines: sequences in flight, queued and allowed, per text-generation model."""
     lines: list[str] = []
-    rows = [(m.name, m.version, m.text) for m in registry.all() if isinstance(getattr(m, "text", None), TextModel)]
-    for metric, help_text, read in (
-        ("generation_sequences_in_flight", "Sequences being generated.", lambda t: t.limiter.running),
-        ("generation_sequences_queued", "Requests waiting for a sequence slot.", lambda t: t.limiter.waiting),
-        ("generation_sequences_max", "Sequences allowed at once.", lambda t: t.limiter.slots),
-    ):
+    rows = [(m.name, m.version, m.text.limiter) for m in registry.all() if m.text is not None]
+    series: list[tuple[str, str, Callable[[SequenceLimiter], int]]] = [
+        ("generation_sequences_in_flight", "Sequences being generated.", lambda lim: lim.running),
+        ("generation_sequences_queued", "Requests waiting for a sequence slot.", lambda lim: lim.waiting),
+        ("generation_sequences_max", "Sequences allowed at once.", lambda lim: lim.slots),
+    ]
+    for metric, help_text, read in series:
         lines += [f"# HELP autodl_{metric} {help_text}", f"# TYPE autodl_{metric} gauge"]
-        lines += [f'autodl_{metric}{{model="{n}",version="{v}"}} {read(t)}' for n, v, t in rows]
+        lines += [f'autodl_{metric}{{model="{n}",version="{v}"}} {read(lim)}' for n, v, lim in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +161,8 @@ def _text_model(registry: ModelRegistry, name: str) -> tuple[LoadedModel, TextMo
     loaded = registry.get(name)
     if loaded is None:
         raise BadRequest(f"model {name!r} is not loaded on this agent", "model", "model_not_found")
-    text = getattr(loaded, "text", None)
-    if not isinstance(text, TextModel):
+    text = loaded.text
+    if text is None:
         raise BadRequest(f"model {name!r} is a {loaded.manifest.task} model, not text generation", "model")
     return loaded, text
 

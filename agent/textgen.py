@@ -4,7 +4,7 @@ A `TextModel` is what a text-generation manifest loads into: the tokenizer, the 
 template, the context length and defaults, and the one generation loop
 (`shared.generation`) that yields token ids. `TextModel.stream()` turns a request into
 `Delta` texts and one `Finished`, with the prompt and output clamped to the context,
-stop strings held back, UTF-8 safe deltas, and cancellation within one token (a client
+stop strings held back, UTF-8 safe deltas (`shared.generation.TextStream`), and cancellation within one token (a client
 that went away, the request's time limit).
 
 Sequences in flight are bounded per model (`SequenceLimiter`): each holds a KV cache
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.chat_template import ChatMessage, ChatTemplate
 from agent.openai_schema import BadRequest, SamplingFields
-from agent.textstream import IncrementalDecoder, StopHoldBack
+from agent.textstream import StopHoldBack
 
 if TYPE_CHECKING:
     from shared.generation import SamplingParams
@@ -272,7 +272,9 @@ class Generation:
 
     def _run(self) -> Iterator[Delta | Finished]:
         params, cancelled, started = self.params, self.cancelled, self.started
-        decoder = IncrementalDecoder(self.model.tokenizer)
+        from shared.generation import TextStream
+
+        decoder = TextStream(self.model.tokenizer)
         hold = StopHoldBack(self.stops)
         count = 0
         first: float | None = None

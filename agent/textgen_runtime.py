@@ -41,10 +41,9 @@ def load_text_model(
     manifest: Manifest, variant: Variant, folder: Path, threads: int, settings: AgentSettings
 ) -> LoadedModel:
     """Load the variant folder with the generation loop; raise ModelLoadError."""
-    from shared.generation import GenerationError, load_model, load_tokenizer
-
     from agent.chat_template import ChatTemplate, TemplateError
     from agent.runtime import LoadedModel, release_heap
+    from shared.generation import GenerationError, load_model, load_tokenizer
 
     spec = manifest.generation
     if spec is None:

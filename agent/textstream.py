@@ -1,68 +1,16 @@
-"""Token ids to streamed text: UTF-8 safe incremental decoding and stop strings held back.
+"""Stop strings held back while streaming: never a prefix of a stop sent, the output cut at the stop.
 
-Two failure modes users of llama.cpp, Ollama and ORT GenAI report again and again
-(research/llm.md §6): a byte-level BPE splits one character over several tokens, so
-decoding token by token sends U+FFFD; and a stop string split over tokens is either
-missed or its first half has already been sent when the second half arrives.
-
-`IncrementalDecoder` decodes a small window of the ids (text-generation-inference's
-prefix/read offsets) and emits new text only once it does not end in an incomplete
-character. `StopHoldBack` sends text only when it can no longer be the start of a
-stop string, and cuts the output at the first stop string found.
+A stop string split over tokens is, in llama.cpp, MLX and SwiftLM issues (research/llm.md §6),
+either missed or its first half already sent when the second half arrives. `StopHoldBack`
+sends text only once it can no longer be the start of a stop string. (Its companion, text
+that never splits a UTF-8 character, is `shared.generation.TextStream`.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
-__all__ = ["IncrementalDecoder", "StopHoldBack", "TextDecoder"]
-
-_REPLACEMENT = "\ufffd"
-
-
-class TextDecoder(Protocol):
-    """What the decoder needs of a tokenizer (`tokenizers.Tokenizer` has it)."""
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Return the text of `ids`."""
-        ...
-
-
-class IncrementalDecoder:
-    """Turns token ids, one at a time, into text deltas that never split a character."""
-
-    def __init__(self, tokenizer: TextDecoder, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        # Text of ids[prefix:read] was emitted already; decoding from `prefix` (a few tokens
-        # back) keeps tokenizers that change a token's text by its neighbour (leading spaces
-        # in SentencePiece) right, without decoding the whole output every step.
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now complete (may be empty)."""
-        self._ids.append(token_id)
-        before = self._decode(self._prefix, self._read)
-        after = self._decode(self._prefix, len(self._ids))
-        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Return what is left at the end of the output (an incomplete character stays U+FFFD)."""
-        before = self._decode(self._prefix, self._read)
-        after = self._decode(self._prefix, len(self._ids))
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :] if after.startswith(before) else ""
-
-    def _decode(self, start: int, end: int) -> str:
-        if start >= end:
-            return ""
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+__all__ = ["StopHoldBack"]
 
 
 class StopHoldBack:

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
-from shared.generation import SamplingParams, load_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from shared.generation import SamplingParams, load_model
 from shared.manifest import (
     GenerationDefaults,
     GenerationMetrics,

@@ -1,11 +1,13 @@
-"""Streamed text: UTF-8 safe incremental decoding with a real byte-level BPE, and stop strings held back."""
+"""Streamed text as the agent uses it: UTF-8 safe deltas (shared.generation.TextStream) with a real
+byte-level BPE, and stop strings held back."""
 
 from __future__ import annotations
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from agent.textstream import IncrementalDecoder, StopHoldBack
+from agent.textstream import StopHoldBack
+from shared.generation import TextStream as IncrementalDecoder
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
