@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint typecheck pytest system-deps test-system-deps install clean
+.PHONY: grpc-stubs demo test lint typecheck pytest system-deps test-system-deps install clean
 
 demo: install
 	$(VENV)/bin/autodl-hub demo
@@ -32,6 +32,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: system-deps $(VENV)/.installed
+
+# agent/oip/descriptor.py from agent/oip/inference.proto (checked in; run after editing the proto)
+grpc-stubs: $(VENV)/.installed
+	$(PY) agent/oip/generate.py
 
 lint:
 	$(VENV)/bin/ruff check .

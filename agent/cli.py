@@ -98,7 +98,9 @@ def enroll(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run the agent: keep the MQTT session, converge, serve the local API."""
-    settings = _settings(args.state_dir, port=args.port, host=args.host, log_level=args.log_level)
+    settings = _settings(
+        args.state_dir, port=args.port, host=args.host, log_level=args.log_level, grpc_port=args.grpc_port
+    )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx imports its own CLI (click, rich, pygments) when they are installed (the hub
     # installs them): about 5 MB of RSS the daemon never uses. A None entry makes that
@@ -270,6 +272,9 @@ def parser() -> argparse.ArgumentParser:
     sub = command(run)
     port(sub)
     sub.add_argument("--host", help="local API bind address (env AUTODL_AGENT_HOST)")
+    sub.add_argument(
+        "--grpc-port", type=int, help="KServe v2 gRPC port, with the grpc extra (env AUTODL_AGENT_GRPC_PORT)"
+    )
     sub.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     sub = command(status)
     port(sub)

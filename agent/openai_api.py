@@ -8,25 +8,24 @@ GET  /v1/models, /v1/models/{id}     OpenAI's list shape; each entry keeps the a
 POST /v2/models/{name}/generate      Triton generate: `text_input` -> `text_output`
 POST /v2/models/{name}/generate_stream   the same as SSE, one `text_output` delta per event
 
-A streamed response is written chunk by chunk (HTTP/1.1 chunked), each delta as soon as
-it is safe to send, and before each token the socket is polled, so a client that went
-away stops its generation within one token and frees its sequence.
+Routes are added to the agent's own HTTP server (`register`, called by agent.server). A
+streamed answer is `agent.http.Streaming`: written chunk by chunk (HTTP/1.1 chunked), each
+delta as soon as it is safe to send; before each token the connection is polled, so a
+client that went away stops its generation within one token and frees its sequence.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import select
-import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from agent.chat_template import ChatMessage, check_roles
+from agent.http import Request, Response, Router, Streaming
 from agent.openai_schema import (
     BadRequest,
     ChatRequest,
@@ -41,11 +40,12 @@ from agent.textgen import Busy, Delta, Finished, Generation, SequenceLimiter, Te
 if TYPE_CHECKING:
     from agent.runtime import LoadedModel, ModelRegistry
 
-__all__ = ["GenerationHooks", "handles", "models_list", "route", "sequence_metrics"]
+__all__ = ["GenerationHooks", "models_list", "register", "sequence_metrics"]
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 4 * 1024 * 1024
+_JSON = "application/json"
+_SSE = "text/event-stream; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,6 @@ class GenerationHooks:
 
     observe: Callable[[str, str, float, bool, Finished | None], None] = lambda *a: None
     bad_request: Callable[[str, str], None] = lambda model, code: None
-
-
-def handles(method: str, path: str) -> bool:
-    """Return True for the paths this module answers."""
-    if path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
-        return True
-    if path == "/v1/models" or path.startswith("/v1/models/") and ":" not in path:
-        return method == "GET"
-    parts = path.strip("/").split("/")
-    return method == "POST" and len(parts) >= 4 and parts[:2] == ["v2", "models"] and _triton_kind(parts) is not None
-
-
-def _triton_kind(parts: list[str]) -> str | None:
-    rest = parts[3:]
-    if len(rest) == 3 and rest[0] == "versions":
-        rest = rest[2:]
-    return rest[0] if len(rest) == 1 and rest[0] in ("generate", "generate_stream") else None
 
 
 def models_list(registry: ModelRegistry) -> dict[str, Any]:
@@ -106,182 +89,162 @@ def sequence_metrics(registry: ModelRegistry) -> str:
     return "\n".join(lines) + "\n"
 
 
-def route(
-    handler: BaseHTTPRequestHandler, registry: ModelRegistry, hooks: GenerationHooks, method: str, path: str
-) -> None:
-    """Answer one request of `handles()`; never raises (errors become responses)."""
-    triton = path.startswith("/v2/")
-    model_name = ""
-    try:
-        if method == "GET":
-            _get_models(handler, registry, path)
-            return
-        if triton:
-            parts = path.strip("/").split("/")
-            model_name = parts[2]
-            _generate(handler, registry, hooks, parts, _triton_kind(parts) == "generate_stream")
-        else:
-            body = _read_json(handler)
-            model_name = str(body.get("model") or "") if isinstance(body, dict) else ""
-            _openai(handler, registry, hooks, path, body)
-    except BadRequest as exc:
-        hooks.bad_request(model_name, exc.code)
-        if triton:
-            _send_json(handler, exc.status, {"error": str(exc)})
-        else:
-            _send_json(handler, exc.status, error_body(str(exc), exc.kind, exc.param, exc.code))
-    except Busy as exc:
-        hooks.bad_request(model_name, "overloaded")
-        headers = {"Retry-After": str(exc.retry_after_s)}
-        body = {"error": str(exc)} if triton else error_body(str(exc), "server_error", None, "overloaded")
-        _send_json(handler, 503, body, headers)
-    except (BrokenPipeError, ConnectionResetError):
-        logger.debug("client went away on %s", path)
-    except Exception as exc:  # one bad request must never take the server down
-        logger.exception("%s %s failed", method, path)
+def register(router: Router, registry: ModelRegistry, hooks: GenerationHooks) -> None:
+    """Add the text-generation routes and the OpenAI-shaped model list to the agent's router."""
+    api = _Api(registry, hooks)
+    router.add("GET", "/v1/models", lambda r: _json(200, models_list(registry)))
+    router.add("GET", "/v1/models/{name}", api.model)
+    router.add("POST", "/v1/chat/completions", lambda r: api.openai(r, chat=True))
+    router.add("POST", "/v1/completions", lambda r: api.openai(r, chat=False))
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        router.add("POST", prefix + "/generate", lambda r: api.triton(r, stream=False))
+        router.add("POST", prefix + "/generate_stream", lambda r: api.triton(r, stream=True))
+
+
+def _json(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, json.dumps(body, ensure_ascii=False).encode(), _JSON, headers)
+
+
+class _Api:
+    """The handlers; each turns its own errors into answers (OpenAI's shape, or Triton's)."""
+
+    def __init__(self, registry: ModelRegistry, hooks: GenerationHooks) -> None:
+        self.registry = registry
+        self.hooks = hooks
+
+    def model(self, request: Request) -> Response:
+        found = next((m for m in models_list(self.registry)["data"] if m["id"] == request.params["name"]), None)
+        if found is None:
+            message = f"model {request.params['name']!r} is not loaded"
+            return _json(404, error_body(message, "invalid_request_error", "model", "model_not_found"))
+        return _json(200, found)
+
+    def openai(self, request: Request, chat: bool) -> Response | Streaming:
+        name = ""
         try:
-            _send_json(handler, 500, error_body(f"internal error: {exc}", "server_error", None, "internal_error"))
-        except OSError:
-            pass
+            body = _loads(request.body)
+            name = str(body.get("model") or "") if isinstance(body, dict) else ""
+            return self._openai(request, chat, body)
+        except BadRequest as exc:
+            self.hooks.bad_request(name, exc.code)
+            return _json(exc.status, error_body(str(exc), exc.kind, exc.param, exc.code))
+        except Busy as exc:
+            self.hooks.bad_request(name, "overloaded")
+            body = error_body(str(exc), "server_error", None, "overloaded")
+            return _json(503, body, (("Retry-After", str(exc.retry_after_s)),))
 
+    def triton(self, request: Request, stream: bool) -> Response | Streaming:
+        name = request.params["name"]
+        try:
+            return self._triton(request, stream)
+        except BadRequest as exc:
+            self.hooks.bad_request(name, exc.code)
+            return _json(exc.status, {"error": str(exc)})
+        except Busy as exc:
+            self.hooks.bad_request(name, "overloaded")
+            return _json(503, {"error": str(exc)}, (("Retry-After", str(exc.retry_after_s)),))
 
-def _get_models(handler: BaseHTTPRequestHandler, registry: ModelRegistry, path: str) -> None:
-    listing = models_list(registry)
-    if path == "/v1/models":
-        _send_json(handler, 200, listing)
-        return
-    wanted = path.removeprefix("/v1/models/")
-    found = next((m for m in listing["data"] if m["id"] == wanted), None)
-    if found is None:
-        raise BadRequest(f"model {wanted!r} is not loaded", "model", "model_not_found", status=404)
-    _send_json(handler, 200, found)
+    def _text_model(self, name: str) -> tuple[LoadedModel, TextModel]:
+        loaded = self.registry.get(name)
+        if loaded is None:
+            raise BadRequest(f"model {name!r} is not loaded on this agent", "model", "model_not_found")
+        if loaded.text is None:
+            raise BadRequest(f"model {name!r} is a {loaded.manifest.task} model, not text generation", "model")
+        return loaded, loaded.text
 
-
-def _text_model(registry: ModelRegistry, name: str) -> tuple[LoadedModel, TextModel]:
-    loaded = registry.get(name)
-    if loaded is None:
-        raise BadRequest(f"model {name!r} is not loaded on this agent", "model", "model_not_found")
-    text = loaded.text
-    if text is None:
-        raise BadRequest(f"model {name!r} is a {loaded.manifest.task} model, not text generation", "model")
-    return loaded, text
-
-
-def _openai(
-    handler: BaseHTTPRequestHandler, registry: ModelRegistry, hooks: GenerationHooks, path: str, body: Any
-) -> None:
-    chat = path == "/v1/chat/completions"
-    request: ChatRequest | CompletionRequest = parse(ChatRequest, body) if chat else parse(CompletionRequest, body)
-    loaded, model = _text_model(registry, request.model)
-    if isinstance(request, ChatRequest):
-        messages = [ChatMessage(m.role, m.text()) for m in request.messages]
-        problem = check_roles(messages)
-        if problem is not None:
-            raise BadRequest(problem, "messages", "invalid_value")
-        prompt_ids = model.encode(model.chat_prompt(messages), special=False)
-        param = "messages"
-    else:
-        prompt_ids = model.encode(request.prompt, special=True)
-        param = "prompt"
-    params = model.params(request, request.limit(), len(prompt_ids), param)
-    stops = model.stops(request)
-    prefix = "chatcmpl" if chat else "cmpl"
-    ident = f"{prefix}-{uuid.uuid4().hex[:24]}"
-    started = time.monotonic()
-    generation = _admit(handler, model, prompt_ids, params, stops)
-    if generation is None:
-        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, None)
-        return
-    shape = _OpenAIShape(ident, "chat.completion" if chat else "text_completion", model.name, int(time.time()), chat)
-    try:
-        if request.stream:
-            usage = bool(request.stream_options and request.stream_options.include_usage)
-            finished = _stream(handler, generation, shape.chunks(usage), done=True)
+    def _openai(self, request: Request, chat: bool, body: Any) -> Response | Streaming:
+        parsed: ChatRequest | CompletionRequest = parse(ChatRequest, body) if chat else parse(CompletionRequest, body)
+        loaded, model = self._text_model(parsed.model)
+        if isinstance(parsed, ChatRequest):
+            messages = [ChatMessage(m.role, m.text()) for m in parsed.messages]
+            problem = check_roles(messages)
+            if problem is not None:
+                raise BadRequest(problem, "messages", "invalid_value")
+            prompt_ids = model.encode(model.chat_prompt(messages), special=False)
+            param = "messages"
         else:
-            text, finished = _collect(generation)
-            if finished is not None and not finished.cancelled:
-                _send_json(handler, 200, shape.whole(text, finished))
-    except Exception:
-        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, False, None)
-        raise
-    # A client that went away is not the model's failure: counted as a request, not an error.
-    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, finished)
+            prompt_ids = model.encode(parsed.prompt, special=True)
+            param = "prompt"
+        params = model.params(parsed, parsed.limit(), len(prompt_ids), param)
+        started = time.monotonic()
+        generation = model.start(prompt_ids, params, model.stops(parsed), request.disconnected)
+        if generation is None:
+            return self._gone(loaded, started)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        shape = _OpenAIShape(
+            ident, "chat.completion" if chat else "text_completion", model.name, int(time.time()), chat
+        )
+        observe = self._observer(loaded, started)
+        if parsed.stream:
+            usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return Streaming(_sse(generation, shape.chunks(usage), observe, done=True), content_type=_SSE)
+        text, finished = _collect(generation, observe)
+        return _json(200, shape.whole(text, finished))
 
-
-def _generate(
-    handler: BaseHTTPRequestHandler,
-    registry: ModelRegistry,
-    hooks: GenerationHooks,
-    parts: list[str],
-    stream: bool,
-) -> None:
-    body = _read_json(handler)
-    if isinstance(body, dict):
-        # Triton passes top-level keys other than text_input on as parameters.
-        extra = {k: v for k, v in body.items() if k not in ("text_input", "parameters")}
-        if extra:
-            given = body.get("parameters")
-            params_in: dict[str, Any] = given if isinstance(given, dict) else {}
-            body = {"text_input": body.get("text_input"), "parameters": {**extra, **params_in}}
-    request = parse(GenerateRequest, body)
-    loaded, model = _text_model(registry, parts[2])
-    if len(parts) > 5 and parts[3] == "versions" and parts[4] != loaded.version:
-        raise BadRequest(f"model {loaded.name} serves {loaded.version}, not {parts[4]}", "model", status=404)
-    fields: SamplingFields = request.parameters
-    prompt_ids = model.encode(request.text_input, special=True)
-    params = model.params(fields, request.limit(), len(prompt_ids), "text_input")
-    started = time.monotonic()
-    generation = _admit(handler, model, prompt_ids, params, model.stops(fields))
-    if generation is None:
-        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, None)
-        return
-    head = {"model_name": loaded.name, "model_version": loaded.version}
-
-    def events(item: Delta | Finished) -> list[dict[str, Any]]:
-        if isinstance(item, Delta):
-            return [{**head, "text_output": item.text}]
-        return [{**head, "text_output": "", "finish_reason": item.reason}]
-
-    try:
+    def _triton(self, request: Request, stream: bool) -> Response | Streaming:
+        body = _loads(request.body)
+        if isinstance(body, dict):
+            # Triton passes top-level keys other than text_input on as parameters.
+            extra = {k: v for k, v in body.items() if k not in ("text_input", "parameters")}
+            if extra:
+                given = body.get("parameters")
+                params_in: dict[str, Any] = given if isinstance(given, dict) else {}
+                body = {"text_input": body.get("text_input"), "parameters": {**extra, **params_in}}
+        parsed = parse(GenerateRequest, body)
+        loaded, model = self._text_model(request.params["name"])
+        version = request.params.get("version")
+        if version is not None and version != loaded.version:
+            raise BadRequest(f"model {loaded.name} serves {loaded.version}, not {version}", "model", status=404)
+        fields: SamplingFields = parsed.parameters
+        prompt_ids = model.encode(parsed.text_input, special=True)
+        params = model.params(fields, parsed.limit(), len(prompt_ids), "text_input")
+        started = time.monotonic()
+        generation = model.start(prompt_ids, params, model.stops(fields), request.disconnected)
+        if generation is None:
+            return self._gone(loaded, started)
+        head = {"model_name": loaded.name, "model_version": loaded.version}
+        observe = self._observer(loaded, started)
         if stream:
-            finished = _stream(handler, generation, events, done=False)
-        else:
-            text, finished = _collect(generation)
-            if finished is not None and not finished.cancelled:
-                _send_json(handler, 200, {**head, "text_output": text, "finish_reason": finished.reason})
-    except Exception:
-        hooks.observe(loaded.name, loaded.version, time.monotonic() - started, False, None)
-        raise
-    hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, finished)
+
+            def events(item: Delta | Finished) -> list[dict[str, Any]]:
+                if isinstance(item, Delta):
+                    return [{**head, "text_output": item.text}]
+                return [{**head, "text_output": "", "finish_reason": item.reason}]
+
+            return Streaming(_sse(generation, events, observe, done=False), content_type=_SSE)
+        text, finished = _collect(generation, observe)
+        return _json(200, {**head, "text_output": text, "finish_reason": finished.reason})
+
+    def _observer(self, loaded: LoadedModel, started: float) -> Callable[[bool, Finished | None], None]:
+        def observe(ok: bool, finished: Finished | None) -> None:
+            self.hooks.observe(loaded.name, loaded.version, time.monotonic() - started, ok, finished)
+
+        return observe
+
+    def _gone(self, loaded: LoadedModel, started: float) -> Response:
+        """The client left (or the time limit passed) while queued: nobody reads this answer."""
+        self.hooks.observe(loaded.name, loaded.version, time.monotonic() - started, True, None)
+        return _json(503, error_body("the request ended while queued", "server_error", None, "cancelled"))
 
 
-def _admit(
-    handler: BaseHTTPRequestHandler, model: TextModel, prompt_ids: list[int], params: Any, stops: list[str]
-) -> Generation | None:
-    return model.start(prompt_ids, params, stops, lambda: _disconnected(handler.connection))
-
-
-def _disconnected(conn: socket.socket) -> bool:
-    """Return True when the peer closed the connection (readable, and a peek reads nothing)."""
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        if not readable:
-            return False
-        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return True
-
-
-def _collect(generation: Generation) -> tuple[str, Finished | None]:
+def _collect(generation: Generation, observe: Callable[[bool, Finished | None], None]) -> tuple[str, Finished]:
+    """Run a whole generation; report it; a failure of the loop is the model's error (500)."""
     parts: list[str] = []
     finished: Finished | None = None
-    for item in generation:
-        if isinstance(item, Delta):
-            parts.append(item.text)
-        else:
-            finished = item
+    try:
+        for item in generation:
+            if isinstance(item, Delta):
+                parts.append(item.text)
+            else:
+                finished = item
+    except Exception:
+        observe(False, None)
+        raise
+    finally:
+        generation.close()
+    assert finished is not None  # a generation always ends with one
+    # A client that went away is not the model's failure: counted as a request, not an error.
+    observe(True, finished)
     return "".join(parts), finished
 
 
@@ -335,69 +298,39 @@ class _OpenAIShape:
         return events
 
 
-def _stream(
-    handler: BaseHTTPRequestHandler,
+def _sse(
     generation: Generation,
     events: Callable[[Delta | Finished], list[dict[str, Any]]],
+    observe: Callable[[bool, Finished | None], None],
     done: bool,
-) -> Finished | None:
-    """Write server-sent events as they come; return the Finished, None when a write failed."""
+) -> Iterator[bytes]:
+    """Yield server-sent events as the text comes; the server closes this when the client is gone."""
     finished: Finished | None = None
-    iterator = iter(generation)
+    ok = True
     try:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        handler.send_header("Cache-Control", "no-cache")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        handler.wfile.flush()
-        for item in iterator:
+        for item in generation:
             if isinstance(item, Finished):
                 finished = item
                 if item.cancelled:
-                    return item  # nobody is listening
-            payload = b"".join(b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\n\n" for e in events(item))
-            _chunk(handler, payload)
+                    return  # nobody is listening
+            yield b"".join(b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\n\n" for e in events(item))
         if done:
-            _chunk(handler, b"data: [DONE]\n\n")
-        _chunk(handler, b"")
-        return finished
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            yield b"data: [DONE]\n\n"
+    except GeneratorExit:
         logger.info("%s: client went away mid-stream", generation.model.name)
-        handler.close_connection = True
-        return None
+        raise
+    except Exception as exc:  # the status is sent already: the error goes in the stream, as Triton does
+        ok = False
+        logger.exception("%s: generation failed mid-stream", generation.model.name)
+        yield b"data: " + json.dumps(error_body(f"generation failed: {exc}", "server_error", None, "internal")).encode()
+        yield b"\n\n"
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()  # stops the loop and frees the sequence slot now, not at garbage collection
-        generation.close()
+        generation.close()  # frees the sequence slot now, not at garbage collection
+        observe(ok, finished)
 
 
-def _chunk(handler: BaseHTTPRequestHandler, data: bytes) -> None:
-    handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-    handler.wfile.flush()
-
-
-def _read_json(handler: BaseHTTPRequestHandler) -> Any:
-    try:
-        length = int(handler.headers.get("Content-Length") or 0)
-    except ValueError as exc:
-        raise BadRequest("bad Content-Length", None, "invalid_request") from exc
-    if length > MAX_BODY:
-        raise BadRequest(f"body over {MAX_BODY} bytes", None, "request_too_large", status=413)
-    raw = handler.rfile.read(length) if length else b""
+def _loads(raw: bytes | bytearray) -> Any:
     try:
         return json.loads(raw or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not JSON: {exc}", None, "invalid_json") from exc
-
-
-def _send_json(handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body, ensure_ascii=False).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    for key, value in (headers or {}).items():
-        handler.send_header(key, value)
-    handler.end_headers()
-    handler.wfile.write(data)
