@@ -17,7 +17,7 @@ Errors::
 
 from __future__ import annotations
 
-from shared.generation.config import layout_from_genai_config, spec_from_genai_config
+from shared.generation.config import layout_from_genai_config, read_genai_config, spec_from_genai_config
 from shared.generation.errors import GenerationError
 from shared.generation.loop import FinishReason, Generation, GenerationModel, load_model
 from shared.generation.sampling import SamplingParams, choose_token
@@ -34,5 +34,6 @@ __all__ = [
     "layout_from_genai_config",
     "load_model",
     "load_tokenizer",
+    "read_genai_config",
     "spec_from_genai_config",
 ]

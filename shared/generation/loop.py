@@ -163,7 +163,8 @@ class Generation(Iterator[int]):
         self._cache = model.empty_cache()
         self._cancelled = cancelled
         self._rng = np.random.default_rng(params.seed)
-        self._stop = frozenset(model.spec.eos_token_ids) | params.stop_token_ids
+        eos = frozenset() if params.ignore_eos else frozenset(model.spec.eos_token_ids)
+        self._stop = eos | params.stop_token_ids
         # The prompt plus what is generated must fit the context; past that the answer is "length".
         self._budget = min(params.max_new_tokens, model.context_length - len(prompt_ids))
         self._started = time.perf_counter()

@@ -16,7 +16,8 @@ class SamplingParams:
     """One request's decoding settings. temperature 0 is greedy; top_k 0 and top_p 1 are off.
 
     The same seed gives the same tokens for the same prompt and model; seed None draws one.
-    `stop_token_ids` end generation like EOS (neither is yielded).
+    `stop_token_ids` end generation like EOS (neither is yielded); `ignore_eos` decodes through
+    EOS (benchmarks that need a fixed number of tokens).
     """
 
     max_new_tokens: int = 256
@@ -25,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
