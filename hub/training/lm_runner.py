@@ -265,7 +265,13 @@ def train_text_generation(
             return score.val_perplexity
 
         search = run_lm_search(
-            spec, objective, tune_width=isinstance(best, FamilyCandidate), cancel=cancel, progress=progress
+            spec,
+            objective,
+            tune_width=isinstance(best, FamilyCandidate),
+            storage=storage,
+            study_name=spec.search.study_name or f"{spec.publish.model}-{corpus.data_hash[:12]}-{best.label}",
+            cancel=cancel,
+            progress=progress,
         )
         params.update(search.best.params)
         say(f"search: best {search.best.params} perplexity {search.best.value:.2f} over {len(search.trials)} trials")

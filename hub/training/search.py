@@ -287,12 +287,18 @@ def run_lm_search(
         else optuna.samplers.RandomSampler(seed=seed)
     )
     name = study_name or f"{spec.publish.model}-lm"
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize")
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+        )
+    except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad storage
+        raise TrainingError(f"search.storage: cannot open the study {name!r}: {exc}") from exc
     lr = spec.training.lr
     first: dict[str, Any] = {"lr": lr, "warmup": spec.training.warmup}
     if tune_width:
         first["width"] = 1.0
-    study.enqueue_trial(first)  # the task's own settings are trial 0
+    if not study.trials:
+        study.enqueue_trial(first)  # the task's own settings are trial 0
 
     def run(trial: optuna.Trial) -> float:
         if cancel is not None and cancel.is_set():
@@ -313,7 +319,11 @@ def run_lm_search(
 
     if progress is not None:
         progress.search_started(spec.search.trials)
-    study.optimize(run, n_trials=spec.search.trials, timeout=spec.search.timeout_s, callbacks=[finished], catch=())
+    done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    if done < spec.search.trials:
+        study.optimize(
+            run, n_trials=spec.search.trials - done, timeout=spec.search.timeout_s, callbacks=[finished], catch=()
+        )
     trials = tuple(_result(t) for t in study.trials)
     if not any(t.state == "COMPLETE" for t in trials):
         raise TrainingError(f"search: no trial of study {name!r} completed")
