@@ -24,11 +24,13 @@ from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
 from agent.http import Limits, raise_open_files_limit
+from agent.openai_api import GenerationHooks, sequence_metrics
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
 from agent.telemetry import Telemetry
+from agent.textgen import Finished
 from agent.updates import IN_PROGRESS, Updater
 from shared.codec import encode
 from shared.manifest import Batching
@@ -168,6 +170,7 @@ class Agent:
             batching=self.batching,
             batch_stats=self.telemetry.observe_batch,
             limits=limits(settings),
+            generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
         )
         raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
         self.server = InferenceServer(settings.host, settings.port, context)
@@ -219,6 +222,18 @@ class Agent:
     # self-healing, telemetry, config -------------------------------------------------------------
     def _activated(self, name: str, version: str, previous: str | None) -> None:
         self.health.activated(name, version, previous)
+
+    def _observe_generation(self, name: str, version: str, seconds: float, ok: bool, done: Finished | None) -> None:
+        self.telemetry.observe_generation(
+            name,
+            version,
+            seconds,
+            ok,
+            done.ttft_s if done else None,
+            done.decode_tps if done else None,
+            done.prompt_tokens if done else 0,
+            done.completion_tokens if done else 0,
+        )
 
     def _commit(self, name: str, version: str) -> None:
         record = self.store.model(name)
@@ -291,7 +306,7 @@ class Agent:
             "watchdog_reloads_total": float(self.watchdog.reloads),
             **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
         }
-        return self.telemetry.prometheus(gauges)
+        return self.telemetry.prometheus(gauges) + sequence_metrics(self.registry)
 
     def diagnostics(self) -> dict[str, Any]:
         """Return what the `diagnostics` command answers."""

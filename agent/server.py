@@ -7,7 +7,8 @@ GET  /v2/models/{name}               OIP v2 model metadata
 GET  /v2/models/{name}/ready         the model is loaded
 POST /v2/models/{name}/infer         OIP v2 tensors, JSON or with the binary tensor data extension
 POST /v1/models/{name}:predict       JSON numbers, text or base64 image; pre/post-processing applied
-GET  /v1/models                      active models
+GET  /v1/models                      active models: OpenAI's list (`data`), the former `models` kept
+POST /v1/chat/completions, /v1/completions, /v2/models/{name}/generate[_stream]   text (agent.openai_api)
 GET  /v1/status                      identity, connection, models, update state
 GET  /metrics                        Prometheus text format (serving, device, outbox)
 GET  /healthz, /readyz               K3s liveness (the agent's loops tick) and readiness probes
@@ -28,9 +29,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from agent import __version__
+from agent import __version__, openai_api
 from agent.batching import Batchers, BatchStats
 from agent.http import HttpError, HttpServer, Limits, Request, Response, Router
+from agent.openai_api import GenerationHooks
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
@@ -59,6 +61,7 @@ class ServerContext:
     batching: Callable[[LoadedModel], Batching | None] = lambda model: model.variant.batching
     batch_stats: BatchStats = lambda model, version, rows, waited, compute: None
     limits: Limits = field(default_factory=Limits)
+    generation: GenerationHooks = field(default_factory=GenerationHooks)
 
 
 def _json(status: int, body: Any) -> Response:
@@ -132,13 +135,13 @@ class InferenceServer:
         for path in ("/v2/health/ready", "/readyz"):
             add("GET", path, lambda r: self._probe("ready", ctx.ready()))
         add("GET", "/metrics", lambda r: Response(200, ctx.metrics().encode(), "text/plain; version=0.0.4"))
-        add("GET", "/v1/models", lambda r: _json(200, {"models": ctx.registry.describe()}))
         add("GET", "/v1/status", lambda r: _json(200, ctx.status()))
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             add("GET", prefix, lambda r: _json(200, model_metadata(self.model(r))))
             add("GET", prefix + "/ready", lambda r: _json(200, {"name": self.model(r).name, "ready": True}))
             add("POST", prefix + "/infer", self._infer)
         add("POST", "/v1/models/{name}:predict", self._predict)
+        openai_api.register(self.router, ctx.registry, ctx.generation)  # text generation, and GET /v1/models
 
     @staticmethod
     def _probe(what: str, ok: bool) -> Response:

@@ -2,7 +2,8 @@
 
 Per model version: `requests`, `errors`, `latency_p50_ms`, `latency_p95_ms`,
 `latency_p99_ms` and `throughput_rps` per interval, labelled model/version (the names
-`shared.metrics` promises the hub's rollout analysis). Per device: CPU, memory, disk,
+`shared.metrics` promises the hub's rollout analysis); for text generation also time to
+first token, decode tokens/s and tokens in and out, and bad requests by code. Per device: CPU, memory, disk,
 process RSS, temperature where /sys exposes it, GPU through NVML where present. The
 Prometheus text format is written here directly: the agent does not carry a client library.
 """
@@ -56,6 +57,19 @@ class VersionStats:
 
 
 @dataclass
+class _Generation:
+    interval_ttft: list[float] = field(default_factory=list)
+    interval_tps: list[float] = field(default_factory=list)
+    interval_in: int = 0
+    interval_out: int = 0
+    total_in: int = 0
+    total_out: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    last_tps: float = 0.0
+
+
+@dataclass
 class _Serving:
     interval_latencies: list[float] = field(default_factory=list)
     interval_requests: int = 0
@@ -85,6 +99,8 @@ class Telemetry:
         self.state_dir = state_dir
         self._lock = threading.Lock()
         self._serving: dict[tuple[str, str], _Serving] = {}
+        self._generation: dict[tuple[str, str], _Generation] = {}
+        self._bad_requests: dict[tuple[str, str], int] = {}
         self._interval_start = time.monotonic()
         self._cpu = _CpuSampler()
         self._refused: dict[str, int] = {}
@@ -129,6 +145,39 @@ class Telemetry:
                 if seconds <= bound:
                     s.buckets[i] += 1
                     break
+
+    def observe_generation(
+        self,
+        model: str,
+        version: str,
+        seconds: float,
+        ok: bool,
+        ttft_s: float | None,
+        decode_tps: float | None,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        """Account one generation request; its latency is its time to first token (see shared.metrics)."""
+        self.observe(model, version, ttft_s if ttft_s is not None else seconds, ok)
+        with self._lock:
+            g = self._generation.setdefault((model, version), _Generation())
+            g.interval_in += tokens_in
+            g.interval_out += tokens_out
+            g.total_in += tokens_in
+            g.total_out += tokens_out
+            if ttft_s is not None:
+                g.interval_ttft.append(ttft_s)
+                g.ttft_sum += ttft_s
+                g.ttft_count += 1
+            if decode_tps is not None:
+                g.interval_tps.append(decode_tps)
+                g.last_tps = decode_tps
+
+    def bad_request(self, model: str, code: str) -> None:
+        """Count a refused text-generation request (400), by model name as asked and error code."""
+        with self._lock:
+            key = (model[:128], code)
+            self._bad_requests[key] = self._bad_requests.get(key, 0) + 1
 
     def reset_version(self, model: str, version: str) -> None:
         """Start counting a version afresh (it was just activated)."""
@@ -178,7 +227,56 @@ class Telemetry:
                     ]
                 s.interval_latencies, s.interval_requests, s.interval_errors = [], 0, 0
                 s.interval_queue, s.interval_compute, s.interval_rows = [], [], 0
+            points += self._generation_points()
         return points + device_points(self.state_dir, self._cpu)
+
+    def _generation_points(self) -> list[Point]:
+        points: list[Point] = []
+        for (model, version), g in self._generation.items():
+            if not (g.interval_in or g.interval_ttft):
+                continue
+            labels = metrics.serving_labels(model, version)
+            points += [
+                (metrics.TOKENS_IN, float(g.interval_in), labels),
+                (metrics.TOKENS_OUT, float(g.interval_out), labels),
+            ]
+            if g.interval_ttft:
+                ms = [v * 1000 for v in g.interval_ttft]
+                points += [
+                    ("ttft_p50_ms", percentile(ms, 50), labels),
+                    (metrics.TTFT_P95_MS, percentile(ms, 95), labels),
+                ]
+            if g.interval_tps:
+                points.append((metrics.DECODE_TPS, percentile(g.interval_tps, 50), labels))
+            g.interval_ttft, g.interval_tps, g.interval_in, g.interval_out = [], [], 0, 0
+        return points
+
+    def _generation_text(self) -> list[str]:
+        with self._lock:
+            gen = {
+                k: (g.total_in, g.total_out, g.ttft_sum, g.ttft_count, g.last_tps) for k, g in self._generation.items()
+            }
+            bad = dict(self._bad_requests)
+        lines: list[str] = []
+        series = [
+            ("generation_tokens_in_total", "counter", "Prompt tokens of text-generation requests.", 0),
+            ("generation_tokens_out_total", "counter", "Tokens generated.", 1),
+            ("generation_ttft_seconds_sum", "counter", "Sum of times to first token.", 2),
+            ("generation_ttft_seconds_count", "counter", "Generations that produced a first token.", 3),
+            ("generation_decode_tokens_per_second", "gauge", "Decode speed of the latest generation.", 4),
+        ]
+        for name, kind, help_text, i in series:
+            lines += [f"# HELP autodl_{name} {help_text}", f"# TYPE autodl_{name} {kind}"]
+            lines += [f"autodl_{name}{_labels(k)} {v[i]}" for k, v in sorted(gen.items())]
+        lines += [
+            "# HELP autodl_generation_bad_requests_total Text-generation requests refused as invalid.",
+            "# TYPE autodl_generation_bad_requests_total counter",
+        ]
+        lines += [
+            f"autodl_generation_bad_requests_total{_label_text({'model': m, 'code': c})} {n}"
+            for (m, c), n in sorted(bad.items())
+        ]
+        return lines
 
     def prometheus(self, gauges: dict[str, float]) -> str:
         """Return the cumulative serving metrics and `gauges` in the Prometheus text format."""
@@ -235,6 +333,7 @@ class Telemetry:
             "# TYPE autodl_http_refused_total counter",
         ]
         lines += [f'autodl_http_refused_total{{reason="{_escape(r)}"}} {n}' for r, n in sorted(refused.items())]
+        lines += self._generation_text()
         for name, value in sorted(gauges.items()):
             lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name} {value}"]
         for name, value, labels in device_points(self.state_dir, None):
