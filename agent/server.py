@@ -30,6 +30,7 @@ from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, from_v2, to_v2
+from shared import tracecontext, tracing
 
 __all__ = ["InferenceServer", "ServerContext"]
 
@@ -118,14 +119,16 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and rest == ["ready"]:
                 return HTTPStatus.OK, {"name": model.name, "ready": True}
             if method == "POST" and rest == ["infer"]:
-                body = self._json()
-                with ctx.track(model):
-                    return HTTPStatus.OK, _infer(model, body)
+                with self._span("agent.infer", model):
+                    body = self._json()
+                    with ctx.track(model):
+                        return HTTPStatus.OK, _infer(model, body)
         if len(parts) == 3 and parts[:2] == ["v1", "models"] and parts[2].endswith(":predict") and method == "POST":
             model = self._model(ctx, parts[2].removesuffix(":predict"))
-            body = self._json()
-            with ctx.track(model):
-                return HTTPStatus.OK, _predict(model, body)
+            with self._span("agent.predict", model):
+                body = self._json()
+                with ctx.track(model):
+                    return HTTPStatus.OK, _predict(model, body)
         raise _HttpError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}")
 
     def _model(self, ctx: ServerContext, name: str) -> LoadedModel:
@@ -134,6 +137,11 @@ class _Handler(BaseHTTPRequestHandler):
         if model is None:
             raise _HttpError(HTTPStatus.NOT_FOUND, f"model {name!r} is not loaded")
         return model
+
+    def _span(self, name: str, model: LoadedModel) -> AbstractContextManager[Any]:
+        # A client's malformed traceparent parses to None: the request starts its own trace.
+        parent = tracecontext.parse(self.headers.get(tracecontext.HEADER))
+        return tracing.span(name, {"model": model.name, "version": model.version}, parent=parent)
 
     def _json(self) -> Any:
         try:
@@ -177,7 +185,8 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
-    inputs = from_v2(body, model.manifest.inputs)
+    with tracing.span("agent.infer.preprocess"):
+        inputs = from_v2(body, model.manifest.inputs)
     wanted = None
     if isinstance(body, dict) and isinstance(body.get("outputs"), list):
         wanted = [str(o.get("name")) for o in body["outputs"] if isinstance(o, dict)]
@@ -185,20 +194,26 @@ def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise InvalidInputError(f"unknown outputs {unknown}; the model has {sorted(known)}")
-    outputs = model.run(inputs, wanted or None)
+    with tracing.span("agent.infer.run"):
+        outputs = model.run(inputs, wanted or None)
     request_id = body.get("id") if isinstance(body, dict) else None
+    with tracing.span("agent.infer.postprocess"):
+        encoded = to_v2(outputs)
     return {
         "model_name": model.name,
         "model_version": model.version,
         "id": str(request_id or uuid.uuid4()),
-        "outputs": to_v2(outputs),
+        "outputs": encoded,
     }
 
 
 def _predict(model: LoadedModel, body: Any) -> dict[str, Any]:
-    inputs = preprocess(model.manifest, body, model.tokenizer_path)
-    outputs = model.run(inputs)
-    predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
+    with tracing.span("agent.infer.preprocess"):
+        inputs = preprocess(model.manifest, body, model.tokenizer_path)
+    with tracing.span("agent.infer.run"):
+        outputs = model.run(inputs)
+    with tracing.span("agent.infer.postprocess"):
+        predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
     return {"model_name": model.name, "model_version": model.version, "predictions": predictions}
 
 

@@ -22,9 +22,26 @@ from typing import Any
 
 from shared import metrics
 
-__all__ = ["Point", "Telemetry", "VersionStats", "device_points", "percentile"]
+__all__ = ["Family", "Point", "Telemetry", "VersionStats", "device_points", "percentile"]
 
 Point = tuple[str, float, dict[str, str]]  # name, value, labels
+# One Prometheus metric family: name (after `autodl_agent_`), type, help, samples (labels, value).
+Family = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+
+PREFIX = "autodl_agent_"
+# Device points under Prometheus names (base units: ratios, not percent; _celsius): telemetry
+# to the hub keeps the point names the dashboard reads, /metrics follows the conventions.
+_DEVICE_FAMILIES: dict[str, tuple[str, float, str]] = {
+    "cpu_percent": ("cpu_usage_ratio", 0.01, "Busy share of all CPUs between two scrapes"),
+    "memory_used_bytes": ("memory_used_bytes", 1.0, "Memory in use on the device (total - available)"),
+    "memory_percent": ("memory_used_ratio", 0.01, "Share of the device's memory in use"),
+    "process_rss_bytes": ("process_resident_memory_bytes", 1.0, "Resident memory of the agent process"),
+    "disk_free_bytes": ("disk_free_bytes", 1.0, "Free space on the state directory's file system"),
+    "disk_used_percent": ("disk_used_ratio", 0.01, "Share of the state directory's file system in use"),
+    "temperature_c": ("temperature_celsius", 1.0, "Thermal zone temperature"),
+    "gpu_utilization_percent": ("gpu_utilization_ratio", 0.01, "GPU busy share (NVML)"),
+    "gpu_memory_used_bytes": ("gpu_memory_used_bytes", 1.0, "GPU memory in use (NVML)"),
+}
 
 # Histogram buckets of request latency (seconds) on /metrics.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -135,32 +152,54 @@ class Telemetry:
                 s.interval_latencies, s.interval_requests, s.interval_errors = [], 0, 0
         return points + device_points(self.state_dir, self._cpu)
 
-    def prometheus(self, gauges: dict[str, float]) -> str:
-        """Return the cumulative serving metrics and `gauges` in the Prometheus text format."""
-        lines: list[str] = []
+    def prometheus(self, families: list[Family]) -> str:
+        """Return the cumulative serving metrics, `families` and the device's in the text format."""
         with self._lock:
             serving = {
                 key: (s.total_requests, s.total_errors, s.latency_sum, list(s.buckets))
                 for key, s in self._serving.items()
             }
-        lines += ["# HELP autodl_requests_total Inference requests served.", "# TYPE autodl_requests_total counter"]
-        lines += [f"autodl_requests_total{_labels(k)} {v[0]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_errors_total Inference requests that failed.", "# TYPE autodl_errors_total counter"]
-        lines += [f"autodl_errors_total{_labels(k)} {v[1]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_request_seconds Inference latency.", "# TYPE autodl_request_seconds histogram"]
-        for key, (count, _, total, buckets) in sorted(serving.items()):
+        ordered = sorted(serving.items())
+        out: list[Family] = [
+            ("requests_total", "counter", "Inference requests served", [(_key(k), v[0]) for k, v in ordered]),
+            (
+                "request_errors_total",
+                "counter",
+                "Inference requests that failed",
+                [(_key(k), v[1]) for k, v in ordered],
+            ),
+        ]
+        lines = _text(out)
+        name = PREFIX + "request_duration_seconds"
+        lines += [f"# HELP {name} Inference request latency.", f"# TYPE {name} histogram"]
+        for key, (count, _, total, buckets) in ordered:
             running = 0
             for bound, n in zip(BUCKETS, buckets, strict=True):
                 running += n
-                lines.append(f"autodl_request_seconds_bucket{_labels(key, le=str(bound))} {running}")
-            lines.append(f"autodl_request_seconds_bucket{_labels(key, le='+Inf')} {count}")
-            lines.append(f"autodl_request_seconds_sum{_labels(key)} {total}")
-            lines.append(f"autodl_request_seconds_count{_labels(key)} {count}")
-        for name, value in sorted(gauges.items()):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name} {value}"]
-        for name, value, labels in device_points(self.state_dir, None):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name}{_label_text(labels)} {value}"]
+                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"{name}_bucket{_labels(key, le='+Inf')} {count}")
+            lines.append(f"{name}_sum{_labels(key)} {total}")
+            lines.append(f"{name}_count{_labels(key)} {count}")
+        device: dict[str, Family] = {}
+        for point, value, labels in device_points(self.state_dir, None):
+            if point in _DEVICE_FAMILIES:
+                metric, scale, text = _DEVICE_FAMILIES[point]
+                device.setdefault(metric, (metric, "gauge", text, []))[3].append((labels, value * scale))
+        lines += _text(families + list(device.values()))
         return "\n".join(lines) + "\n"
+
+
+def _text(families: list[Family]) -> list[str]:
+    lines: list[str] = []
+    for name, kind, text, samples in families:
+        full = PREFIX + name
+        lines += [f"# HELP {full} {text}.", f"# TYPE {full} {kind}"]
+        lines += [f"{full}{_label_text(labels)} {value}" for labels, value in samples]
+    return lines
+
+
+def _key(key: tuple[str, str]) -> dict[str, str]:
+    return metrics.serving_labels(*key)
 
 
 def _escape(value: str) -> str:
