@@ -87,6 +87,8 @@ def configure(service_name: str, attributes: Mapping[str, str] | None = None) ->
         # The SDK logs a warning per span a full queue drops: a dead collector would flood the
         # log. They are counted (stats(), on /metrics) instead.
         logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+        # And a retry per second to a dead collector is not news either: its failed batches are.
+        logging.getLogger("opentelemetry.exporter").setLevel(logging.ERROR)
         atexit.register(shutdown)
         logger.info("tracing on: %s spans of %s", type(_State.counter.inner).__name__, service_name)
         return True
@@ -104,13 +106,20 @@ def provider() -> Any:
 
 def shutdown(timeout_s: float = 2.0) -> None:
     """Flush what is queued, waiting at most `timeout_s`: a dead collector does not hold up exit."""
-    tracer_provider = _State.provider
+    tracer_provider, counter = _State.provider, _State.counter
     if tracer_provider is None:
         return
-    # The SDK's shutdown joins the export thread, which may sit in a retry to a dead
-    # collector: run it on a daemon thread and stop waiting after the timeout.
-    done = threading.Thread(target=tracer_provider.shutdown, name="otel-shutdown", daemon=True)
-    tracer_provider.force_flush(int(timeout_s * 1000))
+    _State.tracer = None  # spans after this are no-ops
+
+    def finish() -> None:
+        tracer_provider.force_flush(int(timeout_s * 1000))
+        # The exporter's own shutdown first: it ends a retry loop to a dead collector,
+        # which the processor's shutdown would otherwise wait out.
+        counter.inner.shutdown()
+        tracer_provider.shutdown()
+
+    # On a daemon thread: whatever the SDK waits for, exit waits `timeout_s` at most.
+    done = threading.Thread(target=finish, name="otel-shutdown", daemon=True)
     done.start()
     done.join(timeout_s)
 
