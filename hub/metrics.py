@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -76,34 +76,10 @@ class _FleetCollector(Collector):
             moved.add_metric([rollout_id, state], count)
         yield moved
         yield from _training_jobs(self._jobs())
-        ingested = CounterMetricFamily("autodl_hub_mqtt_messages_ingested", "MQTT messages stored", labels=["kind"])
-        rejected = CounterMetricFamily("autodl_hub_mqtt_messages_rejected", "MQTT messages dropped", labels=["reason"])
-        for kind, n in _counts(self._messaging(), "ingested").items():
-            ingested.add_metric([kind], n)
-        for reason, n in _counts(self._messaging(), "rejected").items():
-            rejected.add_metric([reason], n)
-        yield ingested
-        yield rejected
         messaging = self._messaging()
-        snapshot = _snapshot(messaging)
-        points = CounterMetricFamily("autodl_hub_telemetry_points", "telemetry points by outcome", labels=["outcome"])
-        points.add_metric(["written"], float(getattr(snapshot, "points_written", 0) or 0))
-        points.add_metric(["duplicate"], float(getattr(snapshot, "points_duplicate", 0) or 0))
-        yield points
         if messaging is not None:
-            yield GaugeMetricFamily(
-                "autodl_hub_mqtt_connected", "1 while the hub's MQTT session is up", value=int(messaging.connected)
-            )
-            yield GaugeMetricFamily(
-                "autodl_hub_ingest_queue_depth",
-                "validated device messages waiting for the database writer",
-                value=float(getattr(messaging, "queue_depth", 0) or 0),
-            )
-            yield CounterMetricFamily(
-                "autodl_hub_devices_marked_offline",
-                "devices marked offline after a missed heartbeat",
-                value=float(getattr(snapshot, "devices_marked_offline", 0) or 0),
-            )
+            # The MQTT session owns its counters (hub.messaging): ingest, rejects, queue depth.
+            yield from messaging.collector().collect()
 
 
 def _fleet_versions(reported: Sequence[Mapping[str, Any] | None]) -> Iterator[Metric]:
@@ -145,28 +121,6 @@ def _training_jobs(jobs: Any) -> Iterator[Metric]:
     )
 
 
-def _snapshot(messaging: Any) -> Any:
-    snapshot = getattr(getattr(messaging, "counters", None), "snapshot", None)
-    return snapshot() if callable(snapshot) else None
-
-
-def _counts(messaging: Any, which: str) -> dict[str, float]:
-    """Return {label: count} from `messaging.counters` (a mapping, or an object with a snapshot)."""
-    if messaging is None:
-        return {}
-    counters = getattr(messaging, "counters", None)
-    if counters is None:
-        return {}
-    if callable(getattr(counters, "snapshot", None)):
-        counters = counters.snapshot()
-    value = counters.get(which) if isinstance(counters, Mapping) else getattr(counters, which, None)
-    if isinstance(value, int | float):
-        return {"all": float(value)}
-    if isinstance(value, Mapping):
-        return {str(k): float(v) for k, v in value.items()}
-    return {}
-
-
 class HubMetrics:
     """The app's own registry (so several apps in one process do not collide)."""
 
@@ -175,7 +129,7 @@ class HubMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "autodl_hub_api_request_seconds",
+            "autodl_hub_api_request_duration_seconds",
             "API request latency",
             ["method", "route", "status"],
             registry=self.registry,
