@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from hub.db import SessionFactory
 from hub.models import Device, Rollout, RolloutDevice
+from shared import tracing
 
 __all__ = ["HubMetrics"]
 
@@ -80,6 +81,11 @@ class _FleetCollector(Collector):
         if messaging is not None:
             # The MQTT session owns its counters (hub.messaging): ingest, rejects, queue depth.
             yield from messaging.collector().collect()
+        if tracing.enabled():
+            spans = CounterMetricFamily("autodl_hub_tracing_spans", "trace spans by export outcome", labels=["outcome"])
+            for outcome, count in sorted(tracing.stats().items()):
+                spans.add_metric([outcome], count)
+            yield spans
 
 
 def _fleet_versions(reported: Sequence[Mapping[str, Any] | None]) -> Iterator[Metric]:

@@ -205,3 +205,17 @@ def test_a_collector_that_is_down_costs_spans_not_requests(tmp_path_factory: pyt
             agent.stop()
             hub.stop()
             broker.stop()
+
+
+def test_both_sides_count_their_exported_spans_on_metrics(traced: Traced) -> None:
+    def exported(text: str, name: str) -> float:
+        prefix = f'{name}{{outcome="exported"}} '
+        return next((float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+    wait_for(
+        "exported spans on the hub's /metrics",
+        lambda: exported(httpx.get(traced.hub.url + "/metrics").text, "autodl_hub_tracing_spans_total") > 0,
+        timeout=30,
+    )
+    agent = httpx.get(f"http://127.0.0.1:{traced.agent.port}/metrics").text
+    assert exported(agent, "autodl_agent_tracing_spans_total") > 0
