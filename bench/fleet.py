@@ -332,7 +332,7 @@ def provision(hub: Hub, n: int) -> list[Identity]:
     costs O(N) (5,000 devices take over ten minutes). What the devices do after enrolling is
     the same either way.
     """
-    from hub.broker_admin import device_role_acls, device_role_name, hash_password
+    from hub.broker.admin import device_role_acls, device_role_name, hash_password
     from hub.models import Device
     from hub.security import DEVICE_TOKEN_PREFIX, MQTT_PASSWORD_PREFIX, hash_secret, new_secret, signing_public_key
 

@@ -30,10 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, make_url, text
 from sqlmodel import Session, col, func, select
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
-from hub.messaging import HubMessaging
+from hub.messaging.session import HubMessaging
 from hub.models import Device, TelemetryPoint
 from shared import codec, topics
 from shared.messages import TelemetryBatch

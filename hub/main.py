@@ -17,7 +17,7 @@ from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
 from hub.metrics import HubMetrics
-from hub.rollout_controller import install as install_rollouts
+from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
 from hub.ui import install as install_ui
 from shared import tracing
@@ -111,8 +111,8 @@ def create_app(
 ) -> FastAPI:
     """Build the hub's FastAPI app; migrates the database and creates the signing key if missing.
 
-    `messaging` (a `hub.messaging.HubMessaging`) publishes desired state, commands and
-    releases; `broker_admin` (a `hub.broker_admin.BrokerAdmin`) adds and removes device
+    `messaging` (a `hub.messaging.session.HubMessaging`) publishes desired state, commands and
+    releases; `broker_admin` (a `hub.broker.admin.BrokerAdmin`) adds and removes device
     logins. Without them the API still works and stores everything in the database.
     """
     engine = engine or create_engine_for(settings)

@@ -11,8 +11,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from hub import registry
+from hub.fleet.telemetry import query_points
 from hub.models import Device, Model, ModelVersion, TelemetryPoint, utcnow
-from hub.telemetry_query import query_points
 from shared.manifest import Manifest
 
 __all__ = [

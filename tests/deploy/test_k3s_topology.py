@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.broker import find_dynsec_plugin
-from hub.dynsec_bootstrap import BootstrapError, write_hub_auth
+from hub.broker.bootstrap import BootstrapError, write_hub_auth
+from hub.broker.embedded import find_dynsec_plugin
 from tests.deploy.conftest import K3S
 from tests.support.hub import HubProcess
 from tests.support.processes import free_port, mosquitto_binary, stop_process, wait_for_port
@@ -35,7 +35,7 @@ def _bootstrap(directory: Path, password: str) -> subprocess.CompletedProcess[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTODL_HUB_")}
     env.update({"AUTODL_HUB_MQTT_USERNAME": "autodl-hub", "AUTODL_HUB_MQTT_PASSWORD": password})
     return subprocess.run(
-        [sys.executable, "-m", "hub.dynsec_bootstrap", str(directory)],
+        [sys.executable, "-m", "hub.broker.bootstrap", str(directory)],
         env=env,
         capture_output=True,
         text=True,

@@ -134,7 +134,7 @@ def test_hub_and_broker_share_the_hub_password_secret(render: Render) -> None:
     assert init_env["AUTODL_HUB_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
     hub_config = _find(docs, "ConfigMap", "autodl-hub")["data"]
     assert init_env["AUTODL_HUB_MQTT_USERNAME"]["value"] == hub_config["AUTODL_HUB_MQTT_USERNAME"]
-    assert init["command"][:3] == ["python", "-m", "hub.dynsec_bootstrap"]
+    assert init["command"][:3] == ["python", "-m", "hub.broker.bootstrap"]
     conf = _find(docs, "ConfigMap", "autodl-mosquitto")["data"]["mosquitto.conf"]
     data_dir = init["command"][3]
     assert f"plugin_opt_config_file {data_dir}/dynamic-security.json" in conf

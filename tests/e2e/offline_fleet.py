@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 from onnx import helper, numpy_helper
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from tests.agent.models import SAMPLE_X, linear_io_model, linear_weights
 from tests.agent.process import AgentProcess, wait_until
 from tests.e2e.test_agent_core import MODEL, enroll

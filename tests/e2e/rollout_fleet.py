@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 from onnx import helper, numpy_helper
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.models import Role

@@ -16,7 +16,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")
-_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli import main; main()"]
+_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli.main import main; main()"]
 
 
 def _listening(port: int) -> bool:

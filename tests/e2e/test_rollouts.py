@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from tests.agent.models import linear_weights
 from tests.e2e.rollout_fleet import AgentProcess, HubProcess, Traffic, slow_linear_onnx, start_broker, wait_for
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import free_port

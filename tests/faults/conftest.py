@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from tests.agent.models import SAMPLE_X, linear_weights, reference
 from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
 

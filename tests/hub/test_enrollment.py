@@ -10,10 +10,10 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from hub.broker_admin import BrokerAdmin
+from hub.broker.admin import BrokerAdmin
 from hub.config import HubSettings
-from hub.devices import enroll
 from hub.errors import AuthenticationError
+from hub.fleet.devices import enroll
 from hub.main import create_app
 from hub.models import Device, EnrollmentToken
 from hub.security import create_enrollment_token

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from shared import topics
 from shared.codec import decode, encode
 from shared.manifest import load_public_key, verify_manifest
 from shared.messages import DesiredState, EnrollResponse, TelemetryBatch, TelemetryPoint, utcnow
 from shared.topics import DeviceChannel
 from tests.hub.conftest import build_version, pg_schema_url
-from tests.hub.mqtt_probe import Probe, wait_until
+from tests.hub.messaging.mqtt_probe import Probe, wait_until
 from tests.support.hub import HubProcess
 from tests.support.processes import free_port
 

@@ -29,7 +29,7 @@ __all__ = ["HubProcess"]
 
 # The installed console script, as a user runs it; the module form where it is not installed.
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")
-_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli import main; main()"]
+_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli.main import main; main()"]
 
 
 class HubProcess:

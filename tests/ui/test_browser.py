@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hub.broker import EmbeddedBroker
+from hub.broker.embedded import EmbeddedBroker
 from hub.db import create_engine_for, migrate, session_factory
 from hub.models import Role
 from hub.security import create_api_key, create_enrollment_token

@@ -12,13 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from hub.commands import list_commands
 from hub.config import HubSettings
-from hub.devices import enroll, get_device
+from hub.fleet.commands import list_commands
+from hub.fleet.devices import enroll, get_device
 from hub.main import create_app
 from hub.models import Role, TelemetryPoint
-from hub.rollout_spec import AnalysisCriteria, RolloutSpec
-from hub.rollouts import create_rollout
+from hub.rollouts.engine import create_rollout
+from hub.rollouts.spec import AnalysisCriteria, RolloutSpec
 from hub.security import create_api_key, create_enrollment_token, revoke_api_key
 from hub.ui.views import charts_for
 from shared.messages import EnrollRequest

@@ -21,7 +21,7 @@ from tests.hub.build.conftest import Digits
 
 torch = pytest.importorskip("torch")
 
-CLI = [sys.executable, "-c", "from hub.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hub.cli.main import main; main()"]
 
 
 def _versions(settings: HubSettings) -> list[tuple[str, str]]:
