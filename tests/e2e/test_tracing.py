@@ -219,3 +219,21 @@ def test_both_sides_count_their_exported_spans_on_metrics(traced: Traced) -> Non
     )
     agent = httpx.get(f"http://127.0.0.1:{traced.agent.port}/metrics").text
     assert exported(agent, "autodl_agent_tracing_spans_total") > 0
+
+
+def test_a_command_carries_its_trace_to_the_agent(traced: Traced) -> None:
+    sent = traced.api("POST", "/commands", json={"name": "ping", "device_id": traced.agent.device_id})
+    assert isinstance(sent, list) and sent
+
+    def received() -> list[ReceivedSpan]:
+        return [s for s in traced.receiver.spans() if s.name == "agent.command"]
+
+    wait_for("the agent's command span", lambda: bool(received()), timeout=30)
+    command = received()[-1]
+    wait_for("the hub's publish span", lambda: command.parent_id in {s.span_id for s in traced.receiver.spans()})
+    spans = {s.span_id: s for s in traced.receiver.spans(command.trace_id)}
+    publish = spans[command.parent_id]
+    assert publish.name == "hub.mqtt.publish command" and publish.service == "autodl-hub"
+    assert publish.attributes["command"] == "ping"
+    # ... inside the API request that asked for it (FastAPI instrumentation).
+    assert any(s.name.startswith("POST /commands") for s in spans.values()), sorted(s.name for s in spans.values())
