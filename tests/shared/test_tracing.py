@@ -108,6 +108,12 @@ with tracing.span("root", parent=parent):
     assert key == "traceparent" and parse(value) == current
 with tracing.remote(parse("not a traceparent")), tracing.span("fresh"):
     assert tracing.current().trace_id != parent.trace_id  # a malformed parent starts a new trace
+@tracing.traced("decorated")
+def step(x):
+    return tracing.current(), x * 2
+with tracing.remote(parent):
+    inner, doubled = step(21)
+assert doubled == 42 and inner.trace_id == parent.trace_id and step.__name__ == "step"
 tracing.shutdown()
 print("STATS", tracing.stats())
 """
@@ -116,7 +122,8 @@ print("STATS", tracing.stats())
 def test_tracing_on_joins_a_remote_parent_and_exports() -> None:
     out = _run(ON, OTEL_TRACES_EXPORTER="console")
     assert '"name": "root"' in out and f'"trace_id": "0x{TRACE}"' in out and f'"parent_id": "0x{SPAN}"' in out
-    assert "STATS {'exported': 2, 'failed': 0, 'dropped': 0}" in out
+    assert '"name": "decorated"' in out
+    assert "STATS {'exported': 3, 'failed': 0, 'dropped': 0}" in out
 
 
 def test_a_bad_otel_setting_leaves_tracing_off_and_the_process_running() -> None:
