@@ -24,8 +24,10 @@ system-deps:
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
 
 # Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+# promtool (Debian's prometheus package): the alert rules and both /metrics outputs are checked with it.
 test-system-deps:
 	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
