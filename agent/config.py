@@ -10,7 +10,7 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -72,6 +72,15 @@ class AgentSettings(BaseModel):
     # Runtime
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: physical cores")
     warmup_runs: int = Field(default=2, ge=0)
+    # Text generation (agent.textgen): sequences in flight per model, the queue behind them, time per request
+    generation_max_sequences: int | None = Field(
+        default=None, ge=1, description="default: from free memory and the model's KV bytes per token"
+    )
+    generation_queue: int = Field(default=8, ge=0, description="requests waiting for a sequence; more get 503")
+    generation_timeout_s: float = Field(default=300.0, gt=0, description="a generation ends after this long")
+    generation_backend: Literal["loop", "genai"] = Field(
+        default="loop", description="genai: ONNX Runtime GenAI (extra `genai`) where installed, else the own loop"
+    )
     # Outbox, telemetry and heartbeat (issue "Agent offline")
     outbox_max_mb: float = Field(default=64.0, gt=0, description="bound of the on-disk outbox")
     outbox_batch: int = Field(default=1000, ge=1, le=5000, description="telemetry points per MQTT message")

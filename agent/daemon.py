@@ -24,12 +24,15 @@ from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
 from agent.http import Limits, raise_open_files_limit
+from agent.openai_api import GenerationHooks, sequence_metrics
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
-from agent.telemetry import Telemetry
+from agent.telemetry import Family, Telemetry
+from agent.textgen import Finished
 from agent.updates import IN_PROGRESS, Updater
+from shared import tracing
 from shared.codec import encode
 from shared.manifest import Batching
 from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
@@ -170,6 +173,7 @@ class Agent:
             # A run with N intra-op threads keeps N cores busy: this many runs fill the device.
             batch_instances=max(1, (os.cpu_count() or 1) // (settings.intra_op_threads or physical_cores())),
             limits=limits(settings),
+            generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
         )
         raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
         self.server = InferenceServer(settings.host, settings.port, context)
@@ -208,7 +212,7 @@ class Agent:
             list(self.errors),
             self.grpc.port if self.grpc is not None else None,
         )
-        with self._publish_lock:
+        with self._publish_lock, tracing.span("agent.report", {"revision": state.revision}):
             self.store.put("reported", state.model_dump_json())
             # Through the outbox; a newer state replaces an unsent older one (the hub keeps the latest).
             self.store.enqueue_message(DeviceChannel.REPORTED.value, encode(state).decode(), retain=True, replace=True)
@@ -221,6 +225,18 @@ class Agent:
     # self-healing, telemetry, config -------------------------------------------------------------
     def _activated(self, name: str, version: str, previous: str | None) -> None:
         self.health.activated(name, version, previous)
+
+    def _observe_generation(self, name: str, version: str, seconds: float, ok: bool, done: Finished | None) -> None:
+        self.telemetry.observe_generation(
+            name,
+            version,
+            seconds,
+            ok,
+            done.ttft_s if done else None,
+            done.decode_tps if done else None,
+            done.prompt_tokens if done else 0,
+            done.completion_tokens if done else 0,
+        )
 
     def _commit(self, name: str, version: str) -> None:
         record = self.store.model(name)
@@ -284,16 +300,39 @@ class Agent:
     def metrics_text(self) -> str:
         """Return /metrics."""
         stats = self.store.outbox_stats()
-        gauges = {
-            "outbox_telemetry_pending": float(stats.telemetry_pending),
-            "outbox_messages_pending": float(stats.messages_pending),
-            "outbox_bytes": float(stats.bytes),
-            "outbox_dropped_total": float(stats.dropped),
-            "mqtt_connected": float(self.session.connected.is_set()),
-            "watchdog_reloads_total": float(self.watchdog.reloads),
-            **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
-        }
-        return self.telemetry.prometheus(gauges)
+        families: list[Family] = [
+            (
+                "outbox_telemetry_pending",
+                "gauge",
+                "Telemetry points waiting in the outbox",
+                [({}, stats.telemetry_pending)],
+            ),
+            (
+                "outbox_messages_pending",
+                "gauge",
+                "State and results waiting in the outbox",
+                [({}, stats.messages_pending)],
+            ),
+            ("outbox_bytes", "gauge", "Size of what waits in the outbox", [({}, stats.bytes)]),
+            ("outbox_dropped_total", "counter", "Telemetry points dropped by the full outbox", [({}, stats.dropped)]),
+            (
+                "mqtt_connected",
+                "gauge",
+                "1 while the MQTT session is up",
+                [({}, float(self.session.connected.is_set()))],
+            ),
+            ("watchdog_reloads_total", "counter", "Models reloaded by the watchdog", [({}, self.watchdog.reloads)]),
+            (
+                "commands_total",
+                "counter",
+                "Commands received, by outcome",
+                [({"outcome": outcome}, n) for outcome, n in sorted(self.commands.counters.items())],
+            ),
+        ]
+        if tracing.enabled():
+            spans = [({"outcome": outcome}, float(n)) for outcome, n in sorted(tracing.stats().items())]
+            families.append(("tracing_spans_total", "counter", "Trace spans by export outcome", spans))
+        return self.telemetry.prometheus(families) + sequence_metrics(self.registry)
 
     def diagnostics(self) -> dict[str, Any]:
         """Return what the `diagnostics` command answers."""
@@ -342,6 +381,7 @@ class Agent:
 
     def start(self) -> None:
         """Restore verified models, start the API and the MQTT session."""
+        tracing.configure("autodl-agent", {"service.instance.id": self.identity.device_id})
         self.server.start()
         self.store.put("api_port", str(self.server.port))
         self._start_grpc()

@@ -39,6 +39,8 @@ from shared.manifest import Manifest, Sample, TensorData, TensorSpec, Variant
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from agent.textgen import TextModel
+
 __all__ = [
     "LoadedModel",
     "ModelRegistry",
@@ -67,6 +69,8 @@ def tensor_array(tensor: TensorData) -> np.ndarray:
 
 def sample_inputs(manifest: Manifest) -> dict[str, np.ndarray]:
     """Return the manifest sample's inputs as arrays."""
+    if manifest.sample is None:  # text generation: its check is generation.samples (parity tokens)
+        raise SmokeTestError(f"{manifest.name} {manifest.version}: the manifest has no tensor sample")
     return {name: tensor_array(t) for name, t in manifest.sample.inputs.items()}
 
 
@@ -79,10 +83,11 @@ class LoadedModel:
     target: str
     manifest: Manifest
     variant: Variant
-    session: ort.InferenceSession = field(repr=False, compare=False)
+    session: ort.InferenceSession | None = field(repr=False, compare=False)  # None: served by ORT GenAI
     path: Path
     providers: tuple[str, ...]
     tokenizer_path: Path | None = None
+    text: TextModel | None = field(default=None, repr=False, compare=False)  # a text-generation model
 
     # Worked out once per loaded model, not per request.
     @cached_property
@@ -93,7 +98,7 @@ class LoadedModel:
     @cached_property
     def output_names(self) -> list[str]:
         """Return the session's output names, in order."""
-        return [o.name for o in self.session.get_outputs()]
+        return [o.name for o in self.session.get_outputs()] if self.session is not None else []
 
     @cached_property
     def rows_independent(self) -> str | None:
@@ -102,6 +107,10 @@ class LoadedModel:
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the session; ORT sessions are safe to call from many threads."""
+        if self.session is None:
+            from agent.tensors import UnsupportedInputError
+
+            raise UnsupportedInputError(f"{self.name} is served by ONNX Runtime GenAI: use its generate endpoints")
         names = outputs or self.output_names
         values = self.session.run(names, inputs)
         return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
@@ -235,6 +244,8 @@ def _intact(folder: Path) -> bool:
 
 def warm_up(model: LoadedModel, runs: int) -> None:
     """Run the sample a few times so the first real request does not pay for allocation."""
+    if model.text is not None:
+        return  # a language model's smoke test generates, which warms it up
     inputs = sample_inputs(model.manifest)
     for _ in range(runs):
         model.run(inputs)
@@ -277,7 +288,14 @@ def rows_independent(model: LoadedModel) -> str | None:
 
 def smoke_test(model: LoadedModel) -> None:
     """Run the manifest sample and compare with its expected outputs; raise SmokeTestError."""
-    sample: Sample = model.variant.sample or model.manifest.sample
+    if model.text is not None:
+        from agent.textgen_runtime import smoke_test_text
+
+        smoke_test_text(model)
+        return
+    sample: Sample | None = model.variant.sample or model.manifest.sample
+    if sample is None:
+        raise SmokeTestError(f"{model.name} {model.version}: the manifest has no tensor sample")
     try:
         got = model.run(sample_inputs(model.manifest), list(sample.outputs))
     except Exception as exc:  # an ORT failure on the sample is a failed smoke test

@@ -7,7 +7,8 @@ GET  /v2/models/{name}               OIP v2 model metadata
 GET  /v2/models/{name}/ready         the model is loaded
 POST /v2/models/{name}/infer         OIP v2 tensors, JSON or with the binary tensor data extension
 POST /v1/models/{name}:predict       JSON numbers, text or base64 image; pre/post-processing applied
-GET  /v1/models                      active models
+GET  /v1/models                      active models: OpenAI's list (`data`), the former `models` kept
+POST /v1/chat/completions, /v1/completions, /v2/models/{name}/generate[_stream]   text (agent.openai_api)
 GET  /v1/status                      identity, connection, models, update state
 GET  /metrics                        Prometheus text format (serving, device, outbox)
 GET  /healthz, /readyz               K3s liveness (the agent's loops tick) and readiness probes
@@ -28,13 +29,15 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from agent import __version__
+from agent import __version__, openai_api
 from agent.batching import Batchers, BatchStats
 from agent.http import HttpError, HttpServer, Limits, Request, Response, Router
+from agent.openai_api import GenerationHooks
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, decode_request, encode_response, loads
+from shared import tracecontext, tracing
 from shared.manifest import Batching
 
 __all__ = ["EXTENSIONS", "InferenceServer", "ServerContext", "model_metadata"]
@@ -60,6 +63,7 @@ class ServerContext:
     batch_stats: BatchStats = lambda model, version, rows, waited, compute: None
     batch_instances: int = 1  # runs of one model at once (cores / intra-op threads)
     limits: Limits = field(default_factory=Limits)
+    generation: GenerationHooks = field(default_factory=GenerationHooks)
 
 
 def _json(status: int, body: Any) -> Response:
@@ -133,13 +137,13 @@ class InferenceServer:
         for path in ("/v2/health/ready", "/readyz"):
             add("GET", path, lambda r: self._probe("ready", ctx.ready()))
         add("GET", "/metrics", lambda r: Response(200, ctx.metrics().encode(), "text/plain; version=0.0.4"))
-        add("GET", "/v1/models", lambda r: _json(200, {"models": ctx.registry.describe()}))
         add("GET", "/v1/status", lambda r: _json(200, ctx.status()))
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             add("GET", prefix, lambda r: _json(200, model_metadata(self.model(r))))
             add("GET", prefix + "/ready", lambda r: _json(200, {"name": self.model(r).name, "ready": True}))
             add("POST", prefix + "/infer", self._infer)
         add("POST", "/v1/models/{name}:predict", self._predict)
+        openai_api.register(self.router, ctx.registry, ctx.generation)  # text generation, and GET /v1/models
 
     @staticmethod
     def _probe(what: str, ok: bool) -> Response:
@@ -159,25 +163,33 @@ class InferenceServer:
             )
         return model
 
+    @staticmethod
+    def _span(name: str, model: LoadedModel, request: Request) -> AbstractContextManager[Any]:
+        # A client's malformed traceparent parses to None: the request starts its own trace.
+        parent = tracecontext.parse(request.headers.get(tracecontext.HEADER))
+        return tracing.span(name, {"model": model.name, "version": model.version}, parent=parent)
+
     def _infer(self, request: Request) -> Response:
         model = self.model(request)
         length = request.headers.get("inference-header-content-length")
-        with _client_errors():
+        with self._span("agent.infer", model, request), _client_errors():
             if length is not None and not (length.isdigit() and len(length) < 19):
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length {length[:40]!r} is not a non-negative integer"
                 )
-            decoded = decode_request(request.body, None if length is None else int(length), model.input_specs)
+            with tracing.span("agent.infer.preprocess"):
+                decoded = decode_request(request.body, None if length is None else int(length), model.input_specs)
             unknown = [w for w in decoded.outputs or [] if w not in model.output_names]
             if unknown:
                 raise InvalidInputError(f"unknown outputs {unknown}; the model has {model.output_names}")
-            with self.context.track(model):
+            with self.context.track(model), tracing.span("agent.infer.run"):
                 outputs = self.batchers.get(model).run(decoded.inputs, decoded.outputs)
             binary = set(decoded.binary) | (
                 set(outputs) if decoded.binary_default and decoded.outputs is None else set()
             )
             head = {"model_name": model.name, "model_version": model.version, "id": decoded.id or str(uuid.uuid4())}
-            body, header_length = encode_response(head, outputs, binary)
+            with tracing.span("agent.infer.postprocess"):
+                body, header_length = encode_response(head, outputs, binary)
         if header_length is None:
             return Response(200, body, _JSON)
         return Response(
@@ -186,12 +198,14 @@ class InferenceServer:
 
     def _predict(self, request: Request) -> Response:
         model = self.model(request)
-        with _client_errors():
-            body = loads(request.body or b"null")
-            inputs = preprocess(model.manifest, body, model.tokenizer_path)
-            with self.context.track(model):
+        with self._span("agent.predict", model, request), _client_errors():
+            with tracing.span("agent.infer.preprocess"):
+                body = loads(request.body or b"null")
+                inputs = preprocess(model.manifest, body, model.tokenizer_path)
+            with self.context.track(model), tracing.span("agent.infer.run"):
                 outputs = self.batchers.get(model).run(inputs)
-            predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
+            with tracing.span("agent.infer.postprocess"):
+                predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
         return _json(200, {"model_name": model.name, "model_version": model.version, "predictions": predictions})
 
 

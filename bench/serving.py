@@ -356,7 +356,7 @@ def _batch_sizes(address: str) -> dict[str, float]:
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for line in httpx.get(f"http://{address}/metrics", timeout=10).text.splitlines():
-        for prefix, into in (("autodl_batch_size_sum{", sums), ("autodl_batch_size_count{", counts)):
+        for prefix, into in (("autodl_agent_batch_size_sum{", sums), ("autodl_agent_batch_size_count{", counts)):
             if line.startswith(prefix):
                 model = line.split('model="', 1)[1].split('"', 1)[0]
                 into[model] = float(line.rsplit(" ", 1)[1])

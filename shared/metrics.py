@@ -10,6 +10,12 @@ Where the time goes, per model version and interval (same labels): `QUEUE_P50_MS
 `QUEUE_P95_MS` (time a request waited for its run, dynamic batching included),
 `COMPUTE_P50_MS` and `COMPUTE_P95_MS` (time of each `session.run`), `BATCHES` (runs) and
 `BATCH_SIZE_MEAN` (rows per run).
+
+A text-generation model adds, per version and interval: `TTFT_P95_MS` (time to first
+token, 95th percentile; a generation's `LATENCY_P95_MS` is its time to first token too,
+since its whole duration depends on the length asked for), `DECODE_TPS` (median decode
+tokens per second of the interval's requests), `TOKENS_IN` and `TOKENS_OUT` (prompt and
+generated tokens in the interval).
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ __all__ = [
     "BATCH_SIZE_MEAN",
     "COMPUTE_P50_MS",
     "COMPUTE_P95_MS",
+    "DECODE_TPS",
     "ERRORS",
     "LATENCY_P95_MS",
     "MODEL_LABEL",
     "QUEUE_P50_MS",
     "QUEUE_P95_MS",
     "REQUESTS",
+    "TOKENS_IN",
+    "TOKENS_OUT",
+    "TTFT_P95_MS",
     "VERSION_LABEL",
     "serving_labels",
 ]
@@ -38,6 +48,10 @@ COMPUTE_P50_MS = "compute_p50_ms"
 COMPUTE_P95_MS = "compute_p95_ms"
 BATCHES = "batches"
 BATCH_SIZE_MEAN = "batch_size_mean"
+TTFT_P95_MS = "ttft_p95_ms"
+DECODE_TPS = "decode_tokens_per_s"
+TOKENS_IN = "tokens_in"
+TOKENS_OUT = "tokens_out"
 MODEL_LABEL = "model"
 VERSION_LABEL = "version"
 

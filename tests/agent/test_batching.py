@@ -93,7 +93,8 @@ def test_queue_compute_and_batch_size_reach_telemetry_and_metrics(tmp_path: Path
     points = {name: value for name, value, labels in telemetry.collect() if labels.get("model") == "m"}
     assert points[metrics.BATCH_SIZE_MEAN] == 6 and points[metrics.BATCHES] == 1
     assert points[metrics.COMPUTE_P50_MS] == 2.0 and points[metrics.QUEUE_P95_MS] == 3.0
-    text = telemetry.prometheus({})
-    assert 'autodl_batch_size_bucket{le="8",model="m",version="1.0.0"} 1' in text
-    assert 'autodl_http_refused_total{reason="content_length"} 1' in text
-    assert 'autodl_compute_seconds_count{model="m",version="1.0.0"} 1' in text
+    text = telemetry.prometheus([])
+    assert 'autodl_agent_batch_size_bucket{le="8",model="m",version="1.0.0"} 1' in text
+    assert 'autodl_agent_http_refused_total{reason="content_length"} 1' in text
+    assert 'autodl_agent_batch_size_count{model="m",version="1.0.0"} 1' in text
+    assert 'autodl_agent_compute_seconds_total{model="m",version="1.0.0"} 0.002' in text
