@@ -15,7 +15,7 @@ from agent.runtime import LoadedModel, load_model
 from agent.telemetry import Telemetry
 from shared import metrics
 from shared.manifest import Batching, TensorSpec
-from tests.agent.models import SAMPLE_X, make_model_release, make_release
+from tests.support.models import SAMPLE_X, make_model_release, make_release
 
 KEY = Ed25519PrivateKey.generate()
 
