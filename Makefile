@@ -2,6 +2,10 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+# ONNX Runtime GenAI's model builder (text-generation export) needs transformers 5 and
+# onnxruntime >= 1.31; the hub pins transformers < 4.58 (optimum-onnx) and onnxruntime < 1.29.
+# It gets its own venv, run as a subprocess (hub/build/lm_export.py; AUTODL_LM_BUILDER_PYTHON overrides).
+BUILDER_VENV := .venv-builder
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -31,7 +35,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[hub,agent,image,genai,dev]'
 	touch $@
 
-install: system-deps $(VENV)/.installed
+$(BUILDER_VENV)/.installed: hub/build/builder-requirements.txt
+	@$(PYTHON) -m venv $(BUILDER_VENV)
+	$(BUILDER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BUILDER_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BUILDER_VENV)/bin/python -m pip install -q -r hub/build/builder-requirements.txt
+	touch $@
+
+install: system-deps $(VENV)/.installed $(BUILDER_VENV)/.installed
 
 # agent/oip/descriptor.py from agent/oip/inference.proto (checked in; run after editing the proto)
 grpc-stubs: $(VENV)/.installed
@@ -52,4 +63,4 @@ faults: install
 	AUTODL_FAULT_RUNS=20 $(VENV)/bin/pytest -q tests/faults tests/hub/test_schemathesis.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BUILDER_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -74,6 +74,7 @@ class ExportJob:
     target: TargetId
     output: Path
     extra_options: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None  # this job's checkpoint folder, when not the run's
 
     @property
     def precision(self) -> str:
@@ -131,7 +132,7 @@ def run_builder(
     spec = [
         {
             "target": job.target.value,
-            "input": str(source),
+            "input": str(job.source or source),
             "output": str(job.output),
             "precision": job.precision,
             "execution_provider": job.execution_provider,

@@ -139,6 +139,8 @@ def measure_variant(
 
 def quality_reason(m: LmMeasurement, budget: float) -> str | None:
     """Return why a measured variant fails the quality gate, or None when it passes."""
+    if m.perplexity is None and m.note is not None:
+        return m.note
     change = m.change
     if change is not None and change > budget:
         return f"perplexity {m.perplexity:.4g} is {change:+.2%} against torch's {m.reference_perplexity:.4g}, over the {budget:.2%} budget"

@@ -75,17 +75,16 @@ def chunk(sequences: Sequence[Sequence[int]], length: int) -> list[list[int]]:
 
 @torch.no_grad()
 def torch_greedy(model: Any, prompt: list[int], n: int, eos: list[int]) -> list[int]:
-    """Return torch's greedy continuation (KV cache), up to n tokens, ending before an EOS."""
-    out: list[int] = model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=eos or None,
-        pad_token_id=(eos or [0])[0],
-    )[0, len(prompt) :].tolist()
-    for i, token in enumerate(out):
+    """Return torch's greedy continuation with its KV cache: up to n tokens, ending before an EOS in `eos`."""
+    ids, past, out = torch.tensor([prompt]), None, []
+    for _ in range(n):
+        result = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        token = int(result.logits[0, -1].argmax())
         if token in eos:
-            return out[:i]
+            break
+        out.append(token)
+        ids = torch.tensor([[token]])
     return out
 
 

@@ -28,7 +28,7 @@ from hub.build.lm_gate import UNMEASURED, LmMeasurement, measure_variant, qualit
 from hub.build.lm_reference import TorchReference, chunk, eos_ids, load_causal_lm, load_tokenizer
 from hub.build.pipeline import BuildResult, GateEntry, Progress
 from hub.build.textgen_request import TextGenBuildRequest
-from shared.generation import layout_from_genai_config, read_genai_config
+from shared.generation import GenerationError, layout_from_genai_config, read_genai_config
 from shared.manifest import (
     TEXT_GENERATION,
     GenerationSpec,
@@ -180,10 +180,16 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
     def measure(target: TargetId, item: BuiltFolder) -> LmMeasurement:
         assert item.folder is not None
         say("measure", f"{target.value}: perplexity, parity, decode speed ({item.exporter})")
-        return measure_variant(
-            target, item.folder, spec, pieces, reference.perplexity,
-            threads=request.threads, decode_tokens=request.decode_tokens,
-        )  # fmt: skip
+        try:
+            return measure_variant(
+                target, item.folder, spec, pieces, reference.perplexity,
+                threads=request.threads, decode_tokens=request.decode_tokens,
+            )  # fmt: skip
+        except GenerationError as exc:
+            # A graph the loop cannot run fails the gate like a wrong one.
+            return LmMeasurement(
+                target, None, reference.perplexity, None, request.parity_tokens, None, note=str(exc)[:900]
+            )
 
     measured = {TargetId.CPU_FP32: measure(TargetId.CPU_FP32, built[TargetId.CPU_FP32])}
     if (why := quality_reason(measured[TargetId.CPU_FP32], request.budget("fp32"))) is not None:
@@ -206,6 +212,7 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
         TargetId.CPU_FP32: gate.Decision(TargetId.CPU_FP32, True, "baseline: parity and perplexity as torch")
     }
     int4_extra: dict[str, str] = {}
+    attempts: dict[TargetId, list[dict[str, Any]]] = {}
     for target in (t for t in cpu if t != TargetId.CPU_FP32):
         precision = EXPORTS[target][0]
         budget = request.budget(precision)
@@ -213,6 +220,15 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
         why = quality_reason(measured[target], budget)
         if why is not None and precision == "int4" and built[target].exporter.startswith("onnxruntime-genai"):
             first = why
+            tried = measured[target]
+            attempts[target] = [
+                {
+                    "options": built[target].job.extra_options,
+                    "perplexity_change": tried.change,
+                    "parity_matched": tried.parity_matched,
+                    "reason": why,
+                }
+            ]
             say("gate", f"{target.value}: {why}; retrying with the LM head in int8")
             retry = _build(request, source, workdir, [target], {target: _LAST_MATMUL_INT8}, "last-matmul-int8")[target]
             if retry.folder is not None:
@@ -268,7 +284,7 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
     for target, decision in decisions.items():
         say("gate", f"{target.value}: {'publish' if decision.published else 'skip'} ({decision.reason})")
     say("package", "manifest and files")
-    return _package(request, built, measured, decisions, spec, reference, relabel)
+    return _package(request, built, measured, decisions, spec, reference, relabel, attempts)
 
 
 def _package(
@@ -279,6 +295,7 @@ def _package(
     spec: GenerationSpec,
     reference: TorchReference,
     relabel: str | None,
+    attempts: dict[TargetId, list[dict[str, Any]]],
 ) -> BuildResult:
     files: dict[str, Path] = {}
     variants: list[Variant] = []
@@ -296,6 +313,7 @@ def _package(
             "execution_provider": provider,
             "options": item.job.extra_options if item else {},
             **({"relabel": relabel} if relabel else {}),
+            **({"earlier_attempts": attempts[target]} if target in attempts else {}),
         }
         tokens_per_s = m.tokens_per_s if m else None
         latency = 1000 / tokens_per_s if tokens_per_s else None

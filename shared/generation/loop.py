@@ -89,7 +89,10 @@ class GenerationModel:
             feed[self._positions] = positions.astype(self._types[self._positions])
         for (key, value), k, v in zip(self._past, cache[0::2], cache[1::2], strict=True):
             feed[key], feed[value] = k, v
-        out = self.session.run(self._outputs, feed)
+        try:
+            out = self.session.run(self._outputs, feed)
+        except Exception as exc:  # ORT raises its own types; callers see one error for a graph that fails
+            raise GenerationError(f"ONNX Runtime cannot run the graph: {exc}") from exc
         logits = np.asarray(out[0])[0]
         return logits.astype(np.float32, copy=False), [np.asarray(a) for a in out[1:]]
 

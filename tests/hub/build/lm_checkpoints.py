@@ -79,7 +79,8 @@ def config_for(family: str, vocab: int, eos: int) -> PretrainedConfig:
     if family == "qwen3":
         return Qwen3Config(head_dim=16, **common)
     if family == "glm":
-        return GlmConfig(head_dim=16, partial_rotary_factor=0.5, **common)
+        # ORT's GroupQueryAttention wants the rotary half-width a multiple of 8: head_dim 32 at 0.5.
+        return GlmConfig(head_dim=32, partial_rotary_factor=0.5, **common)
     raise ValueError(family)
 
 
