@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hub.build.request import BuildRequest
     from hub.config import HubSettings
 
-__all__ = ["TrainSummary", "build_request", "next_version", "run_training"]
+__all__ = ["TrainSummary", "build_request", "next_version", "run_training", "shared_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +140,21 @@ def run_training(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     actor: str = "training",
+    study_name: str | None = None,
 ) -> TrainSummary:
-    """Run a task file (a path, or YAML text with `base_dir`): train, build, publish."""
+    """Run a task file (a path, or YAML text with `base_dir`): train, build, publish.
+
+    `study_name` (a worker's job) keeps a search of several trials in the hub database
+    under that name, unless the task names its own storage: other workers can join it,
+    and a re-queued job resumes it.
+    """
     if isinstance(task, Path):
         spec = load_spec(task)
         base_dir = base_dir or task.parent
     else:
         base_dir = base_dir or Path.cwd()
         spec = parse_spec(task, source="task", base_dir=base_dir)
+    spec = shared_search(spec, study_name)
     if dry_run:
         plan = check_task(spec, base_dir)
         return TrainSummary(
@@ -162,6 +169,14 @@ def run_training(
     storage = resolve_storage(spec.search.storage, settings.database_url)
     trained = train_task(spec, base_dir, storage=storage, cancel=cancel, progress=progress)
     return _build_and_publish(spec, trained, settings, progress=progress, cancel=cancel, actor=actor)
+
+
+def shared_search(spec: TaskSpec, study_name: str | None) -> TaskSpec:
+    """Return `spec` with its search in the hub database under `study_name`, when it can be shared."""
+    if study_name is None or spec.search.trials < 2 or spec.search.storage is not None:
+        return spec
+    search = spec.search.model_copy(update={"storage": "hub", "study_name": study_name})
+    return spec.model_copy(update={"search": search})
 
 
 def _build_and_publish(

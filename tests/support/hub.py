@@ -7,7 +7,8 @@
 
 `HubProcess(..., mqtt=False)` serves HTTP only; `mqtt_url=broker.url` with
 `mqtt_password` uses an external broker instead; `env` adds AUTODL_HUB_* settings
-(for example ``{"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}``).
+(for example ``{"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}``); `workers=0` runs no embedded
+training worker. `WorkerProcess(hub, "w1")` is an ``autodl-hub worker`` on the hub's database.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import httpx
 
 from tests.support.processes import free_port, stop_process, wait_http_ready
 
-__all__ = ["HubProcess"]
+__all__ = ["HubProcess", "WorkerProcess"]
 
 # The installed console script, as a user runs it; the module form where it is not installed.
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")
@@ -44,8 +45,10 @@ class HubProcess:
         mqtt_url: str | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 60.0,
+        workers: int | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.workers = workers
         self.port = free_port()
         self.mqtt_port = free_port()
         self.mqtt = mqtt
@@ -87,6 +90,7 @@ class HubProcess:
         if not self.admin_key:
             self.init()
         args = ["serve", "--log-level", "info"] + ([] if self.mqtt else ["--no-mqtt"])
+        args += [] if self.workers is None else ["--workers", str(self.workers)]
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen([*_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -131,6 +135,46 @@ class HubProcess:
     def __enter__(self) -> HubProcess:
         self.start()
         return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """An ``autodl-hub worker`` process on a hub's database and data dir, named `name`."""
+
+    def __init__(self, hub: HubProcess, name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.env = {**hub.env, **(env or {})}
+        self.log_path = hub.data_dir.parent / f"worker-{name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        """Start the worker (it connects and polls on its own)."""
+        log = self.log_path.open("ab")
+        args = ["worker", "--name", self.name, "--log-level", "info"]
+        self._proc = subprocess.Popen([*_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Stop the worker (SIGTERM: it re-queues a running job; SIGKILL: it just dies)."""
+        proc, self._proc = self._proc, None
+        return None if proc is None else stop_process(proc, timeout, sig)
+
+    @property
+    def running(self) -> bool:
+        """Return True while the worker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, limit: int = 4000) -> str:
+        """Return the end of the worker's log."""
+        return self.log_path.read_text(errors="replace")[-limit:] if self.log_path.exists() else ""
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
