@@ -195,3 +195,14 @@ def test_archives_over_the_limit_are_refused(sqlite_hub: Hub) -> None:
     assert bad.status_code == 422 and "unsafe path" in bad.json()["detail"]
     unknown = sqlite_hub.request("POST", "/jobs", json={"task": TASK, "data": "0" * 64})
     assert unknown.status_code == 422 and "no uploaded archive" in unknown.json()["detail"]
+
+
+def test_the_dashboard_lists_jobs_with_why_they_wait(sqlite_hub: Hub) -> None:
+    task = TASK.replace("publish:", "resource: {require_gpu: true}\npublish:")
+    job_id = sqlite_hub.request("POST", "/jobs", json={"task": task}).json()["id"]
+    Worker(sqlite_hub.settings, name="cpu-only", gpu=False).run_once()
+    signed_in = sqlite_hub.client.post("/ui/login", data={"key": sqlite_hub.admin_key}, follow_redirects=False)
+    assert signed_in.status_code == 303
+    page = sqlite_hub.client.get("/ui/jobs")
+    assert page.status_code == 200
+    assert f'data-job="{job_id}"' in page.text and "queued" in page.text and "torch sees a GPU" in page.text

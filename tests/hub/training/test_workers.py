@@ -105,7 +105,8 @@ def test_a_job_submitted_through_the_api_is_trained_by_a_worker_process(tmp_path
         assert any("published digits 0.1.0" in line for line in done["log"])
         with hub.api() as client:
             assert client.get("/models/digits/versions/0.1.0").status_code == 200
-            page = client.get("/ui/jobs", cookies={"autodl_key": hub.admin_key})
+            client.post("/ui/login", data={"key": hub.admin_key})
+            page = client.get("/ui/jobs")
         assert job_id in page.text and "succeeded" in page.text and "0.1.0" in page.text
     finally:
         hub.stop()
