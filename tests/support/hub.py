@@ -72,9 +72,9 @@ class HubProcess:
         }
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def run_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run_cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``autodl-hub ARGS`` against this hub's data dir and environment."""
-        result = subprocess.run([*_CLI, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*_CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(f"autodl-hub {' '.join(args)} failed: {result.stderr or result.stdout}")
         return result

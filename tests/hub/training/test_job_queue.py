@@ -206,3 +206,18 @@ def test_the_dashboard_lists_jobs_with_why_they_wait(sqlite_hub: Hub) -> None:
     page = sqlite_hub.client.get("/ui/jobs")
     assert page.status_code == 200
     assert f'data-job="{job_id}"' in page.text and "queued" in page.text and "torch sees a GPU" in page.text
+
+
+@pytest.mark.parametrize(
+    ("seen", "log", "new"),
+    [
+        ([], ["a", "b"], ["a", "b"]),
+        (["a", "b"], ["a", "b", "c"], ["c"]),
+        (["a", "b", "c"], ["b", "c", "d", "e"], ["d", "e"]),  # the hub dropped the oldest line
+        (["a", "b"], ["a", "b"], []),
+    ],
+)
+def test_remote_follow_shows_each_log_line_once(seen: list[str], log: list[str], new: list[str]) -> None:
+    from hub.cli.remote import new_lines
+
+    assert new_lines(seen, log) == new

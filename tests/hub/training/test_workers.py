@@ -6,7 +6,9 @@ workers claiming at once, row locks). Tasks are the digits example cut to second
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.hub.training.conftest import shrink
+from tests.hub.training.conftest import EXAMPLES, shrink
 from tests.support.hub import HubProcess, WorkerProcess
 from tests.support.postgres import pg_schema_url
 
@@ -223,3 +226,33 @@ def test_serve_runs_one_embedded_worker_by_default(tmp_path: Path) -> None:
         done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 240)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         assert "embedded" in done["worker"]
+
+
+def test_train_remote_uploads_the_data_and_follows_the_job(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "churn" / "churn.csv", project / "data" / "churn.csv")
+    task = yaml.safe_load((EXAMPLES / "churn" / "task.yaml").read_text())
+    task["data"]["path"] = "data/churn.csv"  # relative: only the uploaded archive has it
+    task["model"] = {"candidates": ["linear"], "auto_select": False}
+    task["search"].update(trials=1, cv_folds=2)
+    task["training"].update(epochs=3, early_stopping=None)
+    task["build"]["targets"] = ["cpu-fp32"]
+    (project / "task.yaml").write_text(yaml.safe_dump(task))
+    hub = start_hub(tmp_path, f"sqlite:///{tmp_path / 'hub' / 'hub.db'}")
+    try:
+        with WorkerProcess(hub, "w1"):
+            args = ["train", str(project / "task.yaml"), "--remote", hub.url, "--api-key", hub.admin_key, "--json"]
+            out = hub.run_cli(*args, timeout=300)
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        assert summary["model"] == "churn" and summary["version"] == "0.1.0"
+        assert summary["published_targets"] == ["cpu-fp32"]
+        with hub.api() as client:
+            state = client.get(f"/jobs/{summary['job']}").json()
+        assert state["status"] == "succeeded" and state["worker"] == "w1"
+        refused = hub.run_cli(
+            "train", str(project / "task.yaml"), "--remote", hub.url, "--api-key", "adk_x", check=False
+        )
+        assert refused.returncode == 1 and "401" in refused.stderr
+    finally:
+        hub.stop()
