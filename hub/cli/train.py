@@ -32,7 +32,7 @@ def train(
         typer.Option("--remote", help="a hub URL: queue the job there (its workers train) and follow it"),
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", envvar="AUTODL_API_KEY", help="an operator key for --remote")
+        str | None, typer.Option("--api-key", envvar="AUTODL_HUB_API_KEY", help="an operator key for --remote")
     ] = None,
 ) -> None:
     """Train a task file, build it for its targets, and register the version (here, or on a hub's workers)."""
@@ -78,7 +78,7 @@ def _train_remote(task: Path, url: str, api_key: str | None, *, dry_run: bool, a
     from hub.cli.remote import RemoteError, cancel, follow, submit
 
     if not api_key:
-        typer.echo("error: --remote needs --api-key (or AUTODL_API_KEY): an operator key of that hub", err=True)
+        typer.echo("error: --remote needs --api-key (or AUTODL_HUB_API_KEY): an operator key of that hub", err=True)
         raise typer.Exit(1)
     if not task.is_file():
         typer.echo(f"error: {task}: no such task file", err=True)
