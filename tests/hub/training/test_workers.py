@@ -203,11 +203,13 @@ def test_one_search_is_split_across_two_workers_into_one_study(tmp_path: Path, d
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         owner = done["worker"]
         owned = {int(m.group(1)) for line in done["log"] if (m := re.match(r"trial (\d+): (COMPLETE|PRUNED)", line))}
-        helped_lines = [line for line in done["log"] if "helped the search" in line]
-        assert len(helped_lines) == 1 and owner not in helped_lines[0], helped_lines
-        numbers = re.search(r"trials ([\d, ]+) \(", helped_lines[0])
-        assert numbers is not None, helped_lines
-        helped = {int(n) for n in numbers.group(1).split(",")}
+        helped_lines = [
+            m for line in done["log"] if (m := re.match(r"worker (\S+) helped the search: trials ([\d, ]+) \(", line))
+        ]
+        assert len(helped_lines) == 1, done["log"]
+        helper, numbers = helped_lines[0].groups()
+        assert {owner, helper} == {"a", "b"}
+        helped = {int(n) for n in numbers.split(",")}
         assert owned and helped and not owned & helped
         study_name = f"digits-job-{job_id}"
         storage = resolve_storage("hub", db_url)
