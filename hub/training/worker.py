@@ -81,9 +81,7 @@ class JobReporter(LogProgress):
         with self._lock:
             self.trial_numbers.append(number)
             self._state["trials_done"] += 1
-            best = self._state.get("best")
-            if value is not None and (best is None or value > best):
-                self._state["best"] = value
+            self._state["last_trial"] = value
         super().trial_finished(number, value, state)
 
     def fit_started(self, label: str, epochs: int) -> None:
