@@ -83,7 +83,7 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "hub.build", "hub.registry"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    run_worker(load_settings(data_dir, database_url=database_url), name=name)
+    run_worker(load_settings(data_dir, database_url=database_url), name=name, preload=True)
 
 
 def main() -> None:

@@ -157,6 +157,13 @@ class Worker:
             logger.info("worker %s: %s", self.name, "torch sees a GPU" if self._gpu else "CPU only (no GPU for torch)")
         return self._gpu
 
+    def preload(self) -> None:
+        """Import torch and the training code now, so the first job (or search joined) starts at once."""
+        import hub.training.job
+        import hub.training.runner  # noqa: F401
+
+        _ = self.gpu
+
     def run(self) -> None:
         """Work until stopped; database outages are retried with capped exponential backoff."""
         logger.info("worker %s started", self.name)
@@ -409,9 +416,17 @@ class Worker:
                 cancel.set()
 
 
-def run_worker(settings: HubSettings, name: str | None = None, parent_pid: int | None = None) -> None:
-    """Run a worker in this process until SIGTERM or SIGINT (the process's entry point)."""
+def run_worker(
+    settings: HubSettings, name: str | None = None, parent_pid: int | None = None, *, preload: bool = False
+) -> None:
+    """Run a worker in this process until SIGTERM or SIGINT (the process's entry point).
+
+    `preload` (``autodl-hub worker``) loads torch before the first job; the embedded worker
+    of ``serve`` does not, so an idle hub never loads torch.
+    """
     worker = Worker(settings, name=name, parent_pid=parent_pid)
+    if preload:
+        worker.preload()
 
     def stop(_signum: int, _frame: object) -> None:
         worker.stop.set()
