@@ -90,3 +90,15 @@ def test_jobs_can_be_cancelled(sqlite_hub: Hub, worker: Worker, small_task: Call
     sqlite_hub.request("POST", f"/jobs/{first['id']}/cancel")
     job = _wait(sqlite_hub, first["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
     assert job["status"] == "cancelled" and job["result"] is None
+
+
+def test_a_stopping_worker_puts_its_job_back_in_the_queue(
+    sqlite_hub: Hub, worker: Worker, small_task: Callable[..., Path]
+) -> None:
+    long_task = small_task("digits", search={"trials": 50}, training={"epochs": 500, "early_stopping": None})
+    job_id = sqlite_hub.request("POST", "/jobs", json={"task": long_task.read_text()}).json()["id"]
+    assert _wait(sqlite_hub, job_id, {"running"}, timeout=60)["status"] == "running"
+    worker.stop.set()  # as SIGTERM does in `autodl-hub worker` and in serve's embedded worker
+    job = _wait(sqlite_hub, job_id, {"queued", "succeeded", "failed", "cancelled"}, timeout=60)
+    assert job["status"] == "queued" and job["worker"] is None, job["log"][-5:]
+    assert job["log"][-1] == "re-queued: worker in-process stopped"
