@@ -20,6 +20,7 @@ from hub.metrics import HubMetrics
 from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
 from hub.ui import install as install_ui
+from shared import tracing
 
 __all__ = ["create_app"]
 
@@ -145,4 +146,17 @@ def create_app(
     install_ui(app)  # after the error handlers: /ui answers errors as HTML pages
     app.middleware("http")(app.state.metrics.middleware)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    _trace_requests(app)
     return app
+
+
+def _trace_requests(app: FastAPI) -> None:
+    """Give every API request a server span (FastAPI instrumentation) when tracing is on."""
+    if not tracing.enabled():
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    # Scrapes and probes would be most of the spans and tell nothing.
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=tracing.provider(), excluded_urls="/metrics,/healthz,/readyz,/livez,/ui/static"
+    )

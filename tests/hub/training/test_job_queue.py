@@ -22,7 +22,7 @@ from hub.training import jobs
 from hub.training.archive import check_archive
 from hub.training.errors import SpecError
 from hub.training.worker import Worker
-from tests.hub.conftest import Hub
+from tests.support.hub_app import Hub
 
 TASK = """task: image-classification
 data: {path: builtin:digits}
@@ -206,6 +206,8 @@ def test_the_dashboard_lists_jobs_with_why_they_wait(sqlite_hub: Hub) -> None:
     page = sqlite_hub.client.get("/ui/jobs")
     assert page.status_code == 200
     assert f'data-job="{job_id}"' in page.text and "queued" in page.text and "torch sees a GPU" in page.text
+    metrics = sqlite_hub.client.get("/metrics").text
+    assert 'autodl_hub_training_jobs{status="queued"} 1.0' in metrics
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.hub.training.conftest import EXAMPLES, shrink
 from tests.support.hub import HubProcess, WorkerProcess
+from tests.support.paths import EXAMPLES
 from tests.support.postgres import pg_schema_url
+from tests.support.waiting import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,9 @@ def pg_url() -> Iterator[str]:
     yield from pg_schema_url()
 
 
-def digits_task(tmp_path: Path, *, trials: int = 1, epochs: int = 2, model: str = "digits", **extra: Any) -> str:
+def digits_task(
+    small_task: Callable[..., Path], *, trials: int = 1, epochs: int = 2, model: str = "digits", **extra: Any
+) -> str:
     """The digits example cut down: one candidate, two folds, a few epochs, one build target."""
     sections: dict[str, dict[str, Any]] = {
         "model": {"candidates": ["mlp"], "auto_select": False},
@@ -55,7 +58,7 @@ def digits_task(tmp_path: Path, *, trials: int = 1, epochs: int = 2, model: str 
     }
     for section, values in extra.items():
         sections[section] = {**sections.get(section, {}), **values}
-    return shrink("digits", tmp_path, **sections).read_text()
+    return small_task("digits", **sections).read_text()
 
 
 def start_hub(tmp_path: Path, db_url: str, **env: str) -> HubProcess:
@@ -80,27 +83,32 @@ def job(hub: HubProcess, job_id: str) -> dict[str, Any]:
     return data
 
 
-def wait_for(
+def wait_job(
     hub: HubProcess, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 240.0, *logs: Any
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = job(hub, job_id)
-        if until(state):
-            return state
-        if time.monotonic() > deadline:
-            tails = "\n".join(w.log_tail() for w in logs)
-            raise AssertionError(f"job {job_id} did not get there: {state['status']} {state['log'][-15:]}\n{tails}")
-        time.sleep(0.3)
+    """Poll the job until `until` holds; on timeout, fail with its state and the workers' logs."""
+    seen: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        seen.update(job(hub, job_id))
+        return dict(seen) if until(seen) else None
+
+    try:
+        return wait_for(f"job {job_id}", check, timeout, every=0.3)
+    except WaitTimeout as exc:
+        tails = "\n".join(w.log_tail() for w in logs)
+        raise AssertionError(f"{exc}: {seen.get('status')} {seen.get('log', [])[-15:]}\n{tails}") from None
 
 
-def test_a_job_submitted_through_the_api_is_trained_by_a_worker_process(tmp_path: Path, db_url: str) -> None:
+def test_a_job_submitted_through_the_api_is_trained_by_a_worker_process(
+    tmp_path: Path, db_url: str, small_task: Callable[..., Path]
+) -> None:
     hub = start_hub(tmp_path, db_url)
     try:
-        job_id = submit(hub, digits_task(tmp_path))
+        job_id = submit(hub, digits_task(small_task))
         assert job(hub, job_id)["status"] == "queued"  # nobody runs it: the hub has no embedded worker
         with WorkerProcess(hub, "w1") as worker:
-            done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 240, worker)
+            done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 240, worker)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         assert done["worker"] == "w1" and done["version"] == "0.1.0" and done["result"]["version"] == "0.1.0"
         assert done["progress"]["phase"] == "done" and done["progress"]["fraction"] > 0.9
@@ -115,17 +123,19 @@ def test_a_job_submitted_through_the_api_is_trained_by_a_worker_process(tmp_path
         hub.stop()
 
 
-def test_cancel_reaches_a_running_job_within_seconds(tmp_path: Path, db_url: str) -> None:
+def test_cancel_reaches_a_running_job_within_seconds(
+    tmp_path: Path, db_url: str, small_task: Callable[..., Path]
+) -> None:
     hub = start_hub(tmp_path, db_url)
     try:
         with WorkerProcess(hub, "w1") as worker:
-            job_id = submit(hub, digits_task(tmp_path, trials=50, epochs=400))
-            wait_for(hub, job_id, lambda j: j["progress"].get("epoch", 0) > 0, 120, worker)
+            job_id = submit(hub, digits_task(small_task, trials=50, epochs=400))
+            wait_job(hub, job_id, lambda j: j["progress"].get("epoch", 0) > 0, 120, worker)
             with hub.api() as client:
                 asked = client.post(f"/jobs/{job_id}/cancel")
             assert asked.status_code == 200, asked.text
             started = time.monotonic()
-            done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 30, worker)
+            done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 30, worker)
             took = time.monotonic() - started
         assert done["status"] == "cancelled" and done["result"] is None, done["log"][-10:]
         assert took < 15, f"cancel took {took:.1f} s"
@@ -133,19 +143,19 @@ def test_cancel_reaches_a_running_job_within_seconds(tmp_path: Path, db_url: str
         hub.stop()
 
 
-def test_a_hub_restart_mid_job_loses_nothing(tmp_path: Path, db_url: str) -> None:
+def test_a_hub_restart_mid_job_loses_nothing(tmp_path: Path, db_url: str, small_task: Callable[..., Path]) -> None:
     hub = start_hub(tmp_path, db_url)
     try:
         with WorkerProcess(hub, "w1") as worker:
-            job_id = submit(hub, digits_task(tmp_path, trials=2, epochs=8))
-            before = wait_for(hub, job_id, lambda j: any(line.startswith("trial 0") for line in j["log"]), 120, worker)
+            job_id = submit(hub, digits_task(small_task, trials=2, epochs=8))
+            before = wait_job(hub, job_id, lambda j: any(line.startswith("trial 0") for line in j["log"]), 120, worker)
             hub.stop(signal.SIGKILL)
             time.sleep(2)  # the worker trains on while no hub answers
             hub.start()
             during = job(hub, job_id)
             assert during["status"] in ("running", "succeeded")
             assert during["log"][: len(before["log"])] == before["log"]  # nothing written before the kill is lost
-            done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 240, worker)
+            done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 240, worker)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         assert done["attempts"] == 1 and done["version"] == "0.1.0"
         hub.stop()
@@ -156,15 +166,17 @@ def test_a_hub_restart_mid_job_loses_nothing(tmp_path: Path, db_url: str) -> Non
         hub.stop()
 
 
-def test_a_killed_workers_job_is_requeued_and_completed_by_another(tmp_path: Path, db_url: str) -> None:
+def test_a_killed_workers_job_is_requeued_and_completed_by_another(
+    tmp_path: Path, db_url: str, small_task: Callable[..., Path]
+) -> None:
     hub = start_hub(tmp_path, db_url)
     try:
         first = WorkerProcess(hub, "doomed").start()
-        job_id = submit(hub, digits_task(tmp_path, trials=2, epochs=6))
-        wait_for(hub, job_id, lambda j: j["worker"] == "doomed" and j["progress"].get("epoch", 0) > 0, 120, first)
+        job_id = submit(hub, digits_task(small_task, trials=2, epochs=6))
+        wait_job(hub, job_id, lambda j: j["worker"] == "doomed" and j["progress"].get("epoch", 0) > 0, 120, first)
         first.stop(signal.SIGKILL)
         with WorkerProcess(hub, "rescuer") as second:
-            done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 240, second)
+            done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 240, second)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         assert done["worker"] == "rescuer" and done["attempts"] == 2 and done["version"] == "0.1.0"
         lost = [line for line in done["log"] if "worker doomed stopped heartbeating" in line]
@@ -173,12 +185,14 @@ def test_a_killed_workers_job_is_requeued_and_completed_by_another(tmp_path: Pat
         hub.stop()
 
 
-def test_two_workers_on_postgres_take_six_jobs_none_twice(tmp_path: Path, pg_url: str) -> None:
+def test_two_workers_on_postgres_take_six_jobs_none_twice(
+    tmp_path: Path, pg_url: str, small_task: Callable[..., Path]
+) -> None:
     hub = start_hub(tmp_path, pg_url)
     try:
-        ids = [submit(hub, digits_task(tmp_path, epochs=1, model=f"m{i}")) for i in range(6)]
+        ids = [submit(hub, digits_task(small_task, epochs=1, model=f"m{i}")) for i in range(6)]
         with WorkerProcess(hub, "a") as a, WorkerProcess(hub, "b") as b:
-            finished = [wait_for(hub, i, lambda j: j["status"] in FINISHED, 300, a, b) for i in ids]
+            finished = [wait_job(hub, i, lambda j: j["status"] in FINISHED, 300, a, b) for i in ids]
         for state in finished:
             assert state["status"] == "succeeded", (state["error"], state["log"][-10:])
             assert state["attempts"] == 1
@@ -189,7 +203,9 @@ def test_two_workers_on_postgres_take_six_jobs_none_twice(tmp_path: Path, pg_url
         hub.stop()
 
 
-def test_one_search_is_split_across_two_workers_into_one_study(tmp_path: Path, db_url: str) -> None:
+def test_one_search_is_split_across_two_workers_into_one_study(
+    tmp_path: Path, db_url: str, small_task: Callable[..., Path]
+) -> None:
     import optuna
 
     from hub.training.search import resolve_storage
@@ -198,8 +214,8 @@ def test_one_search_is_split_across_two_workers_into_one_study(tmp_path: Path, d
     try:
         with WorkerProcess(hub, "a") as a, WorkerProcess(hub, "b") as b:
             time.sleep(3)  # both idle and polling, so the one that does not claim joins
-            job_id = submit(hub, digits_task(tmp_path, trials=6, epochs=3, search={"pruning": False}))
-            done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 300, a, b)
+            job_id = submit(hub, digits_task(small_task, trials=6, epochs=3, search={"pruning": False}))
+            done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 300, a, b)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         owner = done["worker"]
         owned = {int(m.group(1)) for line in done["log"] if (m := re.match(r"trial (\d+): (COMPLETE|PRUNED)", line))}
@@ -221,11 +237,11 @@ def test_one_search_is_split_across_two_workers_into_one_study(tmp_path: Path, d
         hub.stop()
 
 
-def test_serve_runs_one_embedded_worker_by_default(tmp_path: Path) -> None:
+def test_serve_runs_one_embedded_worker_by_default(tmp_path: Path, small_task: Callable[..., Path]) -> None:
     hub = HubProcess(tmp_path / "hub", mqtt=False, env=FAST)
     with hub:
-        job_id = submit(hub, digits_task(tmp_path))
-        done = wait_for(hub, job_id, lambda j: j["status"] in FINISHED, 240)
+        job_id = submit(hub, digits_task(small_task))
+        done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 240)
         assert done["status"] == "succeeded", (done["error"], done["log"][-20:])
         assert "embedded" in done["worker"]
 
