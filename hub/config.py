@@ -78,6 +78,11 @@ class HubSettings(BaseSettings):
     telemetry_flush_s: float = Field(default=1.0, gt=0)
     command_ttl_s: int = Field(default=3600, ge=1)
     metrics_public: bool = Field(default=True, description="serve /metrics without a key (for Prometheus)")
+    job_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a training worker reports")
+    job_lost_after_s: float = Field(default=60.0, gt=0, description="a job silent this long lost its worker")
+    job_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
+    job_log_lines: int = Field(default=1000, ge=10, description="the last lines of a job's log that are kept")
+    max_job_data_bytes: int = Field(default=64 * 1024**2, ge=1, description="largest data archive for a job")
 
     @field_validator("rate_limit", "enroll_rate_limit")
     @classmethod

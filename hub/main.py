@@ -133,7 +133,7 @@ def create_app(
     app.state.messaging = messaging
     app.state.broker_admin = broker_admin
     app.state.rate_limiter = RateLimiter()
-    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging, lambda: getattr(app.state, "jobs", None))
+    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
 
     for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts, jobs):
         app.include_router(module.router)

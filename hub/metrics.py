@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hub.db import SessionFactory
-from hub.models import Device, Rollout, RolloutDevice
+from hub.models import Device, Rollout, RolloutDevice, TrainingJob
 from shared import tracing
 
 __all__ = ["HubMetrics"]
@@ -30,12 +31,9 @@ __all__ = ["HubMetrics"]
 class _FleetCollector(Collector):
     """Reads the fleet and the messaging counters at scrape time."""
 
-    def __init__(
-        self, sessions: SessionFactory, messaging: Callable[[], Any], jobs: Callable[[], Any] = lambda: None
-    ) -> None:
+    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
         self._sessions = sessions
         self._messaging = messaging
-        self._jobs = jobs
 
     def collect(self) -> Iterator[Metric]:
         with self._sessions() as session:
@@ -55,6 +53,11 @@ class _FleetCollector(Collector):
                 .where(col(Rollout.state).in_(("running", "paused")))
                 .group_by(RolloutDevice.rollout_id, RolloutDevice.state)
             ).all()
+            # Jobs are rows (hub.training.jobs), so every hub replica reports the same counts.
+            jobs = session.exec(select(TrainingJob.status, func.count()).group_by(TrainingJob.status)).all()
+            started = session.exec(
+                select(func.min(TrainingJob.started_at)).where(col(TrainingJob.status) == "running")
+            ).one()
         yield GaugeMetricFamily("autodl_hub_devices", "enrolled devices (not decommissioned)", value=total)
         yield GaugeMetricFamily("autodl_hub_devices_online", "devices connected to the broker", value=online)
         yield from _fleet_versions(reported)
@@ -76,7 +79,7 @@ class _FleetCollector(Collector):
         for rollout_id, state, count in sorted(members):
             moved.add_metric([rollout_id, state], count)
         yield moved
-        yield from _training_jobs(self._jobs())
+        yield from _training_jobs(dict(jobs), started)
         messaging = self._messaging()
         if messaging is not None:
             # The MQTT session owns its counters (hub.messaging): ingest, rejects, queue depth.
@@ -109,18 +112,15 @@ def _fleet_versions(reported: Sequence[Mapping[str, Any] | None]) -> Iterator[Me
     yield family
 
 
-def _training_jobs(jobs: Any) -> Iterator[Metric]:
-    """Yield the training jobs this hub process knows, by status."""
+def _training_jobs(counts: dict[str, int], oldest_start: datetime | None) -> Iterator[Metric]:
+    """Yield the training jobs by status, and how long the oldest running one has run."""
     family = GaugeMetricFamily("autodl_hub_training_jobs", "training jobs by status", labels=["status"])
-    counts: Counter[str] = Counter()
     oldest = 0.0
-    now = time.time()
-    for job in jobs.list() if jobs is not None else []:
-        counts[job.status] += 1
-        if job.status == "running" and job.started_at is not None:
-            oldest = max(oldest, now - job.started_at.timestamp())
+    if oldest_start is not None:
+        start = oldest_start if oldest_start.tzinfo is not None else oldest_start.replace(tzinfo=UTC)
+        oldest = max(0.0, time.time() - start.timestamp())
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
-        family.add_metric([status], counts[status])
+        family.add_metric([status], counts.get(status, 0))
     yield family
     yield GaugeMetricFamily(
         "autodl_hub_training_job_running_seconds", "age of the oldest running training job", value=oldest
@@ -130,9 +130,7 @@ def _training_jobs(jobs: Any) -> Iterator[Metric]:
 class HubMetrics:
     """The app's own registry (so several apps in one process do not collide)."""
 
-    def __init__(
-        self, sessions: SessionFactory, messaging: Callable[[], Any], jobs: Callable[[], Any] = lambda: None
-    ) -> None:
+    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "autodl_hub_api_request_duration_seconds",
@@ -140,7 +138,7 @@ class HubMetrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(_FleetCollector(sessions, messaging, jobs))
+        self.registry.register(_FleetCollector(sessions, messaging))
 
     def render(self) -> bytes:
         """Return the exposition text."""

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, Integer, LargeBinary, Text, UniqueConstraint
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -32,6 +32,8 @@ __all__ = [
     "RolloutDevice",
     "RolloutEvent",
     "TelemetryPoint",
+    "TrainingData",
+    "TrainingJob",
     "UTCDateTime",
     "VersionStatus",
     "utcnow",
@@ -323,3 +325,48 @@ class DeploymentHistory(SQLModel, table=True):
     rollout_id: str | None = Field(default=None, max_length=64, index=True)
     actor: str = Field(default="", max_length=128)
     ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TrainingData(SQLModel, table=True):
+    """An uploaded data archive (tar.gz) for training jobs; in the database so any worker reads it."""
+
+    __tablename__ = "training_data"
+
+    id: str = Field(primary_key=True, max_length=64, description="the archive's sha256")
+    size: int = Field(sa_type=BigInteger)
+    content: bytes = Field(sa_type=LargeBinary)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TrainingJob(SQLModel, table=True):
+    """A training job: queued until a worker claims it, then running under that worker's heartbeats."""
+
+    __tablename__ = "training_job"
+    __table_args__ = (Index("ix_training_job_status_created", "status", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=16)
+    model: str = Field(max_length=128)
+    task: str = Field(sa_type=Text, description="the task file (YAML)")
+    base_dir: str | None = Field(default=None, max_length=4096)
+    data_id: str | None = Field(default=None, foreign_key="training_data.id", max_length=64)
+    dry_run: bool = False
+    actor: str = Field(default="", max_length=128)
+    resource: str = Field(default="cpu", max_length=8, description="cpu | cuda")
+    status: str = Field(default="queued", max_length=16)
+    note: str = Field(default="", max_length=1024, description="why a queued job waits")
+    worker: str | None = Field(default=None, max_length=128)
+    attempts: int = 0
+    losses: int = 0
+    cancel_requested: bool = False
+    study_name: str | None = Field(default=None, max_length=128, description="a search other workers may join")
+    helpers: int = 0
+    progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    log: list[str] = Field(default_factory=list, sa_type=JSON)
+    result: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    error: str | None = Field(default=None, sa_type=Text)
+    version: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import ExitStack
+from multiprocessing.process import BaseProcess
 
 import uvicorn
 from sqlmodel import col, select
@@ -25,13 +26,18 @@ __all__ = ["serve"]
 logger = logging.getLogger(__name__)
 
 
-def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") -> None:
-    """Serve until SIGINT or SIGTERM."""
+def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", workers: int = 1) -> None:
+    """Serve until SIGINT or SIGTERM, with `workers` embedded training worker processes."""
     engine = create_engine_for(settings)
     migrate(engine)
     sessions = session_factory(engine)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
+        if workers > 0:
+            from hub.training.worker import start_embedded_workers
+
+            processes = start_embedded_workers(settings, workers)
+            stack.callback(_stop_workers, processes)
         admin = messaging = None
         if mqtt:
             if settings.mqtt_url is None:
@@ -64,6 +70,18 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") 
             uvicorn.Server(config).run()
         except (SystemExit, KeyboardInterrupt):
             logger.info("stopping")
+
+
+def _stop_workers(processes: list[BaseProcess]) -> None:
+    """Stop the embedded workers: a running job goes back to the queue for the next start."""
+    for process in processes:
+        process.terminate()  # SIGTERM: the worker re-queues its job and exits
+    for process in processes:
+        process.join(timeout=60)
+        if process.is_alive():
+            logger.warning("training worker %s did not stop; killing it", process.name)
+            process.kill()
+            process.join(timeout=10)
 
 
 def _raise_exit(_signum: int, _frame: object) -> None:

@@ -49,8 +49,11 @@ def serve(
     mqtt_public_host: Annotated[str | None, typer.Option(help="the MQTT host agents are told")] = None,
     mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt", help="--no-mqtt: HTTP API only, no broker")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=0, max=64, help="training worker processes to run beside the API; 0: none")
+    ] = 1,
 ) -> None:
-    """Serve the hub: embedded (or external) MQTT broker, MQTT ingest, and the REST API."""
+    """Serve the hub: embedded (or external) MQTT broker, MQTT ingest, the REST API, a training worker."""
     from hub.serve import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,7 +68,23 @@ def serve(
         mqtt_port=mqtt_port,
         mqtt_public_host=mqtt_public_host,
     )
-    run(settings, mqtt=mqtt, log_level=log_level.lower())
+    run(settings, mqtt=mqtt, log_level=log_level.lower(), workers=workers)
+
+
+@app.command()
+def worker(
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    name: Annotated[str | None, typer.Option(help="this worker's name in jobs [default host-pid-random]")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run training jobs from the hub database until SIGTERM (cuda jobs only where torch sees a GPU)."""
+    from hub.training.worker import run_worker
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "hub.build", "hub.registry"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    run_worker(load_settings(data_dir, database_url=database_url), name=name, preload=True)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,8 +27,18 @@ def train(
         typer.Option("--database-url", help="SQLAlchemy URL [env AUTODL_HUB_DATABASE_URL]", show_default=False),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    remote: Annotated[
+        str | None,
+        typer.Option("--remote", help="a hub URL: queue the job there (its workers train) and follow it"),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="AUTODL_HUB_API_KEY", help="an operator key for --remote")
+    ] = None,
 ) -> None:
-    """Train a task file, build it for its targets, and register the version."""
+    """Train a task file, build it for its targets, and register the version (here, or on a hub's workers)."""
+    if remote is not None:
+        _train_remote(task, remote, api_key, dry_run=dry_run, as_json=as_json)
+        return
     from hub.cli.admin import load_settings
     from hub.errors import HubError
     from hub.training.errors import TrainingError
@@ -60,6 +70,79 @@ def train(
         typer.echo(json.dumps(summary.to_dict()))
         return
     _print_summary(summary.to_dict())
+
+
+def _train_remote(task: Path, url: str, api_key: str | None, *, dry_run: bool, as_json: bool) -> None:
+    import httpx
+
+    from hub.cli.remote import RemoteError, cancel, follow, submit
+
+    if not api_key:
+        typer.echo("error: --remote needs --api-key (or AUTODL_HUB_API_KEY): an operator key of that hub", err=True)
+        raise typer.Exit(1)
+    if not task.is_file():
+        typer.echo(f"error: {task}: no such task file", err=True)
+        raise typer.Exit(1)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60) as client:
+        job: dict[str, object] = {}
+        try:
+            job = submit(client, task, dry_run=dry_run)
+            typer.echo(f"job {job['id']} queued on {url}", err=True)
+            job = _follow(client, str(job["id"]), follow, quiet=as_json)
+        except RemoteError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        except KeyboardInterrupt as exc:
+            if job.get("id"):
+                cancel(client, str(job["id"]))
+                typer.echo(f"error: interrupted; job {job['id']} cancelled", err=True)
+            raise typer.Exit(130) from exc
+    if job["status"] != "succeeded":
+        typer.echo(f"error: job {job['id']} {job['status']}: {job['error']}", err=True)
+        raise typer.Exit(1)
+    summary = job["result"]
+    assert isinstance(summary, dict)
+    if as_json:
+        typer.echo(json.dumps({**summary, "job": job["id"]}))
+        return
+    _print_summary(summary)
+
+
+def _follow(client: object, job_id: str, follow: Any, *, quiet: bool) -> dict[str, object]:
+    """Follow the job with a progress bar on a terminal, plain log lines otherwise."""
+    if quiet or not sys.stderr.isatty():
+
+        def show(job: dict[str, Any], lines: list[str]) -> None:
+            for line in [] if quiet else lines:
+                typer.echo(line, err=True)
+
+        result: dict[str, object] = follow(client, job_id, on_update=show)
+        return result
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bars:
+        bar = bars.add_task(f"job {job_id}: queued", total=1.0)
+
+        def update(job: dict[str, Any], lines: list[str]) -> None:
+            for line in lines:
+                bars.console.print(line)
+            progress = job.get("progress") or {}
+            what = job["status"] if job["status"] != "running" else progress.get("phase", "running")
+            note = f" ({job['note']})" if job["status"] == "queued" and job.get("note") else ""
+            bars.update(
+                bar, completed=float(progress.get("fraction") or 0.0), description=f"job {job_id}: {what}{note}"
+            )
+
+        result = follow(client, job_id, on_update=update)
+        return result
 
 
 def _build_error() -> type[Exception]:

@@ -30,7 +30,14 @@ if TYPE_CHECKING:
     from hub.config import HubSettings
     from hub.training.lm_runner import TrainedLM
 
-__all__ = ["TrainSummary", "build_request", "next_version", "run_training", "text_generation_request"]
+__all__ = [
+    "TrainSummary",
+    "build_request",
+    "next_version",
+    "run_training",
+    "shared_search",
+    "text_generation_request",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +153,14 @@ def run_training(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     actor: str = "training",
+    study_name: str | None = None,
 ) -> TrainSummary:
-    """Run a task file (a path, or YAML text with `base_dir`): train, build, publish."""
+    """Run a task file (a path, or YAML text with `base_dir`): train, build, publish.
+
+    `study_name` (a worker's job) keeps a search of several trials in the hub database
+    under that name, unless the task names its own storage: other workers can join it,
+    and a re-queued job resumes it.
+    """
     if isinstance(task, Path):
         spec = load_spec(task)
         base_dir = base_dir or task.parent
@@ -158,6 +171,7 @@ def run_training(
         return _run_text_generation(
             spec, base_dir, settings, dry_run=dry_run, progress=progress, cancel=cancel, actor=actor
         )
+    spec = shared_search(spec, study_name)
     if dry_run:
         plan = check_task(spec, base_dir)
         return TrainSummary(
@@ -172,6 +186,17 @@ def run_training(
     storage = resolve_storage(spec.search.storage, settings.database_url)
     trained = train_task(spec, base_dir, storage=storage, cancel=cancel, progress=progress)
     return _build_and_publish(spec, trained, settings, progress=progress, cancel=cancel, actor=actor)
+
+
+def shared_search(spec: TaskSpec, study_name: str | None) -> TaskSpec:
+    """Return `spec` with its search in the hub database under `study_name`, when it can be shared."""
+    # Text generation has its own search (search.run_lm_search); workers do not join it yet.
+    if study_name is None or spec.search.trials < 2 or spec.search.storage is not None:
+        return spec
+    if spec.task == "text-generation":
+        return spec
+    search = spec.search.model_copy(update={"storage": "hub", "study_name": study_name})
+    return spec.model_copy(update={"search": search})
 
 
 def _build_and_publish(

@@ -1,185 +1,384 @@
-"""Background training jobs for ``POST /jobs``: a queue, a worker thread, status, log, result.
+"""Training jobs as database rows: submit, list, cancel, and the workers' side of the queue.
 
-Jobs live in the hub process's memory: the model version a job registers is in the
-registry for good, but the job's own record (status, log) is gone after a restart. One
-job trains at a time; the others wait queued, since two trainings on the same cores
-would only slow each other down.
+A job is ``queued`` until a worker claims it (``running``), then ends ``succeeded``,
+``failed`` or ``cancelled``. Every change a worker makes is a compare-and-set on
+(id, worker, status), so a worker that lost its job (it stopped heartbeating and the job
+was handed to another) can never overwrite the new owner's row. Claims are exclusive:
+on PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so workers
+skip each other's picks; on SQLite the database's single writer serialises the claims.
+
+A running job whose heartbeat is older than ``job_lost_after_s`` lost its worker: the
+first time it goes back to the queue with the reason in its log, the second time it fails.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from hub.training.errors import SpecError, TrainingCancelled, TrainingError
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from hub.errors import InvalidInputError
+from hub.models import TrainingData, TrainingJob, utcnow
 from hub.training.spec import parse_spec
 
 if TYPE_CHECKING:
     from hub.config import HubSettings
 
-__all__ = ["Job", "JobManager", "JobStatus"]
+__all__ = [
+    "FINISHED",
+    "MAX_HELPERS",
+    "JobStatus",
+    "append_log",
+    "claim",
+    "finish",
+    "get_job",
+    "has_queued",
+    "heartbeat",
+    "join_search",
+    "leave_search",
+    "list_jobs",
+    "note_waiting",
+    "open_search",
+    "reap_lost",
+    "release",
+    "request_cancel",
+    "snapshot",
+    "submit",
+]
 
 logger = logging.getLogger(__name__)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-MAX_LOG_LINES = 2000
-MAX_JOBS = 200
+FINISHED: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+MAX_LINE = 2000  # characters of one log line
+MAX_HELPERS = 8  # workers that may join one job's search besides its owner
+NO_GPU_NOTE = "waiting for a worker where torch sees a GPU (resource.require_gpu); none has claimed it yet"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def append_log(log: Sequence[str], lines: Sequence[str], limit: int) -> list[str]:
+    """Return `log` with `lines` added, each cut to MAX_LINE characters, keeping the last `limit`."""
+    out = [*log, *(line if len(line) <= MAX_LINE else line[: MAX_LINE - 1] + "…" for line in lines)]
+    return out[-limit:]
 
 
-@dataclass
-class Job:
-    """One training job; its fields change as it runs (guarded by the manager's lock)."""
-
-    id: str
-    task: str
-    base_dir: Path
-    dry_run: bool
-    actor: str
-    model: str
-    status: JobStatus = "queued"
-    created_at: datetime = field(default_factory=_now)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    log: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def snapshot(self) -> dict[str, Any]:
-        """Return the job as JSON-able data."""
-        return {
-            "id": self.id,
-            "model": self.model,
-            "status": self.status,
-            "dry_run": self.dry_run,
-            "actor": self.actor,
-            "created_at": self.created_at.isoformat(),
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "log": list(self.log),
-            "result": self.result,
-            "error": self.error,
-        }
+def snapshot(job: TrainingJob) -> dict[str, Any]:
+    """Return the job as JSON-able data (the API's JobPublic)."""
+    return {
+        "id": job.id,
+        "model": job.model,
+        "status": job.status,
+        "dry_run": job.dry_run,
+        "actor": job.actor,
+        "resource": job.resource,
+        "note": job.note,
+        "worker": job.worker,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "heartbeat_at": job.heartbeat_at,
+        "finished_at": job.finished_at,
+        "progress": job.progress,
+        "log": list(job.log),
+        "result": job.result,
+        "error": job.error,
+        "version": job.version,
+    }
 
 
-class JobManager:
-    """Accepts task files, runs them one at a time on a worker thread, keeps their records."""
+def submit(
+    session: Session,
+    settings: HubSettings,
+    task: str,
+    *,
+    base_dir: Path | None = None,
+    data_id: str | None = None,
+    dry_run: bool = False,
+    actor: str = "api",
+) -> TrainingJob:
+    """Check the task file now (SpecError names the field and line) and queue the job."""
+    if data_id is not None and session.get(TrainingData, data_id) is None:
+        raise InvalidInputError(f"data: no uploaded archive {data_id}")
+    # With an archive, relative paths are checked against it by the worker that unpacks it.
+    base = base_dir or settings.data_dir / "datasets"
+    spec = parse_spec(task, source="task", base_dir=base)
+    resource = "cuda" if spec.resource.require_gpu else "cpu"
+    job = TrainingJob(
+        id=uuid.uuid4().hex[:16],
+        model=spec.publish.model,
+        task=task,
+        base_dir=str(base_dir) if base_dir is not None else None,
+        data_id=data_id,
+        dry_run=dry_run,
+        actor=actor,
+        resource=resource,
+        log=[f"queued: {spec.task} -> model {spec.publish.model} ({resource})"],
+    )
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job
 
-    def __init__(self, settings: HubSettings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._queue: deque[Job] = deque()
-        self._wake = threading.Condition(self._lock)
-        self._worker: threading.Thread | None = None
-        self._closed = False
 
-    def submit(self, task: str, *, base_dir: Path | None = None, dry_run: bool = False, actor: str = "api") -> Job:
-        """Check the task file now (SpecError names the field) and queue the job."""
-        base = base_dir or self._settings.data_dir / "datasets"
-        spec = parse_spec(task, source="task", base_dir=base)
-        job = Job(
-            id=uuid.uuid4().hex[:16], task=task, base_dir=base, dry_run=dry_run, actor=actor, model=spec.publish.model
+def get_job(session: Session, job_id: str) -> TrainingJob | None:
+    """Return the job, or None."""
+    return session.get(TrainingJob, job_id)
+
+
+def list_jobs(session: Session, limit: int = 200) -> list[TrainingJob]:
+    """Return the newest jobs first."""
+    stmt = select(TrainingJob).order_by(col(TrainingJob.created_at).desc(), col(TrainingJob.id)).limit(limit)
+    return list(session.exec(stmt).all())
+
+
+def request_cancel(session: Session, settings: HubSettings, job_id: str) -> TrainingJob | None:
+    """Cancel a job: a queued one never starts; a running one's worker stops it at its next heartbeat."""
+    job = session.get(TrainingJob, job_id)
+    if job is None:
+        return None
+    if job.status == "queued":
+        now = utcnow()
+        done = _cas(
+            session,
+            job_id,
+            {"status": "queued"},
+            status="cancelled",
+            cancel_requested=True,
+            finished_at=now,
+            log=append_log(job.log, ["cancelled before it started"], settings.job_log_lines),
         )
-        with self._lock:
-            if self._closed:
-                raise TrainingError("the job manager is shut down")
-            self._forget_old()
-            self._jobs[job.id] = job
-            self._queue.append(job)
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._run, name="training-jobs", daemon=True)
-                self._worker.start()
-            self._wake.notify()
-        job.log.append(f"queued: {spec.task} -> model {spec.publish.model}")
-        return job
+        if not done:  # a worker claimed it meanwhile: ask that worker
+            _cas(session, job_id, {"status": "running"}, cancel_requested=True)
+    elif job.status == "running":
+        _cas(session, job_id, {"status": "running"}, cancel_requested=True)
+    session.expire_all()
+    return session.get(TrainingJob, job_id)
 
-    def get(self, job_id: str) -> Job | None:
-        """Return the job, or None."""
-        with self._lock:
-            return self._jobs.get(job_id)
 
-    def list(self) -> list[Job]:
-        """Return every job, newest first."""
-        with self._lock:
-            return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+def has_queued(session: Session) -> bool:
+    """Return True when any job waits in the queue."""
+    found = session.exec(select(TrainingJob.id).where(col(TrainingJob.status) == "queued").limit(1)).first()
+    session.rollback()
+    return found is not None
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Ask a job to stop: a queued one never starts, a running one stops at the next batch."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return None
-            job.cancel.set()
-            if job.status == "queued":
-                self._queue.remove(job)
-                job.status, job.finished_at = "cancelled", _now()
-                job.log.append("cancelled before it started")
-            return job
 
-    def close(self) -> None:
-        """Cancel everything and stop the worker."""
-        with self._lock:
-            self._closed = True
-            for job in self._jobs.values():
-                job.cancel.set()
-            self._wake.notify_all()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+def claim(session: Session, worker: str, *, gpu: bool, limit: int) -> TrainingJob | None:
+    """Take the oldest queued job this worker can run (``cuda`` ones only with a GPU), or None."""
+    allowed = ["cpu", "cuda"] if gpu else ["cpu"]
+    stmt = (
+        select(TrainingJob)
+        .where(col(TrainingJob.status) == "queued", col(TrainingJob.resource).in_(allowed))
+        .order_by(col(TrainingJob.created_at), col(TrainingJob.id))
+        .limit(1)
+        .with_for_update(skip_locked=True)  # PostgreSQL: skip rows another worker is claiming
+    )
+    for _ in range(3):
+        job = session.exec(stmt).first()
+        if job is None:
+            session.rollback()
+            return None
+        if session.get_bind().dialect.name == "sqlite":
+            # End the read transaction, so the update below starts on the newest snapshot.
+            session.rollback()
+        now = utcnow()
+        taken = _cas(
+            session,
+            job.id,
+            {"status": "queued"},
+            status="running",
+            worker=worker,
+            note="",
+            attempts=job.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            progress={},
+            log=append_log(job.log, [f"claimed by worker {worker} (attempt {job.attempts + 1})"], limit),
+        )
+        if taken:
+            session.expire_all()
+            return session.get(TrainingJob, job.id)
+    return None
 
-    def _forget_old(self) -> None:
-        finished = [j for j in self._jobs.values() if j.status in ("succeeded", "failed", "cancelled")]
-        for job in sorted(finished, key=lambda j: j.created_at)[: max(0, len(self._jobs) - MAX_JOBS + 1)]:
-            del self._jobs[job.id]
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    return
-                job = self._queue.popleft()
-                job.status, job.started_at = "running", _now()
-            self._execute(job)
+def note_waiting(session: Session, worker: str, *, gpu: bool) -> None:
+    """Say in queued ``cuda`` jobs why they wait, when this worker cannot run them."""
+    if gpu:
+        return
+    stmt = (
+        update(TrainingJob)
+        .where(
+            col(TrainingJob.status) == "queued",
+            col(TrainingJob.resource) == "cuda",
+            col(TrainingJob.note) != NO_GPU_NOTE,
+        )
+        .values(note=NO_GPU_NOTE)
+    )
+    session.execute(stmt)
+    session.commit()
 
-    def _execute(self, job: Job) -> None:
-        from hub.training.job import run_training
-        from hub.training.progress import LogProgress
 
-        status: JobStatus = "failed"
-        try:
-            summary = run_training(
-                job.task,
-                self._settings,
-                base_dir=job.base_dir,
-                dry_run=job.dry_run,
-                progress=LogProgress(sink=job.log.append),
-                cancel=job.cancel,
-                actor=job.actor,
+def heartbeat(
+    session: Session, job_id: str, worker: str, *, progress: dict[str, Any], lines: Sequence[str], limit: int
+) -> bool | None:
+    """Record that `worker` still runs the job, add log `lines`; return whether cancel was asked.
+
+    None means the job is no longer this worker's (it was re-queued or finished meanwhile).
+    """
+    owned = {"status": "running", "worker": worker}
+    if not _cas(session, job_id, owned, commit=False, heartbeat_at=utcnow(), progress=progress):
+        session.rollback()
+        return None
+    cancel = _append(session, job_id, lines, limit)
+    session.commit()
+    return cancel
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    worker: str,
+    *,
+    status: JobStatus,
+    lines: Sequence[str],
+    limit: int,
+    progress: dict[str, Any],
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> bool:
+    """Mark the job ended, add log `lines`; False when it is no longer this worker's."""
+    version = None if result is None else result.get("version")
+    owned = {"status": "running", "worker": worker}
+    values = {"result": result, "error": error, "version": version, "progress": progress, "study_name": None}
+    if not _cas(session, job_id, owned, commit=False, status=status, finished_at=utcnow(), **values):
+        session.rollback()
+        return False
+    _append(session, job_id, lines, limit)
+    session.commit()
+    return True
+
+
+def release(session: Session, job_id: str, worker: str, *, reason: str, lines: Sequence[str], limit: int) -> bool:
+    """Put a job back in the queue because its worker stops (not counted as a loss)."""
+    owned = {"status": "running", "worker": worker}
+    values: dict[str, Any] = {"worker": None, "heartbeat_at": None, "study_name": None}
+    if not _cas(session, job_id, owned, commit=False, status="queued", **values):
+        session.rollback()
+        return False
+    _append(session, job_id, [*lines, f"re-queued: {reason}"], limit)
+    session.commit()
+    return True
+
+
+def reap_lost(session: Session, settings: HubSettings, *, now: datetime | None = None) -> list[str]:
+    """Re-queue (the first time) or fail (the second) running jobs whose worker went silent."""
+    cutoff = (now or utcnow()) - timedelta(seconds=settings.job_lost_after_s)
+    stale = session.exec(
+        select(TrainingJob).where(col(TrainingJob.status) == "running", col(TrainingJob.heartbeat_at) < cutoff)
+    ).all()
+    session.rollback()
+    handled: list[str] = []
+    for job in stale:
+        silent = (now or utcnow()) - (job.heartbeat_at or job.created_at)
+        reason = f"worker {job.worker} stopped heartbeating (silent for {silent.total_seconds():.0f} s)"
+        expect = {"status": "running", "worker": job.worker, "heartbeat_at": job.heartbeat_at}
+        if job.losses == 0:
+            done = _cas(
+                session,
+                job.id,
+                expect,
+                status="queued",
+                worker=None,
+                losses=1,
+                heartbeat_at=None,
+                study_name=None,
+                log=append_log(job.log, [f"{reason}; re-queued"], settings.job_log_lines),
             )
-            job.result = summary.to_dict()
-            status = "succeeded"
-        except TrainingCancelled:
-            job.error = "cancelled"
-            status = "cancelled"
-        except (TrainingError, SpecError) as exc:
-            job.error = str(exc)
-        except Exception as exc:  # a job's failure is reported in the job, never kills the worker
-            logger.exception("training job %s failed", job.id)
-            job.error = f"{type(exc).__name__}: {exc}"
-        if job.cancel.is_set() and status == "failed":
-            status, job.error = "cancelled", "cancelled"
-        with self._lock:
-            job.status, job.finished_at = status, _now()
-        job.log.append(f"{status}" + (f": {job.error}" if job.error else ""))
+        else:
+            error = f"{reason}, the second time this job lost its worker; failed"
+            done = _cas(
+                session,
+                job.id,
+                expect,
+                status="failed",
+                losses=job.losses + 1,
+                error=error,
+                finished_at=utcnow(),
+                study_name=None,
+                log=append_log(job.log, [error], settings.job_log_lines),
+            )
+        if done:
+            logger.warning("job %s: %s", job.id, reason)
+            handled.append(job.id)
+    return handled
+
+
+def open_search(session: Session, job_id: str, worker: str, study_name: str | None) -> bool:
+    """Let other workers join (a study name) or no longer join (None) the job's search."""
+    return _cas(session, job_id, {"status": "running", "worker": worker}, study_name=study_name)
+
+
+def join_search(session: Session, worker: str) -> TrainingJob | None:
+    """Join the search of a running job that another worker owns; None when none is open."""
+    stmt = (
+        select(TrainingJob)
+        .where(
+            col(TrainingJob.status) == "running",
+            col(TrainingJob.study_name).is_not(None),
+            col(TrainingJob.worker) != worker,
+            col(TrainingJob.helpers) < MAX_HELPERS,
+        )
+        .order_by(col(TrainingJob.helpers), col(TrainingJob.created_at))
+        .limit(1)
+    )
+    job = session.exec(stmt).first()
+    session.rollback()
+    if job is None:
+        return None
+    if not _cas(session, job.id, {"status": "running", "helpers": job.helpers}, helpers=job.helpers + 1):
+        return None
+    session.expire_all()
+    return session.get(TrainingJob, job.id)
+
+
+def leave_search(session: Session, job_id: str, lines: Sequence[str], limit: int) -> None:
+    """Say in the job's log what a helper did, and free its helper slot."""
+    stmt = update(TrainingJob).where(col(TrainingJob.id) == job_id).values(helpers=TrainingJob.helpers - 1)
+    session.execute(stmt)
+    _append(session, job_id, lines, limit)
+    session.commit()
+
+
+def _append(session: Session, job_id: str, lines: Sequence[str], limit: int) -> bool:
+    """Add `lines` to the job's log inside the caller's transaction; return its cancel flag.
+
+    The caller has already written the row in this transaction, so it holds the row's lock
+    (PostgreSQL) or the database's write lock (SQLite): nobody else's lines get lost.
+    """
+    row = session.execute(
+        select(TrainingJob.log, TrainingJob.cancel_requested).where(col(TrainingJob.id) == job_id)
+    ).first()
+    if row is None:
+        return False
+    log, cancel = row
+    if lines:
+        session.execute(
+            update(TrainingJob).where(col(TrainingJob.id) == job_id).values(log=append_log(log, lines, limit))
+        )
+    return bool(cancel)
+
+
+def _cas(session: Session, job_id: str, expect: dict[str, Any], *, commit: bool = True, **values: Any) -> bool:
+    """Update the job only if its columns still hold `expect`; return whether it did."""
+    conditions = [col(TrainingJob.id) == job_id]
+    for name, value in expect.items():
+        column = getattr(TrainingJob, name)
+        conditions.append(col(column).is_(None) if value is None else col(column) == value)
+    result = session.execute(update(TrainingJob).where(*conditions).values(**values))
+    if commit:
+        session.commit()
+    return bool(getattr(result, "rowcount", 0) == 1)

@@ -30,7 +30,7 @@ from hub.training.zoo import build_model, featurize, input_names, output_name, t
 from shared import tracing
 from shared.manifest import ImagePreprocessing, Postprocessing, Preprocessing, TextPreprocessing
 
-__all__ = ["Plan", "TrainedModel", "check_task", "study_name_for", "train_task"]
+__all__ = ["Plan", "TrainedModel", "check_task", "join_search", "study_name_for", "train_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,31 @@ def check_task(spec: TaskSpec, base_dir: Path) -> Plan:
     dataset, train_rows, test_rows = _prepare(spec, base_dir)
     device = "cuda" if spec.resource.use_gpu and torch.cuda.is_available() else "cpu"
     return Plan(spec, dataset.report, dataset.data_hash, len(train_rows), len(test_rows), dataset.labels, device)
+
+
+def join_search(
+    spec: TaskSpec,
+    base_dir: Path,
+    *,
+    storage: str,
+    sampler_seed: int,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Run trials of another worker's search (same data, split and study); train nothing else."""
+    dataset, train_rows, _ = _prepare(spec, base_dir)
+    device = choose_device(spec.resource.use_gpu)
+    return run_search(
+        spec,
+        dataset.subset(train_rows),
+        base_dir,
+        device=device,
+        storage=storage,
+        study_name=study_name_for(spec, dataset.data_hash),
+        cancel=cancel,
+        progress=progress,
+        sampler_seed=sampler_seed,
+    )
 
 
 @tracing.traced("hub.training.train")

@@ -150,8 +150,13 @@ def run_search(
     study_name: str,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
+    sampler_seed: int | None = None,
 ) -> SearchResult:
-    """Search candidates and hyperparameters with k-fold CV on `train`; return the best."""
+    """Search candidates and hyperparameters with k-fold CV on `train`; return the best.
+
+    Workers sharing a study pass different `sampler_seed`s, so they do not all try the
+    same random configurations; the folds stay those of the task's seed.
+    """
     import optuna
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -159,8 +164,9 @@ def run_search(
     search = spec.search
     candidates = spec.model.candidates if spec.model.auto_select else spec.model.candidates[:1]
     seed = spec.training.seed
+    draw = seed if sampler_seed is None else sampler_seed
     sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.TPESampler(seed=seed) if search.strategy == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+        optuna.samplers.TPESampler(seed=draw) if search.strategy == "tpe" else optuna.samplers.RandomSampler(seed=draw)
     )
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)

@@ -154,6 +154,7 @@ class ResourceSpec(_Strict):
     """What the training may use."""
 
     use_gpu: bool = False
+    require_gpu: bool = Field(default=False, description="run only on a worker where torch sees a GPU (cuda)")
     max_memory_mb: int | None = Field(default=None, ge=64)
     threads: int | None = Field(default=None, ge=1, le=1024)
 

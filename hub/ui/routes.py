@@ -1,4 +1,4 @@
-"""The dashboard's pages and forms under /ui: fleet, devices, models, rollouts, sign-in.
+"""The dashboard's pages and forms under /ui: fleet, devices, models, training jobs, rollouts, sign-in.
 
 Handlers stay thin: reads go through the domain modules' queries (`hub.fleet.devices`,
 `hub.fleet.commands`, `hub.registry`, `hub.rollouts.queries`, `hub.fleet.telemetry`) and every
@@ -181,6 +181,15 @@ def model_page(request: Request, name: ModelNamePath, session: SessionDep, user:
         "versions": views.model_versions(session, model),
     }
     return render(request, "model.html", context)
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep, user: UiCaller) -> HTMLResponse:
+    """List training jobs: queued (and why), running with progress, finished with their version."""
+    from hub.training import jobs
+
+    rows = [jobs.snapshot(job) for job in jobs.list_jobs(session, limit=200)]
+    return render(request, "jobs.html", {"user": user, "jobs": rows})
 
 
 @router.get("/rollouts", response_class=HTMLResponse)

@@ -223,3 +223,27 @@ def test_gpu_agents_get_a_gpu_and_the_cuda_image(render: Render) -> None:
     assert agent["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert agent["image"].endswith("-cuda")
     assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_workers_share_the_hubs_database_and_volume(render: Render, overlay: str) -> None:
+    docs = render(K3S / "overlays" / overlay)
+    hub, worker = _pod(_find(docs, "Deployment", "autodl-hub")), _pod(_find(docs, "Deployment", "autodl-worker"))
+    assert hub["containers"][0]["args"] == ["serve", "--workers", "0"]  # the API pods do not train
+    assert worker["containers"][0]["args"] == ["worker"]
+    assert worker["containers"][0]["image"].split(":")[0] == hub["containers"][0]["image"].split(":")[0]
+    claim = {v["persistentVolumeClaim"]["claimName"] for v in worker["volumes"] if "persistentVolumeClaim" in v}
+    assert claim == {"autodl-hub-data"}
+    hub_env = {e["name"]: e for e in hub["containers"][0].get("env", [])}
+    worker_env = {e["name"]: e for e in worker["containers"][0].get("env", [])}
+    if "AUTODL_HUB_DATABASE_URL" in hub_env:
+        assert worker_env["AUTODL_HUB_DATABASE_URL"] == hub_env["AUTODL_HUB_DATABASE_URL"]
+
+
+def test_gpu_workers_get_a_gpu_and_the_cuda_image(render: Render) -> None:
+    docs = render(K3S / "overlays" / "gpu")
+    pod = _pod(_find(docs, "Deployment", "autodl-worker"))
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["containers"][0]["image"] == "autodl-hub:0.1.0-cuda"
+    assert _pod(_find(docs, "Deployment", "autodl-hub"))["containers"][0]["image"] == "autodl-hub:0.1.0"

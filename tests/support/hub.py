@@ -10,7 +10,8 @@
 ``AUTODL_HUB_MQTT_PASSWORD`` in `env`) uses an external broker instead; `env` adds AUTODL_HUB_*
 settings (for example ``{"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}``). `publish(release)` puts a
 signed version straight into its registry (before or while it runs); `kill()` is a crash and
-`start()` a restart on the same ports and data.
+`start()` a restart on the same ports and data. `workers=0` runs no embedded training worker;
+`WorkerProcess(hub, "w1")` is an ``autodl-hub worker`` on the hub's database and data dir.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from hub.registry import publish_version
 from tests.support.models import Release, write_files
 from tests.support.processes import free_port, stop_process, wait_http_ready
 
-__all__ = ["HUB_CLI", "HubProcess"]
+__all__ = ["HUB_CLI", "HubProcess", "WorkerProcess"]
 
 # The installed console script, as a user runs it; the module form where it is not installed.
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")
@@ -58,7 +59,9 @@ class HubProcess:
         env: dict[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
+        workers: int | None = None,
     ) -> None:
+        self.workers = workers
         self.data_dir = data_dir
         self.port = free_port()
         self.mqtt_port = free_port()
@@ -88,9 +91,9 @@ class HubProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def run_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run_cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``autodl-hub ARGS`` against this hub's data dir and environment."""
-        result = subprocess.run([*HUB_CLI, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*HUB_CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(f"autodl-hub {' '.join(args)} failed: {result.stderr or result.stdout}")
         return result
@@ -129,6 +132,7 @@ class HubProcess:
         if not self.admin_key:
             self.init()
         args = ["serve", "--log-level", self.log_level] + ([] if self.mqtt else ["--no-mqtt"])
+        args += [] if self.workers is None else ["--workers", str(self.workers)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([*HUB_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
@@ -213,6 +217,45 @@ class HubProcess:
     def __enter__(self) -> HubProcess:
         self.start()
         return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """An ``autodl-hub worker`` process on a hub's database and data dir, named `name`."""
+
+    def __init__(self, hub: HubProcess, name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.env = {**hub.env, **(env or {})}
+        self.log_path = hub.data_dir.parent / f"worker-{name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        """Start the worker (it connects and polls on its own)."""
+        args = ["worker", "--name", self.name, "--log-level", "info"]
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen([*HUB_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Stop the worker (SIGTERM: it re-queues a running job; SIGKILL: it just dies)."""
+        proc, self._proc = self._proc, None
+        return None if proc is None else stop_process(proc, timeout, sig)
+
+    @property
+    def running(self) -> bool:
+        """Return True while the worker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, limit: int = 4000) -> str:
+        """Return the end of the worker's log."""
+        return self.log_path.read_text(errors="replace")[-limit:] if self.log_path.exists() else ""
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -1,15 +1,33 @@
-"""POST /jobs: a background training job with status, log and result, through the real app."""
+"""POST /jobs: a training job with status, log and result, through the real app and a worker thread.
+
+The worker runs in this process here (to keep these quick); tests/hub/training/test_workers.py
+runs it as separate processes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hub.training.worker import Worker
 from tests.support.hub_app import Hub
 from tests.support.waiting import wait_for
+
+
+@pytest.fixture
+def worker(sqlite_hub: Hub) -> Iterator[Worker]:
+    """A training worker on the hub's database, in a thread of this process."""
+    settings = sqlite_hub.settings.model_copy(update={"job_heartbeat_s": 0.5, "job_poll_s": 0.2})
+    running = Worker(settings, name="in-process", gpu=False)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    yield running
+    running.stop.set()
+    thread.join(timeout=60)
 
 
 def _wait(hub: Hub, job_id: str, states: set[str], timeout: float = 280.0) -> dict[str, Any]:
@@ -40,7 +58,7 @@ def test_viewer_cannot_start_a_job(sqlite_hub: Hub, small_task: Callable[..., Pa
 
 
 @pytest.mark.slow
-def test_job_trains_builds_and_registers(sqlite_hub: Hub, small_task: Callable[..., Path]) -> None:
+def test_job_trains_builds_and_registers(sqlite_hub: Hub, worker: Worker, small_task: Callable[..., Path]) -> None:
     task = small_task(
         "churn", search={"trials": 1, "cv_folds": 2}, training={"epochs": 6}, build={"targets": ["cpu-fp32"]}
     ).read_text()
@@ -60,7 +78,7 @@ def test_job_trains_builds_and_registers(sqlite_hub: Hub, small_task: Callable[.
     assert [j["id"] for j in listed] == [job["id"]]
 
 
-def test_jobs_can_be_cancelled(sqlite_hub: Hub, small_task: Callable[..., Path]) -> None:
+def test_jobs_can_be_cancelled(sqlite_hub: Hub, worker: Worker, small_task: Callable[..., Path]) -> None:
     long_task = small_task("digits", search={"trials": 50}, training={"epochs": 500, "early_stopping": None})
     first = sqlite_hub.request("POST", "/jobs", json={"task": long_task.read_text()}).json()
     second = sqlite_hub.request("POST", "/jobs", json={"task": long_task.read_text()}).json()
@@ -71,3 +89,15 @@ def test_jobs_can_be_cancelled(sqlite_hub: Hub, small_task: Callable[..., Path])
     sqlite_hub.request("POST", f"/jobs/{first['id']}/cancel")
     job = _wait(sqlite_hub, first["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
     assert job["status"] == "cancelled" and job["result"] is None
+
+
+def test_a_stopping_worker_puts_its_job_back_in_the_queue(
+    sqlite_hub: Hub, worker: Worker, small_task: Callable[..., Path]
+) -> None:
+    long_task = small_task("digits", search={"trials": 50}, training={"epochs": 500, "early_stopping": None})
+    job_id = sqlite_hub.request("POST", "/jobs", json={"task": long_task.read_text()}).json()["id"]
+    assert _wait(sqlite_hub, job_id, {"running"}, timeout=60)["status"] == "running"
+    worker.stop.set()  # as SIGTERM does in `autodl-hub worker` and in serve's embedded worker
+    job = _wait(sqlite_hub, job_id, {"queued", "succeeded", "failed", "cancelled"}, timeout=60)
+    assert job["status"] == "queued" and job["worker"] is None, job["log"][-5:]
+    assert job["log"][-1] == "re-queued: worker in-process stopped"
