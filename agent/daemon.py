@@ -29,9 +29,10 @@ from agent.runtime import LoadedModel, ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
-from agent.telemetry import Telemetry
+from agent.telemetry import Family, Telemetry
 from agent.textgen import Finished
 from agent.updates import IN_PROGRESS, Updater
+from shared import tracing
 from shared.codec import encode
 from shared.manifest import Batching
 from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
@@ -209,7 +210,7 @@ class Agent:
             list(self.errors),
             self.grpc.port if self.grpc is not None else None,
         )
-        with self._publish_lock:
+        with self._publish_lock, tracing.span("agent.report", {"revision": state.revision}):
             self.store.put("reported", state.model_dump_json())
             # Through the outbox; a newer state replaces an unsent older one (the hub keeps the latest).
             self.store.enqueue_message(DeviceChannel.REPORTED.value, encode(state).decode(), retain=True, replace=True)
@@ -297,16 +298,39 @@ class Agent:
     def metrics_text(self) -> str:
         """Return /metrics."""
         stats = self.store.outbox_stats()
-        gauges = {
-            "outbox_telemetry_pending": float(stats.telemetry_pending),
-            "outbox_messages_pending": float(stats.messages_pending),
-            "outbox_bytes": float(stats.bytes),
-            "outbox_dropped_total": float(stats.dropped),
-            "mqtt_connected": float(self.session.connected.is_set()),
-            "watchdog_reloads_total": float(self.watchdog.reloads),
-            **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
-        }
-        return self.telemetry.prometheus(gauges) + sequence_metrics(self.registry)
+        families: list[Family] = [
+            (
+                "outbox_telemetry_pending",
+                "gauge",
+                "Telemetry points waiting in the outbox",
+                [({}, stats.telemetry_pending)],
+            ),
+            (
+                "outbox_messages_pending",
+                "gauge",
+                "State and results waiting in the outbox",
+                [({}, stats.messages_pending)],
+            ),
+            ("outbox_bytes", "gauge", "Size of what waits in the outbox", [({}, stats.bytes)]),
+            ("outbox_dropped_total", "counter", "Telemetry points dropped by the full outbox", [({}, stats.dropped)]),
+            (
+                "mqtt_connected",
+                "gauge",
+                "1 while the MQTT session is up",
+                [({}, float(self.session.connected.is_set()))],
+            ),
+            ("watchdog_reloads_total", "counter", "Models reloaded by the watchdog", [({}, self.watchdog.reloads)]),
+            (
+                "commands_total",
+                "counter",
+                "Commands received, by outcome",
+                [({"outcome": outcome}, n) for outcome, n in sorted(self.commands.counters.items())],
+            ),
+        ]
+        if tracing.enabled():
+            spans = [({"outcome": outcome}, float(n)) for outcome, n in sorted(tracing.stats().items())]
+            families.append(("tracing_spans_total", "counter", "Trace spans by export outcome", spans))
+        return self.telemetry.prometheus(families) + sequence_metrics(self.registry)
 
     def diagnostics(self) -> dict[str, Any]:
         """Return what the `diagnostics` command answers."""
@@ -355,6 +379,7 @@ class Agent:
 
     def start(self) -> None:
         """Restore verified models, start the API and the MQTT session."""
+        tracing.configure("autodl-agent", {"service.instance.id": self.identity.device_id})
         self.server.start()
         self.store.put("api_port", str(self.server.port))
         self._start_grpc()

@@ -31,23 +31,23 @@ import errno
 import logging
 import os
 import queue
-import re
 import select
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
+from agent.http_messages import HttpError, Refused, Request, Response, Streaming, encode, parse_head, phrase
+from agent.routing import Router
 from agent.runtime import release_heap
 
 __all__ = ["HttpError", "HttpServer", "Limits", "Request", "Response", "Router", "Streaming"]
 
 logger = logging.getLogger(__name__)
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _RECV = 256 * 1024
 _TRIM_AFTER = 4 * 1024 * 1024
 
@@ -67,114 +67,6 @@ class Limits:
     send_timeout_s: float = 30.0
     linger_s: float = 0.005  # a worker waits this long for the next request on its connection
     max_connections: int = 4096
-
-
-class HttpError(Exception):
-    """An answer other than 200, with the reason counted in /metrics."""
-
-    def __init__(
-        self, status: HTTPStatus, message: str, reason: str = "bad_request", headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-
-
-@dataclass
-class Request:
-    """One parsed request; `params` holds the route's ``{name}`` parts."""
-
-    method: str
-    path: str
-    query: str
-    version: str
-    headers: dict[str, str]
-    body: bytes | bytearray = b""
-    params: dict[str, str] = field(default_factory=dict)
-    sock: socket.socket | None = field(default=None, repr=False)
-
-    def disconnected(self) -> bool:
-        """Return True when the client has closed its side (for long streaming answers)."""
-        if self.sock is None:
-            return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-
-@dataclass
-class Response:
-    """A complete answer."""
-
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass
-class Streaming:
-    """An answer written chunk by chunk (chunked transfer coding) as `chunks` yields them."""
-
-    chunks: Iterator[bytes]
-    status: int = 200
-    content_type: str = "text/event-stream"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-Handler = Callable[[Request], "Response | Streaming"]
-
-
-class Router:
-    """The route table: exact paths by dictionary, patterned ones in order of registration."""
-
-    def __init__(self) -> None:
-        self._exact: dict[tuple[str, str], Handler] = {}
-        self._patterns: list[tuple[str, re.Pattern[str], Handler]] = []
-
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        """Route `method pattern` to `handler`; ``{name}`` matches within one path segment."""
-        if "{" not in pattern:
-            self._exact[(method, pattern)] = handler
-            return
-        regex = "".join(
-            f"(?P<{part[1:-1]}>[^/]+?)" if part.startswith("{") else re.escape(part)
-            for part in re.split(r"(\{[A-Za-z_]+\})", pattern)
-        )
-        self._patterns.append((method, re.compile(f"^{regex}$"), handler))
-
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        """Return the handler and parameters of a request; raise HttpError 404 or 405."""
-        handler = self._exact.get((method, path))
-        if handler is not None:
-            return handler, {}
-        allowed = {m for (m, p) in self._exact if p == path}
-        for route_method, regex, handler in self._patterns:
-            found = regex.match(path)
-            if found is None:
-                continue
-            if route_method == method:
-                return handler, found.groupdict()
-            allowed.add(route_method)
-        if allowed:
-            raise HttpError(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                f"{method} not allowed on {path}; use {', '.join(sorted(allowed))}",
-                "method_not_allowed",
-                (("Allow", ", ".join(sorted(allowed))),),
-            )
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}", "not_found")
-
-
-class _Refused(Exception):
-    """The connection's bytes are not an acceptable request: answer and close."""
-
-    def __init__(self, error: HttpError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class _Conn:
@@ -379,7 +271,7 @@ class HttpServer:
     def _advance(self, conn: _Conn) -> None:
         try:
             request = self._parse(conn)
-        except _Refused as refused:
+        except Refused as refused:
             self._selector.unregister(conn.sock)
             self._refuse(conn, refused.error)
             return
@@ -426,13 +318,13 @@ class HttpServer:
     def _parse(self, conn: _Conn) -> Request | None:
         """Advance the connection's request with its buffer; return it once complete."""
         if conn.head is None:
-            if conn.state == "idle" and conn.buf:
+            if conn.state in ("idle", "busy") and conn.buf:  # a new request's first bytes: its head's clock starts
                 conn.state = "head"
                 conn.deadline = time.monotonic() + self.limits.header_timeout_s
             end = conn.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(conn.buf) > self.limits.max_header:
-                    raise _Refused(
+                    raise Refused(
                         HttpError(
                             HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                             f"request head over {self.limits.max_header} bytes",
@@ -442,7 +334,7 @@ class HttpServer:
                 return None
             head = bytes(conn.buf[:end])
             del conn.buf[: end + 4]
-            conn.head, conn.need = self._head(head)
+            conn.head, conn.need = parse_head(head, self.limits.max_body)
             conn.head.sock = conn.sock
             if conn.need:
                 self._reserve(conn, conn.need)
@@ -461,58 +353,6 @@ class HttpServer:
         conn.head, conn.body, conn.got, conn.state = None, None, 0, "busy"
         return request
 
-    def _head(self, raw: bytes) -> tuple[Request, int]:
-        lines = raw.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            raise _Refused(
-                HttpError(HTTPStatus.BAD_REQUEST, f"malformed request line {lines[0][:80]!r}", "request_line")
-            )
-        headers: dict[str, str] = {}
-        lengths: set[bytes] = set()
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                raise _Refused(HttpError(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:80]!r}", "header"))
-            key = name.decode("ascii").lower()
-            text = value.strip(b" \t")
-            if key == "content-length":
-                lengths.add(text)
-            headers[key] = text.decode("latin-1")
-        if "transfer-encoding" in headers:
-            raise _Refused(
-                HttpError(
-                    HTTPStatus.LENGTH_REQUIRED,
-                    f"Transfer-Encoding {headers['transfer-encoding']!r} is not accepted; send a Content-Length",
-                    "transfer_encoding",
-                )
-            )
-        need = 0
-        if lengths:
-            value = lengths.pop()
-            if lengths or not value.isdigit() or len(value) > 18:
-                shown = b", ".join([value, *lengths])[:40].decode("latin-1")
-                raise _Refused(
-                    HttpError(
-                        HTTPStatus.BAD_REQUEST,
-                        f"Content-Length {shown!r} is not one non-negative integer",
-                        "content_length",
-                    )
-                )
-            need = int(value)
-            if need > self.limits.max_body:
-                raise _Refused(
-                    HttpError(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"body of {need} bytes is over the limit of {self.limits.max_body}",
-                        "body_too_large",
-                    )
-                )
-        target = parts[1].decode("latin-1")
-        path, _, query = target.partition("?")
-        method = parts[0].decode("ascii")
-        return Request(method, path, query, parts[2].decode("ascii"), headers), need
-
     def _reserve(self, conn: _Conn, size: int) -> None:
         with self._count_lock:
             fits = self._budget_used + size <= self.limits.body_budget
@@ -520,7 +360,7 @@ class HttpServer:
                 self._budget_used += size
                 conn.reserved = size
         if not fits:
-            raise _Refused(
+            raise Refused(
                 HttpError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"body of {size} bytes does not fit the {self.limits.body_budget} bytes of bodies in flight now",
@@ -540,7 +380,7 @@ class HttpServer:
         """Answer `error`, close our side, and discard what the client still sends for a moment."""
         self.on_refused(error.reason)
         logger.debug("%s refused: %s", conn.addr, error)
-        data = self._encode(Response(int(error.status), self.error_body(error), headers=error.headers), False)
+        data = encode(Response(int(error.status), self.error_body(error), headers=error.headers), False)
         try:
             conn.sock.send(data)
             conn.sock.shutdown(socket.SHUT_WR)
@@ -572,18 +412,6 @@ class HttpServer:
         with self._conns_lock:
             if self._conns.get(conn.fd) is conn:
                 del self._conns[conn.fd]
-
-    @staticmethod
-    def _encode(response: Response, keep_alive: bool) -> bytes:
-        head = [
-            f"HTTP/1.1 {response.status} {_phrase(response.status)}",
-            f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
-            *(f"{k}: {v}" for k, v in response.headers),
-        ]
-        if not keep_alive:
-            head.append("Connection: close")
-        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
 
     # workers ------------------------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -627,7 +455,7 @@ class HttpServer:
         while True:
             try:
                 request = self._parse(conn)
-            except _Refused as refused:
+            except Refused as refused:
                 conn.refusal = refused.error  # the selector answers it
                 return None
             if request is not None:
@@ -668,14 +496,14 @@ class HttpServer:
             self._stream(conn, result, request.version == "HTTP/1.1")
             return keep_alive and request.version == "HTTP/1.1"
         try:
-            conn.sock.sendall(self._encode(result, keep_alive))
+            conn.sock.sendall(encode(result, keep_alive))
         except OSError:
             return False
         return keep_alive
 
     def _stream(self, conn: _Conn, result: Streaming, chunked: bool) -> None:
         head = [
-            f"HTTP/1.1 {result.status} {_phrase(result.status)}",
+            f"HTTP/1.1 {result.status} {phrase(result.status)}",
             f"Content-Type: {result.content_type}",
             "Cache-Control: no-cache",
             *(f"{k}: {v}" for k, v in result.headers),
@@ -702,13 +530,6 @@ class HttpServer:
             conn.sock.close()
         except OSError:
             pass
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
 
 
 def raise_open_files_limit() -> int:

@@ -84,8 +84,8 @@ def sequence_metrics(registry: ModelRegistry) -> str:
         ("generation_sequences_max", "Sequences allowed at once.", lambda lim: lim.slots),
     ]
     for metric, help_text, read in series:
-        lines += [f"# HELP autodl_{metric} {help_text}", f"# TYPE autodl_{metric} gauge"]
-        lines += [f'autodl_{metric}{{model="{n}",version="{v}"}} {read(lim)}' for n, v, lim in rows]
+        lines += [f"# HELP autodl_agent_{metric} {help_text}", f"# TYPE autodl_agent_{metric} gauge"]
+        lines += [f'autodl_agent_{metric}{{model="{n}",version="{v}"}} {read(lim)}' for n, v, lim in rows]
     return "\n".join(lines) + "\n"
 
 

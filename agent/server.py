@@ -37,6 +37,7 @@ from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, decode_request, encode_response, loads
+from shared import tracecontext, tracing
 from shared.manifest import Batching
 
 __all__ = ["EXTENSIONS", "InferenceServer", "ServerContext", "model_metadata"]
@@ -161,25 +162,33 @@ class InferenceServer:
             )
         return model
 
+    @staticmethod
+    def _span(name: str, model: LoadedModel, request: Request) -> AbstractContextManager[Any]:
+        # A client's malformed traceparent parses to None: the request starts its own trace.
+        parent = tracecontext.parse(request.headers.get(tracecontext.HEADER))
+        return tracing.span(name, {"model": model.name, "version": model.version}, parent=parent)
+
     def _infer(self, request: Request) -> Response:
         model = self.model(request)
         length = request.headers.get("inference-header-content-length")
-        with _client_errors():
+        with self._span("agent.infer", model, request), _client_errors():
             if length is not None and not (length.isdigit() and len(length) < 19):
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length {length[:40]!r} is not a non-negative integer"
                 )
-            decoded = decode_request(request.body, None if length is None else int(length), model.input_specs)
+            with tracing.span("agent.infer.preprocess"):
+                decoded = decode_request(request.body, None if length is None else int(length), model.input_specs)
             unknown = [w for w in decoded.outputs or [] if w not in model.output_names]
             if unknown:
                 raise InvalidInputError(f"unknown outputs {unknown}; the model has {model.output_names}")
-            with self.context.track(model):
+            with self.context.track(model), tracing.span("agent.infer.run"):
                 outputs = self.batchers.get(model).run(decoded.inputs, decoded.outputs)
             binary = set(decoded.binary) | (
                 set(outputs) if decoded.binary_default and decoded.outputs is None else set()
             )
             head = {"model_name": model.name, "model_version": model.version, "id": decoded.id or str(uuid.uuid4())}
-            body, header_length = encode_response(head, outputs, binary)
+            with tracing.span("agent.infer.postprocess"):
+                body, header_length = encode_response(head, outputs, binary)
         if header_length is None:
             return Response(200, body, _JSON)
         return Response(
@@ -188,12 +197,14 @@ class InferenceServer:
 
     def _predict(self, request: Request) -> Response:
         model = self.model(request)
-        with _client_errors():
-            body = loads(request.body or b"null")
-            inputs = preprocess(model.manifest, body, model.tokenizer_path)
-            with self.context.track(model):
+        with self._span("agent.predict", model, request), _client_errors():
+            with tracing.span("agent.infer.preprocess"):
+                body = loads(request.body or b"null")
+                inputs = preprocess(model.manifest, body, model.tokenizer_path)
+            with self.context.track(model), tracing.span("agent.infer.run"):
                 outputs = self.batchers.get(model).run(inputs)
-            predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
+            with tracing.span("agent.infer.postprocess"):
+                predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
         return _json(200, {"model_name": model.name, "model_version": model.version, "predictions": predictions})
 
 

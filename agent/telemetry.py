@@ -23,9 +23,26 @@ from typing import Any
 
 from shared import metrics
 
-__all__ = ["Point", "Telemetry", "VersionStats", "device_points", "percentile"]
+__all__ = ["Family", "Point", "Telemetry", "VersionStats", "device_points", "percentile"]
 
 Point = tuple[str, float, dict[str, str]]  # name, value, labels
+# One Prometheus metric family: name (after `autodl_agent_`), type, help, samples (labels, value).
+Family = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+
+PREFIX = "autodl_agent_"
+# Device points under Prometheus names (base units: ratios, not percent; _celsius): telemetry
+# to the hub keeps the point names the dashboard reads, /metrics follows the conventions.
+_DEVICE_FAMILIES: dict[str, tuple[str, float, str]] = {
+    "cpu_percent": ("cpu_usage_ratio", 0.01, "Busy share of all CPUs between two scrapes"),
+    "memory_used_bytes": ("memory_used_bytes", 1.0, "Memory in use on the device (total - available)"),
+    "memory_percent": ("memory_used_ratio", 0.01, "Share of the device's memory in use"),
+    "process_rss_bytes": ("process_resident_memory_bytes", 1.0, "Resident memory of the agent process"),
+    "disk_free_bytes": ("disk_free_bytes", 1.0, "Free space on the state directory's file system"),
+    "disk_used_percent": ("disk_used_ratio", 0.01, "Share of the state directory's file system in use"),
+    "temperature_c": ("temperature_celsius", 1.0, "Thermal zone temperature"),
+    "gpu_utilization_percent": ("gpu_utilization_ratio", 0.01, "GPU busy share (NVML)"),
+    "gpu_memory_used_bytes": ("gpu_memory_used_bytes", 1.0, "GPU memory in use (NVML)"),
+}
 
 # Histogram buckets of request latency (seconds) on /metrics.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -251,36 +268,54 @@ class Telemetry:
             g.interval_ttft, g.interval_tps, g.interval_in, g.interval_out = [], [], 0, 0
         return points
 
-    def _generation_text(self) -> list[str]:
+    def _generation_families(self) -> list[Family]:
         with self._lock:
             gen = {
                 k: (g.total_in, g.total_out, g.ttft_sum, g.ttft_count, g.last_tps) for k, g in self._generation.items()
             }
             bad = dict(self._bad_requests)
-        lines: list[str] = []
-        series = [
-            ("generation_tokens_in_total", "counter", "Prompt tokens of text-generation requests.", 0),
-            ("generation_tokens_out_total", "counter", "Tokens generated.", 1),
-            ("generation_ttft_seconds_sum", "counter", "Sum of times to first token.", 2),
-            ("generation_ttft_seconds_count", "counter", "Generations that produced a first token.", 3),
-            ("generation_decode_tokens_per_second", "gauge", "Decode speed of the latest generation.", 4),
+        ordered = sorted(gen.items())
+        return [
+            (
+                "generation_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of text-generation requests",
+                [(_key(k), v[0]) for k, v in ordered],
+            ),
+            (
+                "generation_completion_tokens_total",
+                "counter",
+                "Tokens generated",
+                [(_key(k), v[1]) for k, v in ordered],
+            ),
+            (
+                "generation_ttft_seconds_total",
+                "counter",
+                "Sum of times to first token",
+                [(_key(k), v[2]) for k, v in ordered],
+            ),
+            (
+                "generation_first_tokens_total",
+                "counter",
+                "Generations that produced a first token",
+                [(_key(k), v[3]) for k, v in ordered],
+            ),
+            (
+                "generation_decode_tokens_per_second",
+                "gauge",
+                "Decode speed of the latest generation",
+                [(_key(k), v[4]) for k, v in ordered],
+            ),
+            (
+                "generation_bad_requests_total",
+                "counter",
+                "Text-generation requests refused as invalid",
+                [({"model": m, "code": c}, float(n)) for (m, c), n in sorted(bad.items())],
+            ),
         ]
-        for name, kind, help_text, i in series:
-            lines += [f"# HELP autodl_{name} {help_text}", f"# TYPE autodl_{name} {kind}"]
-            lines += [f"autodl_{name}{_labels(k)} {v[i]}" for k, v in sorted(gen.items())]
-        lines += [
-            "# HELP autodl_generation_bad_requests_total Text-generation requests refused as invalid.",
-            "# TYPE autodl_generation_bad_requests_total counter",
-        ]
-        lines += [
-            f"autodl_generation_bad_requests_total{_label_text({'model': m, 'code': c})} {n}"
-            for (m, c), n in sorted(bad.items())
-        ]
-        return lines
 
-    def prometheus(self, gauges: dict[str, float]) -> str:
-        """Return the cumulative serving metrics and `gauges` in the Prometheus text format."""
-        lines: list[str] = []
+    def prometheus(self, families: list[Family]) -> str:
+        """Return the cumulative serving metrics, `families` and the device's in the text format."""
         with self._lock:
             serving = {
                 key: (s.total_requests, s.total_errors, s.latency_sum, list(s.buckets))
@@ -292,53 +327,71 @@ class Telemetry:
                 if s.batches
             }
             refused = dict(self._refused)
-        lines += ["# HELP autodl_requests_total Inference requests served.", "# TYPE autodl_requests_total counter"]
-        lines += [f"autodl_requests_total{_labels(k)} {v[0]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_errors_total Inference requests that failed.", "# TYPE autodl_errors_total counter"]
-        lines += [f"autodl_errors_total{_labels(k)} {v[1]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_request_seconds Inference latency.", "# TYPE autodl_request_seconds histogram"]
-        for key, (count, _, total, buckets) in sorted(serving.items()):
+        ordered = sorted(serving.items())
+        timed = sorted(runs.items())
+        out: list[Family] = [
+            ("requests_total", "counter", "Inference requests served", [(_key(k), v[0]) for k, v in ordered]),
+            (
+                "request_errors_total",
+                "counter",
+                "Inference requests that failed",
+                [(_key(k), v[1]) for k, v in ordered],
+            ),
+            (
+                "queue_seconds_total",
+                "counter",
+                "Time requests waited for their run",
+                [(_key(k), v[0]) for k, v in timed],
+            ),
+            ("queued_requests_total", "counter", "Requests that waited for a run", [(_key(k), v[1]) for k, v in timed]),
+            ("compute_seconds_total", "counter", "Time of session runs", [(_key(k), v[2]) for k, v in timed]),
+            (
+                "http_refused_total",
+                "counter",
+                "Requests refused, by reason",
+                [({"reason": r}, float(n)) for r, n in sorted(refused.items())],
+            ),
+        ]
+        lines = _text(out)
+        name = PREFIX + "request_duration_seconds"
+        lines += [f"# HELP {name} Inference request latency.", f"# TYPE {name} histogram"]
+        for key, (count, _, total, buckets) in ordered:
             running = 0
             for bound, n in zip(BUCKETS, buckets, strict=True):
                 running += n
-                lines.append(f"autodl_request_seconds_bucket{_labels(key, le=str(bound))} {running}")
-            lines.append(f"autodl_request_seconds_bucket{_labels(key, le='+Inf')} {count}")
-            lines.append(f"autodl_request_seconds_sum{_labels(key)} {total}")
-            lines.append(f"autodl_request_seconds_count{_labels(key)} {count}")
-        lines += [
-            "# HELP autodl_queue_seconds Time requests waited for their run.",
-            "# TYPE autodl_queue_seconds summary",
-        ]
-        for key, (queue_sum, queue_count, *_rest) in sorted(runs.items()):
-            lines += [
-                f"autodl_queue_seconds_sum{_labels(key)} {queue_sum}",
-                f"autodl_queue_seconds_count{_labels(key)} {queue_count}",
-            ]
-        lines += ["# HELP autodl_compute_seconds Time of session runs.", "# TYPE autodl_compute_seconds summary"]
-        for key, (_q, _n, compute_sum, batches, *_rest) in sorted(runs.items()):
-            lines += [
-                f"autodl_compute_seconds_sum{_labels(key)} {compute_sum}",
-                f"autodl_compute_seconds_count{_labels(key)} {batches}",
-            ]
-        lines += ["# HELP autodl_batch_size Rows per session run.", "# TYPE autodl_batch_size histogram"]
-        for key, (_q, _n, _c, batches, buckets, rows) in sorted(runs.items()):
+                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"{name}_bucket{_labels(key, le='+Inf')} {count}")
+            lines.append(f"{name}_sum{_labels(key)} {total}")
+            lines.append(f"{name}_count{_labels(key)} {count}")
+        name = PREFIX + "batch_size"
+        lines += [f"# HELP {name} Rows per session run.", f"# TYPE {name} histogram"]
+        for key, (_q, _n, _c, batches, buckets, rows) in timed:
             running = 0
             for bound, n in zip(BATCH_BUCKETS, buckets, strict=True):
                 running += n
-                lines.append(f"autodl_batch_size_bucket{_labels(key, le=str(bound))} {running}")
-            lines.append(f"autodl_batch_size_bucket{_labels(key, le='+Inf')} {batches}")
-            lines += [f"autodl_batch_size_sum{_labels(key)} {rows}", f"autodl_batch_size_count{_labels(key)} {batches}"]
-        lines += [
-            "# HELP autodl_http_refused_total Requests refused, by reason.",
-            "# TYPE autodl_http_refused_total counter",
-        ]
-        lines += [f'autodl_http_refused_total{{reason="{_escape(r)}"}} {n}' for r, n in sorted(refused.items())]
-        lines += self._generation_text()
-        for name, value in sorted(gauges.items()):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name} {value}"]
-        for name, value, labels in device_points(self.state_dir, None):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name}{_label_text(labels)} {value}"]
+                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"{name}_bucket{_labels(key, le='+Inf')} {batches}")
+            lines += [f"{name}_sum{_labels(key)} {rows}", f"{name}_count{_labels(key)} {batches}"]
+        device: dict[str, Family] = {}
+        for point, value, labels in device_points(self.state_dir, None):
+            if point in _DEVICE_FAMILIES:
+                metric, scale, text = _DEVICE_FAMILIES[point]
+                device.setdefault(metric, (metric, "gauge", text, []))[3].append((labels, value * scale))
+        lines += _text(families + self._generation_families() + list(device.values()))
         return "\n".join(lines) + "\n"
+
+
+def _text(families: list[Family]) -> list[str]:
+    lines: list[str] = []
+    for name, kind, text, samples in families:
+        full = PREFIX + name
+        lines += [f"# HELP {full} {text}.", f"# TYPE {full} {kind}"]
+        lines += [f"{full}{_label_text(labels)} {value}" for labels, value in samples]
+    return lines
+
+
+def _key(key: tuple[str, str]) -> dict[str, str]:
+    return metrics.serving_labels(*key)
 
 
 def _escape(value: str) -> str:

@@ -28,6 +28,7 @@ from agent.config import AgentSettings, Identity
 from agent.errors import AgentError, CancelledError, DesiredStateError, FatalError, TransientError, VerificationError
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
+from shared import tracing
 from shared.manifest import TEXT_GENERATION, Manifest, Variant
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
@@ -213,7 +214,8 @@ class Updater:
                 if cancelled():
                     raise CancelledError(f"update to {desired.version} replaced by a newer desired state")
                 job.record = self._save(job.record.with_(state=state, error=None))
-                state = _STEPS[state](self, job)
+                with tracing.span(f"agent.update.{_SPAN[state]}", {"model": name, "version": desired.version}):
+                    state = _STEPS[state](self, job)
         except CancelledError as exc:
             logger.info("%s: %s", name, exc)
             self._save(job.record.with_(state=S.ACTIVE if job.record.active else S.IDLE, pending=None), str(exc))
@@ -284,9 +286,12 @@ class Updater:
     def _stage(self, job: _Job) -> UpdateState:
         if job.manifest is None or job.variant is None or job.path is None:
             return S.VERIFYING  # resumed here after a crash: never stage what was not verified now
-        job.loaded = self._load(job.manifest, job.variant, job.path, job.tokenizer)
-        warm_up(job.loaded, self.settings.warmup_runs)
-        smoke_test(job.loaded)
+        with tracing.span("agent.update.load"):
+            job.loaded = self._load(job.manifest, job.variant, job.path, job.tokenizer)
+        with tracing.span("agent.update.warm_up"):
+            warm_up(job.loaded, self.settings.warmup_runs)
+        with tracing.span("agent.update.smoke_test"):
+            smoke_test(job.loaded)
         return S.ACTIVE
 
     def _activate(self, job: _Job) -> None:
@@ -374,6 +379,9 @@ def _files(manifest: Manifest, variant: Variant) -> list[tuple[str, int]]:
     return files
 
 
+# Span names of the steps: download, verify, stage (load, warm up, smoke test), swap.
+_SPAN = {S.DOWNLOADING: "download", S.VERIFYING: "verify", S.STAGING: "stage", S.ACTIVE: "swap"}
+
 _STEPS: dict[UpdateState, Callable[[Updater, _Job], UpdateState | None]] = {
     S.DOWNLOADING: Updater._download,
     S.VERIFYING: Updater._verify,
@@ -392,6 +400,7 @@ class _Worker:
         self._want: DesiredModel | None = None
         self._start = S.DOWNLOADING
         self._done: DesiredModel | None = None
+        self._trace: object = None
         self._running = False
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"update-{name}", daemon=True)
@@ -403,6 +412,7 @@ class _Worker:
             if self._want is not None and _key(desired) == _key(self._want) and start == S.DOWNLOADING:
                 return  # the same version again (a re-sent retained state): keep going
             self._want, self._start = desired, start
+            self._trace = tracing.capture()  # the desired state's trace: the update joins it
             self._cond.notify_all()
 
     def busy(self) -> bool:
@@ -425,12 +435,16 @@ class _Worker:
                     self._cond.wait()
                 if self._stopped:
                     return
-                target, start = self._want, self._start
+                target, start, trace = self._want, self._start, self._trace
                 self._start = S.DOWNLOADING
                 self._running = True
             assert target is not None
             try:
-                self.updater.run_update(self.name, target, functools.partial(self._superseded, target), start)
+                with (
+                    tracing.resumed(trace),
+                    tracing.span("agent.update", {"model": self.name, "version": target.version}),
+                ):
+                    self.updater.run_update(self.name, target, functools.partial(self._superseded, target), start)
                 attempt = 0
                 done = True
             except TransientError as exc:

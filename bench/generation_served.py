@@ -188,7 +188,10 @@ def concurrent(url: str, prompt: str, tokens: int, n: int) -> dict[str, float]:
     for t in threads:
         t.join()
     wall = max(r["end"] for r in results) - start
-    return {"total_tps": sum(r["tokens"] for r in results) / wall, "stream_tps": statistics.median(r["tps"] for r in results)}
+    return {
+        "total_tps": sum(r["tokens"] for r in results) / wall,
+        "stream_tps": statistics.median(r["tps"] for r in results),
+    }
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ never with the project's: it imports nothing of autodl.
 from __future__ import annotations
 
 import argparse
+import uuid
 from typing import Any
 
 import kserve
@@ -39,7 +40,9 @@ class OnnxModel(kserve.Model):  # type: ignore[misc]
             out = kserve.InferOutput(name=name, shape=list(value.shape), datatype=_V2[value.dtype])
             out.set_data_from_numpy(value, binary_data=False)
             outputs.append(out)
-        return kserve.InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+        return kserve.InferResponse(
+            response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs
+        )
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from hub.training.progress import Progress
 from hub.training.runner import TrainedModel, check_task, train_task
 from hub.training.search import resolve_storage
 from hub.training.spec import TaskSpec, load_spec, parse_spec
+from shared import tracing
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -135,6 +136,7 @@ def build_request(trained: TrainedModel, name: str, version: str, *, parent: str
     )
 
 
+@tracing.traced("hub.training.job")
 def run_training(
     task: Path | str,
     settings: HubSettings,

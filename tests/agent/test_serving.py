@@ -276,9 +276,9 @@ def test_a_thousand_idle_connections_neither_block_a_request_nor_add_threads(ser
 def _batch_counts(metrics: str, model: str) -> tuple[float, float]:
     runs = rows = 0.0
     for line in metrics.splitlines():
-        if line.startswith(f'autodl_batch_size_count{{model="{model}"'):
+        if line.startswith(f'autodl_agent_batch_size_count{{model="{model}"'):
             runs = float(line.rsplit(" ", 1)[1])
-        if line.startswith(f'autodl_batch_size_sum{{model="{model}"'):
+        if line.startswith(f'autodl_agent_batch_size_sum{{model="{model}"'):
             rows = float(line.rsplit(" ", 1)[1])
     return runs, rows
 
@@ -313,7 +313,7 @@ def test_dynamic_batching_under_8_clients_answers_each_as_if_alone(
     runs, rows = _batch_counts(served.metrics(), model)
     assert rows - rows_before == 200
     assert runs - runs_before < 200  # some runs carried more than one request
-    assert f'autodl_queue_seconds_count{{model="{model}"' in served.metrics()
+    assert f'autodl_agent_queued_requests_total{{model="{model}"' in served.metrics()
 
 
 # bad input -------------------------------------------------------------------------------------
@@ -390,8 +390,8 @@ def test_refused_requests_are_counted_and_their_connections_closed(served: Serve
     status, _, closed = _raw(served, BAD[3][1])
     assert status == 411 and closed  # nothing after the refused head is read as a request
     metrics = served.metrics()
-    assert 'autodl_http_refused_total{reason="transfer_encoding"}' in metrics
-    assert 'autodl_http_refused_total{reason="invalid_input"}' in metrics
+    assert 'autodl_agent_http_refused_total{reason="transfer_encoding"}' in metrics
+    assert 'autodl_agent_http_refused_total{reason="invalid_input"}' in metrics
 
 
 def test_an_image_that_decodes_to_a_huge_bitmap_is_refused_before_decoding(served: Served) -> None:

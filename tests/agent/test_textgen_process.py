@@ -49,7 +49,7 @@ def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
 
 def metric(url: str, name: str, model: str) -> float | None:
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(f"autodl_{name}{{") and f'model="{model}"' in line:
+        if line.startswith(f"autodl_agent_{name}{{") and f'model="{model}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return None
 

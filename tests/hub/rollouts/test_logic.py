@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -107,7 +110,20 @@ def test_cohort_order_is_stable_and_depends_on_the_rollout() -> None:
     assert order_devices(reversed(devices), "r1") == first  # input order does not matter
     assert sorted(first) == sorted(devices)
     assert order_devices(devices, "r2") != first  # another rollout hits other devices first
-    assert cohort_rank("dev-1", "r1") == cohort_rank("dev-1", "r1")
+    assert first == sorted(devices, key=lambda d: cohort_rank(d, "r1"))
+    # A restarted hub or another replica must pick the same cohorts: the rank may not depend on
+    # anything of one interpreter (Python's salted hash() would).
+    code = "import sys; from hub.rollouts.plan import order_devices; print(*order_devices(sys.argv[1:], 'r1'))"
+    for seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", code, *devices],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert other.stdout.split() == first
     # An enrolling device does not reorder the others.
     grown = order_devices([*devices, "dev-new"], "r1")
     assert [d for d in grown if d != "dev-new"] == first

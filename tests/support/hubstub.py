@@ -21,7 +21,7 @@ from shared import topics
 from shared.codec import encode
 from shared.manifest import public_key_b64
 from shared.messages import DesiredModel, DesiredState, EnrollRequest, EnrollResponse
-from tests.agent.models import Release
+from tests.support.models import Release
 
 DEVICE_TOKEN = "device-token-0123456789abcdef"
 

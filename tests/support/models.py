@@ -1,4 +1,9 @@
-"""Tiny ONNX models and signed manifests for agent tests (onnx is fine in tests, never in the agent)."""
+"""The test models: tiny ONNX linear models, a slow one with the same answers, signed releases.
+
+Every version is a linear model y = x @ W + b of its own seed (`linear_weights`), so an
+agent's answer to SAMPLE_X tells which bytes it really runs (`reference`). onnx is fine in
+tests, never in the agent.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,19 @@ from shared.manifest import (
     sign_manifest,
 )
 from shared.targets import TargetId
+
+__all__ = [
+    "SAMPLE_X",
+    "Release",
+    "linear_io_model",
+    "linear_onnx",
+    "linear_weights",
+    "make_release",
+    "reference",
+    "slow_linear_onnx",
+    "tensor",
+    "write_files",
+]
 
 SAMPLE_X = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], dtype=np.float32)
 
@@ -58,6 +76,40 @@ def linear_io_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], 
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def slow_linear_onnx(seed: int, rounds: int = 24, width: int = 256) -> bytes:
+    """Return y = x @ W + b of `seed`, plus a chain of width x width MatMuls whose sum is added times zero.
+
+    The outputs equal `linear_onnx`'s (the manifest sample passes), but every request pays
+    for `rounds` real matrix products on data derived from the input: an honest model that
+    is correct and slow (about rounds * width**3 multiply-adds a request).
+    """
+    weights, bias = linear_weights(seed)
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(weights, "W"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(rng.normal(size=(4, width)).astype(np.float32), "P"),
+        numpy_helper.from_array((rng.normal(size=(width, width)) / width).astype(np.float32), "Q"),
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["lin"]),
+        helper.make_node("MatMul", ["x", "P"], ["h0"]),
+        helper.make_node("Transpose", ["h0"], ["h0t"]),
+        helper.make_node("MatMul", ["h0t", "h0"], ["m0"]),
+    ]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"m{i}", "Q"], [f"p{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"p{i}"], [f"m{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"m{rounds}"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["nothing"]),
+        helper.make_node("Add", ["lin", "nothing"], ["y"]),
+    ]
+    return linear_io_model(nodes, inits, "slow_linear")
 
 
 def reference(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
