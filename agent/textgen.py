@@ -148,6 +148,11 @@ class SequenceLimiter:
             self._running -= 1
             self._durations = [*self._durations[-31:], seconds]
             self._cond.notify()
+            idle = self._running == 0 and self._waiting == 0
+        if idle:
+            from agent.runtime import release_heap
+
+            release_heap()  # the requests' KV caches are garbage now: give their pages back
 
     def _retry_after(self) -> int:
         if not self._durations:

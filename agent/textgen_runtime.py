@@ -55,7 +55,7 @@ def load_text_model(
             spec=spec,
             graph=variant.local_path(variant.file),
             providers=list(variant.providers),
-            threads=threads,
+            session_options=_session_options(threads),
         )
         tokenizer = load_tokenizer(folder, spec)
     except GenerationError as exc:
@@ -107,6 +107,23 @@ def load_text_model(
         providers=tuple(loop.session.get_providers()) if session is not None else ("onnxruntime-genai",),
         text=text,
     )
+
+
+def _session_options(threads: int) -> Any:
+    """Return ORT options for a language model: no CPU memory arena.
+
+    Each request's KV cache grows by one token a step (a new, slightly larger tensor each
+    time); ORT's arena keeps every size it ever held, so after a few concurrent requests it
+    holds the peak for good. Without it freed caches go back to malloc, and the agent trims
+    the heap when no sequence is in flight (measured on SmolLM2-135M int4: -20 MB).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 def _genai(loop: Any, folder: Path, variant: Variant, eos: list[int], where: str) -> tuple[TokenLoop, Any]:

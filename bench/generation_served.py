@@ -16,7 +16,8 @@ so every request decodes exactly `--tokens` tokens. Timings are medians of inter
 
 Targets (issue "Text generation: agent"): served decode tokens/s at concurrency 1 >= 95% of
 the in-process loop's; total tokens/s at concurrency 4 above concurrency 1's; agent RSS
-serving SmolLM2-135M int4 <= 300 MB, no torch in the process.
+serving SmolLM2-135M int4 <= 300 MB (`agent_rss_llm_mb`: the peak sampled while four
+streams run), no torch in the process.
 """
 
 from __future__ import annotations
@@ -178,20 +179,19 @@ def served(url: str, prompt: str, tokens: int) -> dict[str, float]:
     return {"ttft_s": first - start, "tps": (completion - 1) / (last - first), "tokens": completion, "end": last}
 
 
-def concurrent(url: str, prompt: str, tokens: int, n: int) -> dict[str, float]:
-    """Run `n` streams at once; return total tokens/s over the wall time and the median per-stream rate."""
+def concurrent(url: str, prompt: str, tokens: int, n: int, pid: int) -> dict[str, float]:
+    """Run `n` streams at once; return total tokens/s over the wall time and the agent's peak RSS meanwhile."""
     results: list[dict[str, float]] = []
     start = time.perf_counter()
     threads = [threading.Thread(target=lambda: results.append(served(url, prompt, tokens))) for _ in range(n)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    peak = 0.0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.05)
     wall = max(r["end"] for r in results) - start
-    return {
-        "total_tps": sum(r["tokens"] for r in results) / wall,
-        "stream_tps": statistics.median(r["tps"] for r in results),
-    }
+    return {"total_tps": sum(r["tokens"] for r in results) / wall, "peak_rss_mb": peak}
 
 
 def main() -> None:
@@ -243,9 +243,12 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("the agent did not load the model")
             time.sleep(0.5)
+        time.sleep(1.0)
+        rss_loaded = rss_mb(proc.pid)
         served(url, prompt, 8)  # warm-up
         local()
         local_ttft, local_tps, served_ttft, served_tps, c4_total, c1_total = [], [], [], [], [], []
+        peaks: list[float] = []
         for _ in range(args.runs):
             t, r = local()
             local_ttft.append(t)
@@ -253,9 +256,12 @@ def main() -> None:
             one = served(url, prompt, args.tokens)
             served_ttft.append(one["ttft_s"])
             served_tps.append(one["tps"])
-            c1_total.append(concurrent(url, prompt, args.tokens, 1)["total_tps"])
-            c4_total.append(concurrent(url, prompt, args.tokens, 4)["total_tps"])
-        rss = rss_mb(proc.pid)
+            c1_total.append(concurrent(url, prompt, args.tokens, 1, proc.pid)["total_tps"])
+            c4 = concurrent(url, prompt, args.tokens, 4, proc.pid)
+            c4_total.append(c4["total_tps"])
+            peaks.append(c4["peak_rss_mb"])
+        rss = max(peaks)
+        rss_after = rss_mb(proc.pid)
         torch_in_agent = torch_loaded(proc.pid)
     finally:
         stop_process(proc, 20)
@@ -279,6 +285,8 @@ def main() -> None:
         "inprocess_ttft_ms": round(med(local_ttft) * 1000, 1),
         "served_ttft_ms_c1": round(med(served_ttft) * 1000, 1),
         "agent_rss_llm_mb": round(rss, 1),
+        "agent_rss_loaded_mb": round(rss_loaded, 1),
+        "agent_rss_after_mb": round(rss_after, 1),
         "torch_in_agent": torch_in_agent,
     }
     if args.json:
@@ -292,7 +300,11 @@ def main() -> None:
     print(f"{'total tokens/s c=1 / c=4':32}{'':>12}{result['total_tps_c1']:>6}/{result['total_tps_c4']}")
     print(f"served/in-process decode c=1: {result['served_over_inprocess_decode_c1']}")
     print(f"total tokens/s c=4 over c=1: {result['total_tps_c4_over_c1']}")
-    print(f"agent RSS serving: {result['agent_rss_llm_mb']} MB (torch mapped: {torch_in_agent})")
+    print(
+        f"agent RSS: peak serving 4 streams {result['agent_rss_llm_mb']} MB, after loading"
+        f" {result['agent_rss_loaded_mb']} MB, idle after serving {result['agent_rss_after_mb']} MB"
+        f" (torch mapped: {torch_in_agent})"
+    )
 
 
 if __name__ == "__main__":

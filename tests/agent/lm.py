@@ -36,7 +36,7 @@ from shared.manifest import (
     sign_manifest,
 )
 from shared.targets import TargetId
-from tests.agent.models import Release
+from tests.support.models import Release
 
 # Every token of SCRIPT is distinct (the bigram table needs that); 你 (E4 BD A0), 界 (E7 95 8C)
 # and 🚀 (F0 9F 9A 80) share no byte, and the tokenizer never saw them, so each is 3-4 byte tokens.

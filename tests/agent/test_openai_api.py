@@ -375,3 +375,18 @@ def test_onnxruntime_genai_backend_reads_the_same_folder_and_answers_alike(tmp_p
         assert infer.status_code == 501  # no plain session: tensors are the loop's business
     finally:
         s.server.stop()
+
+
+def test_a_generation_past_its_time_limit_ends_with_length(tmp_path: Path) -> None:
+    tiny = make_lm_release(Ed25519PrivateKey.generate(), "slow", "1.0.0", slow_steps=40, context=2048)
+    registry = ModelRegistry()
+    registry.activate(load(tiny, tmp_path, generation_timeout_s=1.0))
+    s = Served(registry)
+    try:
+        r = s.sdk.completions.create(model="slow", prompt="Hi\n", max_tokens=1500, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage is not None and 0 < r.usage.completion_tokens < 1500  # cut by the limit, not max_tokens
+        done = s.observed[-1][3]
+        assert done is not None and done.timed_out
+    finally:
+        s.server.stop()

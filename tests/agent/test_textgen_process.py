@@ -1,7 +1,7 @@
 """A text-generation model on a real `autodl-agent run` process beside a classifier.
 
 Real mosquitto, real HTTP, real ONNX Runtime, the stock `openai` SDK and the agent's own
-CLI; the hub's HTTP API is the in-test stand-in (tests/agent/hubstub.py). The rollout by
+CLI; the hub's HTTP API is the in-test stand-in (tests/support/hubstub.py). The rollout by
 a real hub is tests/e2e/test_textgen_rollout.py.
 """
 
@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -22,12 +23,18 @@ import pytest
 from agent.config import AgentSettings
 from agent.enrollment import enroll
 from shared.messages import UpdateState
-from tests.agent.hubstub import HubStub, publish_desired, publisher
 from tests.agent.lm import SCRIPT, make_lm_release
-from tests.agent.models import make_release
-from tests.agent.process import AgentProcess, Watcher, wait_until
-from tests.agent.test_agent_process import infer
+from tests.support.agent import AgentProcess
+from tests.support.hubstub import HubStub, publish_desired, publisher
+from tests.support.models import make_release
+from tests.support.mqtt import Watcher
 from tests.support.processes import Broker
+from tests.support.waiting import wait_for
+
+
+def wait_until(check: Any, timeout: float = 30, what: str = "condition") -> Any:
+    return wait_for(what, check, timeout)
+
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +81,7 @@ def test_text_model_beside_a_classifier_serves_the_sdk_and_refuses_a_bad_version
             streamed = sdk.chat.completions.create(model="chat", messages=messages, stream=True)  # type: ignore[arg-type]
             deltas = [c.choices[0].delta.content or "" for c in streamed if c.choices]
             assert "".join(deltas) == SCRIPT and not any("\ufffd" in d for d in deltas)
-            assert infer(agent.url, "m")[0] == "1.0.0"  # the classifier is unaffected
+            assert agent.infer("m")[0] == "1.0.0"  # the classifier is unaffected
 
             # The CLI streams to the terminal; --chat keeps the conversation going from stdin.
             cli = [sys.executable, "-c", "from agent.cli import main; main()", "generate", "--state-dir"]
@@ -121,8 +128,8 @@ def test_text_model_beside_a_classifier_serves_the_sdk_and_refuses_a_bad_version
             # Telemetry per model and version; bad input counted, the server unaffected.
             bad = httpx.post(f"{agent.url}/v1/chat/completions", json={"model": "chat", "messages": []})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
-            assert (metric(agent.url, "generation_tokens_out_total", "chat") or 0) > 0
-            assert (metric(agent.url, "generation_ttft_seconds_count", "chat") or 0) > 0
+            assert (metric(agent.url, "generation_completion_tokens_total", "chat") or 0) > 0
+            assert (metric(agent.url, "generation_first_tokens_total", "chat") or 0) > 0
             assert (metric(agent.url, "generation_bad_requests_total", "chat") or 0) >= 1
             assert sdk.models.list().data[0].id in ("chat", "m")
     finally:

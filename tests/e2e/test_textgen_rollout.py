@@ -1,37 +1,64 @@
 """A text-generation model rolled out (canary) by a real hub to agents that also serve a classifier.
 
 Real processes: mosquitto with dynamic security, `autodl-hub serve`, two `autodl-agent run`.
-The language model is tests/agent/lm.py's (a folder variant: graph, tokenizer); the hub
-stores each file by sha256 and signs the manifest; the agents verify every file, load it
-with the shared generation loop, smoke-test it with the manifest's parity tokens, and
-answer the stock `openai` SDK with the manifest's reference greedy output.
+The language models: tests/agent/lm.py's (a folder variant: graph, tokenizer), and a tiny
+Llama trained and exported in the test by the hub's own text-generation build (model
+builder, torch reference, gate). The hub stores each file by sha256 and signs the manifest;
+the agents verify every file, load it with the shared generation loop, smoke-test it with
+the manifest's parity tokens, and answer the stock `openai` SDK with the hub's reference
+greedy output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlmodel import Session
 
-from hub.db import create_engine_for, session_factory
+from hub.config import HubSettings
 from hub.registry import publish_version
-from hub.security import load_or_create_signing_key
 from tests.agent.lm import SCRIPT, TinyLM, make_lm_release
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, Traffic, start_broker, wait_for
+from tests.support.agent import AgentProcess
+from tests.support.fleet import Fleet as SupportFleet
+from tests.support.traffic import Traffic
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CLASSIFIER = "clf"
 LM = "chat"
+CODER = "coder"
 
 
-def publish_lm(hub: HubProcess, tiny: TinyLM, root: Path) -> None:
-    """Publish a folder variant: every file by its path in the manifest."""
+def build_coder(root: Path) -> Any:
+    """Train a tiny Llama and build it with the hub's text-generation build (cpu-fp32, cpu-int8)."""
+    from hub.build.textgen import build_text_generation
+    from hub.build.textgen_request import TextGenBuildRequest
+    from shared.targets import TargetId
+    from tests.hub.build.lm_checkpoints import make_checkpoint, validation_texts
+
+    request = TextGenBuildRequest(
+        name=CODER,
+        version="1.0.0",
+        checkpoint=make_checkpoint(root / "checkpoint", "llama", steps=20),
+        validation_texts=tuple(validation_texts()),
+        sample_prompts=("def main(",),
+        parity_tokens=6,
+        targets=(TargetId.CPU_FP32, TargetId.CPU_INT8),
+        min_speedup=0.0,
+        threads=1,
+        decode_tokens=8,
+    )
+    return build_text_generation(request, root / "work")
+
+
+def publish_lm(session: Session, settings: HubSettings, tiny: TinyLM, root: Path) -> None:
+    """Publish a folder variant: every file by its path in the manifest (the hub signs it)."""
     release = tiny.release
     files: dict[str, Path] = {}
     for item in release.manifest.variants[0].files:
@@ -39,72 +66,58 @@ def publish_lm(hub: HubProcess, tiny: TinyLM, root: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(release.files[item.sha256])
         files[item.path] = path
-    engine = create_engine_for(hub.settings)
-    with session_factory(engine)() as session:
-        publish_version(session, hub.settings, release.manifest, files)
-    engine.dispose()
+    publish_version(session, settings, release.manifest, files, actor="e2e")
 
 
-@dataclass
 class Fleet:
-    hub: HubProcess
-    key: str
-    agents: list[AgentProcess]
-    reference: TinyLM
+    """The support fleet (broker, hub, two agents serving the classifier) and the language models."""
+
+    def __init__(self, fleet: SupportFleet, reference: TinyLM, coder: Any) -> None:
+        self.fleet, self.reference, self.coder = fleet, reference, coder
+        self.hub, self.agents = fleet.hub, fleet.agents
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.hub.api(self.key, method, path, **kwargs)
+        return self.fleet.api(method, path, **kwargs)
 
     def serving(self, model: str) -> list[str | None]:
         return [a.serving(model) for a in self.agents]
 
-    def rollout(self, version: str, steps: list[float]) -> dict[str, Any]:
+    def rollout(self, version: str, steps: list[float], model: str = LM) -> dict[str, Any]:
         body = {
-            "model": LM,
+            "model": model,
             "version": version,
             "selector": {"all": True},
             "steps": steps,
             "analysis": {"min_observation_s": 1.0, "min_devices_reporting": 1, "update_timeout_s": 120},
         }
         rollout_id = self.api("POST", "/rollouts", json=body)["id"]
-        wait_for(f"rollout {rollout_id}", lambda: self.api("GET", f"/rollouts/{rollout_id}")["state"] != "running", 180)
-        detail: dict[str, Any] = self.api("GET", f"/rollouts/{rollout_id}")
-        return detail
+        return self.fleet.finished(rollout_id, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("textgen-e2e")
-    broker = start_broker(root / "mosquitto")
-    hub = HubProcess(root / "hub", broker)
-    agents: list[AgentProcess] = []
-    try:
-        key, token = hub.prepare(CLASSIFIER, {"1.0.0": {"seed": 1}})
-        signing = load_or_create_signing_key(hub.settings.signing_key)
-        reference = make_lm_release(signing, LM, "1.0.0")
-        publish_lm(hub, reference, root / "lm")
-        publish_lm(hub, make_lm_release(signing, LM, "2.0.0"), root / "lm")
-        publish_lm(hub, make_lm_release(signing, LM, "2.1.0", wrong_parity=True), root / "lm")
-        hub.start()
-        for i in range(2):
-            agent = AgentProcess(root / f"agent{i}")
-            agent.enroll(hub.url, token)
-            agent.start()
-            agents.append(agent)
-        f = Fleet(hub, key, agents, reference)
-        for agent in agents:
-            for model, version in ((CLASSIFIER, "1.0.0"), (LM, "1.0.0")):
-                f.api("PUT", f"/devices/{agent.device_id}/models/{model}", json={"version": version})
-        wait_for("both models on both agents", lambda: f.serving(CLASSIFIER) + f.serving(LM) == ["1.0.0"] * 4, 120)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer = Ed25519PrivateKey.generate()  # the hub re-signs what it publishes
+    reference = make_lm_release(signer, LM, "1.0.0")
+    coder = build_coder(root / "coder")
+
+    def publish(session: Session, settings: HubSettings) -> None:
+        publish_lm(session, settings, reference, root / "lm")
+        publish_lm(session, settings, make_lm_release(signer, LM, "2.0.0"), root / "lm")
+        publish_lm(session, settings, make_lm_release(signer, LM, "2.1.0", wrong_parity=True), root / "lm")
+        coder.publish(session, settings, actor="e2e")
+
+    versions = {"1.0.0": {"seed": 1}}
+    with SupportFleet(
+        root / "fleet", model=CLASSIFIER, versions=versions, agents=2, initial="1.0.0", publish=publish
+    ) as support:
+        f = Fleet(support, reference, coder)
+        for agent in f.agents:
+            f.hub.deploy(agent.device_id, LM, "1.0.0", key=support.key)
+        wait_for("the language model on both agents", lambda: f.serving(LM) == ["1.0.0", "1.0.0"], 120)
         yield f
-    except BaseException:
-        print(hub.tail())  # noqa: T201  (a failed set-up is read from the test output)
-        raise
-    finally:
-        for agent in agents:
-            agent.stop()
-        hub.stop()
-        broker.stop()
 
 
 def sdk(agent: AgentProcess) -> openai.OpenAI:
@@ -120,7 +133,7 @@ def test_text_model_canaries_to_every_agent_and_answers_the_sdk(fleet: Fleet) ->
         detail = fleet.rollout("2.0.0", [50, 100])
     assert detail["state"] == "succeeded", detail["reason"]
     assert fleet.serving(LM) == ["2.0.0", "2.0.0"] and fleet.serving(CLASSIFIER) == ["1.0.0", "1.0.0"]
-    assert traffic.sent > 0 and traffic.failed == 0  # the classifier served throughout
+    assert traffic.sent > 0 and traffic.failures == []  # the classifier served throughout
     for agent in fleet.agents:
         client = sdk(agent)
         messages = [{"role": "user", "content": sample.text}]
@@ -149,3 +162,43 @@ def test_a_text_model_failing_its_parity_tokens_stops_at_the_canary_and_the_old_
     reported = fleet.api("GET", f"/devices/{fleet.agents[0].device_id}")
     assert reported["reported"]["models"][CLASSIFIER]["active"] == "1.0.0"
     assert httpx.get(f"http://127.0.0.1:{fleet.agents[0].port}/v2/health/ready").status_code == 200
+
+
+def test_a_model_built_by_the_hub_rolls_out_and_streams_its_reference_greedy_output(fleet: Fleet) -> None:
+    manifest = fleet.coder.manifest
+    assert manifest.generation is not None and {v.target.value for v in manifest.variants} >= {"cpu-fp32"}
+    detail = fleet.rollout("1.0.0", [50, 100], model=CODER)
+    assert detail["state"] == "succeeded", detail["reason"]
+    assert fleet.serving(CODER) == ["1.0.0", "1.0.0"] and fleet.serving(LM) == ["2.0.0", "2.0.0"]
+    sample = manifest.generation.samples[0]
+    n = manifest.generation.parity_tokens
+    for agent in fleet.agents:
+        # The agent's tokenizer turns the sample's text into the prompt ids the hub recorded.
+        body = {"text_input": sample.text, "parameters": {"max_tokens": n, "temperature": 0}}
+        r = httpx.post(f"http://127.0.0.1:{agent.port}/v2/models/{CODER}/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        stream = sdk(agent).completions.create(
+            model=CODER, prompt=sample.text, max_tokens=n, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].text for c in stream)
+        assert streamed == r.json()["text_output"]
+        served_variant = next(v for v in manifest.variants if v.target.value == agent_target(fleet, agent))
+        metrics = served_variant.metrics.generation if served_variant.metrics else None
+        matched = metrics.parity_matched if metrics and metrics.parity_matched is not None else n
+        assert matched >= 1
+        reference = fleet_decode(fleet, sample.expected_ids[: min(n, matched)])
+        assert streamed.startswith(reference)
+
+
+def agent_target(fleet: Fleet, agent: AgentProcess) -> str:
+    data = httpx.get(f"http://127.0.0.1:{agent.port}/v1/models", timeout=5).json()
+    return str(next(m["target"] for m in data["data"] if m["id"] == CODER))
+
+
+def fleet_decode(fleet: Fleet, ids: list[int]) -> str:
+    from tokenizers import Tokenizer
+
+    variant = fleet.coder.manifest.variants[0]
+    tokenizer_file = next(f for f in variant.files if f.path.endswith("/tokenizer.json"))
+    path = next(p for name, p in fleet.coder.files.items() if name == tokenizer_file.path)
+    return str(Tokenizer.from_file(str(path)).decode(ids))
