@@ -2,10 +2,12 @@
 
 Requests with the same shapes (but for the first axis), dtypes and requested outputs
 are stacked on the first axis up to `max_batch_size` rows; the outputs are split back
-by rows. No thread of its own: a request that finds the model idle runs at once, alone, with no
-queue and no hand-off (so batching costs nothing at concurrency 1); requests that arrive
-meanwhile queue, and when a run ends the oldest queued request leads the next batch with
-those behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
+by rows. No thread of its own. Up to `instances` runs of a model go at once (Triton's instance
+count: a run with one intra-op thread uses one core, so a 2-core device runs two); a
+request that finds a free run and no queue runs at once, alone, with no hand-off (so
+batching costs nothing at concurrency 1); requests that arrive while every run is taken
+queue, and when a run ends the oldest queued request leads the next batch with those
+behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
 
 A model is batched only when its variant allows it (`Variant.batching`, or the agent's
 `batching` setting for the model, from the desired state's config) and the sample's rows
@@ -52,16 +54,17 @@ class _Pending:
 class Batcher:
     """Runs one loaded model's requests, in batches when its policy allows."""
 
-    def __init__(self, model: LoadedModel, policy: Batching | None, stats: BatchStats) -> None:
+    def __init__(self, model: LoadedModel, policy: Batching | None, stats: BatchStats, instances: int = 1) -> None:
         self.model = model
         self.policy = policy
+        self.instances = max(1, instances)
         self.max_rows = policy.max_batch_size if policy is not None else 1
         self.delay_s = (policy.max_queue_delay_us if policy is not None else 0) / 1e6
         self._stats = stats
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
-        self._running = False
+        self._running = 0  # runs in flight, each with its leader; at most `instances`
         if self.max_rows > 1:
             reason = model.rows_independent
             if reason is not None:
@@ -82,9 +85,9 @@ class Batcher:
             self._stats(self.model.name, self.model.version, rows or 1, [0.0], time.perf_counter() - start)
             return result
         with self._lock:
-            idle = not self._running and self.delay_s == 0
+            idle = self._running < self.instances and not self._queue and self.delay_s == 0
             if idle:
-                self._running = True
+                self._running += 1
         if idle:  # nobody to batch with: run at once, as unbatched, then pass on what queued meanwhile
             start = time.perf_counter()
             try:
@@ -98,54 +101,54 @@ class Batcher:
         me = _Pending(inputs, outputs, rows, key)
         with self._lock:
             self._queue.append(me)
-            lead = not self._running
-            self._running = True
-            if not lead:
+            lead = me.lead = self._running < self.instances
+            if lead:
+                self._running += 1
+            else:
                 self._arrived.notify()
         if not lead:
             me.event.wait()
             lead = me.lead and not me.done
         if lead:
-            self._lead()
+            self._lead(me)
         if me.error is not None:
             raise me.error
         assert me.result is not None
         return me.result
 
-    def _lead(self) -> None:
-        """Run the batch at the queue's head, then pass the lead to the next queued request."""
+    def _lead(self, me: _Pending) -> None:
+        """Run `me` with the queued requests like it, then pass the lead on."""
         with self._lock:
             if self.delay_s > 0:
-                deadline = self._queue[0].queued_at + self.delay_s
-                while self._queued_rows() < self.max_rows and (left := deadline - time.perf_counter()) > 0:
+                deadline = me.queued_at + self.delay_s
+                while self._queued_rows(me) < self.max_rows and (left := deadline - time.perf_counter()) > 0:
                     self._arrived.wait(left)
-            batch = self._take()
+            batch = self._take(me)
         try:
             self._execute(batch)
         finally:
             self._pass_lead()
 
     def _pass_lead(self) -> None:
-        """Wake the oldest queued request to lead the next batch, or mark the model idle."""
+        """Wake the oldest queued request without a run to lead the next one, or free the run's slot."""
         with self._lock:
-            if self._queue:
-                head = self._queue[0]
-                head.lead = True
-                head.event.set()
+            waiting = next((p for p in self._queue if not p.lead), None)
+            if waiting is not None:
+                waiting.lead = True
+                waiting.event.set()
             else:
-                self._running = False
+                self._running -= 1
 
-    def _queued_rows(self) -> int:
-        key = self._queue[0].key
-        return sum(p.rows for p in self._queue if p.key == key)
+    def _queued_rows(self, me: _Pending) -> int:
+        return sum(p.rows for p in self._queue if p is me or (p.key == me.key and not p.lead))
 
-    def _take(self) -> list[_Pending]:
-        """Remove and return the head request and the queued ones like it, up to max_rows."""
-        head = self._queue.popleft()
-        batch, rows, keep = [head], head.rows, deque[_Pending]()
+    def _take(self, me: _Pending) -> list[_Pending]:
+        """Remove and return `me` and the oldest queued requests like it (not leading their own), up to max_rows."""
+        self._queue.remove(me)
+        batch, rows, keep = [me], me.rows, deque[_Pending]()
         while self._queue:
             pending = self._queue.popleft()
-            if pending.key == head.key and rows + pending.rows <= self.max_rows:
+            if pending.key == me.key and not pending.lead and rows + pending.rows <= self.max_rows:
                 batch.append(pending)
                 rows += pending.rows
             else:
@@ -190,9 +193,10 @@ def _rows(inputs: dict[str, np.ndarray]) -> int | None:
 class Batchers:
     """The batcher of each active model, made again when the model or its policy changes."""
 
-    def __init__(self, policy: Callable[[LoadedModel], Batching | None], stats: BatchStats) -> None:
+    def __init__(self, policy: Callable[[LoadedModel], Batching | None], stats: BatchStats, instances: int = 1) -> None:
         self._policy = policy
         self._stats = stats
+        self._instances = instances
         self._lock = threading.Lock()
         self._by_name: dict[str, Batcher] = {}
 
@@ -203,7 +207,7 @@ class Batchers:
             found = self._by_name.get(model.name)
             if found is not None and found.model is model and found.policy == policy:
                 return found
-        made = Batcher(model, policy, self._stats)  # outside the lock: it may run the row check
+        made = Batcher(model, policy, self._stats, self._instances)  # outside the lock: it may run the row check
         with self._lock:
             self._by_name[model.name] = made
         return made

@@ -39,9 +39,14 @@ from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedSt
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 
-__all__ = ["Agent", "reported_state"]
+__all__ = ["Agent", "limits", "reported_state", "stored_config"]
 
 logger = logging.getLogger(__name__)
+
+
+def stored_config(settings: AgentSettings, applied: dict[str, Any]) -> dict[str, Any]:
+    """Return the applied settings as JSON values that `apply_config` accepts again after a restart."""
+    return settings.model_dump(mode="json", include=set(applied))
 
 
 def limits(settings: AgentSettings) -> Limits:
@@ -170,6 +175,8 @@ class Agent:
             refused=self.telemetry.refused,
             batching=self.batching,
             batch_stats=self.telemetry.observe_batch,
+            # A run with N intra-op threads keeps N cores busy: this many runs fill the device.
+            batch_instances=max(1, (os.cpu_count() or 1) // (settings.intra_op_threads or physical_cores())),
             limits=limits(settings),
             generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
         )
@@ -252,7 +259,8 @@ class Agent:
     def save_config(self, applied: dict[str, Any]) -> None:
         """Keep `set-config` changes across restarts."""
         current = json.loads(self.store.get("config") or "{}")
-        self.store.put("config", json.dumps({**current, **applied}, default=str))
+        # As JSON the settings schema reads back (a nested model such as `batching` included).
+        self.store.put("config", json.dumps({**current, **stored_config(self.settings, applied)}))
         self.store.outbox_max_bytes = int(self.settings.outbox_max_mb * 1024 * 1024)
         self.commands.limit.per_minute = self.settings.command_rate
 

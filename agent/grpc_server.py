@@ -24,7 +24,7 @@ from agent import __version__
 from agent.oip import message
 from agent.runtime import LoadedModel
 from agent.server import InferenceServer, model_metadata
-from agent.tensors import InvalidInputError, tensor_bytes, tensor_from
+from agent.tensors import InvalidInputError, tensor_bytes, tensor_from, v2_datatype
 
 __all__ = ["GrpcServer"]
 
@@ -145,7 +145,7 @@ class GrpcServer:
             model_name=model.name, model_version=model.version, id=request.id or str(uuid.uuid4())
         )
         for name, array in outputs.items():
-            response.outputs.add(name=name, datatype=_datatype(array), shape=list(array.shape))
+            response.outputs.add(name=name, datatype=v2_datatype(array), shape=list(array.shape))
             response.raw_output_contents.append(tensor_bytes(array))
         return response
 
@@ -181,12 +181,6 @@ class GrpcServer:
         if missing:
             raise InvalidInputError(f"missing inputs: {', '.join(missing)}")
         return arrays
-
-
-def _datatype(array: np.ndarray) -> str:
-    from agent.tensors import DTYPE_TO_V2
-
-    return "BYTES" if array.dtype == object else DTYPE_TO_V2.get(str(array.dtype), "FP32")
 
 
 def _unary(method: Callable[[Any, grpc.ServicerContext], Any], request_type: Any) -> grpc.RpcMethodHandler:

@@ -61,6 +61,7 @@ class ServerContext:
     refused: Callable[[str], None] = lambda reason: None  # a request refused, by reason (/metrics)
     batching: Callable[[LoadedModel], Batching | None] = lambda model: model.variant.batching
     batch_stats: BatchStats = lambda model, version, rows, waited, compute: None
+    batch_instances: int = 1  # runs of one model at once (cores / intra-op threads)
     limits: Limits = field(default_factory=Limits)
     generation: GenerationHooks = field(default_factory=GenerationHooks)
 
@@ -99,7 +100,7 @@ class InferenceServer:
     def __init__(self, host: str, port: int, context: ServerContext) -> None:
         self.context = context
         self.extensions = list(EXTENSIONS)
-        self.batchers = Batchers(context.batching, context.batch_stats)
+        self.batchers = Batchers(context.batching, context.batch_stats, context.batch_instances)
         self.router = Router()
         self._routes()
         self._http = HttpServer(host, port, self.router, context.limits, context.refused, _error_body)

@@ -38,6 +38,7 @@ __all__ = [
     "spec_text",
     "tensor_bytes",
     "tensor_from",
+    "v2_datatype",
     "to_v2",
 ]
 
@@ -90,8 +91,7 @@ def spec_text(spec: TensorSpec) -> str:
 
 def check_input(spec: TensorSpec, array: np.ndarray) -> None:
     """Raise InvalidInputError unless `array` has the spec's dtype and shape."""
-    wanted = np.dtype(object) if spec.dtype == "string" else np.dtype(spec.dtype)
-    if array.dtype != wanted:
+    if array.dtype != _numpy_dtype(spec.dtype):
         raise InvalidInputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec_text(spec)}")
     if array.ndim != len(spec.shape) or any(
         isinstance(want, int) and want >= 0 and want != got for want, got in zip(spec.shape, array.shape, strict=False)
@@ -289,8 +289,17 @@ def _json_data(array: np.ndarray) -> list[Any]:
     return list(array.ravel().tolist())
 
 
-def _datatype(array: np.ndarray) -> str:
-    return "BYTES" if array.dtype == object else DTYPE_TO_V2.get(str(array.dtype), "FP32")
+_V2_OF = {np.dtype(d): v2 for v2, d in V2_TO_DTYPE.items() if d != "string"}  # looked up per output
+
+
+def v2_datatype(array: np.ndarray) -> str:
+    """Return the OIP v2 datatype of an array (an unknown float kind answers as FP32)."""
+    return "BYTES" if array.dtype == object else _V2_OF.get(array.dtype, "FP32")
+
+
+@lru_cache(maxsize=32)
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(object) if name == "string" else np.dtype(name)
 
 
 @lru_cache(maxsize=64)
@@ -313,7 +322,7 @@ def encode_response(head: dict[str, Any], outputs: dict[str, np.ndarray], binary
     """Return the response body and, when some outputs are binary, the JSON header's length."""
     tensors, blobs = [], []
     for name, array in outputs.items():
-        meta: dict[str, Any] = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        meta: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
         if name in binary:
             blob = tensor_bytes(array)
             meta["parameters"] = {"binary_data_size": len(blob)}
@@ -338,6 +347,6 @@ def from_v2(body: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
 def to_v2(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Encode output arrays as OIP v2 JSON tensors."""
     return [
-        {"name": name, "shape": list(a.shape), "datatype": _datatype(a), "data": _json_data(a)}
+        {"name": name, "shape": list(a.shape), "datatype": v2_datatype(a), "data": _json_data(a)}
         for name, a in outputs.items()
     ]

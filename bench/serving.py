@@ -334,8 +334,9 @@ def start_agent(state: Path, port: int, grpc_port: int, threads: int) -> subproc
     env = {**os.environ, "AUTODL_AGENT_INTRA_OP_THREADS": str(threads), "AUTODL_AGENT_BACKOFF_MIN_S": "30",
            "AUTODL_AGENT_GRPC_PORT": str(grpc_port), "AUTODL_AGENT_WARMUP_RUNS": "5"}  # fmt: skip
     cmd = [sys.executable, "-c", "from agent.cli import main; main()", "run", "--state-dir", str(state)]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "WARNING"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with (state.parent / "agent.log").open("ab") as log:
+        proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "WARNING"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     wait_http_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, "the agent", 120)
     return proc
 
@@ -456,6 +457,9 @@ def main() -> None:
                 batches = _batch_sizes(http)
                 for name, results in measured.items():
                     rows[name] = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+        except Exception:
+            print((work / "agent.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
         finally:
             stop_process(agent, 20)
             stop_process(kserve, 20)

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 
@@ -14,7 +15,7 @@ from agent.runtime import LoadedModel, load_model
 from agent.telemetry import Telemetry
 from shared import metrics
 from shared.manifest import Batching, TensorSpec
-from tests.agent.models import SAMPLE_X, make_model_release, make_release
+from tests.support.models import SAMPLE_X, make_model_release, make_release
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -54,7 +55,8 @@ def test_a_model_whose_rows_mix_is_never_batched(tmp_path: Path) -> None:
     assert not Batcher(model, Batching(), lambda *a: None).batching
 
 
-def test_concurrent_requests_share_runs_and_get_their_own_rows_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+def test_concurrent_requests_share_runs_and_get_their_own_rows_exactly(tmp_path: Path, instances: int) -> None:
     model = _load(tmp_path, make_release(KEY, "lin", "1.0.0", seed=5))
     runs: list[tuple[int, list[float]]] = []
     lock = threading.Lock()
@@ -63,7 +65,7 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows_exactly(tmp_path:
         with lock:
             runs.append((rows, waited))
 
-    batcher = Batcher(model, Batching(max_batch_size=16, max_queue_delay_us=20_000), stats)
+    batcher = Batcher(model, Batching(max_batch_size=16, max_queue_delay_us=20_000), stats, instances)
     assert batcher.batching
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=(1 + i % 3, 4)).astype(np.float32) for i in range(24)]

@@ -35,3 +35,18 @@ def test_the_cli_reports_a_bad_variable_in_one_line(
         main(["status"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err.startswith("error: bad settings (flags or AUTODL_AGENT_*): port: ")
+
+
+def test_a_batching_override_from_the_desired_config_survives_a_restart(tmp_path: Path) -> None:
+    import json
+
+    from agent.actions import apply_config
+    from agent.daemon import stored_config
+
+    settings = AgentSettings(state_dir=tmp_path)
+    applied = apply_config(settings, {"batching": {"digits": {"max_batch_size": 4, "max_queue_delay_us": 500}}})
+    saved = json.dumps(stored_config(settings, applied))  # what the agent keeps in its store
+    restarted = AgentSettings(state_dir=tmp_path)
+    apply_config(restarted, json.loads(saved))
+    assert restarted.batching["digits"].max_batch_size == 4
+    assert restarted.batching["digits"].max_queue_delay_us == 500

@@ -29,10 +29,12 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.config import AgentSettings
 from agent.enrollment import enroll
 from shared.manifest import Batching, ImagePreprocessing, Preprocessing, TensorSpec
-from tests.agent.hubstub import HubStub, publish_desired, publisher
-from tests.agent.models import make_model_release, make_release
-from tests.agent.process import AgentProcess, Watcher, wait_until
+from tests.support.agent import AgentProcess
+from tests.support.hubstub import HubStub, publish_desired, publisher
+from tests.support.models import make_model_release, make_release
+from tests.support.mqtt import Watcher
 from tests.support.processes import Broker, free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +158,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             config = {"batching": {"lin": {"max_batch_size": 8, "max_queue_delay_us": 2000}}}
             publish_desired(hub_mqtt, device, 1, desired, config)
             for release in releases:
-                wait_until(lambda r=release: agent.serving(r.name) == "1.0.0", 60, f"{release.name} served")
+                wait_for(f"{release.name} served", lambda r=release: agent.serving(r.name) == "1.0.0", 60)
         files = {r.name: r.files[r.sha256] for r in releases}
         watcher = Watcher(broker.host, broker.port)
         try:
