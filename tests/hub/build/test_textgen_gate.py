@@ -33,7 +33,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
         validation_texts=tuple(validation_texts()),
         sample_prompts=("def main(", "import os\n"),
         parity_tokens=4,
-        targets=(TargetId.CPU_INT8, TargetId.CPU_INT4),
+        targets=(TargetId.CPU_INT8, TargetId.CPU_INT4, TargetId.CUDA_FP16, TargetId.CUDA_INT4),
         # int4 may cost nothing at all: refused; int8 has room.
         max_ppl_change={"int4": 0.0, "int8": 0.05},
         min_speedup=0.0,  # speed on a 100k-parameter model is noise; this test is about quality
@@ -58,9 +58,18 @@ def test_int4_over_its_budget_is_refused_and_the_lm_head_in_int8_is_tried_next(r
     assert entries[TargetId.CPU_INT8].decision.published, entries[TargetId.CPU_INT8].decision.reason
     manifest = result.manifest
     published = {v.target for v in manifest.variants}
-    assert {TargetId.CPU_FP32, TargetId.CPU_INT8} <= published
+    assert {TargetId.CPU_FP32, TargetId.CPU_INT8, TargetId.CUDA_FP16} <= published
+    # CUDA variants are built here but cannot run (no GPU): published unmeasured, cuda-int4 with
+    # the quantization cpu-int4 passed with, or refused with cpu-int4's quality failure.
+    cuda_fp16 = manifest.variant("cuda-fp16")
+    assert cuda_fp16 is not None and cuda_fp16.precision == "fp16" and cuda_fp16.providers[0] == "CUDAExecutionProvider"
+    assert cuda_fp16.metrics is not None and (cuda_fp16.metrics.latency_note or "").startswith("unmeasured")
+    cuda_int4 = entries[TargetId.CUDA_INT4]
+    assert cuda_int4.decision.published == int4.decision.published
+    if cuda_int4.decision.published:
+        assert cuda_int4.recipe["options"]["matmul_mixed_precision"] == "last_matmul:int8"
     assert (TargetId.CPU_INT4 in published) == int4.decision.published
-    assert all(s.target == TargetId.CPU_INT4 for s in manifest.skipped)
+    assert all(s.target in (TargetId.CPU_INT4, TargetId.CUDA_INT4) for s in manifest.skipped)
     int8 = manifest.variant("cpu-int8")
     assert int8 is not None and int8.precision == "int8" and int8.metrics is not None
     generation = int8.metrics.generation
@@ -95,6 +104,8 @@ def test_published_folders_download_verify_and_generate_torchs_tokens(
     manifest = verify_manifest(raw.content, load_public_key(device["signing_public_key"]))
     assert manifest.generation is not None
     for variant in manifest.variants:
+        if "CUDAExecutionProvider" in variant.providers:
+            continue  # fp16 attention has no CPU kernel; these run on a GPU device only
         folder = tmp_path / variant.target.value
         for item in variant.artifact_files():
             got = sqlite_hub.request("GET", f"/artifacts/{item.sha256}", key=device["device_token"])

@@ -51,6 +51,7 @@ def test_bad_candidate_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # training, two builder exports and the gate; minutes on a busy 2-core machine
 def test_train_publishes_a_text_generation_version(tmp_path: Path) -> None:
     from sqlmodel import Session
 
@@ -79,7 +80,7 @@ def test_train_publishes_a_text_generation_version(tmp_path: Path) -> None:
         "--data-dir",
         str(data_dir),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["model"] == "code-lm" and summary["version"] == "0.1.0"
