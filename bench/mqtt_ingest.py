@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def _publish_all(port: int, device_id: str, batches: int, points: int, resend: bool) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{device_id}", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
     client.username_pw_set(device_id, f"pw-{device_id}")
     client.max_inflight_messages_set(100)
     client.connect("127.0.0.1", port)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.broker.admin import (
+    DEVICE_ROLE_PREFIX,
     HUB_ROLE,
     BrokerAdmin,
     BrokerAdminError,
@@ -128,7 +129,8 @@ def _write_private(path: Path, text: str) -> None:
 def write_hub_dynsec(path: Path, username: str, password: str) -> None:
     """Create or update a dynamic-security file with the hub's user and role and default-deny access.
 
-    Device users and roles already in the file are kept. Only for a broker that is not
+    Device users and roles already in the file are kept, each bound to its client id
+    (= its username). Only for a broker that is not
     running: mosquitto rewrites the file itself while it runs.
     """
     config: dict[str, Any] = {}
@@ -158,6 +160,10 @@ def write_hub_dynsec(path: Path, username: str, password: str) -> None:
         role = {"rolename": HUB_ROLE}
         roles.append(role)
     role["acls"] = hub_role_acls()
+    for client in clients:
+        # Devices enrolled before client ids were bound get the binding now (client id = username).
+        if any(str(r.get("rolename", "")).startswith(DEVICE_ROLE_PREFIX) for r in client.get("roles", [])):
+            client["clientid"] = client.get("username")
     config["defaultACLAccess"] = default_acl_access()
     _write_private(path, json.dumps(config, indent=1))
 

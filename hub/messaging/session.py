@@ -20,6 +20,8 @@ reason (`counters`) and dropped.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import queue
@@ -49,7 +51,7 @@ from shared.messages import Command as CommandMessage
 from shared.messages import CommandResult, DesiredState, Presence, Release, ReportedState, TelemetryBatch
 from shared.topics import DeviceChannel
 
-__all__ = ["CommandExpired", "HubMessaging", "MessagingError", "MessagingUnavailable"]
+__all__ = ["CommandExpired", "HubMessaging", "MessagingError", "MessagingUnavailable", "hub_client_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ _EXPECTED: dict[DeviceChannel, type[ReportedState | CommandResult | TelemetryBat
     DeviceChannel.TELEMETRY: TelemetryBatch,
     DeviceChannel.ONLINE: Presence,
 }
+
+
+def hub_client_id(username: str, password: str | None, instance: str | None = None) -> str:
+    """Return this hub process's MQTT client id: stable per replica, distinct between replicas, not guessable.
+
+    The suffix is an HMAC of the replica's name (its host name) under the hub's MQTT
+    password, so a restarted replica resumes its persistent session while nobody without
+    the password can name it (and so try to take it over on a broker that does not bind
+    client ids to users).
+    """
+    name = instance or socket.gethostname()
+    digest = hmac.new((password or "").encode(), f"autodl-hub-client:{name}".encode(), hashlib.sha256).hexdigest()
+    return f"{username[:40]}-{digest[:20]}"
 
 
 class MessagingError(Exception):
@@ -96,7 +111,7 @@ class HubMessaging:
         self.endpoint = MqttEndpoint.parse(url or settings.mqtt_url or f"mqtt://127.0.0.1:{settings.mqtt_port}")
         self.username = username or settings.mqtt_username
         self._password = password if password is not None else settings.mqtt_password
-        self.client_id = client_id or f"{settings.mqtt_username}-{socket.gethostname()}"[:64]
+        self.client_id = client_id or hub_client_id(self.username, self._password)
         self.share_group = share_group
         self.max_payload_bytes = max_payload_bytes
         self.session_expiry_s = session_expiry_s

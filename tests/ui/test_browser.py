@@ -88,18 +88,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         operator, viewer, token = _prepare(hub, root / "files")
         hub.start()
+        now = datetime.now(UTC)
         for i in range(2):
             agent = AgentProcess(root / f"agent{i}")
             agent.enroll(hub.url, token)
+            # The voice speaks before the agent connects: the broker binds the client id to the
+            # device, so the two cannot be connected at once.
+            with DeviceVoice(agent.state_dir) as device:
+                device.telemetry(telemetry_points(MODEL, "1.0.0", SEQ_BASE, now, POINTS))
             agent.start()
             agents.append(agent)
         for agent in agents:
             hub.api(operator, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
         wait_for("both agents to serve 1.0.0", lambda: all(a.serving(MODEL) == "1.0.0" for a in agents))
-        now = datetime.now(UTC)
-        for agent in agents:
-            with DeviceVoice(agent.state_dir) as device:
-                device.telemetry(telemetry_points(MODEL, "1.0.0", SEQ_BASE, now, POINTS))
         for agent in agents:
             wait_for(
                 f"telemetry of {agent.device_id} in the hub",

@@ -18,7 +18,9 @@ from hub.broker.embedded import (
     EmbeddedBroker,
     find_dynsec_plugin,
     load_or_create_hub_password,
+    write_hub_dynsec,
 )
+from hub.messaging.session import hub_client_id
 from shared import topics
 from shared.topics import DeviceChannel
 from tests.hub.messaging.mqtt_probe import Probe, wait_until
@@ -315,3 +317,57 @@ def test_a_corrupt_dynamic_security_file_is_set_aside(tmp_path: Path) -> None:
         finally:
             probe.close()
     assert list(directory.glob("dynamic-security.json.corrupt-*"))
+
+
+def test_a_device_presenting_another_clients_id_is_refused_and_the_victim_keeps_its_session(
+    broker: EmbeddedBroker, admin: BrokerAdmin, probes: list[Probe]
+) -> None:
+    hub_id = hub_client_id(HUB_USER, HUB_PASSWORD)
+    hub = Probe(broker.port, HUB_USER, HUB_PASSWORD, client_id=hub_id, clean_start=False)
+    victim = Probe(broker.port, "dev-b", "password-b", clean_start=False)
+    probes += [hub, victim]
+    assert not hub.connect().is_failure and not victim.connect().is_failure
+    b_desired = topics.device_topic("dev-b", DeviceChannel.DESIRED)
+    b_telemetry = topics.device_topic("dev-b", DeviceChannel.TELEMETRY)
+    assert not victim.subscribe(b_desired).is_failure
+    assert not hub.subscribe(topics.device_wildcard(DeviceChannel.TELEMETRY)).is_failure
+
+    # Device A, with its own valid credentials, presents B's client id, then the hub's. paho
+    # retries every second or two: the takeover loop of the report, kept up for a while.
+    attackers = [Probe(broker.port, "dev-a", "password-a", client_id=target) for target in ("dev-b", hub_id)]
+    probes += attackers
+    for attacker in attackers:
+        assert attacker.connect().value == 135  # not authorized
+    assert all(a.wait(lambda a=a: len(a.connacks) >= 2, timeout=10) for a in attackers)
+    assert all(c.is_failure for a in attackers for c in a.connacks)
+    for attacker in attackers:
+        attacker.close()
+
+    assert victim.disconnects == [] and hub.disconnects == []
+    victim.publish(b_telemetry, b"still here")
+    assert hub.wait_message(b_telemetry, b"still here")
+    # The victim's persistent session is intact: a message sent while it is away waits for it.
+    victim.close()
+    hub.publish(b_desired, b"while away")
+    back = Probe(broker.port, "dev-b", "password-b", clean_start=False)
+    probes.append(back)
+    assert not back.connect().is_failure
+    assert back.wait_message(b_desired, b"while away")
+
+
+def test_devices_enrolled_before_the_binding_are_bound_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic-security.json"
+    device = {"username": "dev-old", "roles": [{"rolename": "autodl-device-dev-old"}]}
+    path.write_text(json.dumps({"clients": [device], "roles": [], "groups": []}))
+    write_hub_dynsec(path, HUB_USER, HUB_PASSWORD)
+    clients = {c["username"]: c for c in json.loads(path.read_text())["clients"]}
+    assert clients["dev-old"]["clientid"] == "dev-old"
+    assert "clientid" not in clients[HUB_USER]
+
+
+def test_the_hubs_client_id_is_stable_per_replica_and_not_guessable() -> None:
+    first = hub_client_id("autodl-hub", "secret", "hub-0")
+    assert first == hub_client_id("autodl-hub", "secret", "hub-0")
+    assert first != hub_client_id("autodl-hub", "secret", "hub-1")
+    assert first != hub_client_id("autodl-hub", "other-secret", "hub-0")
+    assert "hub-0" not in first and first.startswith("autodl-hub-")
