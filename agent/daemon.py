@@ -30,7 +30,15 @@ from agent.sync import MqttSession
 from agent.telemetry import Telemetry
 from agent.updates import IN_PROGRESS, Updater
 from shared.codec import encode
-from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
+from shared.messages import (
+    CommandResult,
+    DesiredState,
+    ModelStatus,
+    OutboxReport,
+    ReportedState,
+    UpdateState,
+    utcnow,
+)
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 
@@ -76,6 +84,14 @@ def reported_state(
         errors=[e[:4096] for e in errors[-32:]],
         profile=profile,
         agent_version=__version__,
+        outbox=_outbox_report(store),
+    )
+
+
+def _outbox_report(store: Store) -> OutboxReport:
+    stats = store.outbox_stats()
+    return OutboxReport(
+        pending=stats.telemetry_pending + stats.messages_pending, dropped=stats.dropped, refused=stats.refused
     )
 
 
@@ -234,6 +250,7 @@ class Agent:
         points = self.telemetry.collect()
         points.append(("outbox_pending", float(stats.telemetry_pending + stats.messages_pending), {}))
         points.append(("outbox_dropped_total", float(stats.dropped), {}))
+        points.append(("outbox_refused_total", float(stats.refused), {}))
         ts = utcnow().isoformat()
         self.store.enqueue_telemetry([(ts, name, value, labels) for name, value, labels in points])
         self.session.wake()
@@ -250,6 +267,7 @@ class Agent:
             "outbox_messages_pending": float(stats.messages_pending),
             "outbox_bytes": float(stats.bytes),
             "outbox_dropped_total": float(stats.dropped),
+            "outbox_refused_total": float(stats.refused),
             "mqtt_connected": float(self.session.connected.is_set()),
             "watchdog_reloads_total": float(self.watchdog.reloads),
             **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},

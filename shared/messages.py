@@ -29,6 +29,7 @@ __all__ = [
     "EnrollResponse",
     "Message",
     "ModelStatus",
+    "OutboxReport",
     "Presence",
     "Release",
     "ReportedState",
@@ -123,6 +124,16 @@ class ModelStatus(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class OutboxReport(BaseModel):
+    """How the device's outbox fares: what waits, what was dropped, what the broker refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pending: int = Field(default=0, ge=0, description="telemetry points and messages not yet delivered")
+    dropped: int = Field(default=0, ge=0, description="points dropped, oldest first, to keep the outbox bound")
+    refused: int = Field(default=0, ge=0, description="deliveries the broker refused (kept and retried)")
+
+
 class ReportedState(Message):
     """What a device runs now (retained on devices/{id}/reported)."""
 
@@ -134,6 +145,7 @@ class ReportedState(Message):
     errors: list[str] = Field(default_factory=list, max_length=32)
     profile: DeviceProfile | None = None
     agent_version: str = Field(default="", max_length=64)
+    outbox: OutboxReport | None = None
     reported_at: datetime = Field(default_factory=utcnow)
 
 

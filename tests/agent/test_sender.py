@@ -12,6 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentSettings, Identity
+from agent.daemon import reported_state
 from agent.store import Store
 from agent.sync import MqttSession
 from shared import topics
@@ -121,3 +122,38 @@ def test_backlog_drains_in_order_with_live_results_first_and_the_bound_counted(
     finally:
         s.stop()
         hub.close()
+
+
+def test_no_matching_subscribers_keeps_the_rows_until_the_hub_subscribes_again(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "agent.db")
+    s = session(mqtt_broker, tmp_path, store)
+    store.enqueue_telemetry(points(10))
+    store.enqueue_message("results", result("r-1"))
+    s.start()  # nobody subscribes: each PUBACK says 0x10 "no matching subscribers"
+    hub: Hub | None = None
+    try:
+        wait_until(lambda: store.outbox_stats().refused >= 3, 30, "refusals counted and retried")
+        stats = store.outbox_stats()
+        assert stats.telemetry_pending == 10 and stats.messages_pending == 1
+        hub = Hub(mqtt_broker)
+        wait_until(lambda: len(hub.seqs()) >= 10, 30, "the kept points delivered")
+        assert hub.seqs() == list(range(1, 11))
+        with hub.lock:
+            assert ("result", "r-1") in hub.arrivals
+        wait_until(lambda: store.outbox_stats().telemetry_pending == 0, 10, "the rows acknowledged")
+        assert store.outbox_stats().messages_pending == 0
+        refused = store.outbox_stats().refused
+        assert s.refusals == 0  # a delivery ends the backoff
+        store.enqueue_telemetry(points(5))
+        s.wake()
+        wait_until(lambda: len(hub.seqs()) >= 15, 30, "new points delivered")
+        assert store.outbox_stats().refused == refused
+        # The hub sees the count in the reported state.
+        reported = reported_state(s.identity, store, 0, None, [])
+        assert reported.outbox is not None and reported.outbox.refused == refused
+    finally:
+        s.stop()
+        if hub is not None:
+            hub.close()
