@@ -16,6 +16,7 @@ from sqlmodel import col, select
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
+from hub.limits import HeaderTimeoutH11Protocol
 from hub.main import create_app
 from hub.messaging.session import HubMessaging
 from hub.models import Device
@@ -53,7 +54,15 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") 
             stack.callback(messaging.stop)
         app = create_app(settings, messaging, admin, engine=engine, migrate_db=False)
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=None
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            access_log=False,
+            log_config=None,
+            # A deadline for request heads (uvicorn has none) and a bound on their size.
+            http=HeaderTimeoutH11Protocol.with_timeout(settings.header_timeout_s),
+            h11_max_incomplete_event_size=16 * 1024,
         )
         logger.info("hub HTTP on %s:%s, public URL %s", settings.host, settings.port, settings.public_url)
         # uvicorn re-raises the signal that stopped it once it is done; with Python's default

@@ -27,6 +27,9 @@ __all__ = [
     "DesiredState",
     "EnrollRequest",
     "EnrollResponse",
+    "LabelKey",
+    "LabelValue",
+    "Labels",
     "Message",
     "ModelStatus",
     "OutboxReport",
@@ -43,6 +46,10 @@ SCHEMA_VERSION = 1
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Version = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$", max_length=64)]
+# Device labels, the same rules wherever they are set (enrollment, the API, tokens, selectors).
+LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, Field(max_length=128)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32)]
 
 
 def utcnow() -> datetime:
@@ -235,8 +242,8 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     token: str = Field(min_length=1, max_length=256)
-    name: str | None = Field(default=None, max_length=128)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    labels: Labels = Field(default_factory=dict)
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
     agent_version: str = Field(default="", max_length=64)
 

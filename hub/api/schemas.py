@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.config import parse_rate_limit
 from hub.models import Role
-from shared.messages import CommandName
+from shared.messages import CommandName, LabelKey, Labels
 
 __all__ = [
     "ID_PATTERN",
@@ -38,10 +38,6 @@ __all__ = [
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 VERSION_PATTERN = r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$"
-
-LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
-LabelValue = Annotated[str, Field(max_length=128)]
-Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32)]
 
 
 class _Body(BaseModel):
