@@ -77,6 +77,10 @@ class HubSettings(BaseSettings):
     max_enroll_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /enroll (unauthenticated)")
     header_timeout_s: float = Field(default=10.0, gt=0, description="time for a request line and its headers")
     body_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for the next piece of a body")
+    protected_label_keys: list[str] = Field(
+        default_factory=lambda: ["ring"],
+        description="label keys a device may not set itself unless its token allows it (besides rollout selectors')",
+    )
     heartbeat_timeout_s: float = Field(default=90.0, gt=0)
     telemetry_batch_size: int = Field(default=500, ge=1)
     telemetry_flush_s: float = Field(default=1.0, gt=0)

@@ -183,6 +183,8 @@ class EnrollmentToken(SQLModel, table=True):
     token_hash: str = Field(max_length=64, unique=True)
     note: str = Field(default="", max_length=256)
     labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    # The label keys a device may set itself; None: any but the protected ones (hub.fleet.devices).
+    device_label_keys: list[str] | None = Field(default=None, sa_type=JSON)
     max_uses: int = Field(default=1, ge=1)
     uses: int = Field(default=0)
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -153,6 +153,7 @@ def create_enrollment_token(
     expires_in: timedelta | None = None,
     labels: dict[str, str] | None = None,
     note: str = "",
+    device_label_keys: list[str] | None = None,
 ) -> tuple[EnrollmentToken, str]:
     """Create an enrollment token; return the row and the secret (shown once)."""
     secret = new_secret(ENROLL_TOKEN_PREFIX)
@@ -161,6 +162,7 @@ def create_enrollment_token(
         max_uses=max_uses,
         expires_at=utcnow() + expires_in if expires_in is not None else None,
         labels=dict(labels or {}),
+        device_label_keys=sorted(set(device_label_keys)) if device_label_keys is not None else None,
         note=note,
         created_by=actor,
     )

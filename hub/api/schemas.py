@@ -83,6 +83,11 @@ class EnrollmentTokenCreate(_Body):
     max_uses: int = Field(default=1, ge=1, le=1_000_000)
     expires_in_s: int | None = Field(default=86400, ge=1, le=10 * 365 * 86400, description="None: never expires")
     labels: Labels = Field(default_factory=dict, description="applied to every device it enrolls")
+    device_label_keys: list[LabelKey] | None = Field(
+        default=None,
+        max_length=32,
+        description="label keys a device may set itself; default: any but the protected keys and those of rollout selectors",
+    )
     note: str = Field(default="", max_length=256)
 
 
@@ -92,6 +97,7 @@ class EnrollmentTokenPublic(BaseModel):
     id: int
     note: str
     labels: dict[str, str]
+    device_label_keys: list[str] | None = None
     max_uses: int
     uses: int
     expires_at: datetime | None

@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 
 from hub.audit import record
 from hub.config import HubSettings
-from hub.errors import ConflictError, NotFoundError, UnavailableError
-from hub.models import Device, VersionStatus, utcnow
+from hub.errors import ConflictError, NotFoundError, PermissionDeniedError, UnavailableError
+from hub.models import Device, Rollout, VersionStatus, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.security import (
     DEVICE_TOKEN_PREFIX,
@@ -86,11 +86,45 @@ def get_device(session: Session, device_id: str, *, for_update: bool = False) ->
     return device
 
 
+def refused_label_keys(
+    session: Session,
+    settings: HubSettings,
+    allowed: list[str] | None,
+    wanted: Mapping[str, str],
+    fixed: Mapping[str, str],
+) -> list[str]:
+    """Return the label keys a device asked for but may not set itself, sorted.
+
+    Keys the token fixes are not the device's to set (the token's value wins anyway).
+    A token with `allowed` keys lets the device set those only; without, any key but the
+    protected ones (`protected_label_keys`) and those a rollout selector has used, since
+    rollouts pick devices by them.
+    """
+    own = [key for key in wanted if key not in fixed]
+    if not own:
+        return []
+    if allowed is not None:
+        return sorted(key for key in own if key not in set(allowed))
+    protected = set(settings.protected_label_keys)
+    for spec in session.exec(select(Rollout.spec)).all():
+        selector = spec.get("selector") if isinstance(spec, dict) else None
+        if isinstance(selector, dict) and isinstance(selector.get("labels"), dict):
+            protected.update(selector["labels"])
+    return sorted(key for key in own if key in protected)
+
+
 def enroll(
     session: Session, settings: HubSettings, request: EnrollRequest, broker: BrokerCredentials | None = None
 ) -> EnrollResponse:
     """Trade an enrollment token and device facts for the device's own credentials."""
     token = claim_enrollment_token(session, request.token)
+    refused = refused_label_keys(session, settings, token.device_label_keys, request.labels, token.labels)
+    if refused:
+        session.rollback()  # the token's use is not spent on a refused enrollment
+        raise PermissionDeniedError(
+            f"this enrollment token does not let a device set label(s) {', '.join(refused)}: "
+            "put them on the token, or let the token allow them (device_label_keys)"
+        )
     device_id = f"dev-{uuid.uuid4().hex[:16]}"
     device_token, mqtt_password = new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)
     # Labels from the token win: an operator chose them, the device only suggests.
