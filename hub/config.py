@@ -72,6 +72,11 @@ class HubSettings(BaseSettings):
     signing_key_path: Path | None = Field(default=None, description="default <data_dir>/signing_key.pem")
     rate_limit: str = Field(default="1000/minute", description="per API key, such as 100/hour")
     enroll_rate_limit: str = Field(default="600/minute", description="POST /enroll per client address")
+    device_rate_limit: str = Field(default="600/minute", description="per device token")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses whose X-Forwarded-For / X-Forwarded-Proto are believed; default none",
+    )
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1, description="model uploads, after authentication")
     max_json_bytes: int = Field(default=256 * 1024, ge=1024, description="any other request body")
     max_enroll_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /enroll (unauthenticated)")
@@ -87,7 +92,7 @@ class HubSettings(BaseSettings):
     command_ttl_s: int = Field(default=3600, ge=1)
     metrics_public: bool = Field(default=True, description="serve /metrics without a key (for Prometheus)")
 
-    @field_validator("rate_limit", "enroll_rate_limit")
+    @field_validator("rate_limit", "enroll_rate_limit", "device_rate_limit")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
         parse_rate_limit(value)
@@ -141,6 +146,11 @@ class HubSettings(BaseSettings):
     def api_rate(self) -> tuple[int, int]:
         """Return the per-key limit as (requests, period seconds)."""
         return parse_rate_limit(self.rate_limit)
+
+    @property
+    def device_rate(self) -> tuple[int, int]:
+        """Return the per-device-token limit as (requests, period seconds)."""
+        return parse_rate_limit(self.device_rate_limit)
 
     @property
     def enroll_rate(self) -> tuple[int, int]:

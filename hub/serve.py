@@ -60,6 +60,9 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") 
             log_level=log_level,
             access_log=False,
             log_config=None,
+            # X-Forwarded-* only from the proxies the operator named (uvicorn trusts 127.0.0.1 by default).
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies) or None,
             # A deadline for request heads (uvicorn has none) and a bound on their size.
             http=HeaderTimeoutH11Protocol.with_timeout(settings.header_timeout_s),
             h11_max_incomplete_event_size=16 * 1024,
