@@ -11,11 +11,11 @@ Roles (dynamic-security ACLs cannot use ``%u`` patterns, so every device gets it
     autodl-hub               the hub's user: everything, plus $CONTROL/dynamic-security
     autodl-device-{id}       publish  autodl/v1/devices/{id}/{reported,results,telemetry,online}
                              subscribe + receive autodl/v1/devices/{id}/{desired,commands}
-                             subscribe + receive autodl/v1/models/+/releases
     default ACL access       deny publish, subscribe and receive for anything not granted
 
-A device subscribes to those exact topics (or to a concrete ``models/{name}/releases``);
-``devices/{id}/#`` is refused by the broker.
+A device subscribes to those exact topics; ``devices/{id}/#`` is refused by the broker,
+and so are the release topics (agents learn versions from their desired state only, so
+no device learns what other models the hub holds).
 
 Client ids are bound to identities: a device's user carries ``clientid`` = its device id
 (= its username), so the broker refuses a connection that presents another client id
@@ -152,10 +152,9 @@ def device_role_name(device_id: str) -> str:
 
 
 def device_role_acls(device_id: str) -> list[dict[str, Any]]:
-    """Return the ACL of one device: its own topics and every model's releases."""
+    """Return the ACL of one device: its own topics, nothing else."""
     acls = [_acl("publishClientSend", topics.device_topic(device_id, ch)) for ch in sorted(topics.DEVICE_TO_HUB)]
     readable = [topics.device_topic(device_id, ch) for ch in sorted(topics.HUB_TO_DEVICE)]
-    readable.append(topics.release_wildcard())
     for topic in readable:
         acls.append(_acl("subscribePattern", topic))
         acls.append(_acl("publishClientReceive", topic))

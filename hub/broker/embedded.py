@@ -37,6 +37,7 @@ from hub.broker.admin import (
     DynsecCommandError,
     MqttEndpoint,
     default_acl_access,
+    device_role_acls,
     hash_password,
     hub_role_acls,
     verify_password,
@@ -164,6 +165,14 @@ def write_hub_dynsec(path: Path, username: str, password: str) -> None:
         # Devices enrolled before client ids were bound get the binding now (client id = username).
         if any(str(r.get("rolename", "")).startswith(DEVICE_ROLE_PREFIX) for r in client.get("roles", [])):
             client["clientid"] = client.get("username")
+    for device_role in roles:
+        # And their roles today's ACL (no release topics since "Hardening").
+        name = str(device_role.get("rolename", ""))
+        if name.startswith(DEVICE_ROLE_PREFIX):
+            try:
+                device_role["acls"] = device_role_acls(name[len(DEVICE_ROLE_PREFIX) :])
+            except ValueError:
+                logger.warning("dynamic-security role %s does not name a valid device id; left as it is", name)
     config["defaultACLAccess"] = default_acl_access()
     _write_private(path, json.dumps(config, indent=1))
 

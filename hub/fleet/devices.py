@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 from hub.audit import record
 from hub.config import HubSettings
 from hub.errors import ConflictError, NotFoundError, PermissionDeniedError, UnavailableError
-from hub.models import Device, Rollout, VersionStatus, utcnow
+from hub.models import Artifact, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.security import (
     DEVICE_TOKEN_PREFIX,
@@ -84,6 +84,34 @@ def get_device(session: Session, device_id: str, *, for_update: bool = False) ->
     if device is None:
         raise UnknownDeviceError(f"no device {device_id!r}")
     return device
+
+
+def desired_versions(session: Session, device_id: str) -> set[tuple[str, str]]:
+    """Return the (model, version) pairs in a device's desired state: all a device token may read."""
+    desired = session.exec(select(Device.desired).where(Device.id == device_id)).first() or {}
+    models = desired.get("models") if isinstance(desired, dict) else None
+    if not isinstance(models, dict):
+        return set()
+    return {(str(name), str(entry.get("version"))) for name, entry in models.items() if isinstance(entry, dict)}
+
+
+def device_may_read_version(session: Session, device_id: str, model: str, version: str) -> bool:
+    """Return True when `model` `version` is in the device's desired state."""
+    return (model, version) in desired_versions(session, device_id)
+
+
+def device_may_read_artifact(session: Session, device_id: str, sha256: str) -> bool:
+    """Return True when a file with `sha256` belongs to a version in the device's desired state."""
+    allowed = desired_versions(session, device_id)
+    if not allowed:
+        return False
+    owners = session.exec(
+        select(Model.name, ModelVersion.version)
+        .join(ModelVersion, col(ModelVersion.model_id) == col(Model.id))
+        .join(Artifact, col(Artifact.version_id) == col(ModelVersion.id))
+        .where(Artifact.sha256 == sha256)
+    ).all()
+    return any((name, version) in allowed for name, version in owners)
 
 
 def refused_label_keys(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hub.broker.admin import device_role_acls
 from hub.broker.embedded import (
     BrokerAdmin,
     BrokerStartError,
@@ -112,7 +113,7 @@ def test_device_cannot_read_or_write_another_devices_topics(
     assert a.received(b_commands) == []
 
 
-def test_device_publishes_its_own_topics_and_reads_releases(
+def test_device_publishes_its_own_topics_and_reads_no_releases(
     broker: EmbeddedBroker, admin: BrokerAdmin, probes: list[Probe]
 ) -> None:
     hub = connected(broker, probes, HUB_USER, HUB_PASSWORD)
@@ -128,8 +129,9 @@ def test_device_publishes_its_own_topics_and_reads_releases(
 
     for channel in topics.HUB_TO_DEVICE:
         assert not a.subscribe(topics.device_topic("dev-a", channel)).is_failure
-    assert not a.subscribe(topics.release_wildcard()).is_failure
-    assert a.wait_message(release, b"release 1.0.0")  # the retained release
+    # Releases would tell a device which models the hub holds: it learns versions from its desired state.
+    assert a.subscribe(topics.release_wildcard()).is_failure
+    assert a.subscribe(release).is_failure
     hub.publish(topics.device_topic("dev-a", DeviceChannel.DESIRED), b"desired", retain=True)
     assert a.wait_message(topics.device_topic("dev-a", DeviceChannel.DESIRED), b"desired")
 
@@ -141,6 +143,7 @@ def test_device_publishes_its_own_topics_and_reads_releases(
     assert hub.wait_message(topics.device_topic("dev-a", DeviceChannel.ONLINE), b"barrier")
     assert hub.received(topics.release_topic("evil")) == []
     assert a.received(topics.device_topic("dev-a", DeviceChannel.DESIRED)) == [b"desired"]
+    assert a.received(release) == []
 
 
 def test_hub_has_full_access_and_strangers_are_refused(
@@ -358,11 +361,16 @@ def test_a_device_presenting_another_clients_id_is_refused_and_the_victim_keeps_
 def test_devices_enrolled_before_the_binding_are_bound_at_start(tmp_path: Path) -> None:
     path = tmp_path / "dynamic-security.json"
     device = {"username": "dev-old", "roles": [{"rolename": "autodl-device-dev-old"}]}
-    path.write_text(json.dumps({"clients": [device], "roles": [], "groups": []}))
+    old_acl = {"acltype": "subscribePattern", "topic": topics.release_wildcard(), "allow": True}
+    role = {"rolename": "autodl-device-dev-old", "acls": [old_acl]}
+    path.write_text(json.dumps({"clients": [device], "roles": [role], "groups": []}))
     write_hub_dynsec(path, HUB_USER, HUB_PASSWORD)
-    clients = {c["username"]: c for c in json.loads(path.read_text())["clients"]}
+    written = json.loads(path.read_text())
+    clients = {c["username"]: c for c in written["clients"]}
     assert clients["dev-old"]["clientid"] == "dev-old"
     assert "clientid" not in clients[HUB_USER]
+    roles = {r["rolename"]: r for r in written["roles"]}
+    assert roles["autodl-device-dev-old"]["acls"] == device_role_acls("dev-old")  # no more release topics
 
 
 def test_the_hubs_client_id_is_stable_per_replica_and_not_guessable() -> None:
