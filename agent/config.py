@@ -7,6 +7,7 @@ environment: a settings library would cost the daemon 5 MB of RSS for this one l
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.errors import FatalError, NotEnrolledError
 from shared.messages import EnrollResponse, utcnow
 
-__all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
+__all__ = [
+    "AgentSettings",
+    "Identity",
+    "default_state_dir",
+    "delete_identity",
+    "load_identity",
+    "make_private",
+    "save_identity",
+]
 
 IDENTITY_FILE = "identity.json"
 ENV_PREFIX = "AUTODL_AGENT_"
@@ -40,8 +49,9 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     state_dir: Path = Field(default_factory=default_state_dir)
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="local API bind address: loopback unless opened on purpose")
     port: int = Field(default=8500, ge=0, le=65535)
+    api_token: str | None = Field(default=None, min_length=16, description="bearer token the local API requires")
     log_level: str = "INFO"
     # MQTT session
     keepalive_s: int = Field(default=30, ge=1)
@@ -126,6 +136,25 @@ class Identity(BaseModel):
     def from_response(cls, response: EnrollResponse, name: str | None) -> Identity:
         """Build the identity from the hub's enrollment answer."""
         return cls(name=name, **response.model_dump())
+
+
+def make_private(root: Path) -> None:
+    """Keep state to its owner: files made from now on 0600/0700 (umask), existing ones tightened.
+
+    Run at start, so a state dir made by an older version or by hand is fixed too.
+    """
+    os.umask(0o077)
+    if not root.exists():
+        return
+    for path in [root, *root.rglob("*")]:
+        try:
+            if path.is_symlink():
+                continue
+            mode = 0o700 if path.is_dir() else 0o600
+            if path.stat().st_mode & 0o777 & ~mode:
+                os.chmod(path, path.stat().st_mode & mode)
+        except OSError as exc:  # a read-only mount, another owner: say so, keep going
+            logging.getLogger(__name__).warning("cannot tighten the mode of %s: %s", path, exc)
 
 
 def save_identity(settings: AgentSettings, identity: Identity) -> Path:

@@ -19,7 +19,7 @@ from agent import __version__
 from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
 from agent.commands import CommandHandler
-from agent.config import AgentSettings, Identity, load_identity
+from agent.config import AgentSettings, Identity, load_identity, make_private
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
@@ -100,6 +100,7 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, identity: Identity | None = None) -> None:
         self.settings = settings
+        make_private(settings.state_dir)
         self.identity = identity or load_identity(settings)
         self.profile = detect_profile(settings.state_dir)
         self.store = Store(settings.db_path)
@@ -158,6 +159,8 @@ class Agent:
             track=self.watchdog.request,
             metrics=self.metrics_text,
             live=self.live,
+            api_token=settings.api_token,
+            bind_host=settings.host,
         )
         self.server = InferenceServer(settings.host, settings.port, context)
 

@@ -25,7 +25,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent import __version__
+from agent import __version__, local_access
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
@@ -48,6 +48,8 @@ class ServerContext:
     track: Callable[[LoadedModel], AbstractContextManager[Any]] = lambda model: nullcontext()
     metrics: Callable[[], str] = lambda: ""
     live: Callable[[], bool] = lambda: True
+    api_token: str | None = None  # agent.local_access: bearer token, Host checks
+    bind_host: str = "127.0.0.1"
 
 
 class _Text(str):
@@ -76,6 +78,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         ctx = self.server.context
         path = self.path.split("?", 1)[0].rstrip("/")
+        host, authorization = self.headers.get("Host"), self.headers.get("Authorization")
+        refused = local_access.refusal(ctx.api_token, ctx.bind_host, path, host, authorization)
+        if refused is not None:
+            self.close_connection = True  # its body, if any, is not read
+            self._send(refused[0], {"error": refused[1]})
+            return
         try:
             status, body = self._route(ctx, method, path)
         except _HttpError as exc:

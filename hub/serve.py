@@ -14,7 +14,7 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
-from hub.config import HubSettings
+from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.limits import HeaderTimeoutH11Protocol
 from hub.main import create_app
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info") -> None:
     """Serve until SIGINT or SIGTERM."""
+    make_private(settings.data_dir)
     engine = create_engine_for(settings)
     migrate(engine)
     sessions = session_factory(engine)

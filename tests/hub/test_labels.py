@@ -19,6 +19,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
         yield process
 
 
+def test_the_hubs_state_is_its_owners_only(hub: HubProcess) -> None:
+    # `autodl-hub init` made the data dir and the database; `serve` tightened them at start.
+    assert hub.data_dir.stat().st_mode & 0o777 == 0o700
+    for path in hub.data_dir.rglob("*"):
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+
+
 def _token(hub: HubProcess, **body: Any) -> str:
     with hub.api() as client:
         response = client.post("/enrollment-tokens", json={"max_uses": 5, **body})
