@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "ApiKey",
+    "UiSession",
     "Artifact",
     "AuditEvent",
     "Command",
@@ -207,6 +208,18 @@ class ApiKey(SQLModel, table=True):
     created_by: str = Field(default="", max_length=128)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class UiSession(SQLModel, table=True):
+    """A dashboard session: a random id (only its hash stored) bound to one API key, with its CSRF token."""
+
+    __tablename__ = "ui_session"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    api_key_id: int = Field(foreign_key="api_key.id", index=True)
+    csrf: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class Command(SQLModel, table=True):
