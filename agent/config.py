@@ -75,6 +75,10 @@ class AgentSettings(BaseModel):
     publish_timeout_s: float = Field(default=10.0, gt=0, description="wait for a PUBACK before resending")
     telemetry_interval_s: float = Field(default=10.0, gt=0, description="aggregation period of telemetry points")
     heartbeat_s: float = Field(default=30.0, gt=0, description="presence is re-published this often")
+    telemetry_max_points_s: float = Field(
+        default=1000.0, gt=0, description="send no faster (the hub's per-device quota); the rest waits in the outbox"
+    )
+    telemetry_burst_s: float = Field(default=10.0, gt=0, description="seconds of that rate sent at once")
     # Commands
     command_rate: int = Field(default=30, ge=1, description="commands accepted per minute; more are refused")
     # Self-healing

@@ -271,6 +271,7 @@ class Agent:
             "outbox_bytes": float(stats.bytes),
             "outbox_dropped_total": float(stats.dropped),
             "outbox_refused_total": float(stats.refused),
+            "outbox_throttled_total": float(self.session.throttled),
             "mqtt_connected": float(self.session.connected.is_set()),
             "watchdog_reloads_total": float(self.watchdog.reloads),
             **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},

@@ -91,6 +91,9 @@ class MqttSession:
         self.store = store
         self.sent_points = 0
         self.refusals = 0  # consecutive refused deliveries (the backoff's exponent)
+        self.throttled = 0  # rounds that held telemetry back to stay within the hub's quota
+        self._budget = settings.telemetry_max_points_s * settings.telemetry_burst_s
+        self._budget_at = time.monotonic()
         # PUBACK reason codes by message id. paho calls on_publish before it marks the message
         # published, so the code is here by the time the sender sees it acknowledged.
         self._puback_reasons: dict[int, int] = {}
@@ -210,7 +213,11 @@ class MqttSession:
                 return outcome
             self.store.ack_messages([message.seq])
             sent = True
-        rows = self.store.next_telemetry(self.settings.outbox_batch)
+        allowed = self._telemetry_budget()
+        if allowed < 1:
+            self.throttled += 1
+            return _Round.SENT if sent else _Round.IDLE  # the points wait in the outbox for budget
+        rows = self.store.next_telemetry(min(self.settings.outbox_batch, allowed))
         if rows:
             batch = TelemetryBatch(
                 device_id=self.identity.device_id,
@@ -222,8 +229,17 @@ class MqttSession:
                 return outcome
             self.store.ack_telemetry([seq for seq, _ in rows])
             self.sent_points += len(rows)
+            self._budget -= len(rows)
             sent = True
         return _Round.SENT if sent else _Round.IDLE
+
+    def _telemetry_budget(self) -> int:
+        """Return how many points may go now: a token bucket at the hub's per-device quota."""
+        rate, burst = self.settings.telemetry_max_points_s, self.settings.telemetry_burst_s
+        now = time.monotonic()
+        self._budget = min(rate * burst, self._budget + (now - self._budget_at) * rate)
+        self._budget_at = now
+        return int(self._budget)
 
     def _delivered(self, info: mqtt.MQTTMessageInfo, *, retained: bool) -> _Round:
         """Wait for the PUBACK and judge its reason code; the rows stay queued unless SENT."""

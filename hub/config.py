@@ -87,6 +87,13 @@ class HubSettings(BaseSettings):
         default_factory=lambda: ["ring"],
         description="label keys a device may not set itself unless its token allows it (besides rollout selectors')",
     )
+    telemetry_quota_points_s: float = Field(default=1000.0, gt=0, description="telemetry points per second per device")
+    telemetry_quota_bytes_s: float = Field(
+        default=1024 * 1024, gt=0, description="telemetry bytes per second per device"
+    )
+    telemetry_quota_burst_s: float = Field(
+        default=10.0, gt=0, description="seconds of quota a device may spend at once"
+    )
     heartbeat_timeout_s: float = Field(default=90.0, gt=0)
     telemetry_batch_size: int = Field(default=500, ge=1)
     telemetry_flush_s: float = Field(default=1.0, gt=0)

@@ -44,6 +44,7 @@ from hub.broker.admin import MqttEndpoint
 from hub.fleet.commands import to_message
 from hub.messaging.decode import TelemetryRows, decode_telemetry
 from hub.messaging.ingest import CounterSnapshot, IngestRejected, MessageCounters
+from hub.messaging.quota import TelemetryQuota
 from hub.messaging.writer import Inbound, IngestWriter
 from hub.models import Command, CommandStatus, Device, utcnow
 from shared import codec, topics
@@ -117,6 +118,11 @@ class HubMessaging:
         self.session_expiry_s = session_expiry_s
         self._sessions = session_factory
         self.counters = MessageCounters()
+        self.quota = TelemetryQuota(
+            float(settings.telemetry_quota_points_s),
+            float(settings.telemetry_quota_bytes_s),
+            float(settings.telemetry_quota_burst_s),
+        )
         heartbeat = float(settings.heartbeat_timeout_s)
         self._writer = IngestWriter(
             session_factory,
@@ -268,6 +274,10 @@ class HubMessaging:
         if parsed.channel is DeviceChannel.TELEMETRY:
             # Most of the traffic: validated straight into rows (same rules, same error reasons).
             message = decode_telemetry(bytes(msg.payload), max_bytes=self.max_payload_bytes)
+            if message.device_id == parsed.subject and not self.quota.allow(
+                message.device_id, message.count, len(msg.payload)
+            ):
+                raise IngestRejected("quota", f"{message.count} points from {message.device_id} over its quota")
         else:
             message = codec.decode(bytes(msg.payload), _EXPECTED[parsed.channel], max_bytes=self.max_payload_bytes)
         if message.device_id != parsed.subject:

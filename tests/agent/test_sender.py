@@ -67,9 +67,9 @@ class Hub:
         self.client.disconnect()
 
 
-def session(broker: Broker, tmp_path: Path, store: Store) -> MqttSession:
+def session(broker: Broker, tmp_path: Path, store: Store, **overrides: Any) -> MqttSession:
     settings = AgentSettings(
-        state_dir=tmp_path, backoff_min_s=0.05, backoff_max_s=0.2, outbox_batch=500, publish_timeout_s=2
+        state_dir=tmp_path, backoff_min_s=0.05, backoff_max_s=0.2, outbox_batch=500, publish_timeout_s=2, **overrides
     )
     identity = Identity(
         device_id=DEVICE, device_token="t" * 16, mqtt_host=broker.host, mqtt_port=broker.port,
@@ -157,3 +157,22 @@ def test_no_matching_subscribers_keeps_the_rows_until_the_hub_subscribes_again(
         s.stop()
         if hub is not None:
             hub.close()
+
+
+def test_telemetry_beyond_the_quota_waits_in_the_outbox_and_arrives_later(mqtt_broker: Broker, tmp_path: Path) -> None:
+    hub = Hub(mqtt_broker)
+    store = Store(tmp_path / "agent.db")
+    # 100 points at once, then 100 a second.
+    s = session(mqtt_broker, tmp_path, store, telemetry_max_points_s=100.0, telemetry_burst_s=1.0)
+    store.enqueue_telemetry(points(400))
+    s.start()
+    try:
+        wait_until(lambda: len(hub.seqs()) >= 100, 30, "the first burst")
+        # Held back, not dropped: the rest is still queued while the first points are at the hub.
+        assert store.outbox_stats().telemetry_pending > 0 and store.outbox_stats().dropped == 0
+        wait_until(lambda: len(hub.seqs()) >= 400, 60, "every point, later")
+        assert hub.seqs() == list(range(1, 401))
+        assert s.throttled > 0
+    finally:
+        s.stop()
+        hub.close()

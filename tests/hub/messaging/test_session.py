@@ -505,3 +505,20 @@ def test_messages_a_crashed_hub_never_stored_are_delivered_again(sqlite_rig: Rig
     rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
     rig.messaging.start()
     assert wait_until(lambda: rig.points(rig.a) == 6)
+
+
+def test_a_device_over_its_telemetry_quota_is_refused_while_another_devices_points_arrive(tmp_path: Path) -> None:
+    overrides = {"telemetry_quota_points_s": 10.0, "telemetry_quota_burst_s": 10.0}  # 100 points at once
+    for quota_rig in make_rig(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}", **overrides):
+        _flood(quota_rig)
+
+
+def _flood(rig: Rig) -> None:
+    flooder, neighbour = rig.as_device(rig.a), rig.as_device(rig.b)
+    for i in range(10):
+        assert flooder.publish(telemetry(rig.a), batch(rig.a, i * 100, 100)) is not None
+    assert neighbour.publish(telemetry(rig.b), batch(rig.b, 0, 50)) is not None
+    assert wait_until(lambda: rig.points(rig.b) == 50), rig.points(rig.b)
+    assert wait_until(lambda: rig.messaging.snapshot().rejected.get("quota", 0) >= 5)
+    # The first batch fit the burst; most of the rest did not (a few seconds refill 10 per second).
+    assert 100 <= rig.points(rig.a) <= 400
