@@ -94,6 +94,9 @@ class HubSettings(BaseSettings):
     telemetry_quota_burst_s: float = Field(
         default=10.0, gt=0, description="seconds of quota a device may spend at once"
     )
+    telemetry_retention_s: float = Field(default=30 * 86400, gt=0, description="raw points older than this are pruned")
+    telemetry_max_points: int = Field(default=50_000_000, ge=1, description="raw points kept at most (oldest go first)")
+    telemetry_prune_interval_s: float = Field(default=600.0, gt=0, description="how often retention runs")
     heartbeat_timeout_s: float = Field(default=90.0, gt=0)
     telemetry_batch_size: int = Field(default=500, ge=1)
     telemetry_flush_s: float = Field(default=1.0, gt=0)

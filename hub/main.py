@@ -16,6 +16,7 @@ from hub.api import artifacts, commands, devices, enroll, health, jobs, keys, mo
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
+from hub.fleet.retention import install as install_retention
 from hub.limits import RequestLimits, upload_authorizer
 from hub.metrics import HubMetrics
 from hub.rollouts.controller import install as install_rollouts
@@ -93,6 +94,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
     install_rollouts(app, settings, sessions, messaging)
+    install_retention(app, settings, sessions)
 
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(IntegrityError, _integrity_error)

@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "ApiKey",
+    "TelemetryRollup",
     "UiSession",
     "Artifact",
     "AuditEvent",
@@ -256,6 +257,22 @@ class TelemetryPoint(SQLModel, table=True):
     name: str = Field(max_length=128)
     value: float
     labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """Hourly history of one device's metric, kept after its raw points are pruned (hub.fleet.retention)."""
+
+    __tablename__ = "telemetry_rollup"
+    __table_args__ = (UniqueConstraint("device_id", "name", "hour", name="uq_telemetry_rollup"),)
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    device_id: str = Field(max_length=128, index=True)
+    name: str = Field(max_length=128)
+    hour: datetime = Field(sa_type=UTCDateTime)
+    count: int = Field(sa_type=BigInteger)
+    sum: float
+    min: float
+    max: float
 
 
 class AuditEvent(SQLModel, table=True):
