@@ -73,8 +73,9 @@ class Rig:
             return device
 
     def probe(self, user: str, password: str) -> Probe:
-        """Connect an MQTT client as `user`."""
-        probe = Probe(self.broker.port, user, password)
+        """Connect an MQTT client as `user` (a device presents its own id; hub probes each their own)."""
+        client_id = f"{user}-probe-{uuid.uuid4().hex[:8]}" if user == HUB_USER else None
+        probe = Probe(self.broker.port, user, password, client_id=client_id)
         self.probes.append(probe)
         assert not probe.connect().is_failure
         return probe
@@ -265,12 +266,16 @@ def test_desired_state_releases_and_commands_reach_the_device(rig: Rig) -> None:
     assert rig.messaging.publish_release(Release(name="digits", version="1.0.0", manifest_url="http://hub/m"))
 
     device = rig.as_device(rig.a)  # subscribes after the fact: both are retained
+    hub = rig.probe(HUB_USER, HUB_PASSWORD)
     desired_topic = topics.device_topic(rig.a, DeviceChannel.DESIRED)
     commands_topic = topics.device_topic(rig.a, DeviceChannel.COMMANDS)
-    for topic in (desired_topic, commands_topic, topics.release_wildcard()):
+    for topic in (desired_topic, commands_topic):
         assert not device.subscribe(topic).is_failure
+    # Releases are the hub's (replicas, tools): devices learn versions from their desired state.
+    assert device.subscribe(topics.release_wildcard()).is_failure
+    assert not hub.subscribe(topics.release_wildcard()).is_failure
     assert device.wait_message(desired_topic)
-    assert device.wait_message(topics.release_topic("digits"))
+    assert hub.wait_message(topics.release_topic("digits"))
     assert codec.decode(device.received(desired_topic)[-1], DesiredState) == desired
 
     expires = datetime.now(UTC) + timedelta(seconds=120)
