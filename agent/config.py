@@ -76,9 +76,9 @@ class AgentSettings(BaseModel):
     telemetry_interval_s: float = Field(default=10.0, gt=0, description="aggregation period of telemetry points")
     heartbeat_s: float = Field(default=30.0, gt=0, description="presence is re-published this often")
     telemetry_max_points_s: float = Field(
-        default=1000.0, gt=0, description="send no faster (the hub's per-device quota); the rest waits in the outbox"
+        default=100.0, gt=0, description="send no faster (the hub's per-device quota); the rest waits in the outbox"
     )
-    telemetry_burst_s: float = Field(default=10.0, gt=0, description="seconds of that rate sent at once")
+    telemetry_burst_s: float = Field(default=600.0, gt=0, description="seconds of that rate sent at once")
     # Commands
     command_rate: int = Field(default=30, ge=1, description="commands accepted per minute; more are refused")
     # Self-healing

@@ -87,12 +87,10 @@ class HubSettings(BaseSettings):
         default_factory=lambda: ["ring"],
         description="label keys a device may not set itself unless its token allows it (besides rollout selectors')",
     )
-    telemetry_quota_points_s: float = Field(default=1000.0, gt=0, description="telemetry points per second per device")
-    telemetry_quota_bytes_s: float = Field(
-        default=1024 * 1024, gt=0, description="telemetry bytes per second per device"
-    )
+    telemetry_quota_points_s: float = Field(default=100.0, gt=0, description="telemetry points per second per device")
+    telemetry_quota_bytes_s: float = Field(default=64 * 1024, gt=0, description="telemetry bytes per second per device")
     telemetry_quota_burst_s: float = Field(
-        default=10.0, gt=0, description="seconds of quota a device may spend at once"
+        default=600.0, gt=0, description="seconds of quota a device may spend at once"
     )
     telemetry_retention_s: float = Field(default=30 * 86400, gt=0, description="raw points older than this are pruned")
     telemetry_max_points: int = Field(default=50_000_000, ge=1, description="raw points kept at most (oldest go first)")

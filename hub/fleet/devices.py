@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 from hub.audit import record
 from hub.config import HubSettings
 from hub.errors import ConflictError, NotFoundError, PermissionDeniedError, UnavailableError
-from hub.models import Artifact, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
+from hub.models import Artifact, Command, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.security import (
     DEVICE_TOKEN_PREFIX,
@@ -87,12 +87,28 @@ def get_device(session: Session, device_id: str, *, for_update: bool = False) ->
 
 
 def desired_versions(session: Session, device_id: str) -> set[tuple[str, str]]:
-    """Return the (model, version) pairs in a device's desired state: all a device token may read."""
+    """Return the (model, version) pairs a device token may read.
+
+    Those of its desired state, and those an operator sent it with a ``deploy`` command
+    (which bypasses the desired state) that has not expired.
+    """
     desired = session.exec(select(Device.desired).where(Device.id == device_id)).first() or {}
     models = desired.get("models") if isinstance(desired, dict) else None
-    if not isinstance(models, dict):
-        return set()
-    return {(str(name), str(entry.get("version"))) for name, entry in models.items() if isinstance(entry, dict)}
+    pairs: set[tuple[str, str]] = set()
+    if isinstance(models, dict):
+        pairs = {(str(name), str(entry.get("version"))) for name, entry in models.items() if isinstance(entry, dict)}
+    now = utcnow()
+    deploys = session.exec(
+        select(Command.args).where(
+            Command.device_id == device_id,
+            Command.name == "deploy",
+            col(Command.expires_at).is_(None) | (col(Command.expires_at) > now),
+        )
+    ).all()
+    for args in deploys:
+        if isinstance(args, dict) and "model" in args and "version" in args:
+            pairs.add((str(args["model"]), str(args["version"])))
+    return pairs
 
 
 def device_may_read_version(session: Session, device_id: str, model: str, version: str) -> bool:
