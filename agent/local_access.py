@@ -12,7 +12,10 @@ from __future__ import annotations
 import secrets
 from http import HTTPStatus
 
-__all__ = ["OPEN_PATHS", "refusal"]
+from agent.http_messages import HttpError, Request, Response, Streaming
+from agent.routing import Handler, Router
+
+__all__ = ["OPEN_PATHS", "GuardedRouter", "refusal"]
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz"})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -38,3 +41,29 @@ def refusal(
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
             return HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <the agent's API token>"
     return None
+
+
+class GuardedRouter(Router):
+    """The API's route table, each handler behind `refusal` (the one place the local API checks access)."""
+
+    def __init__(self, token: str | None, bind_host: str) -> None:
+        super().__init__()
+        self.token = token
+        self.bind_host = bind_host
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        """Return the route's handler, wrapped so it first checks the caller."""
+        handler, params = super().match(method, path)
+
+        def guarded(request: Request) -> Response | Streaming:
+            headers = request.headers  # lower-case names (agent.http)
+            refused = refusal(
+                self.token, self.bind_host, request.path, headers.get("host"), headers.get("authorization")
+            )
+            if refused is not None:
+                status, reason = refused
+                extra = (("WWW-Authenticate", "Bearer"),) if status == HTTPStatus.UNAUTHORIZED else ()
+                raise HttpError(status, reason, "unauthorized" if extra else "misdirected", extra)
+            return handler(request)
+
+        return guarded, params

@@ -29,7 +29,7 @@ from hub.rollouts.history import record_changes  # noqa: E402
 from hub.rollouts.spec import RolloutSpec  # noqa: E402
 from hub.security import load_or_create_signing_key  # noqa: E402
 from shared.messages import DesiredState, ModelStatus, ReportedState, UpdateState  # noqa: E402
-from tests.agent.models import make_release, write_files  # noqa: E402
+from tests.support.models import make_release, write_files  # noqa: E402
 
 
 def run(size: int, workdir: Path, database_url: str) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from agent.sync import MqttSession
 from shared import topics
 from shared.codec import decode, encode
 from shared.messages import CommandResult, TelemetryBatch
-from tests.agent.process import wait_until
 from tests.support.processes import Broker
+from tests.support.waiting import wait_for
 
 DEVICE = "dev-sender"
 
@@ -106,8 +106,8 @@ def test_backlog_drains_in_order_with_live_results_first_and_the_bound_counted(
         assert stats.messages_pending == 2
         kept = stats.telemetry_pending
         mqtt_broker.start()
-        wait_until(lambda: store.outbox_stats().telemetry_pending == 0, 60, "drained")
-        wait_until(lambda: len(hub.seqs()) >= kept, 30, "all points received")
+        wait_for("drained", lambda: store.outbox_stats().telemetry_pending == 0, 60)
+        wait_for("all points received", lambda: len(hub.seqs()) >= kept, 30)
         seqs = hub.seqs()
         # The newest points survived the bound, each arrived once, in order.
         assert seqs == list(range(10_001 - kept, 10_001))
@@ -134,21 +134,21 @@ def test_no_matching_subscribers_keeps_the_rows_until_the_hub_subscribes_again(
     s.start()  # nobody subscribes: each PUBACK says 0x10 "no matching subscribers"
     hub: Hub | None = None
     try:
-        wait_until(lambda: store.outbox_stats().refused >= 3, 30, "refusals counted and retried")
+        wait_for("refusals counted and retried", lambda: store.outbox_stats().refused >= 3, 30)
         stats = store.outbox_stats()
         assert stats.telemetry_pending == 10 and stats.messages_pending == 1
         hub = Hub(mqtt_broker)
-        wait_until(lambda: len(hub.seqs()) >= 10, 30, "the kept points delivered")
+        wait_for("the kept points delivered", lambda: len(hub.seqs()) >= 10, 30)
         assert hub.seqs() == list(range(1, 11))
         with hub.lock:
             assert ("result", "r-1") in hub.arrivals
-        wait_until(lambda: store.outbox_stats().telemetry_pending == 0, 10, "the rows acknowledged")
+        wait_for("the rows acknowledged", lambda: store.outbox_stats().telemetry_pending == 0, 10)
         assert store.outbox_stats().messages_pending == 0
         refused = store.outbox_stats().refused
         assert s.refusals == 0  # a delivery ends the backoff
         store.enqueue_telemetry(points(5))
         s.wake()
-        wait_until(lambda: len(hub.seqs()) >= 15, 30, "new points delivered")
+        wait_for("new points delivered", lambda: len(hub.seqs()) >= 15, 30)
         assert store.outbox_stats().refused == refused
         # The hub sees the count in the reported state.
         reported = reported_state(s.identity, store, 0, None, [])
@@ -167,10 +167,10 @@ def test_telemetry_beyond_the_quota_waits_in_the_outbox_and_arrives_later(mqtt_b
     store.enqueue_telemetry(points(400))
     s.start()
     try:
-        wait_until(lambda: len(hub.seqs()) >= 100, 30, "the first burst")
+        wait_for("the first burst", lambda: len(hub.seqs()) >= 100, 30)
         # Held back, not dropped: the rest is still queued while the first points are at the hub.
         assert store.outbox_stats().telemetry_pending > 0 and store.outbox_stats().dropped == 0
-        wait_until(lambda: len(hub.seqs()) >= 400, 60, "every point, later")
+        wait_for("every point, later", lambda: len(hub.seqs()) >= 400, 60)
         assert hub.seqs() == list(range(1, 401))
         assert s.throttled > 0
     finally:

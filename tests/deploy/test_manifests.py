@@ -13,7 +13,7 @@ import pytest
 from agent.config import AgentSettings
 from agent.entrypoint import ENV_VARS as AGENT_ENTRYPOINT_ENV
 from hub.config import HubSettings
-from tests.deploy.conftest import K3S, OVERLAYS
+from tests.support.paths import K3S, OVERLAYS
 
 Render = Callable[[Path], list[dict[str, Any]]]
 Doc = dict[str, Any]

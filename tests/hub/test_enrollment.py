@@ -19,7 +19,7 @@ from hub.models import Device, EnrollmentToken, Rollout
 from hub.security import create_enrollment_token
 from shared.manifest import load_public_key
 from shared.messages import EnrollRequest, EnrollResponse
-from tests.hub.conftest import Hub
+from tests.support.hub_app import Hub
 from tests.support.processes import free_port
 
 

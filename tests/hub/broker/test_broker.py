@@ -24,8 +24,10 @@ from hub.broker.embedded import (
 from hub.messaging.session import hub_client_id
 from shared import topics
 from shared.topics import DeviceChannel
-from tests.hub.messaging.mqtt_probe import Probe, wait_until
+from tests.support.broker import secured_broker
+from tests.support.mqtt import Probe
 from tests.support.processes import Broker, free_port
+from tests.support.waiting import wait_for
 
 HUB_USER = "autodl-hub"
 HUB_PASSWORD = "hub-secret-password"
@@ -34,15 +36,7 @@ HUB_PASSWORD = "hub-secret-password"
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """An embedded broker on a free loopback port in this test's data dir."""
-    embedded = EmbeddedBroker(
-        tmp_path / "mosquitto",
-        port=free_port(),
-        hub_username=HUB_USER,
-        hub_password=HUB_PASSWORD,
-        bind_host="127.0.0.1",
-        backoff_min_s=0.1,
-    )
-    embedded.start()
+    embedded = secured_broker(tmp_path / "mosquitto", hub_password=HUB_PASSWORD, roles=False, backoff_min_s=0.1)
     try:
         yield embedded
     finally:
@@ -236,7 +230,7 @@ def test_stop_ends_mosquitto_and_start_keeps_state(tmp_path: Path) -> None:
         with first.admin() as admin:
             admin.add_device("dev-a", "password-a")
     assert pid is not None and not first.running
-    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"))
+    wait_for('not os.path.exists(f"/proc/{pid}")', lambda: not os.path.exists(f"/proc/{pid}"))
 
     # A new hub password rewrites the hub's entry but keeps the devices.
     second = EmbeddedBroker(

@@ -17,7 +17,7 @@ from hub.db import create_engine_for, migrate
 from hub.models import Model, ModelVersion
 from hub.registry import artifact_path
 from shared.manifest import load_private_key, load_public_key, public_key_b64, verify_manifest
-from tests.hub.build.conftest import Digits
+from tests.support.digits import Digits
 
 torch = pytest.importorskip("torch")
 

@@ -12,8 +12,8 @@ import uvicorn
 from typer.testing import CliRunner
 
 from hub.cli.main import app
-from tests.hub.rollouts.helpers import NEW, OLD, RolloutHub
 from tests.support.processes import free_port, wait_for_port
+from tests.support.rollout_hub import NEW, OLD, RolloutHub
 
 
 @pytest.fixture

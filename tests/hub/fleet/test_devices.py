@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hub.models import Command, CommandStatus, Device, TelemetryPoint
 from shared.messages import DesiredState
-from tests.hub.conftest import Hub, build_version, upload
+from tests.support.hub_app import Hub, build_version, upload
 
 
 def test_deploy_sets_desired_state_with_growing_revisions(hub: Hub, tmp_path: Path) -> None:

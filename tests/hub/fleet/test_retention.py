@@ -11,8 +11,8 @@ from sqlmodel import Session, func, select
 
 from hub.fleet.retention import prune_telemetry
 from hub.models import TelemetryPoint, TelemetryRollup
-from tests.hub.conftest import make_hub
-from tests.hub.messaging.mqtt_probe import wait_until
+from tests.support.hub_app import make_hub
+from tests.support.waiting import wait_for
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 
@@ -44,7 +44,7 @@ def test_the_periodic_task_prunes_old_points_and_the_api_serves_their_hourly_his
             _points(session, device, NOW - timedelta(hours=2), [4.0], 10)  # another
             _points(session, device, NOW - timedelta(minutes=5), [7.0, 8.0], 20)  # recent: kept raw
         # The app's lifespan (entered by make_hub) runs the retention task.
-        assert wait_until(functools.partial(_pruned, factory), timeout=20)
+        wait_for("the old points pruned", functools.partial(_pruned, factory), 20)
         raw = hub.request("GET", "/telemetry", params={"device_id": device}).json()["points"]
         assert [p["value"] for p in raw] == [7.0, 8.0]
         history = hub.request("GET", "/telemetry/history", params={"device_id": device}).json()["buckets"]

@@ -41,8 +41,9 @@ from shared.messages import (
     TelemetryPoint as WirePoint,
 )
 from shared.topics import DeviceChannel
-from tests.hub.messaging.mqtt_probe import Probe, wait_until
-from tests.support.processes import free_port
+from tests.support.broker import secured_broker
+from tests.support.mqtt import Probe
+from tests.support.waiting import wait_for
 
 HUB_USER = "autodl-hub"
 HUB_PASSWORD = "hub-password-for-tests"
@@ -102,14 +103,7 @@ def make_rig(tmp_path: Path, database_url: str, **overrides: Any) -> Iterator[Ri
     )
     engine = create_engine_for(settings)
     migrate(engine)
-    broker = EmbeddedBroker(
-        tmp_path / "mosquitto",
-        port=free_port(),
-        hub_username=HUB_USER,
-        hub_password=HUB_PASSWORD,
-        bind_host="127.0.0.1",
-    )
-    broker.start()
+    broker = secured_broker(tmp_path / "mosquitto", hub_password=HUB_PASSWORD, roles=False)
     admin = broker.admin()
     suffix = uuid.uuid4().hex[:8]
     a, b = f"dev-a-{suffix}", f"dev-b-{suffix}"
@@ -165,7 +159,10 @@ def test_telemetry_delivered_twice_is_stored_once(rig: Rig) -> None:
     device.publish(telemetry(rig.a), batch(rig.a, 0, 10))  # the agent resends after a lost PUBACK
     device.publish(telemetry(rig.a), batch(rig.a, 5, 10))  # overlaps: 5..9 again, 10..14 new
 
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("telemetry", 0) == 3)
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("telemetry", 0) == 3',
+        lambda: rig.messaging.snapshot().ingested.get("telemetry", 0) == 3,
+    )
     assert rig.points(rig.a) == 15
     with rig.session() as session:
         seqs = sorted(session.exec(select(TelemetryPoint.seq).where(TelemetryPoint.device_id == rig.a)))
@@ -191,7 +188,10 @@ def test_state_presence_and_command_results_are_stored(rig: Rig) -> None:
     device.publish(topics.device_topic(rig.a, DeviceChannel.REPORTED), codec.encode(reported), retain=True)
     result = CommandResult(id="cmd-1", device_id=rig.a, ok=True, output={"pong": True})
     device.publish(topics.device_topic(rig.a, DeviceChannel.RESULTS), codec.encode(result))
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("command_result", 0) == 1)
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("command_result", 0) == 1',
+        lambda: rig.messaging.snapshot().ingested.get("command_result", 0) == 1,
+    )
 
     stored = rig.device(rig.a)
     assert stored.reported is not None and stored.reported["revision"] == 3
@@ -204,7 +204,7 @@ def test_state_presence_and_command_results_are_stored(rig: Rig) -> None:
 
     offline = Presence(device_id=rig.a, online=False)
     device.publish(topics.device_topic(rig.a, DeviceChannel.ONLINE), codec.encode(offline), retain=True)
-    assert wait_until(lambda: rig.device(rig.a).online is False)
+    wait_for("rig.device(rig.a).online is False", lambda: rig.device(rig.a).online is False)
 
 
 def test_malformed_payloads_are_counted_by_reason_and_ingest_goes_on(sqlite_rig: Rig) -> None:
@@ -245,8 +245,14 @@ def test_malformed_payloads_are_counted_by_reason_and_ingest_goes_on(sqlite_rig:
     expected: dict[str, int] = {}
     for *_rest, reason in flood:
         expected[reason] = expected.get(reason, 0) + 3
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("telemetry", 0) == 1)
-    assert wait_until(lambda: dict(rig.messaging.snapshot().rejected) == expected), rig.messaging.snapshot()
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("telemetry", 0) == 1',
+        lambda: rig.messaging.snapshot().ingested.get("telemetry", 0) == 1,
+    )
+    wait_for(
+        "dict(rig.messaging.snapshot().rejected) == expected",
+        lambda: dict(rig.messaging.snapshot().rejected) == expected,
+    )
     assert rig.points(rig.a) == 5
     assert rig.messaging.connected
 
@@ -295,7 +301,10 @@ def test_desired_state_releases_and_commands_reach_the_device(rig: Rig) -> None:
     # Decommissioning clears the device's retained messages: a new subscriber gets none.
     reported_topic = topics.device_topic(rig.a, DeviceChannel.REPORTED)
     device.publish(reported_topic, codec.encode(ReportedState(device_id=rig.a, revision=1)), retain=True)
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1)
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("reported_state", 0) == 1',
+        lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1,
+    )
     watcher = rig.probe(HUB_USER, HUB_PASSWORD)
     for topic in (desired_topic, reported_topic):
         assert not watcher.subscribe(topic).is_failure
@@ -316,13 +325,19 @@ def test_devices_without_heartbeat_are_marked_offline(tmp_path: Path) -> None:
         device.publish(
             topics.device_topic(rig.a, DeviceChannel.ONLINE), codec.encode(Presence(device_id=rig.a, online=True))
         )
-        assert wait_until(lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 1)
+        wait_for(
+            'rig.messaging.snapshot().ingested.get("presence", 0) == 1',
+            lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 1,
+        )
         # The sweep runs every heartbeat_timeout/3; the device is online until it has been silent long enough.
-        assert wait_until(lambda: rig.device(rig.a).online is False, timeout=10)
+        wait_for("rig.device(rig.a).online is False", lambda: rig.device(rig.a).online is False, 10)
         assert rig.messaging.snapshot().devices_marked_offline >= 1
         device.publish(telemetry(rig.a), batch(rig.a, 0, 1))  # any message is a heartbeat
-        assert wait_until(lambda: rig.points(rig.a) == 1)
-        assert wait_until(lambda: rig.messaging.snapshot().ingested.get("telemetry") == 1)
+        wait_for("rig.points(rig.a) == 1", lambda: rig.points(rig.a) == 1)
+        wait_for(
+            'rig.messaging.snapshot().ingested.get("telemetry") == 1',
+            lambda: rig.messaging.snapshot().ingested.get("telemetry") == 1,
+        )
     finally:
         rig_iter.close()
 
@@ -337,7 +352,10 @@ def test_points_sent_before_going_offline_do_not_bring_the_device_back_online(tm
         device.publish(online, codec.encode(Presence(device_id=rig.a, online=True)))
         device.publish(telemetry(rig.a), batch(rig.a, 0, 5))
         device.publish(online, codec.encode(Presence(device_id=rig.a, online=False)), retain=True)
-        assert wait_until(lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 2)
+        wait_for(
+            'rig.messaging.snapshot().ingested.get("presence", 0) == 2',
+            lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 2,
+        )
         assert rig.points(rig.a) == 5  # stored before the offline presence was applied
         assert rig.device(rig.a).online is False
     finally:
@@ -378,7 +396,7 @@ def test_reconnect_republishes_desired_state_and_pending_commands(tmp_path: Path
                 row = session.get(Command, "pending-1")
                 return row is not None and row.status == CommandStatus.SENT.value
 
-        assert wait_until(sent)
+        wait_for("sent()", sent)
     finally:
         rig_iter.close()
 
@@ -390,10 +408,10 @@ def test_hub_session_survives_a_broker_restart(sqlite_rig: Rig) -> None:
     rig.broker.stop()
     rig.broker.start()
     assert rig.messaging.wait_connected(timeout=30)
-    assert wait_until(lambda: rig.messaging.connected, timeout=30)
+    wait_for("rig.messaging.connected", lambda: rig.messaging.connected, 30)
     device = rig.as_device(rig.a)
     device.publish(telemetry(rig.a), batch(rig.a, 0, 3))
-    assert wait_until(lambda: rig.points(rig.a) == 3, timeout=30)
+    wait_for("rig.points(rig.a) == 3", lambda: rig.points(rig.a) == 3, 30)
 
 
 def test_telemetry_sent_while_the_hub_is_down_is_stored_when_it_returns(sqlite_rig: Rig) -> None:
@@ -407,9 +425,12 @@ def test_telemetry_sent_while_the_hub_is_down_is_stored_when_it_returns(sqlite_r
 
     rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
     rig.messaging.start()
-    assert wait_until(lambda: rig.points(rig.a) == 8)
+    wait_for("rig.points(rig.a) == 8", lambda: rig.points(rig.a) == 8)
     # Counted once the commit returns, a moment after the points are visible.
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("telemetry") == 2)
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("telemetry") == 2',
+        lambda: rig.messaging.snapshot().ingested.get("telemetry") == 2,
+    )
 
 
 def test_replicas_in_a_share_group_store_each_message_once(sqlite_rig: Rig) -> None:
@@ -426,10 +447,13 @@ def test_replicas_in_a_share_group_store_each_message_once(sqlite_rig: Rig) -> N
             replica.start()
             assert replica.wait_connected()
         device = rig.as_device(rig.a)
-        assert wait_until(lambda: all(r.connected for r in replicas))
+        wait_for("all(r.connected for r in replicas)", lambda: all(r.connected for r in replicas))
         for i in range(6):
             device.publish(telemetry(rig.a), batch(rig.a, i * 2, 2))
-        assert wait_until(lambda: sum(r.snapshot().ingested.get("telemetry", 0) for r in replicas) == 6)
+        wait_for(
+            'sum(r.snapshot().ingested.get("telemetry", 0) for r in replicas) == 6',
+            lambda: sum(r.snapshot().ingested.get("telemetry", 0) for r in replicas) == 6,
+        )
         assert rig.points(rig.a) == 12
         assert sum(r.snapshot().points_duplicate for r in replicas) == 0  # no message went to both
     finally:
@@ -450,8 +474,14 @@ def test_retained_replay_stores_state_but_does_not_claim_the_device_is_online(sq
     # A hub with a new session gets both as retained messages, possibly long after the fact.
     rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id="new-hub")
     rig.messaging.start()
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 1)
-    assert wait_until(lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1)
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("presence", 0) == 1',
+        lambda: rig.messaging.snapshot().ingested.get("presence", 0) == 1,
+    )
+    wait_for(
+        'rig.messaging.snapshot().ingested.get("reported_state", 0) == 1',
+        lambda: rig.messaging.snapshot().ingested.get("reported_state", 0) == 1,
+    )
     stored = rig.device(rig.a)
     assert stored.reported is not None and stored.reported["revision"] == 9
     assert stored.online is False and stored.last_seen is None
@@ -509,7 +539,7 @@ def test_messages_a_crashed_hub_never_stored_are_delivered_again(sqlite_rig: Rig
 
     rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
     rig.messaging.start()
-    assert wait_until(lambda: rig.points(rig.a) == 6)
+    wait_for("rig.points(rig.a) == 6", lambda: rig.points(rig.a) == 6)
 
 
 def test_a_device_over_its_telemetry_quota_is_refused_while_another_devices_points_arrive(tmp_path: Path) -> None:
@@ -523,7 +553,7 @@ def _flood(rig: Rig) -> None:
     for i in range(10):
         assert flooder.publish(telemetry(rig.a), batch(rig.a, i * 100, 100)) is not None
     assert neighbour.publish(telemetry(rig.b), batch(rig.b, 0, 50)) is not None
-    assert wait_until(lambda: rig.points(rig.b) == 50), rig.points(rig.b)
-    assert wait_until(lambda: rig.messaging.snapshot().rejected.get("quota", 0) >= 5)
+    wait_for("all of the neighbour's points", lambda: rig.points(rig.b) == 50)
+    wait_for("the refusals counted", lambda: rig.messaging.snapshot().rejected.get("quota", 0) >= 5)
     # The first batch fit the burst; most of the rest did not (a few seconds refill 10 per second).
     assert 100 <= rig.points(rig.a) <= 400

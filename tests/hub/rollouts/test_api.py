@@ -15,7 +15,7 @@ import pytest
 from hub.models import Device, Rollout, TelemetryPoint, utcnow
 from hub.rollouts.engine import RolloutContext
 from shared.messages import DesiredState, UpdateState
-from tests.hub.rollouts.helpers import MODEL, NEW, OLD, RolloutHub, spec
+from tests.support.rollout_hub import MODEL, NEW, OLD, RolloutHub, spec
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -107,7 +110,20 @@ def test_cohort_order_is_stable_and_depends_on_the_rollout() -> None:
     assert order_devices(reversed(devices), "r1") == first  # input order does not matter
     assert sorted(first) == sorted(devices)
     assert order_devices(devices, "r2") != first  # another rollout hits other devices first
-    assert cohort_rank("dev-1", "r1") == cohort_rank("dev-1", "r1")
+    assert first == sorted(devices, key=lambda d: cohort_rank(d, "r1"))
+    # A restarted hub or another replica must pick the same cohorts: the rank may not depend on
+    # anything of one interpreter (Python's salted hash() would).
+    code = "import sys; from hub.rollouts.plan import order_devices; print(*order_devices(sys.argv[1:], 'r1'))"
+    for seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", code, *devices],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert other.stdout.split() == first
     # An enrolling device does not reorder the others.
     grown = order_devices([*devices, "dev-new"], "r1")
     assert [d for d in grown if d != "dev-new"] == first
@@ -272,6 +288,36 @@ HEALTHY = CohortMetrics(devices=2, requests=1000, errors=5, latency_p95_ms=10.0)
             VerdictKind.PASS,
             "healthy",
         ),
+        # text generation: time to first token 2x the previous version's
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=200.0, decode_tps=100.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.FAIL,
+            "time to first token (p95) 200.0 ms",
+        ),
+        # text generation: decoding 40% slower than the previous version
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=60.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.FAIL,
+            "decode 60.0 tokens/s",
+        ),
+        # text generation within bounds (faster decoding is never a problem)
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=120.0, decode_tps=180.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.PASS,
+            "healthy",
+        ),
     ],
 )
 def test_analyse(
@@ -313,6 +359,9 @@ def test_aggregate_metrics() -> None:
     ]
     metrics = aggregate_metrics(points, AnalysisCriteria(), devices=2)
     assert metrics == CohortMetrics(devices=2, requests=40, errors=1, latency_p95_ms=6.0)
+    generation = [*points, ("a", "ttft_p95_ms", 50), ("b", "ttft_p95_ms", 70), ("a", "decode_tokens_per_s", 90)]
+    lm = aggregate_metrics(generation, AnalysisCriteria(), devices=2)
+    assert (lm.ttft_p95_ms, lm.decode_tps) == (60.0, 90.0)
     assert metrics.error_rate == pytest.approx(0.025)
     assert aggregate_metrics([], AnalysisCriteria(), devices=0).latency_p95_ms is None
 

@@ -4,7 +4,6 @@ simulated devices answer with ReportedState and telemetry, the hub's MQTT ingest
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +12,10 @@ from typing import Any
 import pytest
 
 from hub.models import Device
-from tests.hub.rollouts.helpers import MODEL, NEW, OLD, RolloutHub, spec
-from tests.hub.rollouts.sim import SimDevice
 from tests.support.processes import Broker
+from tests.support.rollout_hub import MODEL, NEW, OLD, RolloutHub, spec
+from tests.support.sim_device import SimDevice
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +32,15 @@ def make_hub(tmp_path: Path, broker: Broker) -> RolloutHub:
     return hub
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], bool],
-    sims: Sequence[SimDevice] = (),
-    timeout: float = 60.0,
-) -> None:
-    """Poll `check`, with the devices serving traffic meanwhile; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
+def while_serving(sims: Sequence[SimDevice], check: Callable[[], bool]) -> Callable[[], bool]:
+    """Return a poll of `check` that has the devices serve traffic first (their telemetry feeds the analysis)."""
+
+    def poll() -> bool:
         for sim in sims:
             sim.serve()
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+        return check()
+
+    return poll
 
 
 @contextmanager
@@ -90,7 +84,7 @@ def test_good_version_canaries_to_every_device(tmp_path: Path, mqtt_broker: Brok
     hub.publish(NEW, seed=2)
     with fleet(hub, mqtt_broker, 5) as sims, hub.client:  # `with client`: the controller thread runs
         rid = start(hub, steps=[20, 60, 100])
-        wait_for("the rollout to finish", lambda: rollout(hub, rid)["state"] != "running", sims)
+        wait_for("the rollout to finish", while_serving(sims, lambda: rollout(hub, rid)["state"] != "running"))
         detail = rollout(hub, rid)
         assert detail["state"] == "succeeded", detail["reason"]
         assert all(s.active == NEW for s in sims)
@@ -111,7 +105,7 @@ def test_failed_smoke_test_returns_the_canary_to_the_old_version(tmp_path: Path,
     hub.publish(NEW, seed=2)
     with fleet(hub, mqtt_broker, 5, broken=frozenset({NEW})) as sims, hub.client:
         rid = start(hub, steps=[40, 100])
-        wait_for("the rollout to stop", lambda: rollout(hub, rid)["state"] != "running", sims)
+        wait_for("the rollout to stop", while_serving(sims, lambda: rollout(hub, rid)["state"] != "running"))
         detail = rollout(hub, rid)
         assert detail["state"] == "failed"
         assert "failed to update to 2.0.0: smoke test failed" in detail["reason"]
@@ -130,7 +124,7 @@ def test_degraded_latency_is_rolled_back_by_the_analysis(tmp_path: Path, mqtt_br
     hub.publish(NEW, seed=2)
     with fleet(hub, mqtt_broker, 5, latency_ms={OLD: 5.0, NEW: 25.0}) as sims, hub.client:
         rid = start(hub, steps=[40, 100])
-        wait_for("the rollout to stop", lambda: rollout(hub, rid)["state"] != "running", sims)
+        wait_for("the rollout to stop", while_serving(sims, lambda: rollout(hub, rid)["state"] != "running"))
         detail = rollout(hub, rid)
         assert detail["state"] == "failed"
         assert "p95 latency 25.0 ms on 2.0.0 vs 5.0 ms on the previous version" in detail["reason"]
@@ -146,14 +140,14 @@ def test_hub_restarted_mid_rollout_finishes_it(tmp_path: Path, mqtt_broker: Brok
     with fleet(hub, mqtt_broker, 5) as sims:
         with hub.client:
             rid = start(hub, steps=[20, 60, 100], analysis={**ANALYSIS, "min_observation_s": 2.0})
-            wait_for("step 2", lambda: rollout(hub, rid)["step"] >= 2, sims)
+            wait_for("step 2", while_serving(sims, lambda: rollout(hub, rid)["step"] >= 2))
         hub.close()  # the controller, ingest and DB connections are gone
         assert rollout(hub, rid)["state"] == "running"
         assert sum(s.active == NEW for s in sims) < 5
 
         again = make_hub(tmp_path, mqtt_broker)
         with again.client:
-            wait_for("the rollout to finish", lambda: rollout(again, rid)["state"] != "running", sims)
+            wait_for("the rollout to finish", while_serving(sims, lambda: rollout(again, rid)["state"] != "running"))
             assert rollout(again, rid)["state"] == "succeeded"
             assert all(s.active == NEW for s in sims)
         again.close()
@@ -168,7 +162,7 @@ def test_device_offline_for_the_whole_rollout_converges_when_back(tmp_path: Path
         away.stop()
         wait_for("the hub to see it offline", lambda: not _online(hub, away.device_id))
         rid = start(hub, steps=[40, 100])
-        wait_for("the rollout to finish", lambda: rollout(hub, rid)["state"] != "running", sims[:-1])
+        wait_for("the rollout to finish", while_serving(sims[:-1], lambda: rollout(hub, rid)["state"] != "running"))
         assert rollout(hub, rid)["state"] == "succeeded"
         assert away.active == OLD and reported(hub, away.device_id) == OLD
 

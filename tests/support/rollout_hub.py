@@ -18,7 +18,7 @@ from hub.registry import publish_version
 from hub.rollouts.controller import RolloutController
 from hub.security import create_api_key, create_enrollment_token, load_or_create_signing_key
 from shared.messages import ModelStatus, ReportedState, UpdateState
-from tests.agent.models import make_release, write_files
+from tests.support.models import make_release, write_files
 
 MODEL = "clf"
 OLD, NEW = "1.0.0", "2.0.0"

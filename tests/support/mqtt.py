@@ -1,9 +1,9 @@
-"""A recording MQTT v5 test client: what the broker granted, refused, delivered and dropped."""
+"""MQTT clients for tests: a recording `Probe` (what the broker granted, refused, delivered and
+dropped) and a `Watcher` of what agents report."""
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +14,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-__all__ = ["Probe", "wait_until"]
+from shared import topics
+from shared.codec import ProtocolError, decode
+from shared.messages import Presence, ReportedState
+
+__all__ = ["Probe", "Watcher"]
 
 
 class Probe:
@@ -124,11 +128,57 @@ class Probe:
         self.client.loop_stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll `predicate` until it holds or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+class Watcher:
+    """Collects every reported state and presence message from the broker."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.reported: list[ReportedState] = []
+        self.presence: list[Presence] = []
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-watcher", protocol=mqtt.MQTTv5)
+        self._client.on_message = self._on_message
+        self._client.on_connect = lambda c, *a: c.subscribe(
+            [
+                (topics.device_wildcard(topics.DeviceChannel.REPORTED), 1),
+                (topics.device_wildcard(topics.DeviceChannel.ONLINE), 1),
+            ]
+        )
+        self._client.connect(host, port)
+        self._client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            decoded = decode(bytes(message.payload))
+        except ProtocolError:
+            return
+        with self._cond:
+            if isinstance(decoded, ReportedState):
+                self.reported.append(decoded)
+            elif isinstance(decoded, Presence):
+                self.presence.append(decoded)
+            self._cond.notify_all()
+
+    def wait_reported(self, predicate: Callable[[ReportedState], bool], timeout: float = 30) -> ReportedState:
+        """Return the latest reported state that satisfies `predicate`, waiting up to `timeout` for one."""
+        found: list[ReportedState] = []
+
+        def match() -> bool:
+            found[:] = [r for r in reversed(self.reported) if predicate(r)][:1]
+            return bool(found)
+
+        with self._cond:
+            if not self._cond.wait_for(match, timeout):
+                raise TimeoutError(f"no matching reported state in {timeout}s")
+        return found[0]
+
+    def wait_presence(self, online: bool, timeout: float = 30) -> Presence:
+        """Return the first presence message with `online`, waiting up to `timeout` for one."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: any(p.online is online for p in self.presence), timeout):
+                raise TimeoutError(f"no presence online={online} in {timeout}s")
+            return next(p for p in self.presence if p.online is online)
+
+    def close(self) -> None:
+        """Disconnect and stop the network loop."""
+        self._client.loop_stop()
+        self._client.disconnect()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,8 @@ from shared.messages import CommandResult, TelemetryBatch, TelemetryPoint
 from shared.metrics import ERRORS, LATENCY_P95_MS, REQUESTS, serving_labels
 from shared.targets import TargetId
 from shared.topics import DeviceChannel, device_topic
-from tests.agent.models import make_release, write_files
+from tests.support.models import make_release, write_files
+from tests.support.waiting import wait_for
 
 __all__ = ["SERVING", "TELEMETRY_NAMES", "DeviceVoice", "publish_versions", "telemetry_points"]
 
@@ -89,11 +89,7 @@ class DeviceVoice:
     def __enter__(self) -> DeviceVoice:
         self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
-        deadline = time.monotonic() + 10
-        while not self.client.is_connected():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"device {self.device_id} could not connect to the broker")
-            time.sleep(0.05)
+        wait_for(f"device {self.device_id} to connect to the broker", self.client.is_connected, 10, every=0.05)
         return self
 
     def __exit__(self, *_exc: object) -> None:

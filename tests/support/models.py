@@ -1,4 +1,9 @@
-"""Tiny ONNX models and signed manifests for agent tests (onnx is fine in tests, never in the agent)."""
+"""The test models: tiny ONNX linear models, a slow one with the same answers, signed releases.
+
+Every version is a linear model y = x @ W + b of its own seed (`linear_weights`), so an
+agent's answer to SAMPLE_X tells which bytes it really runs (`reference`). onnx is fine in
+tests, never in the agent.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from shared.manifest import (
+    Batching,
     Manifest,
     Postprocessing,
     Preprocessing,
@@ -23,6 +29,19 @@ from shared.manifest import (
     sign_manifest,
 )
 from shared.targets import TargetId
+
+__all__ = [
+    "SAMPLE_X",
+    "Release",
+    "linear_io_model",
+    "linear_onnx",
+    "linear_weights",
+    "make_release",
+    "reference",
+    "slow_linear_onnx",
+    "tensor",
+    "write_files",
+]
 
 SAMPLE_X = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], dtype=np.float32)
 
@@ -59,6 +78,40 @@ def linear_io_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], 
     return model.SerializeToString()
 
 
+def slow_linear_onnx(seed: int, rounds: int = 24, width: int = 256) -> bytes:
+    """Return y = x @ W + b of `seed`, plus a chain of width x width MatMuls whose sum is added times zero.
+
+    The outputs equal `linear_onnx`'s (the manifest sample passes), but every request pays
+    for `rounds` real matrix products on data derived from the input: an honest model that
+    is correct and slow (about rounds * width**3 multiply-adds a request).
+    """
+    weights, bias = linear_weights(seed)
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(weights, "W"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(rng.normal(size=(4, width)).astype(np.float32), "P"),
+        numpy_helper.from_array((rng.normal(size=(width, width)) / width).astype(np.float32), "Q"),
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["lin"]),
+        helper.make_node("MatMul", ["x", "P"], ["h0"]),
+        helper.make_node("Transpose", ["h0"], ["h0t"]),
+        helper.make_node("MatMul", ["h0t", "h0"], ["m0"]),
+    ]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"m{i}", "Q"], [f"p{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"p{i}"], [f"m{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"m{rounds}"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["nothing"]),
+        helper.make_node("Add", ["lin", "nothing"], ["y"]),
+    ]
+    return linear_io_model(nodes, inits, "slow_linear")
+
+
 def reference(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Return what the model must compute."""
     return (x @ weights + bias).astype(np.float32)
@@ -83,6 +136,9 @@ class Release:
 
 
 def tensor(array: np.ndarray) -> TensorData:
+    if array.dtype == object:  # strings (ONNX string tensors)
+        values = [v.decode() if isinstance(v, bytes) else str(v) for v in array.ravel()]
+        return TensorData(dtype="string", shape=list(array.shape), data=values)
     return TensorData(dtype=str(array.dtype), shape=list(array.shape), data=array.ravel().tolist())  # type: ignore[arg-type]
 
 
@@ -140,3 +196,46 @@ def write_files(release: Release, directory: Path) -> dict[str, Path]:
         path.write_bytes(release.files[variant.sha256])
         out[variant.file] = path
     return out
+
+
+def make_model_release(
+    key: Ed25519PrivateKey,
+    name: str,
+    data: bytes,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    sample_in: dict[str, np.ndarray],
+    sample_out: dict[str, np.ndarray],
+    *,
+    version: str = "1.0.0",
+    batching: Batching | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> Release:
+    """Sign any ONNX model with its interface and an exact sample (fp32 on CPU)."""
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task="classification",
+        inputs=inputs,
+        outputs=outputs,
+        preprocessing=preprocessing or Preprocessing(type="tensor"),
+        sample=Sample(
+            inputs={k: tensor(v) for k, v in sample_in.items()},
+            outputs={k: tensor(v) for k, v in sample_out.items()},
+            atol=1e-5,
+            rtol=1e-5,
+        ),
+        variants=[
+            Variant(
+                target=TargetId.CPU_FP32,
+                precision="fp32",
+                providers=["CPUExecutionProvider"],
+                file="model.onnx",
+                size=len(data),
+                sha256=sha,
+                batching=batching,
+            )
+        ],
+    )
+    return Release(name, version, sign_manifest(manifest, key), {sha: data})
