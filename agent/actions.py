@@ -29,6 +29,8 @@ SETTABLE = frozenset(
         "heartbeat_s",
         "outbox_max_mb",
         "outbox_batch",
+        "telemetry_max_points_s",
+        "telemetry_burst_s",
         "command_rate",
         "health_window_s",
         "health_min_requests",

@@ -64,7 +64,8 @@ def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
 
     url = _base_url(settings) + path
     try:
-        response = httpx.request(method, url, json=body, timeout=60)
+        headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+        response = httpx.request(method, url, json=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
         raise AgentError(f"the agent does not answer at {url} (is `autodl-agent run` running?): {exc}") from exc
     data = response.json()

@@ -7,6 +7,7 @@ environment: a settings library would cost the daemon 5 MB of RSS for this one l
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,15 @@ from agent.errors import FatalError, NotEnrolledError
 from shared.manifest import Batching
 from shared.messages import EnrollResponse, utcnow
 
-__all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
+__all__ = [
+    "AgentSettings",
+    "Identity",
+    "default_state_dir",
+    "delete_identity",
+    "load_identity",
+    "make_private",
+    "save_identity",
+]
 
 IDENTITY_FILE = "identity.json"
 ENV_PREFIX = "AUTODL_AGENT_"
@@ -41,8 +50,9 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     state_dir: Path = Field(default_factory=default_state_dir)
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="local API bind address: loopback unless opened on purpose")
     port: int = Field(default=8500, ge=0, le=65535)
+    api_token: str | None = Field(default=None, min_length=16, description="bearer token the local API requires")
     log_level: str = "INFO"
     # Local API (issue "Serving")
     grpc_port: int | None = Field(default=None, ge=0, le=65535, description="KServe v2 gRPC; needs the grpc extra")
@@ -87,6 +97,10 @@ class AgentSettings(BaseModel):
     publish_timeout_s: float = Field(default=10.0, gt=0, description="wait for a PUBACK before resending")
     telemetry_interval_s: float = Field(default=10.0, gt=0, description="aggregation period of telemetry points")
     heartbeat_s: float = Field(default=30.0, gt=0, description="presence is re-published this often")
+    telemetry_max_points_s: float = Field(
+        default=100.0, gt=0, description="send no faster (the hub's per-device quota); the rest waits in the outbox"
+    )
+    telemetry_burst_s: float = Field(default=600.0, gt=0, description="seconds of that rate sent at once")
     # Commands
     command_rate: int = Field(default=30, ge=1, description="commands accepted per minute; more are refused")
     # Self-healing
@@ -148,6 +162,25 @@ class Identity(BaseModel):
     def from_response(cls, response: EnrollResponse, name: str | None) -> Identity:
         """Build the identity from the hub's enrollment answer."""
         return cls(name=name, **response.model_dump())
+
+
+def make_private(root: Path) -> None:
+    """Keep state to its owner: files made from now on 0600/0700 (umask), existing ones tightened.
+
+    Run at start, so a state dir made by an older version or by hand is fixed too.
+    """
+    os.umask(0o077)
+    if not root.exists():
+        return
+    for path in [root, *root.rglob("*")]:
+        try:
+            if path.is_symlink():
+                continue
+            mode = 0o700 if path.is_dir() else 0o600
+            if path.stat().st_mode & 0o777 & ~mode:
+                os.chmod(path, path.stat().st_mode & mode)
+        except OSError as exc:  # a read-only mount, another owner: say so, keep going
+            logging.getLogger(__name__).warning("cannot tighten the mode of %s: %s", path, exc)
 
 
 def save_identity(settings: AgentSettings, identity: Identity) -> Path:

@@ -19,7 +19,7 @@ from agent import __version__
 from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
 from agent.commands import CommandHandler
-from agent.config import AgentSettings, Identity, load_identity
+from agent.config import AgentSettings, Identity, load_identity, make_private
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
@@ -35,7 +35,15 @@ from agent.updates import IN_PROGRESS, Updater
 from shared import tracing
 from shared.codec import encode
 from shared.manifest import Batching
-from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
+from shared.messages import (
+    CommandResult,
+    DesiredState,
+    ModelStatus,
+    OutboxReport,
+    ReportedState,
+    UpdateState,
+    utcnow,
+)
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 
@@ -106,6 +114,14 @@ def reported_state(
         profile=profile,
         agent_version=__version__,
         grpc_port=grpc_port,
+        outbox=_outbox_report(store),
+    )
+
+
+def _outbox_report(store: Store) -> OutboxReport:
+    stats = store.outbox_stats()
+    return OutboxReport(
+        pending=stats.telemetry_pending + stats.messages_pending, dropped=stats.dropped, refused=stats.refused
     )
 
 
@@ -114,6 +130,7 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, identity: Identity | None = None) -> None:
         self.settings = settings
+        make_private(settings.state_dir)
         self.identity = identity or load_identity(settings)
         self.profile = detect_profile(settings.state_dir)
         self.store = Store(settings.db_path)
@@ -179,6 +196,8 @@ class Agent:
             batch_instances=max(1, (os.cpu_count() or 1) // (settings.intra_op_threads or physical_cores())),
             limits=limits(settings),
             generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
+            api_token=settings.api_token,
+            bind_host=settings.host,
         )
         raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
         self.server = InferenceServer(settings.host, settings.port, context)
@@ -295,6 +314,7 @@ class Agent:
         points = self.telemetry.collect()
         points.append(("outbox_pending", float(stats.telemetry_pending + stats.messages_pending), {}))
         points.append(("outbox_dropped_total", float(stats.dropped), {}))
+        points.append(("outbox_refused_total", float(stats.refused), {}))
         ts = utcnow().isoformat()
         self.store.enqueue_telemetry([(ts, name, value, labels) for name, value, labels in points])
         self.session.wake()
@@ -321,6 +341,13 @@ class Agent:
             ),
             ("outbox_bytes", "gauge", "Size of what waits in the outbox", [({}, stats.bytes)]),
             ("outbox_dropped_total", "counter", "Telemetry points dropped by the full outbox", [({}, stats.dropped)]),
+            ("outbox_refused_total", "counter", "Deliveries the broker refused (kept, retried)", [({}, stats.refused)]),
+            (
+                "outbox_throttled_total",
+                "counter",
+                "Send rounds that held telemetry back for the hub's quota",
+                [({}, self.session.throttled)],
+            ),
             (
                 "mqtt_connected",
                 "gauge",

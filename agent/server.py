@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from agent import __version__, openai_api
+from agent import __version__, local_access, openai_api
 from agent.batching import Batchers, BatchStats
-from agent.http import HttpError, HttpServer, Limits, Request, Response, Router
+from agent.http import HttpError, HttpServer, Limits, Request, Response
 from agent.openai_api import GenerationHooks
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
@@ -64,6 +64,8 @@ class ServerContext:
     batch_instances: int = 1  # runs of one model at once (cores / intra-op threads)
     limits: Limits = field(default_factory=Limits)
     generation: GenerationHooks = field(default_factory=GenerationHooks)
+    api_token: str | None = None  # agent.local_access: bearer token, Host checks
+    bind_host: str = "127.0.0.1"
 
 
 def _json(status: int, body: Any) -> Response:
@@ -101,7 +103,7 @@ class InferenceServer:
         self.context = context
         self.extensions = list(EXTENSIONS)
         self.batchers = Batchers(context.batching, context.batch_stats, context.batch_instances)
-        self.router = Router()
+        self.router = local_access.GuardedRouter(context.api_token, context.bind_host)
         self._routes()
         self._http = HttpServer(host, port, self.router, context.limits, context.refused, _error_body)
 

@@ -132,6 +132,7 @@ class OutboxStats:
     max_bytes: int
     dropped: int
     last_telemetry_seq: int
+    refused: int = 0
 
 
 class Store:
@@ -359,6 +360,14 @@ class Store:
             conn.execute(f"DELETE FROM {table} WHERE seq IN ({marks})", seqs)
             self._outbox_bytes -= int(size[0])
 
+    def count_refused(self) -> None:
+        """Count one delivery the broker refused (the rows stay queued)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO kv(key, value) VALUES('outbox_refused', '1')"
+                " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+
     def outbox_stats(self) -> OutboxStats:
         """Return the outbox's size, bound, drop count and last telemetry sequence number."""
         with self._lock:
@@ -372,6 +381,7 @@ class Store:
             max_bytes=self.outbox_max_bytes,
             dropped=int(self.get("outbox_dropped") or 0),
             last_telemetry_seq=int(last[0]) if last else 0,
+            refused=int(self.get("outbox_refused") or 0),
         )
 
     # commands already executed (a command delivered twice runs once) ----------------------------

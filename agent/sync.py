@@ -4,10 +4,17 @@ All paho callbacks are wired in `_wire`. The connection loop is ours (not paho's
 reconnect) so the delay between attempts is capped exponential with jitter and bad
 credentials stop it for good. On every connect: subscribe (again), publish "online",
 then let the daemon publish its reported state.
+
+A row leaves the outbox only on a PUBACK whose reason code says the broker took the
+message: "no matching subscribers" (0x10) means nobody got it (the hub's session is gone)
+and codes >= 0x80 are refusals (not authorized, quota exceeded, payload too large...).
+Then the rows stay, the refusal is counted (`outbox_refused_total`) and the sender
+retries after a capped exponential backoff.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -44,6 +51,19 @@ _FATAL_CONNACK = {
 }
 
 
+# PUBACK reason code: the broker accepted the message but no subscription matched it.
+_NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+class _Round(enum.Enum):
+    """What one pass over the outbox achieved."""
+
+    SENT = "sent"  # something was delivered
+    IDLE = "idle"  # nothing to send
+    STALLED = "stalled"  # no PUBACK in time, or the connection went: send again
+    REFUSED = "refused"  # the broker answered with a reason code that is not a delivery
+
+
 class MqttSession:
     """One device's connection to the broker, kept alive from a background thread."""
 
@@ -71,6 +91,13 @@ class MqttSession:
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self.store = store
         self.sent_points = 0
+        self.refusals = 0  # consecutive refused deliveries (the backoff's exponent)
+        self.throttled = 0  # rounds that held telemetry back to stay within the hub's quota
+        self._budget = settings.telemetry_max_points_s * settings.telemetry_burst_s
+        self._budget_at = time.monotonic()
+        # PUBACK reason codes by message id. paho calls on_publish before it marks the message
+        # published, so the code is here by the time the sender sees it acknowledged.
+        self._puback_reasons: dict[int, int] = {}
         self._wake = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="outbox", daemon=True)
         self._client = self._wire()
@@ -95,6 +122,7 @@ class MqttSession:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -153,54 +181,87 @@ class MqttSession:
                 last_presence = now
                 self._client.publish(self._topic(DeviceChannel.ONLINE), self._presence(True), qos=1, retain=True)
             try:
-                busy = self._send_round()
+                outcome = self._send_round()
             except Exception:  # a store or encoding failure must not end the sender
                 logger.exception("outbox round failed")
-                busy = False
-            if not busy:
+                outcome = _Round.IDLE
+            if outcome is _Round.REFUSED:
+                delay = backoff_delay(self.refusals, self.settings.backoff_min_s, self.settings.backoff_max_s)
+                self.refusals += 1
+                logger.warning("the broker refused a delivery; the rows stay queued, retrying in %.1fs", delay)
+                self._stop.wait(delay)
+                continue
+            if outcome is _Round.SENT:
+                self.refusals = 0
+            elif outcome is _Round.IDLE:
                 self._wake.wait(min(0.5, self.settings.heartbeat_s))
                 self._wake.clear()
 
-    def _send_round(self) -> bool:
+    def _send_round(self) -> _Round:
         assert self.store is not None
+        sent = False
         messages = self.store.next_messages(100)
         infos = [
             (
-                m.seq,
+                m,
                 self._client.publish(self._topic(DeviceChannel(m.channel)), m.payload.encode(), qos=1, retain=m.retain),
             )
             for m in messages
         ]
-        for seq, info in infos:
-            if not self._acked(info):
-                return False
-            self.store.ack_messages([seq])
-        rows = self.store.next_telemetry(self.settings.outbox_batch)
+        for message, info in infos:
+            outcome = self._delivered(info, retained=message.retain)
+            if outcome is not _Round.SENT:
+                return outcome
+            self.store.ack_messages([message.seq])
+            sent = True
+        allowed = self._telemetry_budget()
+        if allowed < 1:
+            self.throttled += 1
+            return _Round.SENT if sent else _Round.IDLE  # the points wait in the outbox for budget
+        rows = self.store.next_telemetry(min(self.settings.outbox_batch, allowed))
         if rows:
             batch = TelemetryBatch(
                 device_id=self.identity.device_id,
                 points=[TelemetryPoint(seq=seq, **fields) for seq, fields in rows],
             )
             info = self._client.publish(self._topic(DeviceChannel.TELEMETRY), encode(batch), qos=1)
-            if not self._acked(info):
-                return False
+            outcome = self._delivered(info, retained=False)
+            if outcome is not _Round.SENT:
+                return outcome
             self.store.ack_telemetry([seq for seq, _ in rows])
             self.sent_points += len(rows)
-        return bool(messages or rows)
+            self._budget -= len(rows)
+            sent = True
+        return _Round.SENT if sent else _Round.IDLE
 
-    def _acked(self, info: mqtt.MQTTMessageInfo) -> bool:
-        """Wait for a PUBACK; False (the rows stay queued, to be sent again) on timeout or disconnect."""
+    def _telemetry_budget(self) -> int:
+        """Return how many points may go now: a token bucket at the hub's per-device quota."""
+        rate, burst = self.settings.telemetry_max_points_s, self.settings.telemetry_burst_s
+        now = time.monotonic()
+        self._budget = min(rate * burst, self._budget + (now - self._budget_at) * rate)
+        self._budget_at = now
+        return int(self._budget)
+
+    def _delivered(self, info: mqtt.MQTTMessageInfo, *, retained: bool) -> _Round:
+        """Wait for the PUBACK and judge its reason code; the rows stay queued unless SENT."""
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
+            return _Round.STALLED
         deadline = time.monotonic() + self.settings.publish_timeout_s
         while not info.is_published():
             if self._stop.is_set() or not self.connected.is_set() or time.monotonic() > deadline:
-                return False
+                return _Round.STALLED
             try:
                 info.wait_for_publish(timeout=0.1)
             except (RuntimeError, ValueError):
-                return False
-        return True
+                return _Round.STALLED
+        code = self._puback_reasons.pop(info.mid, 0)
+        # A retained message with no subscriber is still kept by the broker: whoever subscribes gets it.
+        if code == 0 or (code == _NO_MATCHING_SUBSCRIBERS and retained):
+            return _Round.SENT
+        assert self.store is not None
+        self.store.count_refused()
+        logger.warning("broker refused message %d: reason code 0x%02x", info.mid, code)
+        return _Round.REFUSED
 
     # the connection loop -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -262,6 +323,9 @@ class MqttSession:
             self.on_connected()
         except Exception:  # the daemon's hook must not break the session
             logger.exception("on_connected hook failed")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._puback_reasons[mid] = int(getattr(reason, "value", 0))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()

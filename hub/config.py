@@ -19,6 +19,7 @@ Rate limits are kept per replica, in memory.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from functools import lru_cache
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["HubSettings", "default_data_dir", "get_settings", "parse_rate_limit"]
+__all__ = ["HubSettings", "default_data_dir", "get_settings", "make_private", "parse_rate_limit"]
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -72,7 +73,28 @@ class HubSettings(BaseSettings):
     signing_key_path: Path | None = Field(default=None, description="default <data_dir>/signing_key.pem")
     rate_limit: str = Field(default="1000/minute", description="per API key, such as 100/hour")
     enroll_rate_limit: str = Field(default="600/minute", description="POST /enroll per client address")
-    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
+    device_rate_limit: str = Field(default="600/minute", description="per device token")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses whose X-Forwarded-For / X-Forwarded-Proto are believed; default none",
+    )
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1, description="model uploads, after authentication")
+    max_json_bytes: int = Field(default=256 * 1024, ge=1024, description="any other request body")
+    max_enroll_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /enroll (unauthenticated)")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="time for a request line and its headers")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for the next piece of a body")
+    protected_label_keys: list[str] = Field(
+        default_factory=lambda: ["ring"],
+        description="label keys a device may not set itself unless its token allows it (besides rollout selectors')",
+    )
+    telemetry_quota_points_s: float = Field(default=100.0, gt=0, description="telemetry points per second per device")
+    telemetry_quota_bytes_s: float = Field(default=64 * 1024, gt=0, description="telemetry bytes per second per device")
+    telemetry_quota_burst_s: float = Field(
+        default=600.0, gt=0, description="seconds of quota a device may spend at once"
+    )
+    telemetry_retention_s: float = Field(default=30 * 86400, gt=0, description="raw points older than this are pruned")
+    telemetry_max_points: int = Field(default=50_000_000, ge=1, description="raw points kept at most (oldest go first)")
+    telemetry_prune_interval_s: float = Field(default=600.0, gt=0, description="how often retention runs")
     heartbeat_timeout_s: float = Field(default=90.0, gt=0)
     telemetry_batch_size: int = Field(default=500, ge=1)
     telemetry_flush_s: float = Field(default=1.0, gt=0)
@@ -84,7 +106,7 @@ class HubSettings(BaseSettings):
     job_log_lines: int = Field(default=1000, ge=10, description="the last lines of a job's log that are kept")
     max_job_data_bytes: int = Field(default=64 * 1024**2, ge=1, description="largest data archive for a job")
 
-    @field_validator("rate_limit", "enroll_rate_limit")
+    @field_validator("rate_limit", "enroll_rate_limit", "device_rate_limit")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
         parse_rate_limit(value)
@@ -140,9 +162,33 @@ class HubSettings(BaseSettings):
         return parse_rate_limit(self.rate_limit)
 
     @property
+    def device_rate(self) -> tuple[int, int]:
+        """Return the per-device-token limit as (requests, period seconds)."""
+        return parse_rate_limit(self.device_rate_limit)
+
+    @property
     def enroll_rate(self) -> tuple[int, int]:
         """Return the enrollment limit as (requests, period seconds)."""
         return parse_rate_limit(self.enroll_rate_limit)
+
+
+def make_private(root: Path) -> None:
+    """Keep state to its owner: files made from now on 0600/0700 (umask), existing ones tightened.
+
+    Run at start, so a state dir made by an older version or by hand is fixed too.
+    """
+    os.umask(0o077)
+    if not root.exists():
+        return
+    for path in [root, *root.rglob("*")]:
+        try:
+            if path.is_symlink():
+                continue
+            mode = 0o700 if path.is_dir() else 0o600
+            if path.stat().st_mode & 0o777 & ~mode:
+                os.chmod(path, path.stat().st_mode & mode)
+        except OSError as exc:  # a read-only mount, another owner: say so, keep going
+            logging.getLogger(__name__).warning("cannot tighten the mode of %s: %s", path, exc)
 
 
 @lru_cache

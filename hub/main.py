@@ -1,4 +1,4 @@
-"""The app factory: settings, database, routers, error mapping, metrics and upload limits."""
+"""The app factory: settings, database, routers, error mapping, metrics and request limits."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import __version__
 from hub.api import artifacts, commands, devices, enroll, health, jobs, keys, models, rollouts, telemetry, versions
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
+from hub.fleet.retention import install as install_retention
+from hub.limits import RequestLimits, upload_authorizer
 from hub.metrics import HubMetrics
 from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
@@ -25,60 +27,6 @@ from shared import tracing
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class UploadLimit:
-    """Refuse request bodies above `limit` bytes with 413, whether or not they declare a length."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = b'{"detail":"request body larger than the upload limit"}'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 async def _hub_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -94,6 +42,14 @@ async def _hub_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
     logger.info("conflict: %s", exc)
     return JSONResponse({"detail": "the change conflicts with existing data"}, status_code=409)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Where and why only: FastAPI's default answer repeats the input, which may be megabytes
+    # (or a secret) sent by whoever asked.
+    errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+    return JSONResponse({"detail": errors[:20]}, status_code=422)
 
 
 async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -139,13 +95,22 @@ def create_app(
         app.include_router(module.router)
     app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
     install_rollouts(app, settings, sessions, messaging)
+    install_retention(app, settings, sessions)
 
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
     install_ui(app)  # after the error handlers: /ui answers errors as HTML pages
     app.middleware("http")(app.state.metrics.middleware)
-    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(
+        RequestLimits,
+        max_json_bytes=settings.max_json_bytes,
+        max_enroll_bytes=settings.max_enroll_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        authorize_upload=upload_authorizer(sessions),
+    )
     _trace_requests(app)
     return app
 

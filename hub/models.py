@@ -17,6 +17,8 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "ApiKey",
+    "TelemetryRollup",
+    "UiSession",
     "Artifact",
     "AuditEvent",
     "Command",
@@ -185,6 +187,8 @@ class EnrollmentToken(SQLModel, table=True):
     token_hash: str = Field(max_length=64, unique=True)
     note: str = Field(default="", max_length=256)
     labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    # The label keys a device may set itself; None: any but the protected ones (hub.fleet.devices).
+    device_label_keys: list[str] | None = Field(default=None, sa_type=JSON)
     max_uses: int = Field(default=1, ge=1)
     uses: int = Field(default=0)
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -207,6 +211,18 @@ class ApiKey(SQLModel, table=True):
     created_by: str = Field(default="", max_length=128)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class UiSession(SQLModel, table=True):
+    """A dashboard session: a random id (only its hash stored) bound to one API key, with its CSRF token."""
+
+    __tablename__ = "ui_session"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    api_key_id: int = Field(foreign_key="api_key.id", index=True)
+    csrf: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class Command(SQLModel, table=True):
@@ -243,6 +259,22 @@ class TelemetryPoint(SQLModel, table=True):
     name: str = Field(max_length=128)
     value: float
     labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """Hourly history of one device's metric, kept after its raw points are pruned (hub.fleet.retention)."""
+
+    __tablename__ = "telemetry_rollup"
+    __table_args__ = (UniqueConstraint("device_id", "name", "hour", name="uq_telemetry_rollup"),)
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    device_id: str = Field(max_length=128, index=True)
+    name: str = Field(max_length=128)
+    hour: datetime = Field(sa_type=UTCDateTime)
+    count: int = Field(sa_type=BigInteger)
+    sum: float
+    min: float
+    max: float
 
 
 class AuditEvent(SQLModel, table=True):

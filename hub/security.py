@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import CursorResult, update
+from sqlalchemy import CursorResult, delete, update
 from sqlmodel import Session, col, select
 
 from hub.audit import record
 from hub.config import parse_rate_limit
 from hub.errors import AuthenticationError, ConflictError, NotFoundError, PermissionDeniedError, RateLimitedError
-from hub.models import ApiKey, Device, EnrollmentToken, Role, utcnow
+from hub.models import ApiKey, Device, EnrollmentToken, Role, UiSession, utcnow
 from shared.manifest import generate_signing_key, load_private_key, public_key_b64
 
 __all__ = [
@@ -140,6 +140,8 @@ def revoke_api_key(session: Session, key_id: int, *, actor: str) -> ApiKey:
         raise NotFoundError(f"no API key {key_id}")
     key.revoked = True
     session.add(key)
+    # Its dashboard sessions end with it (the dashboard also checks the key on every request).
+    session.execute(delete(UiSession).where(col(UiSession.api_key_id) == key_id))
     record(session, actor, "api_key.revoke", f"api_key:{key_id}")
     session.commit()
     return key
@@ -153,6 +155,7 @@ def create_enrollment_token(
     expires_in: timedelta | None = None,
     labels: dict[str, str] | None = None,
     note: str = "",
+    device_label_keys: list[str] | None = None,
 ) -> tuple[EnrollmentToken, str]:
     """Create an enrollment token; return the row and the secret (shown once)."""
     secret = new_secret(ENROLL_TOKEN_PREFIX)
@@ -161,6 +164,7 @@ def create_enrollment_token(
         max_uses=max_uses,
         expires_at=utcnow() + expires_in if expires_in is not None else None,
         labels=dict(labels or {}),
+        device_label_keys=sorted(set(device_label_keys)) if device_label_keys is not None else None,
         note=note,
         created_by=actor,
     )

@@ -15,8 +15,9 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
-from hub.config import HubSettings
+from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
+from hub.limits import HeaderTimeoutH11Protocol
 from hub.main import create_app
 from hub.messaging.session import HubMessaging
 from hub.models import Device
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", workers: int = 1) -> None:
     """Serve until SIGINT or SIGTERM, with `workers` embedded training worker processes."""
+    make_private(settings.data_dir)
     engine = create_engine_for(settings)
     migrate(engine)
     sessions = session_factory(engine)
@@ -59,7 +61,18 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
             stack.callback(messaging.stop)
         app = create_app(settings, messaging, admin, engine=engine, migrate_db=False)
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=None
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            access_log=False,
+            log_config=None,
+            # X-Forwarded-* only from the proxies the operator named (uvicorn trusts 127.0.0.1 by default).
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies) or None,
+            # A deadline for request heads (uvicorn has none) and a bound on their size.
+            http=HeaderTimeoutH11Protocol.with_timeout(settings.header_timeout_s),
+            h11_max_incomplete_event_size=16 * 1024,
         )
         logger.info("hub HTTP on %s:%s, public URL %s", settings.host, settings.port, settings.public_url)
         # uvicorn re-raises the signal that stopped it once it is done; with Python's default

@@ -27,8 +27,12 @@ __all__ = [
     "DesiredState",
     "EnrollRequest",
     "EnrollResponse",
+    "LabelKey",
+    "LabelValue",
+    "Labels",
     "Message",
     "ModelStatus",
+    "OutboxReport",
     "Presence",
     "Release",
     "ReportedState",
@@ -42,6 +46,10 @@ SCHEMA_VERSION = 1
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Version = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$", max_length=64)]
+# Device labels, the same rules wherever they are set (enrollment, the API, tokens, selectors).
+LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, Field(max_length=128)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32)]
 
 
 def utcnow() -> datetime:
@@ -123,6 +131,16 @@ class ModelStatus(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class OutboxReport(BaseModel):
+    """How the device's outbox fares: what waits, what was dropped, what the broker refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pending: int = Field(default=0, ge=0, description="telemetry points and messages not yet delivered")
+    dropped: int = Field(default=0, ge=0, description="points dropped, oldest first, to keep the outbox bound")
+    refused: int = Field(default=0, ge=0, description="deliveries the broker refused (kept and retried)")
+
+
 class ReportedState(Message):
     """What a device runs now (retained on devices/{id}/reported)."""
 
@@ -135,6 +153,7 @@ class ReportedState(Message):
     profile: DeviceProfile | None = None
     agent_version: str = Field(default="", max_length=64)
     grpc_port: int | None = Field(default=None, ge=0, le=65535, description="KServe v2 gRPC port, when served")
+    outbox: OutboxReport | None = None
     reported_at: datetime = Field(default_factory=utcnow)
 
 
@@ -224,8 +243,8 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     token: str = Field(min_length=1, max_length=256)
-    name: str | None = Field(default=None, max_length=128)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    labels: Labels = Field(default_factory=dict)
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
     agent_version: str = Field(default="", max_length=64)
 

@@ -8,6 +8,7 @@ target of its preference list that the manifest offers.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,12 +87,12 @@ class DeviceProfile(BaseModel):
 
     arch: str = Field(default="x86_64", max_length=32, description="machine architecture (uname -m)")
     os: str = Field(default="linux", max_length=64)
-    cpu_flags: list[str] = Field(default_factory=list, max_length=512)
+    cpu_flags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=512)
     cores: int = Field(default=1, ge=1, le=4096)
     memory_mb: int = Field(default=0, ge=0)
     disk_free_mb: int = Field(default=0, ge=0)
-    providers: list[str] = Field(default_factory=lambda: [CPU], max_length=32)
-    cuda_devices: list[str] = Field(default_factory=list, max_length=64)
+    providers: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=lambda: [CPU], max_length=32)
+    cuda_devices: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=64)
     jetson: bool = False
 
 

@@ -8,7 +8,7 @@ Layout (root ``autodl/v1``):
     devices/{id}/results      agent -> hub   QoS 1             CommandResult
     devices/{id}/telemetry    agent -> hub   QoS 1             TelemetryBatch
     devices/{id}/online       agent -> hub   QoS 1, retained   Presence (also the last will)
-    models/{name}/releases    hub -> all     QoS 1, retained   Release
+    models/{name}/releases    hub -> hub     QoS 1, retained   Release (devices may not read it)
 """
 
 from __future__ import annotations

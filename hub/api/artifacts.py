@@ -13,6 +13,7 @@ from sqlmodel import select
 
 from hub.api.deps import Caller, SettingsDep
 from hub.db import SessionDep
+from hub.fleet import devices
 from hub.models import Artifact
 from hub.registry import UnknownVersionError, artifact_path
 
@@ -83,14 +84,16 @@ def get_artifact(
     sha256: Sha256Path,
     session: SessionDep,
     settings: SettingsDep,
-    _caller: Caller,
+    caller: Caller,
     range_header: Annotated[str | None, Header(alias="Range", max_length=256)] = None,
     if_none_match: Annotated[str | None, Header(max_length=4096)] = None,
     if_range: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    """Stream a stored file by its sha256 (device token or API key)."""
+    """Stream a stored file by its sha256 (an API key; a device token for its desired versions' files)."""
     path = artifact_path(settings, sha256)
     known = session.exec(select(Artifact.id).where(Artifact.sha256 == sha256)).first() is not None
+    if caller.kind == "device" and not devices.device_may_read_artifact(session, caller.id, sha256):
+        known = False  # a 404 like any unknown file: a device learns nothing about other models
     if not known or not path.is_file():
         raise UnknownArtifactError(f"no artifact {sha256}")
     size = path.stat().st_size

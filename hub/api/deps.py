@@ -53,7 +53,11 @@ BrokerDep = Annotated[Any, Depends(_broker)]
 
 
 def client_address(request: Request) -> str:
-    """Return the caller's address (for limits on unauthenticated endpoints)."""
+    """Return the caller's address (for limits on unauthenticated endpoints).
+
+    uvicorn puts the X-Forwarded-For address here only when the peer is one of the
+    `trusted_proxies` (hub.serve); from anyone else the header is ignored.
+    """
     return request.client.host if request.client is not None else "unknown"
 
 
@@ -70,6 +74,9 @@ def _principal(
     if principal.kind == "key":
         limit, period = parse_rate_limit(principal.rate_limit) if principal.rate_limit else settings.api_rate
         limiter.hit(f"key:{principal.id}", limit, period)
+    else:
+        # Devices get a budget too: one device's token must not be a way around the limits.
+        limiter.hit(f"device:{principal.id}", *settings.device_rate)
     request.state.principal = principal
     return principal
 

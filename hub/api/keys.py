@@ -58,6 +58,7 @@ def create_enrollment_token(body: EnrollmentTokenCreate, session: SessionDep, ca
         expires_in=timedelta(seconds=body.expires_in_s) if body.expires_in_s is not None else None,
         labels=body.labels,
         note=body.note,
+        device_label_keys=body.device_label_keys,
     )
     public = EnrollmentTokenPublic.model_validate(token, from_attributes=True)
     return EnrollmentTokenCreated(**public.model_dump(), token=secret)

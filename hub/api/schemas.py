@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.config import parse_rate_limit
 from hub.models import Role
-from shared.messages import CommandName
+from shared.messages import CommandName, LabelKey, Labels
 
 __all__ = [
     "ID_PATTERN",
@@ -38,10 +38,6 @@ __all__ = [
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 VERSION_PATTERN = r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$"
-
-LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
-LabelValue = Annotated[str, Field(max_length=128)]
-Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32)]
 
 
 class _Body(BaseModel):
@@ -87,6 +83,11 @@ class EnrollmentTokenCreate(_Body):
     max_uses: int = Field(default=1, ge=1, le=1_000_000)
     expires_in_s: int | None = Field(default=86400, ge=1, le=10 * 365 * 86400, description="None: never expires")
     labels: Labels = Field(default_factory=dict, description="applied to every device it enrolls")
+    device_label_keys: list[LabelKey] | None = Field(
+        default=None,
+        max_length=32,
+        description="label keys a device may set itself; default: any but the protected keys and those of rollout selectors",
+    )
     note: str = Field(default="", max_length=256)
 
 
@@ -96,6 +97,7 @@ class EnrollmentTokenPublic(BaseModel):
     id: int
     note: str
     labels: dict[str, str]
+    device_label_keys: list[str] | None = None
     max_uses: int
     uses: int
     expires_at: datetime | None

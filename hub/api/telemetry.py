@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from hub.api.deps import Viewer
 from hub.api.schemas import ID_PATTERN, BucketPublic, TelemetryPointPublic, TelemetryResponse
 from hub.db import SessionDep
-from hub.fleet.telemetry import downsample, query_points
+from hub.fleet.telemetry import downsample, query_history, query_points
 
 router = APIRouter(tags=["telemetry"])
 
@@ -32,3 +32,18 @@ def get_telemetry(
         buckets = [BucketPublic.model_validate(b, from_attributes=True) for b in downsample(points, step_s)]
         return TelemetryResponse(buckets=buckets)
     return TelemetryResponse(points=[TelemetryPointPublic.model_validate(p, from_attributes=True) for p in points])
+
+
+@router.get("/telemetry/history")
+def get_telemetry_history(
+    session: SessionDep,
+    _caller: Viewer,
+    device_id: Annotated[str, Query(pattern=ID_PATTERN)],
+    name: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> TelemetryResponse:
+    """Return the hourly aggregates kept for points that retention pruned."""
+    history = query_history(session, device_id=device_id, name=name, start=start, end=end, limit=limit)
+    return TelemetryResponse(buckets=[BucketPublic.model_validate(b, from_attributes=True) for b in history])

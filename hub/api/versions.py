@@ -19,6 +19,7 @@ from hub.api.schemas import ArtifactPublic, VersionPublic
 from hub.config import HubSettings
 from hub.db import SessionDep
 from hub.errors import InvalidInputError, PayloadTooLargeError
+from hub.fleet import devices
 from hub.models import Artifact, Model, ModelVersion
 from shared.manifest import Manifest
 
@@ -136,9 +137,11 @@ def get_version(
     response_class=Response,
     responses={200: {"content": {"application/json": {}}, "description": "the SignedManifest"}},
 )
-def get_manifest(name: ModelNamePath, version: VersionPath, session: SessionDep, _caller: Caller) -> Response:
-    """Return the signed manifest bytes (device token or API key)."""
+def get_manifest(name: ModelNamePath, version: VersionPath, session: SessionDep, caller: Caller) -> Response:
+    """Return the signed manifest bytes (an API key; a device token for versions in its desired state)."""
     _, row = registry.resolve_version(session, name, version)
+    if caller.kind == "device" and not devices.device_may_read_version(session, caller.id, name, row.version):
+        raise registry.UnknownVersionError(f"model {name!r} has no version or alias {version!r}")
     return Response(
         content=row.signed_manifest.encode(),
         media_type="application/json",

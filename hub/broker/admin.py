@@ -11,11 +11,18 @@ Roles (dynamic-security ACLs cannot use ``%u`` patterns, so every device gets it
     autodl-hub               the hub's user: everything, plus $CONTROL/dynamic-security
     autodl-device-{id}       publish  autodl/v1/devices/{id}/{reported,results,telemetry,online}
                              subscribe + receive autodl/v1/devices/{id}/{desired,commands}
-                             subscribe + receive autodl/v1/models/+/releases
     default ACL access       deny publish, subscribe and receive for anything not granted
 
-A device subscribes to those exact topics (or to a concrete ``models/{name}/releases``);
-``devices/{id}/#`` is refused by the broker.
+A device subscribes to those exact topics; ``devices/{id}/#`` is refused by the broker,
+and so are the release topics (agents learn versions from their desired state only, so
+no device learns what other models the hub holds).
+
+Client ids are bound to identities: a device's user carries ``clientid`` = its device id
+(= its username), so the broker refuses a connection that presents another client id
+with those credentials. No device can take over another device's connection or
+persistent session, nor the hub's (whose client id is also not guessable: see
+`hub.messaging.session.hub_client_id`). The binding is "client id = username", which a
+password-file broker expresses with ``use_username_as_clientid``.
 
 Against an external mosquitto (``--mqtt-url``) the same commands work once the hub's user
 holds the ``autodl-hub`` role (`ensure_roles` + `set_hub_credentials` as the dynsec admin,
@@ -145,10 +152,9 @@ def device_role_name(device_id: str) -> str:
 
 
 def device_role_acls(device_id: str) -> list[dict[str, Any]]:
-    """Return the ACL of one device: its own topics and every model's releases."""
+    """Return the ACL of one device: its own topics, nothing else."""
     acls = [_acl("publishClientSend", topics.device_topic(device_id, ch)) for ch in sorted(topics.DEVICE_TO_HUB)]
     readable = [topics.device_topic(device_id, ch) for ch in sorted(topics.HUB_TO_DEVICE)]
-    readable.append(topics.release_wildcard())
     for topic in readable:
         acls.append(_acl("subscribePattern", topic))
         acls.append(_acl("publishClientReceive", topic))
@@ -371,18 +377,22 @@ class BrokerAdmin:
         """
         role = device_role_name(device_id)
         self._ensure_role(role, device_role_acls(device_id))
-        self._upsert_client(device_id, password, role)
+        self._upsert_client(device_id, password, role, clientid=device_id)
         logger.info("broker: device %s may connect", device_id)
 
-    def _upsert_client(self, username: str, password: str, role: str) -> None:
-        created = self.run(
-            {"command": "createClient", "username": username, "password": password, "roles": [{"rolename": role}]},
-            ok_errors=["Client already exists"],
-        )
+    def _upsert_client(self, username: str, password: str, role: str, *, clientid: str | None = None) -> None:
+        create: dict[str, Any] = {"command": "createClient", "username": username, "password": password}
+        create["roles"] = [{"rolename": role}]
+        if clientid is not None:
+            # Only a connection presenting this client id may log in as `username`.
+            create["clientid"] = clientid
+        created = self.run(create, ok_errors=["Client already exists"])
         if not created.get("error"):
             return
         client = self.run({"command": "getClient", "username": username})["data"]["client"]
         self.run({"command": "setClientPassword", "username": username, "password": password})
+        if clientid is not None and client.get("clientid") != clientid:
+            self.run({"command": "setClientId", "username": username, "clientid": clientid})
         if not any(r.get("rolename") == role for r in client.get("roles", [])):
             self.run({"command": "addClientRole", "username": username, "rolename": role})
         if client.get("disabled"):

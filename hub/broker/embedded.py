@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.broker.admin import (
+    DEVICE_ROLE_PREFIX,
     HUB_ROLE,
     BrokerAdmin,
     BrokerAdminError,
@@ -36,6 +37,7 @@ from hub.broker.admin import (
     DynsecCommandError,
     MqttEndpoint,
     default_acl_access,
+    device_role_acls,
     hash_password,
     hub_role_acls,
     verify_password,
@@ -128,7 +130,8 @@ def _write_private(path: Path, text: str) -> None:
 def write_hub_dynsec(path: Path, username: str, password: str) -> None:
     """Create or update a dynamic-security file with the hub's user and role and default-deny access.
 
-    Device users and roles already in the file are kept. Only for a broker that is not
+    Device users and roles already in the file are kept, each bound to its client id
+    (= its username). Only for a broker that is not
     running: mosquitto rewrites the file itself while it runs.
     """
     config: dict[str, Any] = {}
@@ -158,6 +161,18 @@ def write_hub_dynsec(path: Path, username: str, password: str) -> None:
         role = {"rolename": HUB_ROLE}
         roles.append(role)
     role["acls"] = hub_role_acls()
+    for client in clients:
+        # Devices enrolled before client ids were bound get the binding now (client id = username).
+        if any(str(r.get("rolename", "")).startswith(DEVICE_ROLE_PREFIX) for r in client.get("roles", [])):
+            client["clientid"] = client.get("username")
+    for device_role in roles:
+        # And their roles today's ACL (no release topics since "Hardening").
+        name = str(device_role.get("rolename", ""))
+        if name.startswith(DEVICE_ROLE_PREFIX):
+            try:
+                device_role["acls"] = device_role_acls(name[len(DEVICE_ROLE_PREFIX) :])
+            except ValueError:
+                logger.warning("dynamic-security role %s does not name a valid device id; left as it is", name)
     config["defaultACLAccess"] = default_acl_access()
     _write_private(path, json.dumps(config, indent=1))
 

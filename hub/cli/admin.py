@@ -118,6 +118,9 @@ def token_create(
     expires_in: Annotated[str, typer.Option(help="lifetime such as 30m, 24h, 7d, or 'never'")] = "24h",
     label: Annotated[list[str], typer.Option(help="key=value applied to enrolled devices (repeatable)")] = [],  # noqa: B006
     note: Annotated[str, typer.Option(help="what the token is for")] = "",
+    device_label_key: Annotated[
+        list[str], typer.Option(help="a label key devices may set themselves (repeatable; default: unprotected keys)")
+    ] = [],  # noqa: B006
     data_dir: DataDirOpt = None,
     database_url: DatabaseUrlOpt = None,
     as_json: JsonOpt = False,
@@ -126,7 +129,13 @@ def token_create(
     settings = load_settings(data_dir, database_url=database_url)
     with _session(settings) as session:
         row, secret = security.create_enrollment_token(
-            session, actor="cli", max_uses=max_uses, expires_in=_duration(expires_in), labels=_labels(label), note=note
+            session,
+            actor="cli",
+            max_uses=max_uses,
+            expires_in=_duration(expires_in),
+            labels=_labels(label),
+            note=note,
+            device_label_keys=device_label_key or None,
         )
     if as_json:
         typer.echo(json.dumps({"id": row.id, "token": secret, "max_uses": row.max_uses}))

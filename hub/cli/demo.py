@@ -325,7 +325,8 @@ class Demo:
         return version
 
     def start_agent(self, key: str, name: str, labels: dict[str, str]) -> DemoAgent:
-        token = self.api(key, "POST", "/enrollment-tokens", json={"max_uses": 1, "labels": {}})["token"]
+        # The operator labels the device through its token: a device may not put itself in a ring.
+        token = self.api(key, "POST", "/enrollment-tokens", json={"max_uses": 1, "labels": labels})["token"]
         agent = DemoAgent(name=name, labels=labels, state_dir=self.data_dir / name, port=_free_port())
         cli = _script("autodl-agent", "agent.cli")
         args = [
@@ -340,7 +341,6 @@ class Demo:
             "--state-dir",
             str(agent.state_dir),
         ]
-        args += [item for k, v in labels.items() for item in ("--label", f"{k}={v}")]
         out = self.run_cli(f"enroll-{name}", args, self.agent_env(), timeout=60)
         agent.device_id = out.split()[2]  # "enrolled as dev-... (hub ...)"
         run = [*cli, "run", "--state-dir", str(agent.state_dir), "--port", str(agent.port)]

@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 
 from hub.audit import record
 from hub.config import HubSettings
-from hub.errors import ConflictError, NotFoundError, UnavailableError
-from hub.models import Device, VersionStatus, utcnow
+from hub.errors import ConflictError, NotFoundError, PermissionDeniedError, UnavailableError
+from hub.models import Artifact, Command, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.security import (
     DEVICE_TOKEN_PREFIX,
@@ -86,11 +86,89 @@ def get_device(session: Session, device_id: str, *, for_update: bool = False) ->
     return device
 
 
+def desired_versions(session: Session, device_id: str) -> set[tuple[str, str]]:
+    """Return the (model, version) pairs a device token may read.
+
+    Those of its desired state, and those an operator sent it with a ``deploy`` command
+    (which bypasses the desired state) that has not expired.
+    """
+    desired = session.exec(select(Device.desired).where(Device.id == device_id)).first() or {}
+    models = desired.get("models") if isinstance(desired, dict) else None
+    pairs: set[tuple[str, str]] = set()
+    if isinstance(models, dict):
+        pairs = {(str(name), str(entry.get("version"))) for name, entry in models.items() if isinstance(entry, dict)}
+    now = utcnow()
+    deploys = session.exec(
+        select(Command.args).where(
+            Command.device_id == device_id,
+            Command.name == "deploy",
+            col(Command.expires_at).is_(None) | (col(Command.expires_at) > now),
+        )
+    ).all()
+    for args in deploys:
+        if isinstance(args, dict) and "model" in args and "version" in args:
+            pairs.add((str(args["model"]), str(args["version"])))
+    return pairs
+
+
+def device_may_read_version(session: Session, device_id: str, model: str, version: str) -> bool:
+    """Return True when `model` `version` is in the device's desired state."""
+    return (model, version) in desired_versions(session, device_id)
+
+
+def device_may_read_artifact(session: Session, device_id: str, sha256: str) -> bool:
+    """Return True when a file with `sha256` belongs to a version in the device's desired state."""
+    allowed = desired_versions(session, device_id)
+    if not allowed:
+        return False
+    owners = session.exec(
+        select(Model.name, ModelVersion.version)
+        .join(ModelVersion, col(ModelVersion.model_id) == col(Model.id))
+        .join(Artifact, col(Artifact.version_id) == col(ModelVersion.id))
+        .where(Artifact.sha256 == sha256)
+    ).all()
+    return any((name, version) in allowed for name, version in owners)
+
+
+def refused_label_keys(
+    session: Session,
+    settings: HubSettings,
+    allowed: list[str] | None,
+    wanted: Mapping[str, str],
+    fixed: Mapping[str, str],
+) -> list[str]:
+    """Return the label keys a device asked for but may not set itself, sorted.
+
+    Keys the token fixes are not the device's to set (the token's value wins anyway).
+    A token with `allowed` keys lets the device set those only; without, any key but the
+    protected ones (`protected_label_keys`) and those a rollout selector has used, since
+    rollouts pick devices by them.
+    """
+    own = [key for key in wanted if key not in fixed]
+    if not own:
+        return []
+    if allowed is not None:
+        return sorted(key for key in own if key not in set(allowed))
+    protected = set(settings.protected_label_keys)
+    for spec in session.exec(select(Rollout.spec)).all():
+        selector = spec.get("selector") if isinstance(spec, dict) else None
+        if isinstance(selector, dict) and isinstance(selector.get("labels"), dict):
+            protected.update(selector["labels"])
+    return sorted(key for key in own if key in protected)
+
+
 def enroll(
     session: Session, settings: HubSettings, request: EnrollRequest, broker: BrokerCredentials | None = None
 ) -> EnrollResponse:
     """Trade an enrollment token and device facts for the device's own credentials."""
     token = claim_enrollment_token(session, request.token)
+    refused = refused_label_keys(session, settings, token.device_label_keys, request.labels, token.labels)
+    if refused:
+        session.rollback()  # the token's use is not spent on a refused enrollment
+        raise PermissionDeniedError(
+            f"this enrollment token does not let a device set label(s) {', '.join(refused)}: "
+            "put them on the token, or let the token allow them (device_label_keys)"
+        )
     device_id = f"dev-{uuid.uuid4().hex[:16]}"
     device_token, mqtt_password = new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)
     # Labels from the token win: an operator chose them, the device only suggests.

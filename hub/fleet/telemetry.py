@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
-from hub.models import TelemetryPoint
+from hub.models import TelemetryPoint, TelemetryRollup
 
-__all__ = ["Bucket", "downsample", "query_points"]
+__all__ = ["Bucket", "downsample", "query_history", "query_points"]
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,32 @@ def downsample(points: list[TelemetryPoint], step_s: int) -> list[Bucket]:
             max=max(values),
         )
         for (slot, name), values in sorted(groups.items())
+    ]
+
+
+def query_history(
+    session: Session,
+    *,
+    device_id: str,
+    name: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 10_000,
+) -> list[Bucket]:
+    """Return the hourly history of a device's pruned points (hub.fleet.retention), oldest first."""
+    query = (
+        select(TelemetryRollup)
+        .where(TelemetryRollup.device_id == device_id)
+        .order_by(col(TelemetryRollup.hour), col(TelemetryRollup.name))
+        .limit(limit)
+    )
+    if name is not None:
+        query = query.where(TelemetryRollup.name == name)
+    if start is not None:
+        query = query.where(col(TelemetryRollup.hour) >= start)
+    if end is not None:
+        query = query.where(col(TelemetryRollup.hour) < end)
+    return [
+        Bucket(start=r.hour, name=r.name, count=r.count, mean=r.sum / r.count if r.count else 0.0, min=r.min, max=r.max)
+        for r in session.exec(query)
     ]

@@ -20,6 +20,8 @@ reason (`counters`) and dropped.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import queue
@@ -42,6 +44,7 @@ from hub.broker.admin import MqttEndpoint
 from hub.fleet.commands import to_message
 from hub.messaging.decode import TelemetryRows, decode_telemetry
 from hub.messaging.ingest import CounterSnapshot, IngestRejected, MessageCounters
+from hub.messaging.quota import TelemetryQuota
 from hub.messaging.writer import Inbound, IngestWriter
 from hub.models import Command, CommandStatus, Device, utcnow
 from shared import codec, topics, tracing
@@ -49,7 +52,7 @@ from shared.messages import Command as CommandMessage
 from shared.messages import CommandResult, DesiredState, Presence, Release, ReportedState, TelemetryBatch
 from shared.topics import DeviceChannel
 
-__all__ = ["CommandExpired", "HubMessaging", "MessagingError", "MessagingUnavailable"]
+__all__ = ["CommandExpired", "HubMessaging", "MessagingError", "MessagingUnavailable", "hub_client_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,19 @@ _EXPECTED: dict[DeviceChannel, type[ReportedState | CommandResult | TelemetryBat
     DeviceChannel.TELEMETRY: TelemetryBatch,
     DeviceChannel.ONLINE: Presence,
 }
+
+
+def hub_client_id(username: str, password: str | None, instance: str | None = None) -> str:
+    """Return this hub process's MQTT client id: stable per replica, distinct between replicas, not guessable.
+
+    The suffix is an HMAC of the replica's name (its host name) under the hub's MQTT
+    password, so a restarted replica resumes its persistent session while nobody without
+    the password can name it (and so try to take it over on a broker that does not bind
+    client ids to users).
+    """
+    name = instance or socket.gethostname()
+    digest = hmac.new((password or "").encode(), f"autodl-hub-client:{name}".encode(), hashlib.sha256).hexdigest()
+    return f"{username[:40]}-{digest[:20]}"
 
 
 class MessagingError(Exception):
@@ -96,12 +112,17 @@ class HubMessaging:
         self.endpoint = MqttEndpoint.parse(url or settings.mqtt_url or f"mqtt://127.0.0.1:{settings.mqtt_port}")
         self.username = username or settings.mqtt_username
         self._password = password if password is not None else settings.mqtt_password
-        self.client_id = client_id or f"{settings.mqtt_username}-{socket.gethostname()}"[:64]
+        self.client_id = client_id or hub_client_id(self.username, self._password)
         self.share_group = share_group
         self.max_payload_bytes = max_payload_bytes
         self.session_expiry_s = session_expiry_s
         self._sessions = session_factory
         self.counters = MessageCounters()
+        self.quota = TelemetryQuota(
+            float(settings.telemetry_quota_points_s),
+            float(settings.telemetry_quota_bytes_s),
+            float(settings.telemetry_quota_burst_s),
+        )
         heartbeat = float(settings.heartbeat_timeout_s)
         self._writer = IngestWriter(
             session_factory,
@@ -253,6 +274,10 @@ class HubMessaging:
         if parsed.channel is DeviceChannel.TELEMETRY:
             # Most of the traffic: validated straight into rows (same rules, same error reasons).
             message = decode_telemetry(bytes(msg.payload), max_bytes=self.max_payload_bytes)
+            if message.device_id == parsed.subject and not self.quota.allow(
+                message.device_id, message.count, len(msg.payload)
+            ):
+                raise IngestRejected("quota", f"{message.count} points from {message.device_id} over its quota")
         else:
             message = codec.decode(bytes(msg.payload), _EXPECTED[parsed.channel], max_bytes=self.max_payload_bytes)
         if message.device_id != parsed.subject:

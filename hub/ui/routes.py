@@ -18,13 +18,23 @@ from hub import registry
 from hub.api.deps import DeviceIdPath, ModelNamePath
 from hub.api.rollouts import _locked, _wake, rollout_detail, rollout_summary
 from hub.db import SessionDep
-from hub.errors import AuthenticationError, InvalidInputError
+from hub.errors import AuthenticationError, InvalidInputError, PermissionDeniedError
 from hub.fleet import commands, devices
 from hub.rollouts import engine as rollouts
 from hub.rollouts.plan import Event
 from hub.rollouts.queries import device_history, get_rollout, list_rollouts
 from hub.ui import views
-from hub.ui.auth import CSRF_FIELD, UiCaller, check_csrf, clear_session, sign_in, start_session
+from hub.ui.auth import (
+    CSRF_FIELD,
+    UiCaller,
+    check_csrf,
+    check_login_csrf,
+    end_session,
+    login_csrf,
+    set_login_csrf,
+    sign_in,
+    start_session,
+)
 from hub.ui.render import SECURITY_HEADERS, render
 from shared.messages import CommandName
 
@@ -50,8 +60,16 @@ def _back(url: str) -> RedirectResponse:
 
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str | None = None) -> HTMLResponse:
-    """Show the sign-in form."""
-    return render(request, "login.html", {"next": _safe_next(next), "error": None, "user": None})
+    """Show the sign-in form (with its CSRF token, also set as a cookie)."""
+    return _login_page(request, _safe_next(next), None)
+
+
+def _login_page(request: Request, next_url: str, error: str | None, status_code: int = 200) -> HTMLResponse:
+    token = login_csrf(request)
+    context = {"next": next_url, "error": error, "user": None, "login_csrf": token}
+    response = render(request, "login.html", context, status_code=status_code)
+    set_login_csrf(request, response, token)
+    return response
 
 
 @router.post("/login", response_model=None)
@@ -60,24 +78,26 @@ def login(
     session: SessionDep,
     key: Annotated[str, Form(max_length=256)],
     next: Annotated[str, Form(max_length=2048)] = "/ui/",
+    csrf: CsrfForm = "",
 ) -> Response:
-    """Check an API key and start a session holding it."""
+    """Check the form's CSRF token and the API key, then start a server-side session."""
     try:
-        sign_in(session, key)
-    except AuthenticationError as exc:
-        context = {"next": _safe_next(next), "error": exc.message, "user": None}
-        return render(request, "login.html", context, status_code=401)
+        check_login_csrf(request, csrf)
+        principal = sign_in(session, key)
+    except (AuthenticationError, PermissionDeniedError) as exc:
+        status = 401 if isinstance(exc, AuthenticationError) else 403
+        return _login_page(request, _safe_next(next), exc.message, status)
     response = _back(_safe_next(next))
-    start_session(request, response, key)
+    start_session(session, request, response, principal)
     return response
 
 
 @router.post("/logout")
-def logout(user: UiCaller, csrf: CsrfForm = "") -> RedirectResponse:
-    """End the session."""
+def logout(request: Request, session: SessionDep, user: UiCaller, csrf: CsrfForm = "") -> RedirectResponse:
+    """End the session: the server forgets it, so the cookie is worthless even if kept."""
     check_csrf(user, csrf)
     response = _back("/ui/login")
-    clear_session(response)
+    end_session(session, request, response)
     return response
 
 

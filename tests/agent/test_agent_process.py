@@ -7,11 +7,13 @@ these with the real hub.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -178,3 +180,40 @@ def test_bad_mqtt_credentials_are_fatal_with_a_clear_message(
         assert "bad user name or password" in agent.log_tail(10**7) or "not authorized" in agent.log_tail(10**7)
     finally:
         broker.stop()
+
+
+def test_the_local_api_with_a_token_refuses_requests_without_it(
+    tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker, enrolled: str
+) -> None:
+    token = "local-api-token-0123456789"
+    os.chmod(tmp_state_dir, 0o755)  # as an older version (or a person) left it
+    os.chmod(tmp_state_dir / "identity.json", 0o644)
+    agent = AgentProcess(tmp_state_dir, env={"AUTODL_AGENT_API_TOKEN": token}).start()
+    try:
+        agent.wait_live()  # the probes need no token
+        # State is the owner's only: tightened at start, and what the agent made since too.
+        assert tmp_state_dir.stat().st_mode & 0o777 == 0o700
+        for path in tmp_state_dir.rglob("*"):
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+        assert httpx.get(f"{agent.url}/healthz", timeout=10).status_code == 200
+        for path in ("/v1/models", "/v1/status", "/metrics", "/v2/models/m"):
+            assert httpx.get(f"{agent.url}{path}", timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer not-the-token-at-all"}
+        assert httpx.get(f"{agent.url}/v1/models", headers=wrong, timeout=10).status_code == 401
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+        refused = httpx.post(f"{agent.url}/v2/models/m/infer", json=body, timeout=10)
+        assert refused.status_code == 401
+        right = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{agent.url}/v1/models", headers=right, timeout=10).status_code == 200
+        # Bound to loopback: a page on another name (DNS rebinding) is not answered.
+        rebound = httpx.get(f"{agent.url}/v1/models", headers={**right, "Host": "evil.example:8500"}, timeout=10)
+        assert rebound.status_code == 421
+        # The CLI on the device reads the token from the same setting.
+        env = {**agent.env, "AUTODL_AGENT_PORT": str(agent.port)}
+        status = subprocess.run(
+            [sys.executable, "-c", "from agent.cli import main; main()", "status", "--state-dir", str(tmp_state_dir)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+    finally:
+        agent.stop()

@@ -12,6 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentSettings, Identity
+from agent.daemon import reported_state
 from agent.store import Store
 from agent.sync import MqttSession
 from shared import topics
@@ -66,9 +67,9 @@ class Hub:
         self.client.disconnect()
 
 
-def session(broker: Broker, tmp_path: Path, store: Store) -> MqttSession:
+def session(broker: Broker, tmp_path: Path, store: Store, **overrides: Any) -> MqttSession:
     settings = AgentSettings(
-        state_dir=tmp_path, backoff_min_s=0.05, backoff_max_s=0.2, outbox_batch=500, publish_timeout_s=2
+        state_dir=tmp_path, backoff_min_s=0.05, backoff_max_s=0.2, outbox_batch=500, publish_timeout_s=2, **overrides
     )
     identity = Identity(
         device_id=DEVICE, device_token="t" * 16, mqtt_host=broker.host, mqtt_port=broker.port,
@@ -118,6 +119,60 @@ def test_backlog_drains_in_order_with_live_results_first_and_the_bound_counted(
         # Results do not wait behind the telemetry backlog: they go before its first batch.
         assert results[-1] < batches[0]
         assert store.outbox_stats().messages_pending == 0
+    finally:
+        s.stop()
+        hub.close()
+
+
+def test_no_matching_subscribers_keeps_the_rows_until_the_hub_subscribes_again(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "agent.db")
+    s = session(mqtt_broker, tmp_path, store)
+    store.enqueue_telemetry(points(10))
+    store.enqueue_message("results", result("r-1"))
+    s.start()  # nobody subscribes: each PUBACK says 0x10 "no matching subscribers"
+    hub: Hub | None = None
+    try:
+        wait_for("refusals counted and retried", lambda: store.outbox_stats().refused >= 3, 30)
+        stats = store.outbox_stats()
+        assert stats.telemetry_pending == 10 and stats.messages_pending == 1
+        hub = Hub(mqtt_broker)
+        wait_for("the kept points delivered", lambda: len(hub.seqs()) >= 10, 30)
+        assert hub.seqs() == list(range(1, 11))
+        with hub.lock:
+            assert ("result", "r-1") in hub.arrivals
+        wait_for("the rows acknowledged", lambda: store.outbox_stats().telemetry_pending == 0, 10)
+        assert store.outbox_stats().messages_pending == 0
+        refused = store.outbox_stats().refused
+        assert s.refusals == 0  # a delivery ends the backoff
+        store.enqueue_telemetry(points(5))
+        s.wake()
+        wait_for("new points delivered", lambda: len(hub.seqs()) >= 15, 30)
+        assert store.outbox_stats().refused == refused
+        # The hub sees the count in the reported state.
+        reported = reported_state(s.identity, store, 0, None, [])
+        assert reported.outbox is not None and reported.outbox.refused == refused
+    finally:
+        s.stop()
+        if hub is not None:
+            hub.close()
+
+
+def test_telemetry_beyond_the_quota_waits_in_the_outbox_and_arrives_later(mqtt_broker: Broker, tmp_path: Path) -> None:
+    hub = Hub(mqtt_broker)
+    store = Store(tmp_path / "agent.db")
+    # 100 points at once, then 100 a second.
+    s = session(mqtt_broker, tmp_path, store, telemetry_max_points_s=100.0, telemetry_burst_s=1.0)
+    store.enqueue_telemetry(points(400))
+    s.start()
+    try:
+        wait_for("the first burst", lambda: len(hub.seqs()) >= 100, 30)
+        # Held back, not dropped: the rest is still queued while the first points are at the hub.
+        assert store.outbox_stats().telemetry_pending > 0 and store.outbox_stats().dropped == 0
+        wait_for("every point, later", lambda: len(hub.seqs()) >= 400, 60)
+        assert hub.seqs() == list(range(1, 401))
+        assert s.throttled > 0
     finally:
         s.stop()
         hub.close()

@@ -267,11 +267,14 @@ def _garbage(device_id: str, rng: random.Random) -> list[bytes]:
 
 def test_flood_of_malformed_payloads_on_every_topic_the_hub_reads(fleet: Fleet) -> None:
     rng = random.Random("flood")
-    agent = fleet.agents[1]
-    identity = fleet.identity(agent)
+    # A device of its own: the broker binds client ids to users, so the flood cannot share a
+    # running agent's credentials without being refused.
+    enrolled = httpx.post(f"{fleet.hub.url}/enroll", json={"token": fleet.token, "name": "flood"}, timeout=10)
+    assert enrolled.status_code == 200, enrolled.text
+    identity = enrolled.json()
     device_id = identity["device_id"]
     before = _rejected(fleet)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device_id}-flood", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
     client.username_pw_set(identity["mqtt_username"], identity["mqtt_password"])
     client.connect(identity["mqtt_host"], identity["mqtt_port"])
     client.loop_start()

@@ -15,9 +15,17 @@ def _published(hub: Hub, tmp_path: Path) -> tuple[str, bytes]:
     return variant.sha256, built.files[variant.file].read_bytes()
 
 
+def _device_given_the_version(hub: Hub, **body: str) -> dict[str, str]:
+    """Enroll a device and deploy the published version to it: its token may now read that version."""
+    device = hub.enrolled_device(**body)
+    deployed = hub.request("PUT", f"/devices/{device['device_id']}/models/digits", json={"version": "1.0.0"})
+    assert deployed.status_code == 200, deployed.text
+    return device
+
+
 def test_an_interrupted_download_resumes_with_range_to_the_right_sha256(hub: Hub, tmp_path: Path) -> None:
     sha, data = _published(hub, tmp_path)
-    token = hub.enrolled_device()["device_token"]
+    token = _device_given_the_version(hub)["device_token"]
     received = bytearray()
     # The first attempt dies after ~300 kB: read a streamed response partly, then drop it.
     with hub.client.stream("GET", f"/artifacts/{sha}", headers=hub.headers(token)) as response:
@@ -61,7 +69,7 @@ def test_etag_if_none_match_and_ranges(hub: Hub, tmp_path: Path) -> None:
 
 def test_a_decommissioned_device_can_no_longer_download(hub: Hub, tmp_path: Path) -> None:
     sha, _ = _published(hub, tmp_path)
-    device = hub.enrolled_device(name="gone")
+    device = _device_given_the_version(hub, name="gone")
     token = device["device_token"]
     assert hub.request("GET", f"/artifacts/{sha}", key=token).status_code == 200
 
@@ -73,3 +81,15 @@ def test_a_decommissioned_device_can_no_longer_download(hub: Hub, tmp_path: Path
     assert [d["id"] for d in hub.request("GET", "/devices").json()] == []
     listed = hub.request("GET", "/devices", params={"include_decommissioned": True}).json()
     assert [d["id"] for d in listed] == [device["device_id"]]
+
+
+def test_a_device_token_reads_only_the_versions_in_its_desired_state(hub: Hub, tmp_path: Path) -> None:
+    sha, data = _published(hub, tmp_path)
+    given = _device_given_the_version(hub)["device_token"]
+    other = hub.enrolled_device()["device_token"]
+    assert hub.request("GET", f"/artifacts/{sha}", key=given).content == data
+    assert hub.request("GET", "/models/digits/versions/1.0.0/manifest", key=given).status_code == 200
+    # Not given the version: the same answer as for a file that does not exist.
+    assert hub.request("GET", f"/artifacts/{sha}", key=other).status_code == 404
+    assert hub.request("GET", "/models/digits/versions/1.0.0/manifest", key=other).status_code == 404
+    assert hub.request("GET", "/models/digits/versions/latest/manifest", key=other).status_code == 404

@@ -15,7 +15,7 @@ from hub.config import HubSettings
 from hub.errors import AuthenticationError
 from hub.fleet.devices import enroll
 from hub.main import create_app
-from hub.models import Device, EnrollmentToken
+from hub.models import Device, EnrollmentToken, Rollout
 from hub.security import create_enrollment_token
 from shared.manifest import load_public_key
 from shared.messages import EnrollRequest, EnrollResponse
@@ -108,3 +108,15 @@ def test_enrollment_fails_whole_when_the_broker_is_unreachable(tmp_path: Path) -
         assert session.exec(select(Device)).all() == []
         refreshed = session.get(EnrollmentToken, row.id)
         assert refreshed is not None and refreshed.uses == 0  # the device may try again
+
+
+def test_a_label_key_a_rollout_selects_on_is_protected_from_then_on(hub: Hub) -> None:
+    token = hub.new_token(max_uses=3)
+    assert hub.enroll(token, labels={"zone": "z1"}).status_code == 200
+    with hub.client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        spec = {"selector": {"labels": {"zone": "z1"}}}
+        session.add(Rollout(id="r-zone", model="m", version="1.0.0", spec=spec, state="running"))
+        session.commit()
+    refused = hub.enroll(token, labels={"zone": "z1"})
+    assert refused.status_code == 403 and "zone" in refused.json()["detail"]
+    assert hub.enroll(token, labels={"room": "a"}).status_code == 200

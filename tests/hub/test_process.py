@@ -109,6 +109,14 @@ def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process:
     assert rest.status_code == 206
     assert hashlib.sha256(bytes(received) + rest.content).hexdigest() == sha
 
+    # The other device was not given the version: its token reads neither the manifest nor the file.
+    other_auth = {"Authorization": f"Bearer {other.device_token}"}
+    assert httpx.get(state.models["digits"].manifest_url, headers=other_auth, timeout=30).status_code == 404
+    assert httpx.get(f"{hub.url}/artifacts/{sha}", headers=other_auth, timeout=30).status_code == 404
+    assert (
+        httpx.get(f"{hub.url}/artifacts/{sha}", headers={"Authorization": f"Bearer {hub.admin_key}"}).status_code == 200
+    )
+
     # The CLI talks to the same hub.
     listed = hub.run_cli("device", "list", "--hub", hub.url, "--api-key", hub.admin_key).stdout
     assert device.device_id in listed and other.device_id in listed

@@ -30,6 +30,8 @@ def test_upload_registers_a_version_whose_manifest_verifies_with_the_enrollment_
     assert {a["sha256"] for a in version["artifacts"]} == {v.sha256 for v in built.manifest.variants}
     assert version["manifest_url"] == "http://hub.test/models/digits/versions/1.0.0/manifest"
     device = hub.enrolled_device(name="d")
+    given = hub.request("PUT", f"/devices/{device['device_id']}/models/digits", json={"version": "1.0.0"})
+    assert given.status_code == 200, given.text
     raw = hub.request("GET", "/models/digits/versions/1.0.0/manifest", key=device["device_token"])
     assert raw.status_code == 200
     assert hashlib.sha256(raw.content).hexdigest() == version["manifest_sha256"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -82,9 +81,8 @@ class DeviceVoice:
     def __init__(self, state_dir: Path) -> None:
         identity = json.loads((state_dir / "identity.json").read_text())
         self.device_id: str = identity["device_id"]
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"ui-test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
-        )
+        # The broker binds a device's client id to its user: the voice presents the device id.
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv5)
         self.client.username_pw_set(identity["mqtt_username"], identity["mqtt_password"])
         self.host, self.port = identity["mqtt_host"], int(identity["mqtt_port"])
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared import topics
@@ -22,10 +24,22 @@ __all__ = ["Probe", "Watcher"]
 class Probe:
     """One MQTT client whose events tests can wait for."""
 
-    def __init__(self, port: int, username: str | None, password: str | None, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        username: str | None,
+        password: str | None,
+        *,
+        client_id: str | None = None,
+        clean_start: bool = True,
+    ) -> None:
+        # The client id defaults to the username: the broker binds a device's id to its user.
         self.port = port
+        self.clean_start = clean_start
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or username or f"probe-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
         )
         if username is not None:
             self.client.username_pw_set(username, password)
@@ -76,7 +90,11 @@ class Probe:
 
     def connect(self, timeout: float = 10.0) -> ReasonCode:
         """Connect, wait for the CONNACK and return its reason code (the loop keeps running)."""
-        self.client.connect("127.0.0.1", self.port, keepalive=10)
+        props = None
+        if not self.clean_start:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", self.port, keepalive=10, clean_start=self.clean_start, properties=props)
         self.client.loop_start()
         assert self.wait(lambda: bool(self.connacks), timeout), "no CONNACK"
         return self.connacks[-1]

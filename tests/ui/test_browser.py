@@ -84,8 +84,11 @@ def _with_telemetry_and_a_rollout(fleet: Fleet, viewer: str) -> Stack:
     """Send every agent's telemetry over MQTT as the device itself; start a rollout of 2.0.0 that holds at 50%."""
     now = datetime.now(UTC)
     for agent in fleet.agents:
+        # The broker binds the client id to the device: the voice speaks while its agent is stopped.
+        agent.stop()
         with DeviceVoice(agent.state_dir) as device:
             device.telemetry(telemetry_points(MODEL, "1.0.0", SEQ_BASE, now, POINTS))
+        agent.start().wait_live()
     for agent in fleet.agents:
         wait_for(
             f"telemetry of {agent.device_id} in the hub",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
@@ -45,9 +46,18 @@ class Dash:
         session: Session = factory()
         return session
 
+    def login(self, key: str, **fields: str) -> httpx.Response:
+        """Post the sign-in form as a browser does: fetch it (token and cookie), then submit it."""
+        form = self.client.get("/ui/login")
+        match = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text)
+        assert match, form.text
+        data = {"key": key, "csrf": match.group(1), **fields}
+        response: httpx.Response = self.client.post("/ui/login", data=data, follow_redirects=False)
+        return response
+
     def sign_in(self, key: str) -> str:
         """Sign in with `key`; return the CSRF token of the session."""
-        response = self.client.post("/ui/login", data={"key": key, "next": "/ui/"}, follow_redirects=False)
+        response = self.login(key, next="/ui/")
         assert response.status_code == 303, response.text
         page = self.client.get("/ui/")
         match = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
@@ -127,21 +137,21 @@ def test_pages_send_a_visitor_without_a_session_to_sign_in(dash: Dash) -> None:
 @pytest.mark.parametrize("which", ["wrong", "device"])
 def test_sign_in_refuses_unknown_keys_and_device_tokens(dash: Dash, which: str) -> None:
     key = dash.device_token if which == "device" else "adk_not-a-key"
-    response = dash.client.post("/ui/login", data={"key": key}, follow_redirects=False)
+    response = dash.login(key)
     assert response.status_code == 401
     assert "autodl_session" not in response.cookies
     assert 'id="login-error"' in response.text
 
 
 def test_session_cookie_is_httponly_strict_and_scoped_to_the_dashboard(dash: Dash) -> None:
-    response = dash.client.post("/ui/login", data={"key": dash.viewer}, follow_redirects=False)
+    response = dash.login(dash.viewer)
     cookie = response.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
 
 
 def test_sign_in_never_redirects_off_the_dashboard(dash: Dash) -> None:
     for target in ("https://evil.example/", "//evil.example/ui", "/devices"):
-        response = dash.client.post("/ui/login", data={"key": dash.viewer, "next": target}, follow_redirects=False)
+        response = dash.login(dash.viewer, next=target)
         assert response.headers["location"] == "/ui/"
 
 
@@ -292,3 +302,22 @@ def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
     assert sorted(charts[4].series) == ["memory_used_bytes", "process_rss_bytes"]
     # One unit per chart: bytes never share an axis with a percentage, nor a rate with a count.
     assert [c.unit for c in charts] == ["ms", "req/s", "count", "%", "bytes", "%", "bytes", "%"]
+
+
+def test_logout_ends_the_session_on_the_server(dash: Dash) -> None:
+    csrf = dash.sign_in(dash.viewer)
+    cookie = dash.client.cookies.get("autodl_session")
+    assert cookie and cookie != dash.viewer  # a random id, not the key
+    assert dash.client.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    # The same cookie, replayed after logout, opens nothing.
+    dash.client.cookies.set("autodl_session", cookie, path="/ui")
+    response = dash.client.get("/ui/", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].startswith("/ui/login")
+
+
+def test_sign_in_without_the_forms_token_is_refused(dash: Dash) -> None:
+    dash.client.get("/ui/login")  # the cookie alone is not enough: the form's copy must match it
+    response = dash.client.post("/ui/login", data={"key": dash.viewer, "csrf": "f" * 64}, follow_redirects=False)
+    assert response.status_code == 403 and "autodl_session" not in response.cookies
+    response = dash.client.post("/ui/login", data={"key": dash.viewer}, follow_redirects=False)
+    assert response.status_code == 403

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from hub.broker.admin import device_role_acls
 from hub.broker.embedded import (
     BrokerAdmin,
     BrokerStartError,
     EmbeddedBroker,
     find_dynsec_plugin,
     load_or_create_hub_password,
+    write_hub_dynsec,
 )
+from hub.messaging.session import hub_client_id
 from shared import topics
 from shared.topics import DeviceChannel
 from tests.support.broker import secured_broker
@@ -104,7 +107,7 @@ def test_device_cannot_read_or_write_another_devices_topics(
     assert a.received(b_commands) == []
 
 
-def test_device_publishes_its_own_topics_and_reads_releases(
+def test_device_publishes_its_own_topics_and_reads_no_releases(
     broker: EmbeddedBroker, admin: BrokerAdmin, probes: list[Probe]
 ) -> None:
     hub = connected(broker, probes, HUB_USER, HUB_PASSWORD)
@@ -120,8 +123,9 @@ def test_device_publishes_its_own_topics_and_reads_releases(
 
     for channel in topics.HUB_TO_DEVICE:
         assert not a.subscribe(topics.device_topic("dev-a", channel)).is_failure
-    assert not a.subscribe(topics.release_wildcard()).is_failure
-    assert a.wait_message(release, b"release 1.0.0")  # the retained release
+    # Releases would tell a device which models the hub holds: it learns versions from its desired state.
+    assert a.subscribe(topics.release_wildcard()).is_failure
+    assert a.subscribe(release).is_failure
     hub.publish(topics.device_topic("dev-a", DeviceChannel.DESIRED), b"desired", retain=True)
     assert a.wait_message(topics.device_topic("dev-a", DeviceChannel.DESIRED), b"desired")
 
@@ -133,6 +137,7 @@ def test_device_publishes_its_own_topics_and_reads_releases(
     assert hub.wait_message(topics.device_topic("dev-a", DeviceChannel.ONLINE), b"barrier")
     assert hub.received(topics.release_topic("evil")) == []
     assert a.received(topics.device_topic("dev-a", DeviceChannel.DESIRED)) == [b"desired"]
+    assert a.received(release) == []
 
 
 def test_hub_has_full_access_and_strangers_are_refused(
@@ -309,3 +314,62 @@ def test_a_corrupt_dynamic_security_file_is_set_aside(tmp_path: Path) -> None:
         finally:
             probe.close()
     assert list(directory.glob("dynamic-security.json.corrupt-*"))
+
+
+def test_a_device_presenting_another_clients_id_is_refused_and_the_victim_keeps_its_session(
+    broker: EmbeddedBroker, admin: BrokerAdmin, probes: list[Probe]
+) -> None:
+    hub_id = hub_client_id(HUB_USER, HUB_PASSWORD)
+    hub = Probe(broker.port, HUB_USER, HUB_PASSWORD, client_id=hub_id, clean_start=False)
+    victim = Probe(broker.port, "dev-b", "password-b", clean_start=False)
+    probes += [hub, victim]
+    assert not hub.connect().is_failure and not victim.connect().is_failure
+    b_desired = topics.device_topic("dev-b", DeviceChannel.DESIRED)
+    b_telemetry = topics.device_topic("dev-b", DeviceChannel.TELEMETRY)
+    assert not victim.subscribe(b_desired).is_failure
+    assert not hub.subscribe(topics.device_wildcard(DeviceChannel.TELEMETRY)).is_failure
+
+    # Device A, with its own valid credentials, presents B's client id, then the hub's. paho
+    # retries every second or two: the takeover loop of the report, kept up for a while.
+    attackers = [Probe(broker.port, "dev-a", "password-a", client_id=target) for target in ("dev-b", hub_id)]
+    probes += attackers
+    for attacker in attackers:
+        assert attacker.connect().value == 135  # not authorized
+    assert all(a.wait(lambda a=a: len(a.connacks) >= 2, timeout=10) for a in attackers)
+    assert all(c.is_failure for a in attackers for c in a.connacks)
+    for attacker in attackers:
+        attacker.close()
+
+    assert victim.disconnects == [] and hub.disconnects == []
+    victim.publish(b_telemetry, b"still here")
+    assert hub.wait_message(b_telemetry, b"still here")
+    # The victim's persistent session is intact: a message sent while it is away waits for it.
+    victim.close()
+    hub.publish(b_desired, b"while away")
+    back = Probe(broker.port, "dev-b", "password-b", clean_start=False)
+    probes.append(back)
+    assert not back.connect().is_failure
+    assert back.wait_message(b_desired, b"while away")
+
+
+def test_devices_enrolled_before_the_binding_are_bound_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic-security.json"
+    device = {"username": "dev-old", "roles": [{"rolename": "autodl-device-dev-old"}]}
+    old_acl = {"acltype": "subscribePattern", "topic": topics.release_wildcard(), "allow": True}
+    role = {"rolename": "autodl-device-dev-old", "acls": [old_acl]}
+    path.write_text(json.dumps({"clients": [device], "roles": [role], "groups": []}))
+    write_hub_dynsec(path, HUB_USER, HUB_PASSWORD)
+    written = json.loads(path.read_text())
+    clients = {c["username"]: c for c in written["clients"]}
+    assert clients["dev-old"]["clientid"] == "dev-old"
+    assert "clientid" not in clients[HUB_USER]
+    roles = {r["rolename"]: r for r in written["roles"]}
+    assert roles["autodl-device-dev-old"]["acls"] == device_role_acls("dev-old")  # no more release topics
+
+
+def test_the_hubs_client_id_is_stable_per_replica_and_not_guessable() -> None:
+    first = hub_client_id("autodl-hub", "secret", "hub-0")
+    assert first == hub_client_id("autodl-hub", "secret", "hub-0")
+    assert first != hub_client_id("autodl-hub", "secret", "hub-1")
+    assert first != hub_client_id("autodl-hub", "other-secret", "hub-0")
+    assert "hub-0" not in first and first.startswith("autodl-hub-")

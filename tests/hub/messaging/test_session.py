@@ -74,8 +74,9 @@ class Rig:
             return device
 
     def probe(self, user: str, password: str) -> Probe:
-        """Connect an MQTT client as `user`."""
-        probe = Probe(self.broker.port, user, password)
+        """Connect an MQTT client as `user` (a device presents its own id; hub probes each their own)."""
+        client_id = f"{user}-probe-{uuid.uuid4().hex[:8]}" if user == HUB_USER else None
+        probe = Probe(self.broker.port, user, password, client_id=client_id)
         self.probes.append(probe)
         assert not probe.connect().is_failure
         return probe
@@ -271,12 +272,16 @@ def test_desired_state_releases_and_commands_reach_the_device(rig: Rig) -> None:
     assert rig.messaging.publish_release(Release(name="digits", version="1.0.0", manifest_url="http://hub/m"))
 
     device = rig.as_device(rig.a)  # subscribes after the fact: both are retained
+    hub = rig.probe(HUB_USER, HUB_PASSWORD)
     desired_topic = topics.device_topic(rig.a, DeviceChannel.DESIRED)
     commands_topic = topics.device_topic(rig.a, DeviceChannel.COMMANDS)
-    for topic in (desired_topic, commands_topic, topics.release_wildcard()):
+    for topic in (desired_topic, commands_topic):
         assert not device.subscribe(topic).is_failure
+    # Releases are the hub's (replicas, tools): devices learn versions from their desired state.
+    assert device.subscribe(topics.release_wildcard()).is_failure
+    assert not hub.subscribe(topics.release_wildcard()).is_failure
     assert device.wait_message(desired_topic)
-    assert device.wait_message(topics.release_topic("digits"))
+    assert hub.wait_message(topics.release_topic("digits"))
     assert codec.decode(device.received(desired_topic)[-1], DesiredState) == desired
 
     expires = datetime.now(UTC) + timedelta(seconds=120)
@@ -535,3 +540,20 @@ def test_messages_a_crashed_hub_never_stored_are_delivered_again(sqlite_rig: Rig
     rig.messaging = HubMessaging(rig.settings, session_factory(rig.engine), url=rig.broker.url, client_id=client_id)
     rig.messaging.start()
     wait_for("rig.points(rig.a) == 6", lambda: rig.points(rig.a) == 6)
+
+
+def test_a_device_over_its_telemetry_quota_is_refused_while_another_devices_points_arrive(tmp_path: Path) -> None:
+    overrides = {"telemetry_quota_points_s": 10.0, "telemetry_quota_burst_s": 10.0}  # 100 points at once
+    for quota_rig in make_rig(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}", **overrides):
+        _flood(quota_rig)
+
+
+def _flood(rig: Rig) -> None:
+    flooder, neighbour = rig.as_device(rig.a), rig.as_device(rig.b)
+    for i in range(10):
+        assert flooder.publish(telemetry(rig.a), batch(rig.a, i * 100, 100)) is not None
+    assert neighbour.publish(telemetry(rig.b), batch(rig.b, 0, 50)) is not None
+    wait_for("all of the neighbour's points", lambda: rig.points(rig.b) == 50)
+    wait_for("the refusals counted", lambda: rig.messaging.snapshot().rejected.get("quota", 0) >= 5)
+    # The first batch fit the burst; most of the rest did not (a few seconds refill 10 per second).
+    assert 100 <= rig.points(rig.a) <= 400
