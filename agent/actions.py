@@ -37,6 +37,8 @@ SETTABLE = frozenset(
         "health_error_delta",
         "watchdog_stuck_s",
         "watchdog_errors",
+        "capture",
+        "capture_interval_s",
     }
 )
 

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import FatalError, NotEnrolledError
+from shared.capture import CapturePolicy
 from shared.messages import EnrollResponse, utcnow
 
 __all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
@@ -75,6 +76,10 @@ class AgentSettings(BaseModel):
     health_error_delta: float = Field(default=0.05, ge=0, description="roll back past previous error rate + this")
     watchdog_stuck_s: float = Field(default=60.0, gt=0, description="a request running this long means stuck")
     watchdog_errors: int = Field(default=20, ge=1, description="consecutive failures that reload the session")
+    capture: dict[str, CapturePolicy] = Field(
+        default_factory=dict, max_length=64, description="hard-example capture per model (off unless set)"
+    )
+    capture_interval_s: float = Field(default=10.0, gt=0, description="how often captured items are uploaded")
 
     @model_validator(mode="before")
     @classmethod

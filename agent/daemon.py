@@ -14,10 +14,12 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from agent import __version__
 from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
+from agent.capture import Capture, http_uploader
 from agent.commands import CommandHandler
 from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
@@ -37,6 +39,11 @@ from shared.topics import DeviceChannel
 __all__ = ["Agent", "reported_state"]
 
 logger = logging.getLogger(__name__)
+
+
+def _jsonable(value: object) -> object:
+    """Settings values as JSON: pydantic models (capture policies) by their fields, the rest as text."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
 
 
 def reported_state(
@@ -135,6 +142,15 @@ class Agent:
         self._restart = False
         self._tick = time.monotonic()
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+        self.capture = Capture(
+            settings.state_dir / "capture",
+            lambda: self.settings.capture,
+            http_uploader(self.client, self.identity.hub_url, self.identity.device_id),
+            self.identity.device_id,
+            interval_s=settings.capture_interval_s,
+            retry_max_s=settings.retry_max_s,
+            day_counts=(lambda: self.store.get("capture_day"), lambda value: self.store.put("capture_day", value)),
+        )
         context = ServerContext(
             self.registry,
             self._ready.is_set,
@@ -142,6 +158,7 @@ class Agent:
             track=self.watchdog.request,
             metrics=self.metrics_text,
             live=self.live,
+            capture=self.capture.offer,
         )
         self.server = InferenceServer(settings.host, settings.port, context)
 
@@ -199,7 +216,7 @@ class Agent:
     def save_config(self, applied: dict[str, Any]) -> None:
         """Keep `set-config` changes across restarts."""
         current = json.loads(self.store.get("config") or "{}")
-        self.store.put("config", json.dumps({**current, **applied}, default=str))
+        self.store.put("config", json.dumps({**current, **applied}, default=_jsonable))
         self.store.outbox_max_bytes = int(self.settings.outbox_max_mb * 1024 * 1024)
         self.commands.limit.per_minute = self.settings.command_rate
 
@@ -253,6 +270,8 @@ class Agent:
             "mqtt_connected": float(self.session.connected.is_set()),
             "watchdog_reloads_total": float(self.watchdog.reloads),
             **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
+            **{f"capture_{name}_total": float(n) for name, n in vars(self.capture.counters).items()},
+            "capture_spool_items": float(len(self.capture.spool)),
         }
         return self.telemetry.prometheus(gauges)
 
@@ -312,6 +331,7 @@ class Agent:
         self._ready.set()
         self.commands.start()
         self._maintenance.start()
+        self.capture.start()
         self.session.start()
 
     def stop(self) -> None:
@@ -321,6 +341,7 @@ class Agent:
         self.commands.stop()
         self.updater.stop()
         self.server.stop()
+        self.capture.stop()
         self.client.close()
         self.store.close()
 

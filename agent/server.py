@@ -25,11 +25,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
+
 from agent import __version__
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, from_v2, to_v2
+from shared.manifest import Manifest
 
 __all__ = ["InferenceServer", "ServerContext"]
 
@@ -48,6 +51,8 @@ class ServerContext:
     track: Callable[[LoadedModel], AbstractContextManager[Any]] = lambda model: nullcontext()
     metrics: Callable[[], str] = lambda: ""
     live: Callable[[], bool] = lambda: True
+    # Hard-example capture: (manifest, raw request body, first output) handed off the request path.
+    capture: Callable[[Manifest, bytes, np.ndarray], None] = lambda manifest, body, output: None
 
 
 class _Text(str):
@@ -63,6 +68,7 @@ class _HttpError(Exception):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    _raw: bytes = b""
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s " + format, self.address_string(), *args)
@@ -120,12 +126,16 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "POST" and rest == ["infer"]:
                 body = self._json()
                 with ctx.track(model):
-                    return HTTPStatus.OK, _infer(model, body)
+                    answer, first = _infer(model, body)
+                ctx.capture(model.manifest, self._raw, first)
+                return HTTPStatus.OK, answer
         if len(parts) == 3 and parts[:2] == ["v1", "models"] and parts[2].endswith(":predict") and method == "POST":
             model = self._model(ctx, parts[2].removesuffix(":predict"))
             body = self._json()
             with ctx.track(model):
-                return HTTPStatus.OK, _predict(model, body)
+                answer, first = _predict(model, body)
+            ctx.capture(model.manifest, self._raw, first)
+            return HTTPStatus.OK, answer
         raise _HttpError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}")
 
     def _model(self, ctx: ServerContext, name: str) -> LoadedModel:
@@ -143,6 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
         raw = self.rfile.read(length) if length else b""
+        self._raw = raw
         try:
             return json.loads(raw or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -176,7 +187,7 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
+def _infer(model: LoadedModel, body: Any) -> tuple[dict[str, Any], np.ndarray]:
     inputs = from_v2(body, model.manifest.inputs)
     wanted = None
     if isinstance(body, dict) and isinstance(body.get("outputs"), list):
@@ -187,19 +198,21 @@ def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
             raise InvalidInputError(f"unknown outputs {unknown}; the model has {sorted(known)}")
     outputs = model.run(inputs, wanted or None)
     request_id = body.get("id") if isinstance(body, dict) else None
-    return {
+    answer = {
         "model_name": model.name,
         "model_version": model.version,
         "id": str(request_id or uuid.uuid4()),
         "outputs": to_v2(outputs),
     }
+    return answer, next(iter(outputs.values()))
 
 
-def _predict(model: LoadedModel, body: Any) -> dict[str, Any]:
+def _predict(model: LoadedModel, body: Any) -> tuple[dict[str, Any], np.ndarray]:
     inputs = preprocess(model.manifest, body, model.tokenizer_path)
     outputs = model.run(inputs)
     predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
-    return {"model_name": model.name, "model_version": model.version, "predictions": predictions}
+    answer = {"model_name": model.name, "model_version": model.version, "predictions": predictions}
+    return answer, next(iter(outputs.values()))
 
 
 class _Server(ThreadingHTTPServer):

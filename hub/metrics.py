@@ -23,9 +23,12 @@ __all__ = ["HubMetrics"]
 class _FleetCollector(Collector):
     """Reads the fleet and the messaging counters at scrape time."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self, sessions: SessionFactory, messaging: Callable[[], Any], captures: Callable[[], dict[str, int]]
+    ) -> None:
         self._sessions = sessions
         self._messaging = messaging
+        self._captures = captures
 
     def collect(self) -> Iterator[Metric]:
         with self._sessions() as session:
@@ -49,6 +52,12 @@ class _FleetCollector(Collector):
         points.add_metric(["written"], float(getattr(snapshot, "points_written", 0) or 0))
         points.add_metric(["duplicate"], float(getattr(snapshot, "points_duplicate", 0) or 0))
         yield points
+        captured = CounterMetricFamily(
+            "autodl_hub_captured_items", "captured items uploaded by outcome", labels=["outcome"]
+        )
+        for outcome, count in self._captures().items():
+            captured.add_metric([outcome], float(count))
+        yield captured
 
 
 def _snapshot(messaging: Any) -> Any:
@@ -76,7 +85,12 @@ def _counts(messaging: Any, which: str) -> dict[str, float]:
 class HubMetrics:
     """The app's own registry (so several apps in one process do not collide)."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        messaging: Callable[[], Any],
+        captures: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "autodl_hub_api_request_seconds",
@@ -84,7 +98,7 @@ class HubMetrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(_FleetCollector(sessions, messaging))
+        self.registry.register(_FleetCollector(sessions, messaging, captures))
 
     def render(self) -> bytes:
         """Return the exposition text."""

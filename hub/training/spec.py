@@ -70,6 +70,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CapturedDataSpec(_Strict):
+    """Hard examples captured on devices (the hub's dataset of a model) added to the training rows."""
+
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the model whose items to add")
+    labelled_only: bool = Field(default=True, description="only labelled items (unlabelled ones cannot train)")
+
+
 class DataSpec(_Strict):
     """Where the data is and how to read it."""
 
@@ -83,6 +90,9 @@ class DataSpec(_Strict):
     grayscale: bool = False
     clean: bool = Field(default=True, description="drop duplicates and unreadable rows, impute, cap outliers")
     outlier_iqr: float = Field(default=3.0, gt=0.0, description="cap values beyond this many IQRs")
+    include_captured: CapturedDataSpec | None = Field(
+        default=None, description="add the labelled hard examples devices captured for this model"
+    )
 
 
 class ModelSpec(_Strict):
@@ -224,6 +234,15 @@ def _check_consistency(spec: TaskSpec, source: str, root: yaml.Node | None, base
         _fail(source, root, ("data", "path"), f"unknown built-in data set; choose from {', '.join(BUILTIN_DATASETS)}")
     if spec.data.path in BUILTIN_DATASETS and spec.task != "image-classification":
         _fail(source, root, ("data", "path"), f"{spec.data.path} is an image-classification data set")
+    if spec.data.include_captured is not None and spec.task not in ("image-classification", "text-classification"):
+        _fail(
+            source,
+            root,
+            ("data", "include_captured"),
+            f"captured items train image-classification and text-classification tasks, not {spec.task}",
+        )
+    if spec.data.include_captured is not None and not spec.data.include_captured.labelled_only:
+        _fail(source, root, ("data", "include_captured", "labelled_only"), "unlabelled items cannot train a classifier")
 
 
 def _is_hf_dir(name: str, base_dir: Path) -> bool:
