@@ -275,3 +275,55 @@ def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
     assert [c.key for c in charts] == ["latency", "throughput", "cpu", "memory"]
     assert sorted(charts[0].series) == ["latency_p50_ms", "latency_p95_ms"]
     assert sorted(charts[1].series) == ["errors", "requests", "throughput_rps"]
+
+
+def test_the_labelling_page_shows_the_input_and_guess_and_labels_with_one_click(dash: Dash) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from hub.datasets import store_batch
+    from hub.models import CapturedItem
+    from shared.capture import CaptureBatch, CaptureItem, CaptureReason, item_id
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(buffer, format="PNG")
+    body = ('{"image": "' + base64.b64encode(buffer.getvalue()).decode() + '"}').encode()
+    item = CaptureItem(
+        id=item_id(body, MODEL, "1.0.0"),
+        model=MODEL,
+        version="1.0.0",
+        reason=CaptureReason.LOW_CONFIDENCE,
+        content_b64=base64.b64encode(body).decode(),
+        outputs={"top": [{"class": "b", "score": 0.4}]},
+        captured_at=datetime.now(UTC),
+    )
+    with dash.session() as session:
+        store_batch(
+            session, dash.settings, dash.device_id, dash.device_id, CaptureBatch(device_id=dash.device_id, items=[item])
+        )
+
+    csrf = dash.sign_in(dash.viewer)
+    page = dash.client.get(f"/ui/datasets/{MODEL}")
+    assert page.status_code == 200
+    assert 'src="data:image/png;base64,' in page.text and "guess <b" in page.text and item.id in page.text
+    assert 'class="label-form' not in page.text  # a viewer sees, but gets no buttons
+    refused = dash.client.post(f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"csrf": csrf, "label": "a"})
+    assert refused.status_code == 403
+
+    csrf = dash.sign_in(dash.operator)
+    page = dash.client.get(f"/ui/datasets/{MODEL}")
+    assert 'class="row label-form"' in page.text
+    no_csrf = dash.client.post(
+        f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"label": "a"}, follow_redirects=False
+    )
+    assert no_csrf.status_code == 403
+    done = dash.client.post(
+        f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"csrf": csrf, "label": "a"}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    with dash.session() as session:
+        row = session.get(CapturedItem, item.id)
+        assert row is not None and row.label == "a" and row.labelled_by is not None
+    assert item.id not in dash.client.get(f"/ui/datasets/{MODEL}").text  # the queue moves on
