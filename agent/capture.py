@@ -55,6 +55,7 @@ class CaptureCounters:
     """What capture did since start (for /metrics)."""
 
     offered: int = 0
+    judged: int = 0
     kept: int = 0
     queue_full: int = 0
     over_daily_cap: int = 0
@@ -267,6 +268,8 @@ class Capture:
                 self._judge(offer)
             except Exception:  # a bad offer must not end capture
                 logger.exception("capture: judging a request failed")
+            finally:
+                self.counters.judged += 1
 
     def _judge(self, offer: _Offer) -> None:
         policy = self._policies().get(offer.manifest.name)
