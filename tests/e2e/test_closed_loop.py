@@ -107,7 +107,7 @@ def _train(hub: HubProcess, tmp_path: Path, version: str, epochs: int, captured:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[HubProcess]:
-    with HubProcess(tmp_path / "hub") as process:
+    with HubProcess(tmp_path / "hub", start_timeout=180) as process:
         yield process
 
 
