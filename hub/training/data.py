@@ -122,6 +122,7 @@ class Dataset:
     image: ImageInfo | None = None
     class_weighted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    field: np.ndarray | None = None  # bool per row: captured on a device (data.include_captured)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -133,6 +134,7 @@ class Dataset:
             y=self.y[index],
             x=None if self.x is None else self.x[index],
             texts=None if self.texts is None else tuple(self.texts[i] for i in index),
+            field=None if self.field is None else self.field[index],
         )
 
 

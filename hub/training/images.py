@@ -69,7 +69,7 @@ def load_images(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] 
     y = np.array(labels, dtype=np.int64)
     data_hash = hash_files([p for p, _ in files], root)
     x, y, data_hash = _add_captured(spec, captured, x, y, tuple(classes), digests, issues, data_hash)
-    return _finish(spec, x, y, tuple(classes), digests, len(files) + len(captured), issues, data_hash)
+    return _finish(spec, x, y, tuple(classes), digests, len(files) + len(captured), issues, data_hash, len(captured))
 
 
 def _decode(raw: bytes, size: tuple[int, int], grayscale: bool) -> np.ndarray:
@@ -135,7 +135,7 @@ def _digits(spec: TaskSpec, captured: Sequence[CapturedRow] = ()) -> Dataset:
     y = np.asarray(bunch.target, dtype=np.int64)
     rows_in = len(x) + len(captured)
     x, y, data_hash = _add_captured(spec, captured, x, y, classes, digests, issues, data_hash)
-    return _finish(spec, x, y, classes, digests, rows_in, issues, data_hash)
+    return _finish(spec, x, y, classes, digests, rows_in, issues, data_hash, len(captured))
 
 
 def _finish(
@@ -147,8 +147,11 @@ def _finish(
     rows_in: int,
     issues: list[Issue],
     data_hash: str,
+    field_rows: int = 0,
 ) -> Dataset:
-    """Drop duplicate images, report classes, normalize."""
+    """Drop duplicate images, report classes, normalize; the last `field_rows` rows came from devices."""
+    field = np.zeros(len(x), dtype=bool)
+    field[len(x) - field_rows :] = field_rows > 0
     seen: set[bytes] = set()
     keep = np.ones(len(x), dtype=bool)
     for i, digest in enumerate(digests):
@@ -160,7 +163,7 @@ def _finish(
         action = f"dropped {count} images" if spec.data.clean else "kept (clean: false)"
         issues.append(Issue("duplicates", count, f"{count} images repeat an earlier one of the same class", action))
         if spec.data.clean:
-            x, y = x[keep], y[keep]
+            x, y, field = x[keep], y[keep], field[keep]
     blank = np.array([float(img.max() - img.min()) == 0.0 for img in x], dtype=bool)
     if blank.any():
         issues.append(
@@ -187,4 +190,5 @@ def _finish(
         labels=classes,
         image=info,
         class_weighted=imbalance is not None,
+        field=field if field.any() else None,
     )

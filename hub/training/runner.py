@@ -133,6 +133,7 @@ def train_task(
 ) -> TrainedModel:
     """Run the task: check data, search with CV, retrain the best on all training rows, test."""
     dataset, train_rows, test_rows = _prepare(spec, base_dir, captured)
+    train_rows = _repeat_field_rows(spec, dataset, train_rows)
     train, test = dataset.subset(train_rows), dataset.subset(test_rows)
     device = choose_device(spec.resource.use_gpu)
     if device.type == "cuda" and spec.resource.max_memory_mb is not None:
@@ -229,6 +230,15 @@ def train_task(
         report=dataset.report,
         tokenizer_path=tokenizer,
     )
+
+
+def _repeat_field_rows(spec: TaskSpec, dataset: Dataset, train_rows: np.ndarray) -> np.ndarray:
+    """Repeat the training rows captured on devices `include_captured.repeat` times (never the test rows)."""
+    wanted = spec.data.include_captured
+    if wanted is None or wanted.repeat <= 1 or dataset.field is None:
+        return train_rows
+    field_rows = train_rows[dataset.field[train_rows]]
+    return np.concatenate([train_rows, *([field_rows] * (wanted.repeat - 1))])
 
 
 def ood_reference(outputs: np.ndarray) -> dict[str, Any]:

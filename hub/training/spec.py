@@ -75,6 +75,12 @@ class CapturedDataSpec(_Strict):
 
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the model whose items to add")
     labelled_only: bool = Field(default=True, description="only labelled items (unlabelled ones cannot train)")
+    repeat: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="copies of each field example among the training rows (field data is scarce)",
+    )
 
 
 class DataSpec(_Strict):

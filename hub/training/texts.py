@@ -29,8 +29,10 @@ def load_texts(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] =
     raw_texts = list(columns[text_column])
     raw_labels = list(columns[target])
     issues: list[Issue] = []
+    from_field = [False] * len(raw_texts)
     if captured:
         field_rows = captured_texts(captured)
+        from_field += [True] * len(field_rows)
         raw_texts += [text for _, text, _ in field_rows]
         raw_labels += [label for _, _, label in field_rows]
         model = spec.data.include_captured.model if spec.data.include_captured else "?"
@@ -41,7 +43,8 @@ def load_texts(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] =
     missing_text = missing_label = 0
     seen: set[tuple[str, str]] = set()
     duplicates = 0
-    for text, label in zip(raw_texts, raw_labels, strict=True):
+    kept_field: list[bool] = []
+    for text, label, is_field in zip(raw_texts, raw_labels, from_field, strict=True):
         if text is None or (isinstance(text, float) and np.isnan(text)) or not str(text).strip():
             missing_text += 1
             continue
@@ -56,6 +59,7 @@ def load_texts(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] =
         seen.add(key)
         texts.append(str(text))
         labels_text.append(label_str)
+        kept_field.append(is_field)
     if missing_text:
         issues.append(
             Issue(
@@ -101,4 +105,5 @@ def load_texts(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] =
         texts=tuple(texts),
         labels=classes,
         class_weighted=imbalance is not None,
+        field=np.array(kept_field, dtype=bool) if any(kept_field) else None,
     )

@@ -94,7 +94,7 @@ def _accuracy(agent: AgentProcess, rows: list[tuple[bytes, str]]) -> float:
 
 
 def _train(hub: HubProcess, tmp_path: Path, version: str, epochs: int, captured: bool) -> dict[str, Any]:
-    extra = "  include_captured: {model: digits, labelled_only: true}\n" if captured else ""
+    extra = "  include_captured: {model: digits, labelled_only: true, repeat: 4}\n" if captured else ""
     task = tmp_path / f"task-{version}.yaml"
     task.write_text(TASK.format(captured=extra, epochs=epochs, version=version))
     result = subprocess.run(

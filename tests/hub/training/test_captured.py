@@ -73,3 +73,25 @@ def test_the_spec_refuses_captured_data_where_it_cannot_train(tmp_path: Path) ->
         _spec(tmp_path, task="tabular-classification")
     with pytest.raises(SpecError, match="unlabelled items cannot train"):
         _spec(tmp_path, labelled="false")
+
+
+def test_repeat_copies_field_rows_among_training_rows_only(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hub.training.runner import _repeat_field_rows
+
+    text = TASK.format(
+        task="image-classification", path="builtin:digits", target="", labelled="true", candidate="cnn-small"
+    )
+    spec = parse_spec(
+        text.replace("labelled_only: true}", "labelled_only: true, repeat: 3}"), source="t", base_dir=tmp_path
+    )
+    rows = [_png_row(40 * (i % 6), str(i % 3), i) for i in range(12)]
+    dataset = load_dataset(spec, tmp_path, rows)
+    assert dataset.field is not None and 0 < int(dataset.field.sum()) <= 12
+    field_rows = np.flatnonzero(dataset.field)
+    train_rows = np.arange(len(dataset))[: len(dataset) - 2]  # the last two rows (field ones) held out
+    repeated = _repeat_field_rows(spec, dataset, train_rows)
+    kept_field = [r for r in field_rows if r in train_rows]
+    assert len(repeated) == len(train_rows) + 2 * len(kept_field)
+    assert not set(repeated) & {len(dataset) - 1, len(dataset) - 2}
