@@ -40,6 +40,8 @@ SETTABLE = frozenset(
         "watchdog_stuck_s",
         "watchdog_errors",
         "batching",
+        "capture",
+        "capture_interval_s",
     }
 )
 

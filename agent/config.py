@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import FatalError, NotEnrolledError
+from shared.capture import CapturePolicy
 from shared.manifest import Batching
 from shared.messages import EnrollResponse, utcnow
 
@@ -111,6 +112,10 @@ class AgentSettings(BaseModel):
     health_error_delta: float = Field(default=0.05, ge=0, description="roll back past previous error rate + this")
     watchdog_stuck_s: float = Field(default=60.0, gt=0, description="a request running this long means stuck")
     watchdog_errors: int = Field(default=20, ge=1, description="consecutive failures that reload the session")
+    capture: dict[str, CapturePolicy] = Field(
+        default_factory=dict, max_length=64, description="hard-example capture per model (off unless set)"
+    )
+    capture_interval_s: float = Field(default=10.0, gt=0, description="how often captured items are uploaded")
 
     @model_validator(mode="before")
     @classmethod

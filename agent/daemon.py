@@ -18,6 +18,7 @@ import httpx
 from agent import __version__
 from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
+from agent.capture import Capture, http_uploader
 from agent.commands import CommandHandler
 from agent.config import AgentSettings, Identity, load_identity, make_private
 from agent.device import detect_profile, physical_cores
@@ -182,6 +183,15 @@ class Agent:
         self._restart = False
         self._tick = time.monotonic()
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+        self.capture = Capture(
+            settings.state_dir / "capture",
+            lambda: self.settings.capture,
+            http_uploader(self.client, self.identity.hub_url, self.identity.device_id),
+            self.identity.device_id,
+            interval_s=settings.capture_interval_s,
+            retry_max_s=settings.retry_max_s,
+            day_counts=(lambda: self.store.get("capture_day"), lambda value: self.store.put("capture_day", value)),
+        )
         context = ServerContext(
             self.registry,
             self._ready.is_set,
@@ -198,6 +208,7 @@ class Agent:
             generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
             api_token=settings.api_token,
             bind_host=settings.host,
+            capture=self.capture.offer,
         )
         raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
         self.server = InferenceServer(settings.host, settings.port, context)
@@ -362,6 +373,23 @@ class Agent:
                 [({"outcome": outcome}, n) for outcome, n in sorted(self.commands.counters.items())],
             ),
         ]
+        counters = vars(self.capture.counters)
+        families.append(
+            (
+                "capture_items_total",
+                "counter",
+                "Hard-example capture: requests offered, judged, kept, dropped, uploaded, by outcome",
+                [({"outcome": name}, float(n)) for name, n in sorted(counters.items())],
+            )
+        )
+        families.append(
+            (
+                "capture_spool_items",
+                "gauge",
+                "Captured items waiting for upload",
+                [({}, float(len(self.capture.spool)))],
+            )
+        )
         if tracing.enabled():
             spans = [({"outcome": outcome}, float(n)) for outcome, n in sorted(tracing.stats().items())]
             families.append(("tracing_spans_total", "counter", "Trace spans by export outcome", spans))
@@ -427,6 +455,7 @@ class Agent:
         self._ready.set()
         self.commands.start()
         self._maintenance.start()
+        self.capture.start()
         self.session.start()
 
     def _start_grpc(self) -> None:
@@ -459,6 +488,7 @@ class Agent:
         self.server.stop()
         if self.grpc is not None:
             self.grpc.stop()
+        self.capture.stop()
         self.client.close()
         self.store.close()
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+import numpy as np
+
 from agent import __version__, local_access, openai_api
 from agent.batching import Batchers, BatchStats
 from agent.http import HttpError, HttpServer, Limits, Request, Response
@@ -38,7 +40,7 @@ from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, decode_request, encode_response, loads
 from shared import tracecontext, tracing
-from shared.manifest import Batching
+from shared.manifest import Batching, Manifest
 
 __all__ = ["EXTENSIONS", "InferenceServer", "ServerContext", "model_metadata"]
 
@@ -66,6 +68,9 @@ class ServerContext:
     generation: GenerationHooks = field(default_factory=GenerationHooks)
     api_token: str | None = None  # agent.local_access: bearer token, Host checks
     bind_host: str = "127.0.0.1"
+    # Hard-example capture (agent.capture): (manifest, raw request body, first output), handed off
+    # the request path; it copies the body only for models whose capture policy is on.
+    capture: Callable[[Manifest, bytes | bytearray, np.ndarray], None] = lambda manifest, body, output: None
 
 
 def _json(status: int, body: Any) -> Response:
@@ -192,6 +197,7 @@ class InferenceServer:
             head = {"model_name": model.name, "model_version": model.version, "id": decoded.id or str(uuid.uuid4())}
             with tracing.span("agent.infer.postprocess"):
                 body, header_length = encode_response(head, outputs, binary)
+        self.context.capture(model.manifest, request.body, next(iter(outputs.values())))
         if header_length is None:
             return Response(200, body, _JSON)
         return Response(
@@ -208,6 +214,7 @@ class InferenceServer:
                 outputs = self.batchers.get(model).run(inputs)
             with tracing.span("agent.infer.postprocess"):
                 predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
+        self.context.capture(model.manifest, request.body, next(iter(outputs.values())))
         return _json(200, {"model_name": model.name, "model_version": model.version, "predictions": predictions})
 
 

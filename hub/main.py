@@ -12,8 +12,22 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from hub import __version__
-from hub.api import artifacts, commands, devices, enroll, health, jobs, keys, models, rollouts, telemetry, versions
+from hub.api import (
+    artifacts,
+    commands,
+    datasets,
+    devices,
+    enroll,
+    health,
+    jobs,
+    keys,
+    models,
+    rollouts,
+    telemetry,
+    versions,
+)
 from hub.config import HubSettings
+from hub.datasets import CaptureCounters
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
 from hub.fleet.retention import install as install_retention
@@ -89,9 +103,23 @@ def create_app(
     app.state.messaging = messaging
     app.state.broker_admin = broker_admin
     app.state.rate_limiter = RateLimiter()
-    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
+    app.state.capture_counters = CaptureCounters()
+    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging, app.state.capture_counters.snapshot)
 
-    for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts, jobs):
+    for module in (
+        health,
+        enroll,
+        keys,
+        models,
+        versions,
+        artifacts,
+        devices,
+        commands,
+        telemetry,
+        rollouts,
+        jobs,
+        datasets,
+    ):
         app.include_router(module.router)
     app.include_router(health.public_metrics if settings.metrics_public else health.private_metrics)
     install_rollouts(app, settings, sessions, messaging)

@@ -31,9 +31,12 @@ __all__ = ["HubMetrics"]
 class _FleetCollector(Collector):
     """Reads the fleet and the messaging counters at scrape time."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self, sessions: SessionFactory, messaging: Callable[[], Any], captures: Callable[[], dict[str, int]]
+    ) -> None:
         self._sessions = sessions
         self._messaging = messaging
+        self._captures = captures
 
     def collect(self) -> Iterator[Metric]:
         with self._sessions() as session:
@@ -80,6 +83,12 @@ class _FleetCollector(Collector):
             moved.add_metric([rollout_id, state], count)
         yield moved
         yield from _training_jobs(dict(jobs), started)
+        captured = CounterMetricFamily(
+            "autodl_hub_captured_items", "captured items uploaded by outcome", labels=["outcome"]
+        )
+        for outcome, count in self._captures().items():
+            captured.add_metric([outcome], float(count))
+        yield captured
         messaging = self._messaging()
         if messaging is not None:
             # The MQTT session owns its counters (hub.messaging): ingest, rejects, queue depth.
@@ -130,7 +139,12 @@ def _training_jobs(counts: dict[str, int], oldest_start: datetime | None) -> Ite
 class HubMetrics:
     """The app's own registry (so several apps in one process do not collide)."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        messaging: Callable[[], Any],
+        captures: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "autodl_hub_api_request_duration_seconds",
@@ -138,7 +152,7 @@ class HubMetrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(_FleetCollector(sessions, messaging))
+        self.registry.register(_FleetCollector(sessions, messaging, captures))
 
     def render(self) -> bytes:
         """Return the exposition text."""

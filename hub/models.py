@@ -21,6 +21,7 @@ __all__ = [
     "UiSession",
     "Artifact",
     "AuditEvent",
+    "CapturedItem",
     "Command",
     "CommandStatus",
     "DeploymentHistory",
@@ -402,3 +403,26 @@ class TrainingJob(SQLModel, table=True):
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class CapturedItem(SQLModel, table=True):
+    """A hard example a device captured: its raw input (a file in the artifact store), the model's answer, a label."""
+
+    __tablename__ = "captured_item"
+    __table_args__ = (Index("ix_captured_item_model_created", "model", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=64, description="sha256 of content + model + version")
+    model: str = Field(max_length=128)
+    version: str = Field(max_length=64)
+    device_id: str = Field(max_length=128, index=True)
+    reason: str = Field(max_length=32)
+    content_type: str = Field(max_length=128)
+    content_sha256: str = Field(max_length=64)
+    size: int
+    outputs: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    prediction: str | None = Field(default=None, max_length=256)
+    label: str | None = Field(default=None, max_length=256)
+    labelled_by: str | None = Field(default=None, max_length=128)
+    labelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    captured_at: datetime = Field(sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

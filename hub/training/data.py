@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from hub.training.errors import DataError
 from hub.training.spec import TaskSpec
+
+if TYPE_CHECKING:
+    from hub.training.captured import CapturedRow
 
 __all__ = [
     "Dataset",
@@ -119,6 +122,7 @@ class Dataset:
     image: ImageInfo | None = None
     class_weighted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    field: np.ndarray | None = None  # bool per row: captured on a device (data.include_captured)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -130,6 +134,7 @@ class Dataset:
             y=self.y[index],
             x=None if self.x is None else self.x[index],
             texts=None if self.texts is None else tuple(self.texts[i] for i in index),
+            field=None if self.field is None else self.field[index],
         )
 
 
@@ -139,8 +144,8 @@ def resolve_path(path: str, base_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else base_dir / candidate
 
 
-def load_dataset(spec: TaskSpec, base_dir: Path) -> Dataset:
-    """Load, check and clean the task's data; raise DataError naming the field."""
+def load_dataset(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] = ()) -> Dataset:
+    """Load, check and clean the task's data (plus `captured` rows from the field); raise DataError naming the field."""
     if spec.task.startswith("tabular"):
         from hub.training.tabular import load_tabular
 
@@ -148,11 +153,11 @@ def load_dataset(spec: TaskSpec, base_dir: Path) -> Dataset:
     elif spec.task == "image-classification":
         from hub.training.images import load_images
 
-        dataset = load_images(spec, base_dir)
+        dataset = load_images(spec, base_dir, captured)
     else:
         from hub.training.texts import load_texts
 
-        dataset = load_texts(spec, base_dir)
+        dataset = load_texts(spec, base_dir, captured)
     check_trainable(dataset, spec)
     for issue in dataset.report.issues:
         logger.info(

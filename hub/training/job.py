@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hub.training.errors import TrainingError
+from hub.training.captured import CapturedRow
+from hub.training.errors import DataError, TrainingError
 from hub.training.progress import Progress
 from hub.training.runner import TrainedModel, check_task, train_task
 from hub.training.search import resolve_storage
@@ -172,8 +173,9 @@ def run_training(
             spec, base_dir, settings, dry_run=dry_run, progress=progress, cancel=cancel, actor=actor
         )
     spec = shared_search(spec, study_name)
+    captured = captured_rows(spec, settings)
     if dry_run:
-        plan = check_task(spec, base_dir)
+        plan = check_task(spec, base_dir, captured)
         return TrainSummary(
             model=spec.publish.model,
             task=spec.task,
@@ -184,7 +186,7 @@ def run_training(
             plan=plan.to_dict(),
         )
     storage = resolve_storage(spec.search.storage, settings.database_url)
-    trained = train_task(spec, base_dir, storage=storage, cancel=cancel, progress=progress)
+    trained = train_task(spec, base_dir, storage=storage, cancel=cancel, progress=progress, captured=captured)
     return _build_and_publish(spec, trained, settings, progress=progress, cancel=cancel, actor=actor)
 
 
@@ -197,6 +199,29 @@ def shared_search(spec: TaskSpec, study_name: str | None) -> TaskSpec:
         return spec
     search = spec.search.model_copy(update={"storage": "hub", "study_name": study_name})
     return spec.model_copy(update={"search": search})
+
+
+def captured_rows(spec: TaskSpec, settings: HubSettings) -> list[CapturedRow]:
+    """Return the labelled captured items the task asks for (`data.include_captured`), oldest first."""
+    wanted = spec.data.include_captured
+    if wanted is None:
+        return []
+    from sqlmodel import Session
+
+    from hub.datasets.items import item_content, list_items
+    from hub.db import create_engine_for, migrate
+
+    engine = create_engine_for(settings)
+    migrate(engine)
+    try:
+        with Session(engine) as session:
+            rows, _ = list_items(session, wanted.model, labelled=True, limit=10_000_000)
+            out = [CapturedRow(row.id, str(row.label), item_content(settings, row)) for row in reversed(rows)]
+    finally:
+        engine.dispose()
+    if not out:
+        raise DataError(f"data.include_captured: model {wanted.model!r} has no labelled captured items")
+    return out
 
 
 def _build_and_publish(

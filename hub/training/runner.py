@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hub.training.captured import CapturedRow
 from hub.training.data import Dataset, QualityReport, load_dataset, split_indices
 from hub.training.errors import DataError
 from hub.training.metrics import baseline, score
@@ -102,10 +104,12 @@ def study_name_for(spec: TaskSpec, data_hash: str) -> str:
 
 
 @tracing.traced("hub.training.prepare")
-def _prepare(spec: TaskSpec, base_dir: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
+def _prepare(
+    spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] = ()
+) -> tuple[Dataset, np.ndarray, np.ndarray]:
     if spec.resource.threads is not None:
         torch.set_num_threads(spec.resource.threads)
-    dataset = load_dataset(spec, base_dir)
+    dataset = load_dataset(spec, base_dir, captured)
     _check_memory(spec, dataset)
     train_rows, test_rows = split_indices(
         dataset.y, spec.data.validation_split, spec.training.seed, stratify=spec.is_classification
@@ -113,9 +117,9 @@ def _prepare(spec: TaskSpec, base_dir: Path) -> tuple[Dataset, np.ndarray, np.nd
     return dataset, train_rows, test_rows
 
 
-def check_task(spec: TaskSpec, base_dir: Path) -> Plan:
+def check_task(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] = ()) -> Plan:
     """Load and check the data and report what training would do; train nothing."""
-    dataset, train_rows, test_rows = _prepare(spec, base_dir)
+    dataset, train_rows, test_rows = _prepare(spec, base_dir, captured)
     device = "cuda" if spec.resource.use_gpu and torch.cuda.is_available() else "cpu"
     return Plan(spec, dataset.report, dataset.data_hash, len(train_rows), len(test_rows), dataset.labels, device)
 
@@ -153,9 +157,11 @@ def train_task(
     storage: str | None = None,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
+    captured: Sequence[CapturedRow] = (),
 ) -> TrainedModel:
     """Run the task: check data, search with CV, retrain the best on all training rows, test."""
-    dataset, train_rows, test_rows = _prepare(spec, base_dir)
+    dataset, train_rows, test_rows = _prepare(spec, base_dir, captured)
+    train_rows = _repeat_field_rows(spec, dataset, train_rows)
     train, test = dataset.subset(train_rows), dataset.subset(test_rows)
     device = choose_device(spec.resource.use_gpu)
     if device.type == "cuda" and spec.resource.max_memory_mb is not None:
@@ -228,6 +234,10 @@ def train_task(
         "device": device.type,
         "training_config": spec.model_dump(mode="json"),
     }
+    if captured:
+        lineage["captured_items"] = sorted(row.id for row in captured)
+    if spec.is_classification:
+        lineage["ood"] = ood_reference(predict(model, inputs, device=torch.device("cpu")))
     return TrainedModel(
         spec=spec,
         model=model,
@@ -248,6 +258,27 @@ def train_task(
         report=dataset.report,
         tokenizer_path=tokenizer,
     )
+
+
+def _repeat_field_rows(spec: TaskSpec, dataset: Dataset, train_rows: np.ndarray) -> np.ndarray:
+    """Repeat the training rows captured on devices `include_captured.repeat` times (never the test rows)."""
+    wanted = spec.data.include_captured
+    if wanted is None or wanted.repeat <= 1 or dataset.field is None:
+        return train_rows
+    field_rows = train_rows[dataset.field[train_rows]]
+    return np.concatenate([train_rows, *([field_rows] * (wanted.repeat - 1))])
+
+
+def ood_reference(outputs: np.ndarray) -> dict[str, Any]:
+    """Return the centroid of the training outputs and their mean distance to it.
+
+    A device's capture policy scores a request by its output's distance to this centroid in
+    units of that spread (`max_ood_score`): far from everything seen in training means new.
+    """
+    rows = outputs.reshape(len(outputs), -1).astype(np.float64)
+    centroid = rows.mean(axis=0)
+    spread = float(np.linalg.norm(rows - centroid, axis=1).mean()) if len(rows) else 1.0
+    return {"centroid": [round(float(v), 6) for v in centroid], "spread": max(spread, 1e-6)}
 
 
 def _preprocessing(

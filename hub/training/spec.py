@@ -76,6 +76,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CapturedDataSpec(_Strict):
+    """Hard examples captured on devices (the hub's dataset of a model) added to the training rows."""
+
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the model whose items to add")
+    labelled_only: bool = Field(default=True, description="only labelled items (unlabelled ones cannot train)")
+    repeat: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="copies of each field example among the training rows (field data is scarce)",
+    )
+
+
 class DataSpec(_Strict):
     """Where the data is and how to read it."""
 
@@ -92,6 +105,9 @@ class DataSpec(_Strict):
     extensions: list[str] | None = Field(default=None, description="text-generation: file suffixes read from a folder")
     max_bytes: int | None = Field(default=None, ge=1024, description="text-generation: stop reading files after this")
     max_line_length: int = Field(default=1000, ge=16, description="text-generation: longer lines are data, dropped")
+    include_captured: CapturedDataSpec | None = Field(
+        default=None, description="add the labelled hard examples devices captured for this model"
+    )
 
 
 class ModelSpec(_Strict):
@@ -278,6 +294,15 @@ def _check_consistency(spec: TaskSpec, source: str, root: yaml.Node | None, base
         _fail(source, root, ("data", "path"), f"unknown built-in data set; choose from {', '.join(BUILTIN_DATASETS)}")
     if spec.data.path in BUILTIN_DATASETS and spec.task != "image-classification":
         _fail(source, root, ("data", "path"), f"{spec.data.path} is an image-classification data set")
+    if spec.data.include_captured is not None and spec.task not in ("image-classification", "text-classification"):
+        _fail(
+            source,
+            root,
+            ("data", "include_captured"),
+            f"captured items train image-classification and text-classification tasks, not {spec.task}",
+        )
+    if spec.data.include_captured is not None and not spec.data.include_captured.labelled_only:
+        _fail(source, root, ("data", "include_captured", "labelled_only"), "unlabelled items cannot train a classifier")
 
 
 def _check_text_generation(spec: TaskSpec, source: str, root: yaml.Node | None, base_dir: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hub.training.captured import CapturedRow, captured_issue, captured_texts
 from hub.training.data import Dataset, Issue, QualityReport, class_report, hash_files, resolve_path
 from hub.training.errors import DataError
 from hub.training.spec import TaskSpec
@@ -14,7 +17,7 @@ from hub.training.tabular import read_table
 __all__ = ["load_texts"]
 
 
-def load_texts(spec: TaskSpec, base_dir: Path) -> Dataset:
+def load_texts(spec: TaskSpec, base_dir: Path, captured: Sequence[CapturedRow] = ()) -> Dataset:
     """Load texts and labels; drop empty texts and duplicates."""
     path = resolve_path(spec.data.path, base_dir)
     names, columns = read_table(path)
@@ -25,14 +28,23 @@ def load_texts(spec: TaskSpec, base_dir: Path) -> Dataset:
             raise DataError(f"{field_name}: column {column!r} is not in {path.name} (columns: {', '.join(names)})")
     raw_texts = list(columns[text_column])
     raw_labels = list(columns[target])
-    rows_in = len(raw_texts)
     issues: list[Issue] = []
+    from_field = [False] * len(raw_texts)
+    if captured:
+        field_rows = captured_texts(captured)
+        from_field += [True] * len(field_rows)
+        raw_texts += [text for _, text, _ in field_rows]
+        raw_labels += [label for _, _, label in field_rows]
+        model = spec.data.include_captured.model if spec.data.include_captured else "?"
+        issues.append(captured_issue([label for _, _, label in field_rows], model))
+    rows_in = len(raw_texts)
     texts: list[str] = []
     labels_text: list[str] = []
     missing_text = missing_label = 0
     seen: set[tuple[str, str]] = set()
     duplicates = 0
-    for text, label in zip(raw_texts, raw_labels, strict=True):
+    kept_field: list[bool] = []
+    for text, label, is_field in zip(raw_texts, raw_labels, from_field, strict=True):
         if text is None or (isinstance(text, float) and np.isnan(text)) or not str(text).strip():
             missing_text += 1
             continue
@@ -47,6 +59,7 @@ def load_texts(spec: TaskSpec, base_dir: Path) -> Dataset:
         seen.add(key)
         texts.append(str(text))
         labels_text.append(label_str)
+        kept_field.append(is_field)
     if missing_text:
         issues.append(
             Issue(
@@ -86,8 +99,11 @@ def load_texts(spec: TaskSpec, base_dir: Path) -> Dataset:
         kind="text",
         y=y,
         report=QualityReport(rows_in, len(y), tuple(issues), counts),
-        data_hash=hash_files([path]),
+        data_hash=hashlib.sha256((hash_files([path]) + "".join(sorted(r.id for r in captured))).encode()).hexdigest()
+        if captured
+        else hash_files([path]),
         texts=tuple(texts),
         labels=classes,
         class_weighted=imbalance is not None,
+        field=np.array(kept_field, dtype=bool) if any(kept_field) else None,
     )

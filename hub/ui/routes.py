@@ -14,7 +14,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from hub import registry
+from hub import datasets, registry
 from hub.api.deps import DeviceIdPath, ModelNamePath
 from hub.api.rollouts import _locked, _wake, rollout_detail, rollout_summary
 from hub.db import SessionDep
@@ -210,6 +210,35 @@ def jobs_page(request: Request, session: SessionDep, user: UiCaller) -> HTMLResp
 
     rows = [jobs.snapshot(job) for job in jobs.list_jobs(session, limit=200)]
     return render(request, "jobs.html", {"user": user, "jobs": rows})
+
+
+@router.get("/datasets/{name}", response_class=HTMLResponse)
+def dataset_page(
+    request: Request, name: ModelNamePath, session: SessionDep, user: UiCaller, labelled: bool | None = False
+) -> HTMLResponse:
+    """Label a model's captured items: the input, the model's guess, one button (or digit key) per class."""
+    rows, total = datasets.list_items(session, name, labelled=labelled, limit=50)
+    settings = request.app.state.settings
+    items = [views.capture_preview(row, datasets.item_content(settings, row)) for row in rows]
+    classes = views.model_classes(session, name)
+    context = {"user": user, "model": name, "items": items, "total": total, "labelled": labelled, "classes": classes}
+    return render(request, "dataset.html", context)
+
+
+@router.post("/datasets/{name}/items/{item_id}/label")
+def dataset_label(
+    name: ModelNamePath,
+    item_id: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
+    session: SessionDep,
+    user: UiCaller,
+    csrf: CsrfForm = "",
+    label: Annotated[str, Form(max_length=256)] = "",
+) -> RedirectResponse:
+    """Label one item (operator) and go back to the next ones."""
+    check_csrf(user, csrf)
+    user.require_operator()
+    datasets.label_item(session, name, item_id, label or None, actor=user.principal.actor)
+    return _back(f"/ui/datasets/{quote(name)}")
 
 
 @router.get("/rollouts", response_class=HTMLResponse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +13,14 @@ from sqlmodel import Session, col, select
 
 from hub import registry
 from hub.fleet.telemetry import query_points
-from hub.models import Device, Model, ModelVersion, TelemetryPoint, utcnow
+from hub.models import CapturedItem, Device, Model, ModelVersion, TelemetryPoint, utcnow
 from shared.manifest import Manifest
 
 __all__ = [
+    "CapturePreview",
     "Chart",
+    "capture_preview",
+    "model_classes",
     "DeviceModelRow",
     "FleetSummary",
     "VersionView",
@@ -234,3 +238,46 @@ def all_models(session: Session) -> list[tuple[Model, list[str], dict[str, str]]
         versions = [v.version for v in registry.list_versions(session, model)]
         out.append((model, versions, registry.aliases(session, model)))
     return out
+
+
+@dataclass(frozen=True)
+class CapturePreview:
+    """What the labelling page shows of one captured item."""
+
+    id: str
+    row: CapturedItem
+    image: str | None = None  # base64 PNG/JPEG as the device received it
+    text: str | None = None
+    raw: str | None = None
+
+
+def capture_preview(row: CapturedItem, content: bytes) -> CapturePreview:
+    """Show the input as a person reads it: the image, the text, or the raw request (cut)."""
+    try:
+        body = json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return CapturePreview(row.id, row, raw=content[:2000].decode("utf-8", "replace"))
+    if isinstance(body, dict):
+        image = body.get("image")
+        if isinstance(image, list) and image and isinstance(image[0], str):
+            image = image[0]
+        if isinstance(image, str) and len(image) < 2_000_000:
+            return CapturePreview(row.id, row, image=image)
+        text = body.get("text")
+        if isinstance(text, list) and text and isinstance(text[0], str):
+            text = text[0]
+        if isinstance(text, str):
+            return CapturePreview(row.id, row, text=text[:2000])
+    return CapturePreview(row.id, row, raw=json.dumps(body)[:2000])
+
+
+def model_classes(session: Session, name: str) -> list[str]:
+    """Return the class names of a model's newest version (empty when it has none)."""
+    model = session.exec(select(Model).where(Model.name == name)).first()
+    if model is None:
+        return []
+    version = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.created_at).desc())
+    ).first()
+    labels = (version.manifest or {}).get("labels") if version is not None else None
+    return [str(label) for label in labels] if isinstance(labels, list) else []

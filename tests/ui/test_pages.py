@@ -321,3 +321,55 @@ def test_sign_in_without_the_forms_token_is_refused(dash: Dash) -> None:
     assert response.status_code == 403 and "autodl_session" not in response.cookies
     response = dash.client.post("/ui/login", data={"key": dash.viewer}, follow_redirects=False)
     assert response.status_code == 403
+
+
+def test_the_labelling_page_shows_the_input_and_guess_and_labels_with_one_click(dash: Dash) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from hub.datasets import store_batch
+    from hub.models import CapturedItem
+    from shared.capture import CaptureBatch, CaptureItem, CaptureReason, item_id
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(buffer, format="PNG")
+    body = ('{"image": "' + base64.b64encode(buffer.getvalue()).decode() + '"}').encode()
+    item = CaptureItem(
+        id=item_id(body, MODEL, "1.0.0"),
+        model=MODEL,
+        version="1.0.0",
+        reason=CaptureReason.LOW_CONFIDENCE,
+        content_b64=base64.b64encode(body).decode(),
+        outputs={"top": [{"class": "b", "score": 0.4}]},
+        captured_at=datetime.now(UTC),
+    )
+    with dash.session() as session:
+        store_batch(
+            session, dash.settings, dash.device_id, dash.device_id, CaptureBatch(device_id=dash.device_id, items=[item])
+        )
+
+    csrf = dash.sign_in(dash.viewer)
+    page = dash.client.get(f"/ui/datasets/{MODEL}")
+    assert page.status_code == 200
+    assert 'src="data:image/png;base64,' in page.text and "guess <b" in page.text and item.id in page.text
+    assert 'class="label-form' not in page.text  # a viewer sees, but gets no buttons
+    refused = dash.client.post(f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"csrf": csrf, "label": "a"})
+    assert refused.status_code == 403
+
+    csrf = dash.sign_in(dash.operator)
+    page = dash.client.get(f"/ui/datasets/{MODEL}")
+    assert 'class="row label-form"' in page.text
+    no_csrf = dash.client.post(
+        f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"label": "a"}, follow_redirects=False
+    )
+    assert no_csrf.status_code == 403
+    done = dash.client.post(
+        f"/ui/datasets/{MODEL}/items/{item.id}/label", data={"csrf": csrf, "label": "a"}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    with dash.session() as session:
+        row = session.get(CapturedItem, item.id)
+        assert row is not None and row.label == "a" and row.labelled_by is not None
+    assert item.id not in dash.client.get(f"/ui/datasets/{MODEL}").text  # the queue moves on

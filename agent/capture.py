@@ -1,0 +1,374 @@
+"""Hard-example capture: decide off the request path, spool on disk, upload to the hub when online.
+
+The request path only offers (model, raw body, first output) to a bounded queue and returns;
+a full queue drops the offer and counts it, so capture never slows serving. One thread judges
+each offer against the model's `CapturePolicy`, writes kept items into the spool (one file
+each, written to a temporary name and renamed, so a crash never leaves half an item), and
+enforces the daily cap and the disk budget (oldest item dropped first, counted). Another
+thread uploads the spool in batches; an item leaves the spool only when the hub answered that
+it is stored, already there, or refused for good, so days offline lose nothing within budget
+and a resent batch is stored once (items are named by their content hash).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import ValidationError
+
+from agent.updates import backoff_delay
+from shared.capture import (
+    MAX_BATCH_ITEMS,
+    MAX_ITEM_BYTES,
+    CaptureBatch,
+    CaptureItem,
+    CapturePolicy,
+    CaptureReason,
+    CaptureResult,
+    capture_path,
+    item_id,
+)
+from shared.manifest import Manifest
+
+__all__ = ["Capture", "CaptureCounters", "Spool", "judge", "scores"]
+
+logger = logging.getLogger(__name__)
+
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class CaptureCounters:
+    """What capture did since start (for /metrics)."""
+
+    offered: int = 0
+    judged: int = 0
+    kept: int = 0
+    queue_full: int = 0
+    over_daily_cap: int = 0
+    spool_dropped: int = 0
+    too_large: int = 0
+    uploaded: int = 0
+    upload_duplicates: int = 0
+    upload_refused: int = 0
+    upload_errors: int = 0
+
+
+def _softmax(row: np.ndarray) -> np.ndarray:
+    shifted = np.exp(row - row.max())
+    return np.asarray(shifted / shifted.sum())
+
+
+def scores(manifest: Manifest, output: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """Return class probabilities of the first row and its OOD score (None without a reference)."""
+    row = np.asarray(output, dtype=np.float64).reshape(output.shape[0] if output.ndim > 1 else 1, -1)[0]
+    probs = row if (row.min() >= 0 and abs(row.sum() - 1.0) < 1e-3) else _softmax(row)
+    ood = None
+    reference = manifest.lineage.get("ood")
+    if isinstance(reference, dict) and isinstance(reference.get("centroid"), list):
+        centroid = np.asarray(reference["centroid"], dtype=np.float64)
+        spread = float(reference.get("spread") or 1.0)
+        if centroid.shape == row.shape and spread > 0:
+            ood = float(np.linalg.norm(row - centroid) / spread)
+    return probs, ood
+
+
+def judge(
+    policy: CapturePolicy, probs: np.ndarray, ood: float | None, draw: Callable[[], float]
+) -> CaptureReason | None:
+    """Return why the request is kept under `policy`, or None."""
+    if not policy.enabled:
+        return None
+    ordered = np.sort(probs)[::-1]
+    top1 = float(ordered[0]) if ordered.size else 0.0
+    top2 = float(ordered[1]) if ordered.size > 1 else 0.0
+    if policy.min_confidence is not None and top1 < policy.min_confidence:
+        return CaptureReason.LOW_CONFIDENCE
+    if policy.min_margin is not None and top1 - top2 < policy.min_margin:
+        return CaptureReason.SMALL_MARGIN
+    if policy.max_ood_score is not None and ood is not None and ood > policy.max_ood_score:
+        return CaptureReason.OUT_OF_DISTRIBUTION
+    if policy.sample_rate > 0 and draw() < policy.sample_rate:
+        return CaptureReason.SAMPLE
+    return None
+
+
+class Spool:
+    """Captured items on disk, one JSON file each, oldest first."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def _files(self) -> list[Path]:
+        files = list(self.directory.glob("*.json"))
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def size_bytes(self) -> int:
+        """Return the bytes the spool holds."""
+        return sum(p.stat().st_size for p in self.directory.glob("*.json"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.directory.glob("*.json"))
+
+    def put(self, item: CaptureItem, budget_bytes: int) -> int | None:
+        """Store `item`; drop the oldest items past `budget_bytes`; return how many were dropped.
+
+        None means the item was already in the spool (the same request, captured again).
+        """
+        data = item.model_dump_json().encode()
+        path = self.directory / f"{item.id}.json"
+        if path.exists():
+            return None
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dropped = 0
+        files = self._files()
+        total = sum(p.stat().st_size for p in files)
+        for old in files:
+            if total <= budget_bytes or old == path:
+                break
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+            dropped += 1
+        return dropped
+
+    def oldest(self, limit: int) -> list[CaptureItem]:
+        """Return up to `limit` items, oldest first; unreadable files are removed."""
+        items: list[CaptureItem] = []
+        for path in self._files()[:limit]:
+            try:
+                items.append(CaptureItem.model_validate_json(path.read_bytes()))
+            except (OSError, ValidationError) as exc:
+                logger.warning("capture spool: dropping unreadable %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+        return items
+
+    def remove(self, ids: list[str]) -> None:
+        """Forget items the hub has answered for."""
+        for one in ids:
+            (self.directory / f"{one}.json").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Offer:
+    manifest: Manifest
+    body: bytes
+    content_type: str
+    output: np.ndarray
+
+
+class Capture:
+    """Judge, spool and upload hard examples for the models whose policy asks for it."""
+
+    def __init__(
+        self,
+        directory: Path,
+        policies: Callable[[], dict[str, CapturePolicy]],
+        upload: Callable[[CaptureBatch], CaptureResult] | None,
+        device_id: str,
+        *,
+        interval_s: float = 10.0,
+        retry_max_s: float = 300.0,
+        day_counts: tuple[Callable[[], str | None], Callable[[str], None]] | None = None,
+    ) -> None:
+        self.spool = Spool(directory)
+        self.counters = CaptureCounters()
+        self._policies = policies
+        self._upload = upload
+        self._device_id = device_id
+        self._interval_s = interval_s
+        self._retry_max_s = retry_max_s
+        self._queue: queue.Queue[_Offer | None] = queue.Queue(maxsize=256)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._random = random.Random()
+        self._load_day, self._save_day = day_counts or (lambda: None, lambda _: None)
+        self._day, self._day_count = self._restore_day()
+        self._threads = [
+            threading.Thread(target=self._judge_loop, name="capture", daemon=True),
+            threading.Thread(target=self._upload_loop, name="capture-upload", daemon=True),
+        ]
+
+    def _restore_day(self) -> tuple[str, int]:
+        raw = self._load_day()
+        try:
+            day, count = json.loads(raw) if raw else ("", 0)
+            return str(day), int(count)
+        except (ValueError, TypeError):
+            return "", 0
+
+    def start(self) -> None:
+        """Start the judging and upload threads."""
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop both threads (queued offers not yet judged are dropped)."""
+        self._stop.set()
+        self._wake.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
+
+    def wanted(self, model: str) -> bool:
+        """Return whether `model` has an enabled policy (cheap: called on the request path)."""
+        policy = self._policies().get(model)
+        return policy is not None and policy.enabled
+
+    def offer(
+        self, manifest: Manifest, body: bytes | bytearray, output: np.ndarray, content_type: str = "application/json"
+    ) -> None:
+        """Hand one answered request to the judge; never blocks."""
+        if not self.wanted(manifest.name):
+            return
+        self.counters.offered += 1
+        if len(body) > MAX_ITEM_BYTES:
+            self.counters.too_large += 1
+            return
+        try:
+            self._queue.put_nowait(_Offer(manifest, bytes(body), content_type, np.array(output, copy=True)))
+        except queue.Full:
+            self.counters.queue_full += 1
+
+    def flush(self) -> None:
+        """Ask the uploader to try now (for example after reconnecting)."""
+        self._wake.set()
+
+    # judging -----------------------------------------------------------------------------------
+    def _judge_loop(self) -> None:
+        while not self._stop.is_set():
+            offer = self._queue.get()
+            if offer is None:
+                return
+            try:
+                self._judge(offer)
+            except Exception:  # a bad offer must not end capture
+                logger.exception("capture: judging a request failed")
+            finally:
+                self.counters.judged += 1
+
+    def _judge(self, offer: _Offer) -> None:
+        policy = self._policies().get(offer.manifest.name)
+        if policy is None:
+            return
+        probs, ood = scores(offer.manifest, offer.output)
+        reason = judge(policy, probs, ood, self._random.random)
+        if reason is None:
+            return
+        today = datetime.now(UTC).date().isoformat()
+        if today != self._day:
+            self._day, self._day_count = today, 0
+        if self._day_count >= policy.daily_cap:
+            self.counters.over_daily_cap += 1
+            return
+        top = np.argsort(probs)[::-1][:3]
+        labels = offer.manifest.labels or []
+        outputs: dict[str, Any] = {
+            "top": [
+                {"class": labels[i] if i < len(labels) else str(int(i)), "score": round(float(probs[i]), 6)}
+                for i in top
+            ]
+        }
+        if ood is not None:
+            outputs["ood_score"] = round(ood, 6)
+        item = CaptureItem(
+            id=item_id(offer.body, offer.manifest.name, offer.manifest.version),
+            model=offer.manifest.name,
+            version=offer.manifest.version,
+            reason=reason,
+            content_type=offer.content_type,
+            content_b64=base64.b64encode(offer.body).decode(),
+            outputs=outputs,
+            captured_at=datetime.now(UTC),
+        )
+        dropped = self.spool.put(item, int(policy.disk_budget_mb * 1024 * 1024))
+        if dropped is None:
+            return
+        self.counters.spool_dropped += dropped
+        self.counters.kept += 1
+        self._day_count += 1
+        self._save_day(json.dumps([self._day, self._day_count]))
+        self._wake.set()
+
+    # uploading ---------------------------------------------------------------------------------
+    def _upload_loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.wait(self._interval_s if failures == 0 else backoff_delay(failures, 1.0, self._retry_max_s))
+            self._wake.clear()
+            if self._stop.is_set() or self._upload is None:
+                continue
+            try:
+                while self.upload_once():
+                    pass
+                failures = 0
+            except Exception as exc:  # offline, hub down, 5xx: keep the items and retry later
+                failures += 1
+                self.counters.upload_errors += 1
+                logger.info("capture upload failed (%s); %d items kept for later", exc, len(self.spool))
+
+    def upload_once(self) -> bool:
+        """Upload the oldest batch; return whether there may be more."""
+        if self._upload is None:
+            return False
+        items = self.spool.oldest(MAX_BATCH_ITEMS)
+        if not items:
+            return False
+        # A batch stays well under the hub's body limit (16 MB): at least one item, then up to 8 MB.
+        size, cut = 0, 0
+        for cut, item in enumerate(items):  # noqa: B007 - `cut` is used after the loop
+            size += len(item.content_b64)
+            if size > BATCH_BYTES and cut > 0:
+                break
+        else:
+            cut = len(items)
+        items = items[:cut]
+        result = self._upload(CaptureBatch(device_id=self._device_id, items=items))
+        answered = [*result.stored, *result.duplicates, *result.refused]
+        for one, why in result.refused.items():
+            logger.warning("capture item %s refused by the hub: %s", one, why)
+        self.spool.remove(answered)
+        self.counters.uploaded += len(result.stored)
+        self.counters.upload_duplicates += len(result.duplicates)
+        self.counters.upload_refused += len(result.refused)
+        return len(set(answered)) >= len(items) and len(self.spool) > 0
+
+
+def http_uploader(client: httpx.Client, hub_url: str, device_id: str) -> Callable[[CaptureBatch], CaptureResult]:
+    """Return an upload function that posts a batch with `client` (which carries the device token)."""
+    url = hub_url.rstrip("/") + capture_path(device_id)
+
+    def upload(batch: CaptureBatch) -> CaptureResult:
+        response = client.post(
+            url,
+            content=batch.model_dump_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        response.raise_for_status()
+        return CaptureResult.model_validate_json(response.content)
+
+    return upload
