@@ -1,7 +1,7 @@
 """Captured items: hard examples devices upload for labelling (issue "Closed loop").
 
-Revision ID: 0004_captures
-Revises: 0003_rollouts
+Revision ID: 0008_captures
+Revises: 0007_telemetry_rollup
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from alembic import op
 
 import hub.models
 
-revision: str = "0004_captures"
-down_revision: str | None = "0003_rollouts"
+revision: str = "0008_captures"
+down_revision: str | None = "0007_telemetry_rollup"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
