@@ -156,8 +156,11 @@ def fp32_sample(minilm: Any, path: Path, inputs: dict[str, np.ndarray]) -> Any:
     return Sample(inputs=minilm.sample.inputs, outputs={"last_hidden_state": data}, atol=1e-3, rtol=1e-2)
 
 
-def write_state(state_dir: Path, models: list[tuple[Any, Path]]) -> None:
-    """Write an identity and a journal with `models` active, as a converged agent leaves them."""
+def write_state(state_dir: Path, models: list[tuple[Any, Path]], config: dict[str, Any] | None = None) -> None:
+    """Write an identity and a journal with `models` active, as a converged agent leaves them.
+
+    `config` is stored as settings a desired state had set (the capture policy, for one).
+    """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.config import AgentSettings, Identity, save_identity
@@ -184,6 +187,8 @@ def write_state(state_dir: Path, models: list[tuple[Any, Path]]) -> None:
         store.save_model(
             ModelRecord(name=manifest.name, state=UpdateState.ACTIVE, desired_version="1.0.0", active=slot)
         )
+    if config:
+        store.put("config", json.dumps(config))
     store.close()
 
 
@@ -411,10 +416,15 @@ def main() -> None:
         fp32_nb = fp32.model_copy(
             update={"name": "minilm-fp32-nb", "variants": [fp32_variant.model_copy(update={"batching": None})]}
         )
+        # The same CNN with hard-example capture on for every request (the closed loop's cost):
+        # judged and spooled off the request path; the hub is unreachable, so the spool only grows.
+        captured = unbatched.model_copy(update={"name": "digits-capture"})
+        capture = {"capture": {"digits-capture": {"sample_rate": 1.0, "daily_cap": 1_000_000, "disk_budget_mb": 32}}}
         write_state(
             work / "agent",
             [(digits, digits_path), (unbatched, digits_path), (minilm, minilm_path), (fp32, fp32_path),
-             (fp32_nb, fp32_path)],
+             (fp32_nb, fp32_path), (captured, digits_path)],
+            capture,
         )  # fmt: skip
         port, grpc_port, kport = free_port(), free_port(), free_port()
         agent = start_agent(work / "agent", port, grpc_port, args.threads)
@@ -438,6 +448,8 @@ def main() -> None:
                         ]
                         if model == "digits":
                             plan.append((f"cnn_agent_unbatched_json_c{c}", ("json", http, "digits-nb", x, c)))
+                            if c == 1:
+                                plan.append(("cnn_agent_capture_json_c1", ("json", http, "digits-capture", x, c)))
                         else:
                             plan += [
                                 (f"minilm_fp32_agent_binary_c{c}", ("binary", http, "minilm-fp32", x, c)),
@@ -483,6 +495,12 @@ def main() -> None:
         "cnn_binary_over_json_rps_c8": ratio("cnn_agent_binary_c8", "cnn_agent_json_c8"),
         "minilm_binary_over_json_rps_c8": ratio("minilm_agent_binary_c8", "minilm_agent_json_c8"),
         "batching_gain_c8": ratio("cnn_agent_json_c8", "cnn_agent_unbatched_json_c8"),
+        # Capture every request vs none, same model, same path (target: within 10 % at p50).
+        "capture_on_p50_ms": rows["cnn_agent_capture_json_c1"]["p50_ms"],
+        "capture_off_p50_ms": rows["cnn_agent_unbatched_json_c1"]["p50_ms"],
+        "capture_p50_ratio": round(
+            rows["cnn_agent_capture_json_c1"]["p50_ms"] / max(rows["cnn_agent_unbatched_json_c1"]["p50_ms"], 1e-9), 3
+        ),
         "batching_c1_over_unbatched": ratio("cnn_agent_json_c1", "cnn_agent_unbatched_json_c1"),
         "minilm_fp32_batching_gain_c8": ratio("minilm_fp32_agent_binary_c8", "minilm_fp32_nb_agent_binary_c8"),
         "minilm_fp32_batching_c1_over_unbatched": ratio(
