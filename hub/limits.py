@@ -25,19 +25,33 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hub.errors import HubError
+from hub.errors import HubError, PermissionDeniedError
 from hub.models import Role
 from hub.security import authenticate
 
-__all__ = ["UPLOAD_ROUTES", "HeaderTimeoutH11Protocol", "RequestLimits", "upload_authorizer"]
+__all__ = [
+    "CAPTURE_ROUTE",
+    "UPLOAD_ROUTES",
+    "HeaderTimeoutH11Protocol",
+    "RequestLimits",
+    "capture_authorizer",
+    "upload_authorizer",
+]
 
-# POST routes whose body is a multipart upload of model files.
-UPLOAD_ROUTES = (re.compile(r"^/models/[^/]+/versions/?$"),)
+# POST routes whose body is an operator's multipart upload: model files, a dataset's label file.
+UPLOAD_ROUTES = (re.compile(r"^/models/[^/]+/versions/?$"), re.compile(r"^/datasets/[^/]+/import/?$"))
+# POST route of a device's captured items: up to `max_capture_bytes`, once its own device token is seen.
+CAPTURE_ROUTE = re.compile(r"^/devices/([^/]+)/captures/?$")
 _ENROLL = "/enroll"
 
 
 def _is_upload(scope: Scope) -> bool:
     return scope.get("method") == "POST" and any(p.match(scope.get("path", "")) for p in UPLOAD_ROUTES)
+
+
+def _capture_device(scope: Scope) -> str | None:
+    match = CAPTURE_ROUTE.match(scope.get("path", "")) if scope.get("method") == "POST" else None
+    return match.group(1) if match else None
 
 
 class RequestLimits:
@@ -52,8 +66,13 @@ class RequestLimits:
         max_upload_bytes: int,
         body_timeout_s: float,
         authorize_upload: Callable[[str], None] | None = None,
+        max_capture_bytes: int = 16 * 1024 * 1024,
+        authorize_capture: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app
+        self.max_capture_bytes = max_capture_bytes
+        # Raises a HubError unless the bearer token is the named device's own (DB, worker thread).
+        self.authorize_capture = authorize_capture
         self.max_json_bytes = max_json_bytes
         self.max_enroll_bytes = max_enroll_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -65,6 +84,8 @@ class RequestLimits:
         """Return the body limit of this request's route."""
         if _is_upload(scope):
             return self.max_upload_bytes
+        if _capture_device(scope) is not None:
+            return self.max_capture_bytes
         if scope.get("path") == _ENROLL:
             return self.max_enroll_bytes
         return self.max_json_bytes
@@ -79,13 +100,20 @@ class RequestLimits:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _answer(send, 413, f"request body larger than this route's limit of {limit} bytes")
             return
-        if _is_upload(scope) and self.authorize_upload is not None:
+        device = _capture_device(scope)
+        check: Callable[[str], None] | None = None
+        if _is_upload(scope):
+            check = self.authorize_upload
+        elif device is not None and self.authorize_capture is not None:
+            authorize_capture = self.authorize_capture
+            check = lambda credential: authorize_capture(credential, device)  # noqa: E731
+        if check is not None:
             token = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, credential = token.partition(" ")
             try:
                 if scheme.lower() != "bearer" or not credential.strip():
                     raise _Unauthenticated
-                await run_in_threadpool(self.authorize_upload, credential.strip())
+                await run_in_threadpool(check, credential.strip())
             except _Unauthenticated:
                 await _answer(send, 401, "send Authorization: Bearer <API key>", bearer=True)
                 return
@@ -153,6 +181,18 @@ def upload_authorizer(session_factory: Callable[[], Any]) -> Callable[[str], Non
     def authorize(token: str) -> None:
         with session_factory() as session:
             authenticate(session, token).require(Role.OPERATOR)
+
+    return authorize
+
+
+def capture_authorizer(session_factory: Callable[[], Any]) -> Callable[[str, str], None]:
+    """Return a check that a bearer token is the device token of `device_id` (raises HubError)."""
+
+    def authorize(token: str, device_id: str) -> None:
+        with session_factory() as session:
+            principal = authenticate(session, token)
+        if principal.kind != "device" or principal.id != device_id:
+            raise PermissionDeniedError("a device uploads only its own captured items, with its device token")
 
     return authorize
 

@@ -31,7 +31,7 @@ from hub.datasets import CaptureCounters
 from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
 from hub.fleet.retention import install as install_retention
-from hub.limits import RequestLimits, upload_authorizer
+from hub.limits import RequestLimits, capture_authorizer, upload_authorizer
 from hub.metrics import HubMetrics
 from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
@@ -138,6 +138,7 @@ def create_app(
         max_upload_bytes=settings.max_upload_bytes,
         body_timeout_s=settings.body_timeout_s,
         authorize_upload=upload_authorizer(sessions),
+        authorize_capture=capture_authorizer(sessions),
     )
     _trace_requests(app)
     return app
