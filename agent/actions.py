@@ -37,6 +37,7 @@ SETTABLE = frozenset(
         "health_error_delta",
         "watchdog_stuck_s",
         "watchdog_errors",
+        "batching",
     }
 )
 

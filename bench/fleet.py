@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import selectors
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +41,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
@@ -56,26 +53,18 @@ from agent.enrollment import enroll  # noqa: E402
 from agent.store import ModelRecord, Slot, Store  # noqa: E402
 from agent.sync import MqttSession  # noqa: E402
 from hub.config import HubSettings  # noqa: E402
-from hub.db import create_engine_for, migrate, session_factory  # noqa: E402
+from hub.db import create_engine_for, session_factory  # noqa: E402
 from hub.models import Role  # noqa: E402
-from hub.registry import publish_version  # noqa: E402
-from hub.security import create_api_key, create_enrollment_token, load_or_create_signing_key  # noqa: E402
+from hub.security import create_api_key, create_enrollment_token  # noqa: E402
 from shared.codec import encode  # noqa: E402
 from shared.messages import DesiredState, TelemetryBatch, TelemetryPoint, UpdateState  # noqa: E402
 from shared.topics import DeviceChannel  # noqa: E402
-from tests.agent.models import make_release, write_files  # noqa: E402
-from tests.support.processes import stop_process, wait_http_ready  # noqa: E402
+from tests.support.hub import HubProcess  # noqa: E402
+from tests.support.models import make_release  # noqa: E402
 
 MODEL = "clf"
 BASELINE, CANDIDATE = "1.0.0", "2.0.0"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def raise_nofile() -> int:
@@ -240,56 +229,28 @@ class Fleet:
         self.selector.close()
 
 
-class Hub:
-    """``autodl-hub serve`` with its embedded mosquitto in a temp dir."""
+class Hub(HubProcess):
+    """``autodl-hub serve`` with its embedded mosquitto in a temp dir, limits raised for a fleet."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.mqtt_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = HubSettings(data_dir=root / "hub", port=self.port)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def prepare(self, max_devices: int) -> tuple[str, str]:
-        engine = create_engine_for(self.settings)
-        migrate(engine)
-        key = load_or_create_signing_key(self.settings.signing_key)
-        with session_factory(engine)() as session:
-            for version, seed in ((BASELINE, 1), (CANDIDATE, 2)):
-                release = make_release(key, MODEL, version, seed)
-                publish_version(session, self.settings, release.manifest, write_files(release, self.root / version))
-            api_key = create_api_key(session, "bench", Role.OPERATOR, actor="bench", rate_limit="1000000/minute")[1]
-            token = create_enrollment_token(session, actor="bench", max_uses=max_devices)[1]
-        engine.dispose()
-        return api_key, token
-
-    def start(self) -> None:
         env = {
-            **os.environ,
-            "AUTODL_HUB_DATA_DIR": str(self.root / "hub"),
-            "AUTODL_HUB_HOST": "127.0.0.1",
-            "AUTODL_HUB_PORT": str(self.port),
-            "AUTODL_HUB_PUBLIC_URL": self.url,
-            "AUTODL_HUB_MQTT_PORT": str(self.mqtt_port),
-            "AUTODL_HUB_MQTT_PUBLIC_HOST": "127.0.0.1",
             "AUTODL_HUB_ENROLL_RATE_LIMIT": "1000000/minute",
             "AUTODL_HUB_RATE_LIMIT": "1000000/minute",
             "AUTODL_HUB_TELEMETRY_BATCH_SIZE": "5000",
-            "AUTODL_HUB_TELEMETRY_FLUSH_S": "0.2",
             "AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "3600",
         }
-        log = (self.root / "hub.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(BIN / "autodl-hub"), "serve", "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_http_ready(
-            f"{self.url}/readyz", self.proc, "the hub", 60, lambda: (self.root / "hub.log").read_text()[-2000:]
-        )
+        super().__init__(root / "hub", env=env, log_level="warning")
+        self.root = root
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 30)
+    def prepare(self, max_devices: int) -> tuple[str, str]:
+        """Publish the baseline and the candidate; return (operator API key, enrollment token)."""
+        signer = Ed25519PrivateKey.generate()  # the hub re-signs with its own key
+        for version, seed in ((BASELINE, 1), (CANDIDATE, 2)):
+            self.publish(make_release(signer, MODEL, version, seed))
+        with self.session() as session:
+            api_key = create_api_key(session, "bench", Role.OPERATOR, actor="bench", rate_limit="1000000/minute")[1]
+            token = create_enrollment_token(session, actor="bench", max_uses=max_devices)[1]
+        return api_key, token
 
     def processes(self) -> dict[str, psutil.Process]:
         assert self.proc is not None
@@ -315,13 +276,6 @@ class Hub:
         """Return the newest point's id: cheap to poll, and new rows only ever take higher ids."""
         return self._query("SELECT max(id) FROM telemetry_point")
 
-    def api(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(
-            method, self.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60, **kwargs
-        )
-        response.raise_for_status()
-        return response.json()
-
 
 def provision(hub: Hub, n: int) -> list[Identity]:
     """Register `n` devices in bulk while the hub (and so mosquitto) is stopped: their rows in
@@ -332,7 +286,7 @@ def provision(hub: Hub, n: int) -> list[Identity]:
     costs O(N) (5,000 devices take over ten minutes). What the devices do after enrolling is
     the same either way.
     """
-    from hub.broker_admin import device_role_acls, device_role_name, hash_password
+    from hub.broker.admin import device_role_acls, device_role_name, hash_password
     from hub.models import Device
     from hub.security import DEVICE_TOKEN_PREFIX, MQTT_PASSWORD_PREFIX, hash_secret, new_secret, signing_public_key
 
@@ -451,7 +405,7 @@ def run_size(
             },
         }
         t0 = time.perf_counter()
-        rollout_id = hub.api(api_key, "POST", "/rollouts", json=body)["id"]
+        rollout_id = hub.call("POST", "/rollouts", key=api_key, json=body)["id"]
         fleet.run_until(
             lambda: all(d.reported_version == CANDIDATE for d in fleet.devices), args.timeout, "every device on it"
         )
@@ -461,7 +415,7 @@ def run_size(
             for _ in range(20):
                 fleet.step(0.01)
             # The list form: the detail lists every device, which costs the hub more than the rollout.
-            newest = hub.api(api_key, "GET", "/rollouts", params={"model": MODEL, "limit": 1})
+            newest = hub.call("GET", "/rollouts", key=api_key, params={"model": MODEL, "limit": 1})
             state = next((r["state"] for r in newest if r["id"] == rollout_id), "gone")
         rollout_s = time.perf_counter() - t0
         rollout_usage = usage.result()

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,7 @@ from hub.build.pipeline import BuildResult, build  # noqa: E402
 from hub.build.request import BuildRequest  # noqa: E402
 from hub.build.runner import make_session, run_onnx, run_torch  # noqa: E402
 from shared.targets import TargetId  # noqa: E402
+from tests.support.digits import train_digits  # noqa: E402
 
 TOPICS = [
     "The firmware update failed on three gateways after the power outage last night",
@@ -172,32 +172,12 @@ def bench_minilm(work: Path, runs: int, threads: int, targets: tuple[str, ...]) 
 
 
 def bench_cnn(work: Path, runs: int, threads: int) -> tuple[list[dict], dict]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]
-    torch.manual_seed(0)
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
-    )  # fmt: skip
-    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
-    x, y = torch.from_numpy(images[:1400]), torch.from_numpy(data.target[:1400])
-    for _ in range(15):
-        order = torch.randperm(1400)
-        for start in range(0, 1400, 64):
-            idx = order[start : start + 64]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            optimizer.step()
-    torch.set_num_threads(previous)
-    net.eval()
-    val, labels = images[1400:], data.target[1400:]
+    digits = train_digits()
+    net, val, labels = digits.model, digits.validation, digits.labels
     result = build(
         BuildRequest(name="digits", version="1.0.0", model=net, validation={"input": val}, labels=labels,
-                     calibration={"input": images[:256]}, output_names=("logits",), threads=threads),
+                     calibration={"input": digits.train[:256]}, output_names=("logits",), threads=threads),
         work / "cnn",
     )  # fmt: skip
     paths = {"ORT fp32 (plain export)": work / "cnn" / "exported.onnx"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
+import sys
 import tempfile
 import threading
 import time
@@ -25,27 +25,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import create_engine, make_url, text
-from sqlmodel import Session, col, func, select
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from hub.broker import EmbeddedBroker
-from hub.config import HubSettings
-from hub.db import create_engine_for, migrate, session_factory
-from hub.messaging import HubMessaging
-from hub.models import Device, TelemetryPoint
-from shared import codec, topics
-from shared.messages import TelemetryBatch
-from shared.messages import TelemetryPoint as WirePoint
-from shared.topics import DeviceChannel
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from sqlalchemy import create_engine, make_url, text  # noqa: E402
+from sqlmodel import Session, col, func, select  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from hub.broker.embedded import EmbeddedBroker  # noqa: E402
+from hub.config import HubSettings  # noqa: E402
+from hub.db import create_engine_for, migrate, session_factory  # noqa: E402
+from hub.messaging.session import HubMessaging  # noqa: E402
+from hub.models import Device, TelemetryPoint  # noqa: E402
+from shared import codec, topics  # noqa: E402
+from shared.messages import TelemetryBatch  # noqa: E402
+from shared.messages import TelemetryPoint as WirePoint  # noqa: E402
+from shared.topics import DeviceChannel  # noqa: E402
+from tests.support.processes import free_port  # noqa: E402
 
 
 def _publish_all(port: int, device_id: str, batches: int, points: int, resend: bool) -> None:
@@ -113,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             session.commit()
         broker = EmbeddedBroker(
             root / "mosquitto",
-            port=_free_port(),
+            port=free_port(),
             hub_username=settings.mqtt_username,
             hub_password="bench-hub-password",
             bind_host="127.0.0.1",

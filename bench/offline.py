@@ -30,20 +30,20 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.agent.process import wait_until  # noqa: E402
-from tests.e2e.offline_fleet import OfflineFleet  # noqa: E402
+from tests.support.fleet import Fleet  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 
-def hub_counts(fleet: OfflineFleet) -> tuple[int, int]:
+def hub_counts(fleet: Fleet) -> tuple[int, int]:
     """Return (rows, distinct seqs) of the device's telemetry in the hub's database."""
-    with sqlite3.connect(fleet.root / "hub" / "hub.db", timeout=30) as db:
+    with sqlite3.connect(fleet.hub.data_dir / "hub.db", timeout=30) as db:
         row = db.execute(
             "SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry_point WHERE device_id = ?", (fleet.device,)
         ).fetchone()
     return int(row[0]), int(row[1])
 
 
-def hub_duplicates_counted(fleet: OfflineFleet) -> int:
+def hub_duplicates_counted(fleet: Fleet) -> int:
     """Return the duplicate points the hub's ingest saw (and ignored), from its /metrics."""
     text = httpx.get(f"{fleet.hub.url}/metrics", timeout=10).text
     match = re.search(r'autodl_hub_telemetry_points_total\{outcome="duplicate"\} ([0-9.e+]+)', text)
@@ -58,12 +58,11 @@ def run(points: int, batch: int) -> dict[str, Any]:
             "AUTODL_AGENT_OUTBOX_BATCH": str(batch),
             "AUTODL_AGENT_HEARTBEAT_S": "5",
         }
-        fleet = OfflineFleet(Path(tmp), env)
-        try:
-            wait_until(lambda: hub_counts(fleet)[0] > 0, 60, "first points at the hub")
+        with Fleet(Path(tmp), agents=1, agent_env=env) as fleet:
+            wait_for("first points at the hub", lambda: hub_counts(fleet)[0] > 0, 60)
             fleet.broker.stop()
             start = time.monotonic()
-            wait_until(lambda: fleet.status()["outbox"]["telemetry_pending"] >= points, 600, f"{points} points")
+            wait_for(f"{points} points", lambda: fleet.status()["outbox"]["telemetry_pending"] >= points, 600)
             buffer_s = time.monotonic() - start
             fleet.agent.kill9()
             fleet.agent.env["AUTODL_AGENT_TELEMETRY_INTERVAL_S"] = "3600"  # nothing new: exact counts
@@ -72,14 +71,14 @@ def run(points: int, batch: int) -> dict[str, Any]:
             outbox = fleet.status()["outbox"]
             buffered, last = outbox["telemetry_pending"], outbox["last_telemetry_seq"]
             fleet.broker.start()
-            wait_until(lambda: fleet.status()["connected"], 60, "agent reconnected")
+            wait_for("agent reconnected", lambda: fleet.status()["connected"], 60)
             connected = time.monotonic()
-            wait_until(lambda: fleet.status()["outbox"]["telemetry_pending"] == 0, 600, "outbox drained")
+            wait_for("outbox drained", lambda: fleet.status()["outbox"]["telemetry_pending"] == 0, 600)
             acked = time.monotonic()
-            wait_until(lambda: hub_counts(fleet)[1] >= last, 120, "every point stored at the hub")
+            wait_for("every point stored at the hub", lambda: hub_counts(fleet)[1] >= last, 120)
             stored = time.monotonic()
             rows, distinct = hub_counts(fleet)
-            with sqlite3.connect(fleet.root / "hub" / "hub.db", timeout=30) as db:
+            with sqlite3.connect(fleet.hub.data_dir / "hub.db", timeout=30) as db:
                 seqs = {
                     int(r[0])
                     for r in db.execute("SELECT seq FROM telemetry_point WHERE device_id = ?", (fleet.device,))
@@ -99,8 +98,6 @@ def run(points: int, batch: int) -> dict[str, Any]:
                 "dropped_by_bound": fleet.status()["outbox"]["dropped"],
                 "batch": batch,
             }
-        finally:
-            fleet.close()
 
 
 def main() -> None:

@@ -22,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hub.config import HubSettings  # noqa: E402
 from hub.db import create_engine_for, migrate, session_factory  # noqa: E402
-from hub.deployment_history import record_changes  # noqa: E402
 from hub.models import Device  # noqa: E402
 from hub.registry import desired_model, publish_version, resolve_version  # noqa: E402
-from hub.rollout_spec import RolloutSpec  # noqa: E402
-from hub.rollouts import RolloutContext, advance, create_rollout  # noqa: E402
+from hub.rollouts.engine import RolloutContext, advance, create_rollout  # noqa: E402
+from hub.rollouts.history import record_changes  # noqa: E402
+from hub.rollouts.spec import RolloutSpec  # noqa: E402
 from hub.security import load_or_create_signing_key  # noqa: E402
 from shared.messages import DesiredState, ModelStatus, ReportedState, UpdateState  # noqa: E402
-from tests.agent.models import make_release, write_files  # noqa: E402
+from tests.support.models import make_release, write_files  # noqa: E402
 
 
 def run(size: int, workdir: Path, database_url: str) -> dict[str, Any]:

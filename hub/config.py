@@ -13,7 +13,7 @@ At scale (several stateless hub replicas)::
     AUTODL_HUB_MQTT_PUBLIC_HOST=mqtt.example.com     # AUTODL_HUB_MQTT_PUBLIC_PORT if it differs
     AUTODL_HUB_SIGNING_KEY_PATH=/secrets/signing_key.pem   # the same key on every replica
 
-Broker set-up (dynamic security on Mosquitto, EMQX rules) is in `hub.broker_admin`.
+Broker set-up (dynamic security on Mosquitto, EMQX rules) is in `hub.broker.admin`.
 Rate limits are kept per replica, in memory.
 """
 

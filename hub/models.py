@@ -257,7 +257,7 @@ class AuditEvent(SQLModel, table=True):
 
 
 class Rollout(SQLModel, table=True):
-    """A deployment of one model version to a set of devices, step by step (hub.rollouts)."""
+    """A deployment of one model version to a set of devices, step by step (hub.rollouts.engine)."""
 
     __tablename__ = "rollout"
 
@@ -265,7 +265,7 @@ class Rollout(SQLModel, table=True):
     model: str = Field(max_length=128, index=True)
     version: str = Field(max_length=64)
     baseline_version: str | None = Field(default=None, max_length=64)
-    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON, description="hub.rollout_spec.RolloutSpec")
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON, description="hub.rollouts.spec.RolloutSpec")
     state: str = Field(max_length=16, index=True)
     step: int = 0
     step_started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -26,6 +26,7 @@ from hub.config import HubSettings
 from hub.errors import ConflictError, InvalidInputError, NotFoundError
 from hub.models import Artifact, Model, ModelAlias, ModelVersion, VersionStatus, utcnow
 from hub.security import load_or_create_signing_key
+from shared import tracing
 from shared.manifest import Manifest, sign_manifest
 from shared.messages import DesiredModel, Release
 
@@ -298,6 +299,7 @@ def _store_blob(settings: HubSettings, source: Path, expected: _Expected, name: 
         tmp.unlink(missing_ok=True)
 
 
+@tracing.traced("hub.registry.publish")
 def publish_version(
     session: Session,
     settings: HubSettings,

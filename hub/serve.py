@@ -13,11 +13,11 @@ from contextlib import ExitStack
 import uvicorn
 from sqlmodel import col, select
 
-from hub.broker import BrokerAdmin, BrokerAdminError, EmbeddedBroker
+from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.main import create_app
-from hub.messaging import HubMessaging
+from hub.messaging.session import HubMessaging
 from hub.models import Device
 
 __all__ = ["serve"]

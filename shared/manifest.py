@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
+    "Batching",
     "Dtype",
     "GenerationDefaults",
     "GenerationMetrics",
@@ -74,7 +75,7 @@ __all__ = [
     "verify_manifest",
 ]
 
-Dtype = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+Dtype = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool", "string"]
 Sha256 = str
 
 
@@ -99,7 +100,7 @@ class TensorData(_Frozen):
 
     dtype: Dtype
     shape: list[int] = Field(max_length=8)
-    data: list[float] | list[int] | list[bool]
+    data: list[float] | list[int] | list[bool] | list[str]
 
     @model_validator(mode="after")
     def _size_matches(self) -> TensorData:
@@ -197,6 +198,20 @@ class VariantFile(_Frozen):
     sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class Batching(_Frozen):
+    """Dynamic batching of a variant: requests stacked on the first axis, run as one.
+
+    The build sets it when every input and output has a leading batch axis and each row's
+    result does not depend on the other rows (not so under dynamic INT8 quantization,
+    whose activation scale is taken over the whole batch). Absent: the agent does not batch.
+    """
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024, description="rows in one run; 1 turns batching off")
+    max_queue_delay_us: int = Field(
+        default=0, ge=0, le=1_000_000, description="how long a request may wait for others to join its batch"
+    )
+
+
 class Variant(_Frozen):
     """One artifact of a model version, built for one target.
 
@@ -215,6 +230,7 @@ class Variant(_Frozen):
     metrics: VariantMetrics | None = None
     sample: Sample | None = Field(default=None, description="overrides the manifest's sample tolerances")
     recipe: dict[str, Any] = Field(default_factory=dict, description="how the variant was made")
+    batching: Batching | None = Field(default=None, description="None: rows may depend on each other; no batching")
 
     @model_validator(mode="after")
     def _folder_is_consistent(self) -> Variant:

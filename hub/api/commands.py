@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 from sqlmodel import select
 
-from hub import commands
 from hub.api.deps import MessagingDep, Operator, Viewer
 from hub.api.schemas import ID_PATTERN, CommandCreate, CommandPublic
 from hub.db import SessionDep
 from hub.errors import NotFoundError
+from hub.fleet import commands
 from hub.models import Command, CommandStatus
 
 router = APIRouter(tags=["commands"])

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from hub import devices
 from hub.api.deps import BrokerDep, Caller, DeviceIdPath, MessagingDep, ModelNamePath, Operator, SettingsDep, Viewer
 from hub.api.schemas import ConfigUpdate, DeployRequest, DevicePublic, LabelsUpdate
 from hub.db import SessionDep
 from hub.errors import InvalidInputError, PermissionDeniedError
+from hub.fleet import devices
 from hub.models import Device, Role
 from shared.messages import DesiredState
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from hub import devices
 from hub.api.deps import BrokerDep, SettingsDep, client_address
 from hub.db import SessionDep
+from hub.fleet import devices
 from hub.security import RateLimiter
 from shared.messages import EnrollRequest, EnrollResponse
 

@@ -11,14 +11,14 @@ from fastapi import APIRouter, Body, Path, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
-from hub import rollouts
 from hub.api.deps import MessagingDep, Operator, SettingsDep, Viewer
 from hub.db import SessionDep
 from hub.models import DeploymentHistory, Device, Rollout
-from hub.rollout_analysis import observe
-from hub.rollout_plan import Event, step_count
-from hub.rollout_queries import device_history, events_of, get_rollout, list_rollouts, members_of, read_spec
-from hub.rollout_spec import RolloutSpec
+from hub.rollouts import engine as rollouts
+from hub.rollouts.analysis import observe
+from hub.rollouts.plan import Event, step_count
+from hub.rollouts.queries import device_history, events_of, get_rollout, list_rollouts, members_of, read_spec
+from hub.rollouts.spec import RolloutSpec
 
 __all__ = [
     "DeploymentPublic",

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from hub.api.deps import Viewer
 from hub.api.schemas import ID_PATTERN, BucketPublic, TelemetryPointPublic, TelemetryResponse
 from hub.db import SessionDep
-from hub.telemetry_query import downsample, query_points
+from hub.fleet.telemetry import downsample, query_points
 
 router = APIRouter(tags=["telemetry"])
 

@@ -1,7 +1,7 @@
 """The dashboard's pages and forms under /ui: fleet, devices, models, rollouts, sign-in.
 
-Handlers stay thin: reads go through the domain modules' queries (`hub.devices`,
-`hub.commands`, `hub.registry`, `hub.rollout_queries`, `hub.telemetry_query`) and every
+Handlers stay thin: reads go through the domain modules' queries (`hub.fleet.devices`,
+`hub.fleet.commands`, `hub.registry`, `hub.rollouts.queries`, `hub.fleet.telemetry`) and every
 change through the same domain functions the REST API calls, with the same roles.
 """
 
@@ -14,13 +14,15 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from hub import commands, devices, registry, rollouts
+from hub import registry
 from hub.api.deps import DeviceIdPath, ModelNamePath
 from hub.api.rollouts import _locked, _wake, rollout_detail, rollout_summary
 from hub.db import SessionDep
 from hub.errors import AuthenticationError, InvalidInputError
-from hub.rollout_plan import Event
-from hub.rollout_queries import device_history, get_rollout, list_rollouts
+from hub.fleet import commands, devices
+from hub.rollouts import engine as rollouts
+from hub.rollouts.plan import Event
+from hub.rollouts.queries import device_history, get_rollout, list_rollouts
 from hub.ui import views
 from hub.ui.auth import CSRF_FIELD, UiCaller, check_csrf, clear_session, sign_in, start_session
 from hub.ui.render import SECURITY_HEADERS, render

@@ -10,7 +10,7 @@ import pytest
 
 from agent.artifacts import ArtifactCache
 from agent.config import AgentSettings, Identity, save_identity
-from tests.agent.hubstub import DEVICE_TOKEN, HubStub
+from tests.support.hubstub import DEVICE_TOKEN, HubStub
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """`autodl-agent run` as a real process: real mosquitto, real HTTP, real ONNX Runtime.
 
-The hub's HTTP API is the in-test stand-in (tests/agent/hubstub.py); tests/e2e repeats
+The hub's HTTP API is the in-test stand-in (tests/support/hubstub.py); tests/e2e repeats
 these with the real hub.
 """
 
@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -21,10 +19,13 @@ from agent.config import AgentSettings
 from agent.enrollment import enroll
 from shared import topics
 from shared.messages import UpdateState
-from tests.agent.hubstub import HubStub, publish_desired, publisher
-from tests.agent.models import SAMPLE_X, linear_weights, make_release, reference
-from tests.agent.process import AgentProcess, Watcher, wait_until
+from tests.support.agent import AgentProcess
+from tests.support.hubstub import HubStub, publish_desired, publisher
+from tests.support.models import SAMPLE_X, linear_weights, make_release, reference
+from tests.support.mqtt import Watcher
 from tests.support.processes import Broker
+from tests.support.traffic import Traffic
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +43,6 @@ def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
         yield w
     finally:
         w.close()
-
-
-def infer(url: str, name: str) -> tuple[str, np.ndarray]:
-    body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": SAMPLE_X.ravel().tolist()}]}
-    response = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=10)
-    response.raise_for_status()
-    out = response.json()
-    return out["model_version"], np.asarray(out["outputs"][0]["data"], np.float32).reshape(2, 3)
 
 
 def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
@@ -72,51 +65,24 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
         with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
             publish_desired(hub_mqtt, device, 1, {"m": desired["1.0.0"]})
             agent.wait_live()
-            wait_until(lambda: agent.serving("m") == "1.0.0", what="v1 served")
-            version, y = infer(agent.url, "m")
+            wait_for("v1 served", lambda: agent.serving("m") == "1.0.0")
+            version, y = agent.infer("m")
             np.testing.assert_allclose(y, reference(SAMPLE_X, *linear_weights(1)), rtol=1e-5, atol=1e-5)
             state = watcher.wait_reported(lambda r: r.revision == 1 and r.models["m"].active == "1.0.0")
             assert state.device_id == device and state.profile is not None and state.update_state == UpdateState.ACTIVE
-            wait_until(lambda: any(p.online for p in watcher.presence), what="online presence")
+            wait_for("online presence", lambda: any(p.online for p in watcher.presence))
 
             # The broker restarts: the agent reconnects, resubscribes and still gets new desired states.
             mqtt_broker.restart()
 
         with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
-            failures: list[str] = []
-            versions: set[str] = set()
-            stop = threading.Event()
-
-            def steady_load() -> None:
-                with httpx.Client(timeout=10) as client:
-                    body = {
-                        "inputs": [
-                            {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": SAMPLE_X.ravel().tolist()}
-                        ]
-                    }
-                    while not stop.is_set():
-                        try:
-                            r = client.post(f"{agent.url}/v2/models/m/infer", json=body)
-                        except httpx.HTTPError as exc:
-                            failures.append(str(exc))
-                            continue
-                        if r.status_code != 200:
-                            failures.append(r.text)
-                        else:
-                            versions.add(r.json()["model_version"])
-
-            load = threading.Thread(target=steady_load)
-            load.start()
-            try:
-                wait_until(lambda: "1.0.0" in versions, 30, "requests answered by v1")
+            with Traffic([agent], "m", pause_s=0) as traffic:
+                wait_for("requests answered by v1", lambda: "1.0.0" in traffic.versions, 30)
                 publish_desired(hub_mqtt, device, 2, {"m": desired["2.0.0"]})
-                wait_until(lambda: agent.serving("m") == "2.0.0", what="v2 served")
-                wait_until(lambda: "2.0.0" in versions, what="requests answered by v2")
-            finally:
-                stop.set()
-                load.join()
-            assert failures == [] and versions == {"1.0.0", "2.0.0"}
-            np.testing.assert_allclose(infer(agent.url, "m")[1], reference(SAMPLE_X, *linear_weights(2)), atol=1e-5)
+                wait_for("v2 served", lambda: agent.serving("m") == "2.0.0")
+                wait_for("requests answered by v2", lambda: "2.0.0" in traffic.versions)
+            assert traffic.failures == [] and traffic.versions == {"1.0.0", "2.0.0"}
+            np.testing.assert_allclose(agent.infer("m")[1], reference(SAMPLE_X, *linear_weights(2)), atol=1e-5)
             state = watcher.wait_reported(lambda r: r.revision == 2 and r.models["m"].active == "2.0.0")
             assert state.models["m"].previous == "1.0.0"
 
@@ -124,20 +90,20 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
             publish_desired(hub_mqtt, device, 3, {"m": desired["3.0.0"]})
             state = watcher.wait_reported(lambda r: r.revision == 3 and r.models["m"].state == UpdateState.ROLLED_BACK)
             assert "sha256" in (state.models["m"].error or "") and state.models["m"].active == "2.0.0"
-            assert infer(agent.url, "m")[0] == "2.0.0"
+            assert agent.infer("m")[0] == "2.0.0"
 
             # A model failing its smoke test is refused; v2 keeps serving.
             publish_desired(hub_mqtt, device, 4, {"m": desired["4.0.0"]})
             state = watcher.wait_reported(lambda r: r.revision == 4 and r.models["m"].state == UpdateState.ROLLED_BACK)
             assert "max difference" in (state.models["m"].error or "") and state.models["m"].active == "2.0.0"
-            assert infer(agent.url, "m")[0] == "2.0.0"
+            assert agent.infer("m")[0] == "2.0.0"
 
             # A desired state that fails validation is reported, and the daemon stays up.
             hub_mqtt.publish(
                 topics.device_topic(device, topics.DeviceChannel.DESIRED), b'{"kind": "desired_state"}', qos=1
             ).wait_for_publish(5)
             watcher.wait_reported(lambda r: any("desired state rejected" in e for e in r.errors))
-            assert infer(agent.url, "m")[0] == "2.0.0"
+            assert agent.infer("m")[0] == "2.0.0"
 
         status = subprocess.run(
             [*STATUS, "--state-dir", str(tmp_state_dir), "--port", str(agent.port)],
@@ -158,7 +124,7 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
         wrong = subprocess.run([*CLI, "predict", "m", "[1, 2]", *base], capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 1 and "HTTP 400" in wrong.stderr and "float32[batch, 4]" in wrong.stderr
     finally:
-        assert agent.stop() == 0, agent.log()[-3000:]
+        assert agent.stop() == 0, agent.log_tail()
     assert watcher.presence[-1].online is False
 
 
@@ -176,9 +142,9 @@ def test_kill9_during_download_resumes_with_range(
     try:
         with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
             publish_desired(hub_mqtt, enrolled, 1, {"m": desired})
-        assert hub_stub.holding.wait(60), agent.log()[-3000:]
+        assert hub_stub.holding.wait(60), agent.log_tail()
         part = tmp_state_dir / "cache" / "partial" / f"{release.sha256}.part"
-        wait_until(lambda: part.exists() and part.stat().st_size > 0, what="partial file on disk")
+        wait_for("partial file on disk", lambda: part.exists() and part.stat().st_size > 0)
         agent.kill9()
         kept = part.stat().st_size
         hub_stub.hold_after = None
@@ -186,9 +152,9 @@ def test_kill9_during_download_resumes_with_range(
         hub_stub.ranges.clear()
         agent = AgentProcess(tmp_state_dir).start()
         agent.wait_live()
-        wait_until(lambda: agent.serving("m") == "1.0.0", what="v1 served after resume")
+        wait_for("v1 served after resume", lambda: agent.serving("m") == "1.0.0")
         assert hub_stub.ranges[0] == f"bytes={kept}-"
-        assert infer(agent.url, "m")[0] == "1.0.0"
+        assert agent.infer("m")[0] == "1.0.0"
     finally:
         agent.stop()
 
@@ -209,6 +175,6 @@ def test_bad_mqtt_credentials_are_fatal_with_a_clear_message(
         assert agent.proc is not None
         code = agent.proc.wait(60)
         assert code == 2
-        assert "bad user name or password" in agent.log() or "not authorized" in agent.log()
+        assert "bad user name or password" in agent.log_tail(10**7) or "not authorized" in agent.log_tail(10**7)
     finally:
         broker.stop()

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.artifacts import ArtifactCache, fetch_manifest
 from agent.errors import DesiredStateError, DiskSpaceError, VerificationError
 from shared.manifest import public_key_b64
-from tests.agent.hubstub import HubStub
-from tests.agent.models import make_release
+from tests.support.hubstub import HubStub
+from tests.support.models import make_release
 
 
 def test_a_partial_download_resumes_with_range(hub_stub: HubStub, cache: ArtifactCache, client: httpx.Client) -> None:

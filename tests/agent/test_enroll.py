@@ -12,7 +12,7 @@ import pytest
 from agent.config import AgentSettings, load_identity
 from agent.enrollment import enroll
 from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableError, NotEnrolledError
-from tests.agent.hubstub import HubStub
+from tests.support.hubstub import HubStub
 
 CLI = [sys.executable, "-c", "from agent.cli import main; main()"]
 

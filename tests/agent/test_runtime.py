@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.artifacts import ArtifactCache
 from agent.runtime import MAPPED_MIN_BYTES, LoadedModel, load_model, smoke_test
-from tests.agent.models import SAMPLE_X, Release, linear_io_model, make_release
+from tests.support.models import SAMPLE_X, Release, linear_io_model, make_release
 
 KEY = Ed25519PrivateKey.generate()
 ROWS = 500_000  # a 6 MB lookup table, like a vocabulary embedding: a request reads 4 of its rows

@@ -17,8 +17,8 @@ from agent.sync import MqttSession
 from shared import topics
 from shared.codec import decode, encode
 from shared.messages import CommandResult, TelemetryBatch
-from tests.agent.process import wait_until
 from tests.support.processes import Broker
+from tests.support.waiting import wait_for
 
 DEVICE = "dev-sender"
 
@@ -105,8 +105,8 @@ def test_backlog_drains_in_order_with_live_results_first_and_the_bound_counted(
         assert stats.messages_pending == 2
         kept = stats.telemetry_pending
         mqtt_broker.start()
-        wait_until(lambda: store.outbox_stats().telemetry_pending == 0, 60, "drained")
-        wait_until(lambda: len(hub.seqs()) >= kept, 30, "all points received")
+        wait_for("drained", lambda: store.outbox_stats().telemetry_pending == 0, 60)
+        wait_for("all points received", lambda: len(hub.seqs()) >= kept, 30)
         seqs = hub.seqs()
         # The newest points survived the bound, each arrived once, in order.
         assert seqs == list(range(10_001 - kept, 10_001))

@@ -30,7 +30,7 @@ from shared.manifest import (
     TextPreprocessing,
     Variant,
 )
-from tests.agent.models import SAMPLE_X, linear_weights, make_release, reference, tensor
+from tests.support.models import SAMPLE_X, linear_weights, make_release, reference, tensor
 
 KEY = Ed25519PrivateKey.generate()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -17,8 +16,9 @@ from agent.updates import RESUME, Updater
 from shared.manifest import sign_manifest
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
-from tests.agent.hubstub import HubStub
-from tests.agent.models import make_release
+from tests.support.hubstub import HubStub
+from tests.support.models import make_release
+from tests.support.waiting import wait_for
 
 S = UpdateState
 
@@ -48,19 +48,11 @@ class Rig:
         self.updater.apply(DesiredState(device_id=self.identity.device_id, revision=self.revision, models=models))
 
     def settle(self, timeout: float = 30) -> None:
-        wait_until(lambda: not self.updater.busy(), timeout)
+        wait_for("the updater to settle", lambda: not self.updater.busy(), timeout)
 
     def serving(self, name: str) -> str | None:
         model = self.registry.get(name)
         return model.version if model else None
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.02)
 
 
 @pytest.fixture

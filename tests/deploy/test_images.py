@@ -11,9 +11,8 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 
 from tests.support.hub import HubProcess
 from tests.support.processes import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -54,19 +54,6 @@ def containers(docker: None) -> Iterator[list[str]]:
         logs = _docker("logs", "--tail", "40", name, check=False)
         print(f"--- {name}\n{logs.stdout}{logs.stderr}")
         _docker("rm", "-f", name, check=False)
-
-
-def _wait(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _agent_dirs(tmp_path: Path, token: str) -> tuple[Path, Path]:
@@ -115,12 +102,16 @@ def test_agent_image_enrolls_against_a_host_hub_and_restarts_as_the_same_device(
                 return next((d for d in client.get("/devices").json() if d["online"]), None)
 
         _run_agent(name, hub.url, port, secrets_dir, state)
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2).status_code == 200, "live")
-        device = _wait(online, "the containerized agent online at the hub")
+        wait_for(
+            "live", lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2).status_code == 200, 120
+        )
+        device = wait_for("the containerized agent online at the hub", online, 120)
         assert device["name"] == "container-agent" and device["labels"]["runtime"] == "docker"
         # Same volume, new container: the same device, without the (single-use) token.
         _docker("restart", name)
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2).status_code == 200, "live")
+        wait_for(
+            "live", lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2).status_code == 200, 120
+        )
         with hub.api() as client:
             devices = client.get("/devices").json()
         assert [d["id"] for d in devices] == [device["id"]]
@@ -143,7 +134,7 @@ def test_hub_image_serves_and_an_agent_image_enrolls_with_it(tmp_path: Path, con
     name = f"autodl-hub-test-{uuid.uuid4().hex[:8]}"
     containers.append(name)
     _docker("run", "-d", "--name", name, "--network", "host", *LOCKED_DOWN, *env, *volume, HUB_IMAGE)
-    _wait(lambda: httpx.get(f"{hub_url}/readyz", timeout=2).status_code == 200, "the hub container ready")
+    wait_for("the hub container ready", lambda: httpx.get(f"{hub_url}/readyz", timeout=2).status_code == 200, 120)
     # The image's HEALTHCHECK command, run as Docker would.
     health = _docker("inspect", "--format", "{{json .Config.Healthcheck.Test}}", name).stdout
     _docker("exec", name, *json.loads(health)[1:])
@@ -160,4 +151,4 @@ def test_hub_image_serves_and_an_agent_image_enrolls_with_it(tmp_path: Path, con
         devices = httpx.get(f"{hub_url}/devices", headers=headers, timeout=5).json()
         return any(d["online"] for d in devices)
 
-    _wait(online, "the agent container online at the hub container")
+    wait_for("the agent container online at the hub container", online, 120)

@@ -9,7 +9,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.broker import find_dynsec_plugin
-from hub.dynsec_bootstrap import BootstrapError, write_hub_auth
-from tests.deploy.conftest import K3S
+from hub.broker.bootstrap import BootstrapError, write_hub_auth
+from hub.broker.embedded import find_dynsec_plugin
 from tests.support.hub import HubProcess
+from tests.support.paths import K3S
 from tests.support.processes import free_port, mosquitto_binary, stop_process, wait_for_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def _bootstrap(directory: Path, password: str) -> subprocess.CompletedProcess[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTODL_HUB_")}
     env.update({"AUTODL_HUB_MQTT_USERNAME": "autodl-hub", "AUTODL_HUB_MQTT_PASSWORD": password})
     return subprocess.run(
-        [sys.executable, "-m", "hub.dynsec_bootstrap", str(directory)],
+        [sys.executable, "-m", "hub.broker.bootstrap", str(directory)],
         env=env,
         capture_output=True,
         text=True,
@@ -66,12 +66,11 @@ def _connect_code(broker: RunningBroker, username: str | None, password: str | N
     client.on_connect = lambda _c, _u, _f, reason, _p: result.append(reason.value)
     client.connect(broker.host, broker.port)
     client.loop_start()
-    deadline = time.monotonic() + 10
-    while not result and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
-    assert result, "no CONNACK"
+    try:
+        wait_for("a CONNACK", lambda: result, 10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
     return result[0]
 
 
@@ -138,20 +137,6 @@ def test_rerunning_the_init_step_rotates_the_password_and_keeps_devices(tmp_path
     assert _bootstrap(tmp_path / "missing", "pw").returncode == 1
 
 
-def _wait(check: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except httpx.HTTPError:
-            last = None
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTODL_AGENT_", "AUTODL_HUB_"))}
     full_env.update(env)
@@ -191,9 +176,9 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
 
         agent = _start_agent(env, log)
         try:
-            _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the agent's liveness")
-            _wait(lambda: httpx.get(ready, timeout=2).status_code == 200, "the agent's readiness")
-            device = _wait(online_device, "the device online at the hub")
+            wait_for("the agent's liveness", lambda: httpx.get(live, timeout=2).status_code == 200)
+            wait_for("the agent's readiness", lambda: httpx.get(ready, timeout=2).status_code == 200)
+            device = wait_for("the device online at the hub", online_device)
         finally:
             stop_process(agent, 30)
         assert device["name"] == "edge-node-1"
@@ -204,12 +189,12 @@ def test_agent_enrolls_from_a_token_file_through_a_separate_broker(
             with hub.api() as client:
                 return not client.get(f"/devices/{device['id']}").json()["online"]
 
-        _wait(offline, "the stopped agent shown offline")
+        wait_for("the stopped agent shown offline", offline)
         # A restarted pod is the same device: the single-use token is not needed again.
         agent = _start_agent(env, log)
         try:
-            _wait(lambda: httpx.get(live, timeout=2).status_code == 200, "the restarted agent's liveness")
-            again = _wait(online_device, "the device online again")
+            wait_for("the restarted agent's liveness", lambda: httpx.get(live, timeout=2).status_code == 200)
+            again = wait_for("the device online again", online_device)
         finally:
             stop_process(agent, 30)
         assert again["id"] == device["id"]

@@ -13,7 +13,7 @@ import pytest
 from agent.config import AgentSettings
 from agent.entrypoint import ENV_VARS as AGENT_ENTRYPOINT_ENV
 from hub.config import HubSettings
-from tests.deploy.conftest import K3S, OVERLAYS
+from tests.support.paths import K3S, OVERLAYS
 
 Render = Callable[[Path], list[dict[str, Any]]]
 Doc = dict[str, Any]
@@ -134,7 +134,7 @@ def test_hub_and_broker_share_the_hub_password_secret(render: Render) -> None:
     assert init_env["AUTODL_HUB_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
     hub_config = _find(docs, "ConfigMap", "autodl-hub")["data"]
     assert init_env["AUTODL_HUB_MQTT_USERNAME"]["value"] == hub_config["AUTODL_HUB_MQTT_USERNAME"]
-    assert init["command"][:3] == ["python", "-m", "hub.dynsec_bootstrap"]
+    assert init["command"][:3] == ["python", "-m", "hub.broker.bootstrap"]
     conf = _find(docs, "ConfigMap", "autodl-mosquitto")["data"]["mosquitto.conf"]
     data_dir = init["command"][3]
     assert f"plugin_opt_config_file {data_dir}/dynamic-security.json" in conf

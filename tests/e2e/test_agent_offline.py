@@ -9,7 +9,6 @@ rolled back by the agent's health window.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,18 +17,19 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.agent.models import make_release
-from tests.agent.process import wait_until
-from tests.e2e.offline_fleet import OfflineFleet, infer, slow_linear_onnx
-from tests.e2e.test_agent_core import MODEL, deploy, hub_reported, upload
+from tests.support.fleet import Fleet
+from tests.support.models import make_release, slow_linear_onnx
+from tests.support.traffic import Traffic
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 POINTS = 10_000
+MODEL = "lin"
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[OfflineFleet]:
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
     env = {
         "AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.005",  # many points fast
         "AUTODL_AGENT_HEARTBEAT_S": "1",
@@ -38,34 +38,27 @@ def fleet(tmp_path: Path) -> Iterator[OfflineFleet]:
         "AUTODL_AGENT_HEALTH_WINDOW_S": "60",
         "AUTODL_AGENT_HEALTH_MIN_REQUESTS": "10",
     }
-    fleet = OfflineFleet(tmp_path, env)
-    try:
-        key = Ed25519PrivateKey.generate()
-        for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
-            upload(fleet.hub, make_release(key, MODEL, version, seed=seed))
-        deploy(fleet.hub, fleet.device, "1.0.0")
-        wait_until(lambda: fleet.agent.serving(MODEL) == "1.0.0", 60, "v1 served")
+    versions = {"1.0.0": {"seed": 1}, "2.0.0": {"seed": 2}}
+    with Fleet(tmp_path, model=MODEL, versions=versions, agents=1, initial="1.0.0", agent_env=env) as fleet:
         yield fleet
-    finally:
-        fleet.close()
 
 
-def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: OfflineFleet) -> None:
-    wait_until(lambda: fleet.hub_seqs(), 30, "first telemetry at the hub")
+def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: Fleet) -> None:
+    wait_for("first telemetry at the hub", lambda: fleet.hub_seqs(), 30)
     fleet.broker.stop()
-    wait_until(lambda: not fleet.status()["connected"], 30, "agent sees the broker gone")
+    wait_for("agent sees the broker gone", lambda: not fleet.status()["connected"], 30)
 
     # Offline: inference goes on, points pile up on disk.
-    served = [infer(fleet.agent.url) for _ in range(20)]
+    served = [fleet.agent.infer(MODEL)[0] for _ in range(20)]
     assert set(served) == {"1.0.0"}
-    wait_until(lambda: fleet.status()["outbox"]["telemetry_pending"] >= POINTS // 2, 120, "half the backlog")
+    wait_for("half the backlog", lambda: fleet.status()["outbox"]["telemetry_pending"] >= POINTS // 2, 120)
     fleet.agent.kill9()
     fleet.agent.start()
     fleet.agent.wait_live()
-    wait_until(lambda: fleet.agent.serving(MODEL) == "1.0.0", 60, "v1 restored offline")
-    assert infer(fleet.agent.url) == "1.0.0"
-    buffered = wait_until(
-        lambda: (n := fleet.status()["outbox"]["telemetry_pending"]) >= POINTS and n, 120, f"{POINTS} points"
+    wait_for("v1 restored offline", lambda: fleet.agent.serving(MODEL) == "1.0.0", 60)
+    assert fleet.agent.infer(MODEL)[0] == "1.0.0"
+    buffered = wait_for(
+        f"{POINTS} points", lambda: (n := fleet.status()["outbox"]["telemetry_pending"]) >= POINTS and n, 120
     )
     assert buffered >= POINTS
 
@@ -77,7 +70,7 @@ def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: O
     assert outbox["dropped"] == 0
     last = outbox["last_telemetry_seq"]
     assert last >= POINTS
-    seqs = wait_until(lambda: (s := fleet.hub_seqs()) and len(s) >= last and s, 120, "every point at the hub")
+    seqs = wait_for("every point at the hub", lambda: (s := fleet.hub_seqs()) and len(s) >= last and s, 120)
     assert len(seqs) == last, "duplicates or extra points at the hub"
     assert seqs == list(range(1, last + 1)), "a point is missing"
     with fleet.hub.api() as client:
@@ -88,8 +81,8 @@ def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: O
     assert served, "no requests telemetry at the hub"
     # The local Prometheus view and the K3s probes.
     metrics = httpx.get(f"{fleet.agent.url}/metrics", timeout=5).text
-    assert f'autodl_requests_total{{model="{MODEL}",version="1.0.0"}}' in metrics
-    assert "autodl_outbox_dropped_total 0" in metrics
+    assert f'autodl_agent_requests_total{{model="{MODEL}",version="1.0.0"}}' in metrics
+    assert "autodl_agent_outbox_dropped_total 0" in metrics
     assert httpx.get(f"{fleet.agent.url}/healthz", timeout=5).status_code == 200
     assert httpx.get(f"{fleet.agent.url}/readyz", timeout=5).status_code == 200
 
@@ -97,25 +90,23 @@ def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: O
 def test_an_idle_connected_agent_stays_online_through_its_heartbeat(tmp_path: Path) -> None:
     # No telemetry and no traffic: only the heartbeat keeps the hub's 2 s window satisfied.
     env = {"AUTODL_AGENT_TELEMETRY_INTERVAL_S": "3600", "AUTODL_AGENT_HEARTBEAT_S": "0.5"}
-    fleet = OfflineFleet(tmp_path, env, hub_env={"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"})
-    try:
+    with Fleet(
+        tmp_path, model=MODEL, agents=1, agent_env=env, hub_env={"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}
+    ) as fleet:
 
         def online() -> bool:
-            with fleet.hub.api() as client:
-                return bool(client.get(f"/devices/{fleet.device}").json()["online"])
+            return bool(fleet.hub.device(fleet.device)["online"])
 
-        wait_until(online, 30, "device online")
+        wait_for("device online", online, 30)
         deadline = time.monotonic() + 6  # three heartbeat windows
         while time.monotonic() < deadline:
             assert online(), "an idle but connected agent was marked offline"
             time.sleep(0.3)
         fleet.agent.kill9()  # no heartbeat any more: the will or the window marks it offline
-        wait_until(lambda: not online(), 30, "device offline after kill -9")
-    finally:
-        fleet.close()
+        wait_for("device offline after kill -9", lambda: not online(), 30)
 
 
-def test_every_command_round_trips_through_the_hub(fleet: OfflineFleet) -> None:
+def test_every_command_round_trips_through_the_hub(fleet: Fleet) -> None:
     ping = fleet.command("ping")
     assert ping["status"] == "succeeded" and ping["result"]["pong"] is True
 
@@ -149,51 +140,33 @@ def test_every_command_round_trips_through_the_hub(fleet: OfflineFleet) -> None:
     with fleet.hub.api() as client:
         response = client.put(f"/devices/{fleet.device}/config", json={"config": {"command_rate": 50}})
         assert response.status_code == 200, response.text
-    wait_until(
-        lambda: fleet.command("diagnostics")["result"]["settings"]["command_rate"] == 50, 30, "desired config applied"
+    wait_for(
+        "desired config applied", lambda: fleet.command("diagnostics")["result"]["settings"]["command_rate"] == 50, 30
     )
 
     before = fleet.agent.proc.pid if fleet.agent.proc else None
     restarted = fleet.command("restart")
     assert restarted["status"] == "succeeded" and restarted["result"] == {"restarting": True}
     # execv keeps the pid; the process answers again with the persisted configuration.
-    wait_until(lambda: fleet.command("ping", timeout=30)["result"]["uptime_s"] < 30, 60, "restarted agent")
+    wait_for("restarted agent", lambda: fleet.command("ping", timeout=30)["result"]["uptime_s"] < 30, 60)
     assert fleet.agent.proc is not None and fleet.agent.proc.pid == before
     assert fleet.command("diagnostics")["result"]["models"][0]["active"] == "1.0.0"
 
 
-def test_a_version_whose_latency_degrades_is_rolled_back(fleet: OfflineFleet, tmp_path: Path) -> None:
+def test_a_version_whose_latency_degrades_is_rolled_back(fleet: Fleet, tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
-    upload(fleet.hub, make_release(key, MODEL, "3.0.0", seed=1, model_bytes=slow_linear_onnx(seed=1)))
-    fast = [infer(fleet.agent.url) for _ in range(60)]  # the baseline of 1.0.0
+    fleet.hub.upload(make_release(key, MODEL, "3.0.0", seed=1, model_bytes=slow_linear_onnx(seed=1)))
+    fast = [fleet.agent.infer(MODEL)[0] for _ in range(60)]  # the baseline of 1.0.0
     assert set(fast) == {"1.0.0"}
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            try:
-                infer(fleet.agent.url)
-            except httpx.HTTPError:
-                pass
-
-    worker = threading.Thread(target=traffic, daemon=True)
-    worker.start()
-    try:
-        deploy(fleet.hub, fleet.device, "3.0.0")
-        reported = wait_until(
-            lambda: (
-                (m := hub_reported(fleet.hub, fleet.device).get("models", {}).get(MODEL, {}))
-                and m.get("state") == "rolled_back"
-                and m
-            ),
-            90,
+    with Traffic([fleet.agent], MODEL, pause_s=0):
+        fleet.deploy(fleet.agent, "3.0.0")
+        reported = wait_for(
             "automatic rollback reported to the hub",
+            lambda: (m := fleet.hub.reported(fleet.device, MODEL)) and m.get("state") == "rolled_back" and m,
+            90,
         )
-    finally:
-        stop.set()
-        worker.join(10)
     assert reported["active"] == "1.0.0"
     assert "p95 latency" in reported["error"] and "3.0.0" in reported["error"]
     assert fleet.agent.serving(MODEL) == "1.0.0"
     # The desired state still names 3.0.0; the agent does not bring the bad version back.
-    assert infer(fleet.agent.url) == "1.0.0"
+    assert fleet.agent.infer(MODEL)[0] == "1.0.0"

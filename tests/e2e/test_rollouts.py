@@ -9,14 +9,14 @@ gives the same answers as 5.0.0 but takes far longer to compute them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from hub.broker import EmbeddedBroker
-from tests.agent.models import linear_weights
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, Traffic, slow_linear_onnx, start_broker, wait_for
+from tests.support.fleet import HUB_JUDGES_LATENCY, Fleet
+from tests.support.models import slow_linear_onnx
+from tests.support.traffic import Traffic
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,90 +29,23 @@ VERSIONS: dict[str, dict[str, Any]] = {
     "3.0.0": {"seed": 3},
     "4.0.0": {"seed": 4},
     "5.0.0": {"seed": 6},
-    "5.1.0": {"seed": 6, "slow": True},
+    # The answers of 5.0.0, about 40 million multiply-adds more a request.
+    "5.1.0": {"seed": 6, "model_bytes": slow_linear_onnx(6, rounds=18, width=128)},
 }
-
-
-@dataclass
-class Fleet:
-    broker: EmbeddedBroker
-    hub: HubProcess
-    key: str
-    agents: list[AgentProcess]
-
-    def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.hub.api(self.key, method, path, **kwargs)
-
-    def serving(self) -> dict[str, str | None]:
-        return {a.device_id: a.serving(MODEL) for a in self.agents if a.proc is not None}
-
-    def converge(self, version: str) -> None:
-        """Deploy `version` to every device directly and wait until every agent serves it."""
-        for agent in self.agents:
-            self.api("PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": version})
-        wait_for(f"every agent to serve {version}", lambda: set(self.serving().values()) == {version})
-
-    def start(self, version: str, steps: list[float], **analysis: Any) -> str:
-        body = {
-            "model": MODEL,
-            "version": version,
-            "selector": {"all": True},
-            "steps": steps,
-            "analysis": {"min_observation_s": 1.0, "min_devices_reporting": 1, "update_timeout_s": 120, **analysis},
-        }
-        rollout_id: str = self.api("POST", "/rollouts", json=body)["id"]
-        return rollout_id
-
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
-        body: dict[str, Any] = self.api("GET", f"/rollouts/{rollout_id}")
-        return body
-
-    def finished(self, rollout_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        wait_for(
-            f"rollout {rollout_id} to end", lambda: self.rollout(rollout_id)["state"] != "running", timeout=timeout
-        )
-        return self.rollout(rollout_id)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("rollout-e2e")
-    broker = start_broker(root / "mosquitto")
-    hub = HubProcess(root / "hub", broker)
-    agents: list[AgentProcess] = []
-    try:
-        versions = {
-            v: {k: a for k, a in kwargs.items() if k != "slow"}
-            | (
-                {"model_bytes": slow_linear_onnx(*linear_weights(kwargs["seed"]), layers=64)}
-                if kwargs.get("slow")
-                else {}
-            )
-            for v, kwargs in VERSIONS.items()
-        }
-        key, token = hub.prepare(MODEL, versions)
-        hub.start()
-        for i in range(AGENTS):
-            agent = AgentProcess(root / f"agent{i}")
-            agent.enroll(hub.url, token)
-            agent.start()
-            agents.append(agent)
-        fleet = Fleet(broker, hub, key, agents)
-        fleet.converge("1.0.0")
+    with Fleet(
+        root, model=MODEL, versions=VERSIONS, agents=AGENTS, initial="1.0.0", agent_env=HUB_JUDGES_LATENCY
+    ) as fleet:
         yield fleet
-    except BaseException:
-        print(hub.tail())  # noqa: T201  (a failed set-up is read from the test output)
-        raise
-    finally:
-        for agent in agents:
-            agent.stop()
-        hub.stop()
-        broker.stop()
 
 
 def test_good_version_canaries_through_its_steps_to_every_agent(fleet: Fleet) -> None:
     fleet.converge("1.0.0")
-    rollout_id = fleet.start("2.0.0", [20, 60, 100])
+    rollout_id = fleet.start_rollout("2.0.0", [20, 60, 100])
     detail = fleet.finished(rollout_id)
     assert detail["state"] == "succeeded", detail["reason"]
     moved = [e["message"] for e in detail["events"] if e["kind"] == "moved"]
@@ -123,7 +56,7 @@ def test_good_version_canaries_through_its_steps_to_every_agent(fleet: Fleet) ->
 
 def test_version_failing_its_smoke_test_stops_at_the_canary(fleet: Fleet) -> None:
     fleet.converge("2.0.0")
-    rollout_id = fleet.start("2.1.0", [20, 100])
+    rollout_id = fleet.start_rollout("2.1.0", [20, 100])
     detail = fleet.finished(rollout_id)
     assert detail["state"] == "failed"
     assert "failed to update to 2.1.0" in detail["reason"]
@@ -140,7 +73,7 @@ def test_version_failing_its_smoke_test_stops_at_the_canary(fleet: Fleet) -> Non
 
 def test_hub_killed_mid_rollout_finishes_it_after_restart(fleet: Fleet) -> None:
     fleet.converge("2.0.0")
-    rollout_id = fleet.start("3.0.0", [20, 60, 100], min_observation_s=4.0)
+    rollout_id = fleet.start_rollout("3.0.0", [20, 60, 100], min_observation_s=4.0)
     wait_for("step 2", lambda: fleet.rollout(rollout_id)["step"] >= 2)
     fleet.hub.kill()
     serving = fleet.serving()
@@ -157,7 +90,7 @@ def test_agent_offline_for_the_whole_rollout_converges_when_back(fleet: Fleet) -
     away.stop()
     wait_for("the hub to see the agent offline", lambda: not _device(fleet, away.device_id)["online"])
     try:
-        rollout_id = fleet.start("4.0.0", [50, 100])
+        rollout_id = fleet.start_rollout("4.0.0", [50, 100])
         detail = fleet.finished(rollout_id)
         assert detail["state"] == "succeeded", detail["reason"]
         assert _reported(fleet, away.device_id) == "3.0.0"
@@ -171,7 +104,9 @@ def test_agent_offline_for_the_whole_rollout_converges_when_back(fleet: Fleet) -
 def test_version_with_degraded_latency_is_rolled_back_by_the_analysis(fleet: Fleet) -> None:
     fleet.converge("5.0.0")
     with Traffic(fleet.agents, MODEL) as traffic:
-        rollout_id = fleet.start("5.1.0", [20, 100], min_observation_s=8.0, min_requests=5, max_latency_increase=1.0)
+        rollout_id = fleet.start_rollout(
+            "5.1.0", [20, 100], min_observation_s=8.0, min_requests=5, max_latency_increase=1.0
+        )
         detail = fleet.finished(rollout_id)
     assert detail["state"] == "failed", detail["reason"]
     assert "p95 latency" in detail["reason"] and "on 5.1.0 vs" in detail["reason"], detail["reason"]

@@ -34,8 +34,10 @@ from hub.registry import artifact_path
 from shared import codec, topics
 from shared.messages import TelemetryBatch, TelemetryPoint, utcnow
 from shared.topics import DeviceChannel
-from tests.e2e.rollout_fleet import AgentProcess, wait_for
-from tests.faults.conftest import BAD_SIGNATURE, BIG, CORRUPT, GOOD, MODEL, TRUNCATED, Fleet, fault_runs
+from tests.support.agent import AgentProcess
+from tests.support.faults import BAD_SIGNATURE, BIG, CORRUPT, GOOD, MODEL, TRUNCATED, fault_runs
+from tests.support.fleet import HUB_JUDGES_LATENCY, Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -48,25 +50,11 @@ def _other(current: str, rng: random.Random) -> str:
 
 
 def _rollout(fleet: Fleet, version: str) -> str:
-    body = {
-        "model": MODEL,
-        "version": version,
-        "selector": {"device_ids": [a.device_id for a in fleet.agents]},
-        "steps": [50, 100],
-        "analysis": {"min_observation_s": 1.0, "min_devices_reporting": 1, "update_timeout_s": 120},
-    }
-    rollout_id: str = fleet.api("POST", "/rollouts", json=body)["id"]
-    return rollout_id
+    return fleet.start_rollout(version, [50, 100], selector={"device_ids": [a.device_id for a in fleet.agents]})
 
 
 def _finished(fleet: Fleet, rollout_id: str) -> dict[str, Any]:
-    wait_for(
-        f"rollout {rollout_id} to end",
-        lambda: fleet.api("GET", f"/rollouts/{rollout_id}")["state"] not in ("running", "paused"),
-        timeout=180,
-    )
-    detail: dict[str, Any] = fleet.api("GET", f"/rollouts/{rollout_id}")
-    return detail
+    return fleet.finished(rollout_id, timeout=180, moving=("running", "paused"))
 
 
 def _wait_error(fleet: Fleet, agent: AgentProcess, what: str) -> str:
@@ -134,9 +122,7 @@ def test_agent_killed_at_a_random_step_of_an_update(fleet: Fleet, run: int) -> N
     target = _other(current, rng)
     fleet.deploy(agent, target)
     time.sleep(rng.uniform(0.0, 1.2))  # somewhere in download, verify, load, smoke test or swap
-    assert agent.proc is not None
-    agent.proc.kill()
-    agent.proc.wait(10)
+    agent.kill9()
     agent.start()
     wait_for(f"the restarted agent to serve {target}", lambda: agent.serving(MODEL) == target, timeout=90)
     fleet.assert_serves(agent, target)
@@ -191,13 +177,6 @@ def test_bad_artifact_is_refused_and_the_verified_model_keeps_serving(fleet: Fle
     fleet.converge("3.0.0", [agent])  # and it still takes the next good version
 
 
-class _SlowDownloadAgent(AgentProcess):
-    """An agent that downloads in 4 KiB blocks, so a download lasts long enough to fill the disk under it."""
-
-    def _env(self) -> dict[str, str]:
-        return {**super()._env(), "AUTODL_AGENT_DOWNLOAD_CHUNK_BYTES": "4096"}
-
-
 @pytest.fixture
 def small_disk(fleet: Fleet) -> Iterator[tuple[AgentProcess, Path]]:
     """A third agent whose state dir is a 24 MB tmpfs; decommissioned afterwards."""
@@ -206,8 +185,9 @@ def small_disk(fleet: Fleet) -> Iterator[tuple[AgentProcess, Path]]:
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); needs root")
-    agent = _SlowDownloadAgent(mount / "agent")
-    agent.log = fleet.root / "small-disk-agent.log"  # not on the disk that fills up
+    # FAST downloads in 4 KiB blocks, so a download lasts long enough to fill the disk under it.
+    agent = AgentProcess(mount / "agent", HUB_JUDGES_LATENCY)
+    agent.log_path = fleet.root / "small-disk-agent.log"  # not on the disk that fills up
     try:
         agent.enroll(fleet.hub.url, fleet.token)
         agent.start()
@@ -246,11 +226,9 @@ def test_disk_filling_during_a_download(fleet: Fleet, small_disk: tuple[AgentPro
     # The agent cannot even write its journal now (it shares the disk), so it cannot report
     # until there is room again; it must stay up and keep serving what it verified before.
     failed = re.compile(rf"update to {re.escape(BIG)}(: disk full| refused| crashed)")
-    wait_for(
-        "the download to fail", lambda: failed.search(agent.log.read_text(errors="replace")) is not None, timeout=60
-    )
+    wait_for("the download to fail", lambda: failed.search(agent.log_tail(10**7)) is not None, timeout=60)
     assert BIG not in (agent.serving(MODEL) or "")
-    assert agent.proc is not None and agent.proc.poll() is None
+    assert agent.running, agent.log_tail()
     fleet.assert_serves(agent, "1.0.0")
     # Nothing lost: once there is room again, the same desired version completes.
     (mount / "filler-1").unlink()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tests.hub.conftest import Hub, build_version, upload
+from tests.support.hub_app import Hub, build_version, upload
 
 
 def _published(hub: Hub, tmp_path: Path) -> tuple[str, bytes]:

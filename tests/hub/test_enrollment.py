@@ -10,16 +10,16 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from hub.broker_admin import BrokerAdmin
+from hub.broker.admin import BrokerAdmin
 from hub.config import HubSettings
-from hub.devices import enroll
 from hub.errors import AuthenticationError
+from hub.fleet.devices import enroll
 from hub.main import create_app
 from hub.models import Device, EnrollmentToken
 from hub.security import create_enrollment_token
 from shared.manifest import load_public_key
 from shared.messages import EnrollRequest, EnrollResponse
-from tests.hub.conftest import Hub
+from tests.support.hub_app import Hub
 from tests.support.processes import free_port
 
 

@@ -16,7 +16,7 @@ from hub.config import HubSettings
 from hub.db import create_engine_for, migrate
 from hub.models import ApiKey, Device, ModelVersion, Role
 from hub.security import authenticate, hash_secret
-from tests.hub.conftest import pg_schema_url
+from tests.support.postgres import pg_schema_url
 
 
 def test_upgrade_from_the_first_revision_keeps_data(database_url: str, tmp_path: Path) -> None:

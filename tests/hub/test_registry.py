@@ -11,7 +11,7 @@ from sqlmodel import select
 from hub import registry
 from hub.models import Artifact, ModelVersion
 from shared.manifest import SignedManifest, load_public_key, verify_manifest
-from tests.hub.conftest import Hub, build_version, make_hub, upload
+from tests.support.hub_app import Hub, build_version, make_hub, upload
 
 
 def _blobs(hub: Hub) -> list[Path]:

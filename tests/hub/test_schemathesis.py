@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.hub.conftest import Hub, build_version, make_hub, upload
+from tests.support.hub_app import Hub, build_version, make_hub, upload
 
 MAX_EXAMPLES = 12
 

@@ -8,7 +8,7 @@ import pytest
 
 from hub.errors import RateLimitedError
 from hub.security import RateLimiter
-from tests.hub.conftest import Hub, make_hub
+from tests.support.hub_app import Hub, make_hub
 
 
 def test_requests_without_or_with_bad_credentials_are_401(hub: Hub) -> None:

@@ -9,7 +9,7 @@ import jsonschema
 
 from shared.codec import encode
 from shared.schema import SCHEMA_MODELS
-from tests.shared.test_codec import EXAMPLES
+from tests.support.wire_examples import EXAMPLES
 
 
 def test_schema_command_writes_a_schema_per_model(tmp_path: Path) -> None:

@@ -11,18 +11,18 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from hub.broker import EmbeddedBroker
-from hub.db import create_engine_for, migrate, session_factory
-from hub.models import Role
-from hub.security import create_api_key, create_enrollment_token
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
-from tests.ui.support import SERVING, TELEMETRY_NAMES, DeviceVoice, publish_versions, telemetry_points
+from tests.support.agent import AgentProcess
+from tests.support.dashboard import SERVING, TELEMETRY_NAMES, DeviceVoice, publish_versions, telemetry_points
+from tests.support.fleet import HUB_JUDGES_LATENCY, Fleet
+from tests.support.hub import HubProcess
+from tests.support.waiting import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
@@ -43,14 +43,24 @@ expect = sync_api.expect
 
 @dataclass
 class Stack:
-    hub: HubProcess
-    operator: str
+    fleet: Fleet
     viewer: str
-    agents: list[AgentProcess]
     rollout_id: str
 
+    @property
+    def hub(self) -> HubProcess:
+        return self.fleet.hub
+
+    @property
+    def operator(self) -> str:
+        return self.fleet.key
+
+    @property
+    def agents(self) -> list[AgentProcess]:
+        return self.fleet.agents
+
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.hub.api(self.operator, method, path, **kwargs)
+        return self.fleet.api(method, path, **kwargs)
 
     @property
     def canary(self) -> AgentProcess:
@@ -60,72 +70,43 @@ class Stack:
         return next(a for a in self.agents if a.device_id == first)
 
 
-def _prepare(hub: HubProcess, workdir: Path) -> tuple[str, str, str]:
-    engine = create_engine_for(hub.settings)
-    migrate(engine)
-    try:
-        with session_factory(engine)() as session:
-            publish_versions(session, hub.settings, MODEL, workdir)
-            operator = create_api_key(session, "olga", Role.OPERATOR, actor="ui-test")[1]
-            viewer = create_api_key(session, "victor", Role.VIEWER, actor="ui-test")[1]
-            token = create_enrollment_token(session, actor="ui-test", max_uses=2, labels={"site": "lab"})[1]
-    finally:
-        engine.dispose()
-    return operator, viewer, token
-
-
-def _telemetry_count(hub: HubProcess, key: str, device_id: str) -> int:
-    body = hub.api(key, "GET", f"/telemetry?device_id={device_id}&limit=100000")
-    return len(body["points"])
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ui-e2e")
-    broker: EmbeddedBroker = start_broker(root / "mosquitto")
-    hub = HubProcess(root / "hub", broker)
-    agents: list[AgentProcess] = []
-    try:
-        operator, viewer, token = _prepare(hub, root / "files")
-        hub.start()
-        for i in range(2):
-            agent = AgentProcess(root / f"agent{i}")
-            agent.enroll(hub.url, token)
-            agent.start()
-            agents.append(agent)
-        for agent in agents:
-            hub.api(operator, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
-        wait_for("both agents to serve 1.0.0", lambda: all(a.serving(MODEL) == "1.0.0" for a in agents))
-        now = datetime.now(UTC)
-        for agent in agents:
-            with DeviceVoice(agent.state_dir) as device:
-                device.telemetry(telemetry_points(MODEL, "1.0.0", SEQ_BASE, now, POINTS))
-        for agent in agents:
-            wait_for(
-                f"telemetry of {agent.device_id} in the hub",
-                lambda a=agent: _telemetry_count(hub, operator, a.device_id) >= len(TELEMETRY_NAMES) * POINTS,  # type: ignore[misc]
-            )
-        spec = {
-            "model": MODEL,
-            "version": "2.0.0",
-            "steps": [50, 100],
-            "analysis": {"min_observation_s": 3600, "min_devices_reporting": 1},
-        }
-        rollout_id = hub.api(operator, "POST", "/rollouts", json=spec)["id"]
-        stack = Stack(hub, operator, viewer, agents, rollout_id)
-        wait_for("the canary to serve 2.0.0", lambda: stack.canary.serving(MODEL) == "2.0.0")
+    publish = partial(publish_versions, model=MODEL, workdir=root / "files")
+    with Fleet(
+        root, model=MODEL, initial="1.0.0", publish=publish, labels={"site": "lab"}, agent_env=HUB_JUDGES_LATENCY
+    ) as fleet:
+        yield _with_telemetry_and_a_rollout(fleet, viewer=fleet.hub.new_key("viewer"))
+
+
+def _with_telemetry_and_a_rollout(fleet: Fleet, viewer: str) -> Stack:
+    """Send every agent's telemetry over MQTT as the device itself; start a rollout of 2.0.0 that holds at 50%."""
+    now = datetime.now(UTC)
+    for agent in fleet.agents:
+        with DeviceVoice(agent.state_dir) as device:
+            device.telemetry(telemetry_points(MODEL, "1.0.0", SEQ_BASE, now, POINTS))
+    for agent in fleet.agents:
         wait_for(
-            "the hub to see the canary updated", lambda: stack.api("GET", f"/rollouts/{rollout_id}")["updated"] == 1
+            f"telemetry of {agent.device_id} in the hub",
+            lambda a=agent: _telemetry_count(fleet, a.device_id) >= len(TELEMETRY_NAMES) * POINTS,  # type: ignore[misc]
         )
-        yield stack
-    except BaseException:
-        print(hub.tail())  # noqa: T201  (a failed set-up is read from the test output)
-        raise
-    finally:
-        for agent in agents:
-            agent.stop()
-        hub.stop()
-        broker.stop()
+    spec = {
+        "model": MODEL,
+        "version": "2.0.0",
+        "steps": [50, 100],
+        "analysis": {"min_observation_s": 3600, "min_devices_reporting": 1},
+    }
+    stack = Stack(fleet, viewer, fleet.api("POST", "/rollouts", json=spec)["id"])
+    wait_for("the canary to serve 2.0.0", lambda: stack.canary.serving(MODEL) == "2.0.0")
+    wait_for(
+        "the hub to see the canary updated", lambda: stack.api("GET", f"/rollouts/{stack.rollout_id}")["updated"] == 1
+    )
+    return stack
+
+
+def _telemetry_count(fleet: Fleet, device_id: str) -> int:
+    return len(fleet.api("GET", f"/telemetry?device_id={device_id}&limit=100000")["points"])
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +170,19 @@ def test_device_page_draws_telemetry_charts_and_round_trips_a_command(browser: A
     wait_for("every chart line", lambda: lines.count() >= len(expected), timeout=15)
     charts = page.locator("#charts .chart")
     keys = [charts.nth(i).get_attribute("data-chart") for i in range(charts.count())]
-    assert keys[:4] == ["latency", "throughput", "cpu", "memory"]
+    assert keys[:4] == ["latency", "throughput", "requests", "cpu"] and "memory_percent" in keys
+    # One unit per chart, and every axis label fits inside its chart (none cut at the left edge).
+    units = {key: page.locator(f'.chart[data-chart="{key}"] svg').get_attribute("data-axis-unit") for key in keys}
+    assert units["latency"] in ("ms", "s") and units["cpu"] == units["memory_percent"] == "%", units
+    if "memory" in keys:  # the real agent's memory_used_bytes and process_rss_bytes
+        assert units["memory"] in ("KB", "MB", "GB"), units
+    # In one evaluation: the page redraws its charts as telemetry arrives.
+    cut = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.chart svg text.tick'))
+                .filter(t => t.getBoundingClientRect().left < t.ownerSVGElement.getBoundingClientRect().left - 0.5)
+                .map(t => t.textContent)"""
+    )
+    assert page.locator(".chart svg text.tick").count() > 8 and cut == [], cut
     drawn = {
         lines.nth(i).get_attribute("data-series"): int(lines.nth(i).get_attribute("data-count") or 0)
         for i in range(lines.count())
@@ -250,7 +243,7 @@ def test_operator_pauses_a_running_rollout_from_its_page(browser: Any, stack: St
     expect(page.locator("#action-resume")).to_be_enabled()
     detail = stack.api("GET", f"/rollouts/{stack.rollout_id}")
     assert detail["state"] == "paused"
-    assert any(e["kind"] == "pause" and "olga" in e["actor"] for e in detail["events"])
+    assert any(e["kind"] == "pause" and "fleet-operator" in e["actor"] for e in detail["events"])
     expect(page.locator("#timeline")).to_contain_text("pause")
     _shot(page, "rollout-paused")
     assert page.errors == []  # type: ignore[attr-defined]

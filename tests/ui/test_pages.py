@@ -12,19 +12,19 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from hub.commands import list_commands
 from hub.config import HubSettings
-from hub.devices import enroll, get_device
+from hub.fleet.commands import list_commands
+from hub.fleet.devices import enroll, get_device
 from hub.main import create_app
 from hub.models import Role, TelemetryPoint
-from hub.rollout_spec import AnalysisCriteria, RolloutSpec
-from hub.rollouts import create_rollout
+from hub.rollouts.engine import create_rollout
+from hub.rollouts.spec import AnalysisCriteria, RolloutSpec
 from hub.security import create_api_key, create_enrollment_token, revoke_api_key
 from hub.ui.views import charts_for
 from shared.messages import EnrollRequest
 from shared.targets import DeviceProfile
-from tests.hub.conftest import pg_schema_url
-from tests.ui.support import publish_versions
+from tests.support.dashboard import publish_versions
+from tests.support.postgres import pg_schema_url
 
 MODEL = "clf"
 
@@ -271,7 +271,24 @@ def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
         "errors",
     ]
     points = [TelemetryPoint(device_id="d", seq=i, ts=now, name=n, value=1.0) for i, n in enumerate(names)]
+    points += [
+        TelemetryPoint(device_id="d", seq=10 + i, ts=now, name=n, value=1.0)
+        for i, n in enumerate(["memory_used_bytes", "process_rss_bytes", "disk_free_bytes", "disk_used_percent"])
+    ]
     charts = charts_for(points)
-    assert [c.key for c in charts] == ["latency", "throughput", "cpu", "memory"]
+    assert [c.key for c in charts] == [
+        "latency",
+        "throughput",
+        "requests",
+        "cpu",
+        "memory",
+        "memory_percent",
+        "other:disk_free_bytes",
+        "other:disk_used_percent",
+    ]
     assert sorted(charts[0].series) == ["latency_p50_ms", "latency_p95_ms"]
-    assert sorted(charts[1].series) == ["errors", "requests", "throughput_rps"]
+    assert sorted(charts[1].series) == ["throughput_rps"]
+    assert sorted(charts[2].series) == ["errors", "requests"]
+    assert sorted(charts[4].series) == ["memory_used_bytes", "process_rss_bytes"]
+    # One unit per chart: bytes never share an axis with a percentage, nor a rate with a count.
+    assert [c.unit for c in charts] == ["ms", "req/s", "count", "%", "bytes", "%", "bytes", "%"]

@@ -22,7 +22,7 @@ from shared.manifest import (
     verify_manifest,
 )
 from shared.targets import TargetId
-from tests.hub.build.conftest import CLASSES, Digits, digits_request
+from tests.support.digits import CLASSES, Digits, digits_request
 
 torch = pytest.importorskip("torch")
 

@@ -14,7 +14,7 @@ from hub.build.pipeline import BuildResult, build
 from hub.build.request import BuildRequest
 from hub.build.runner import make_session
 from shared.targets import TargetId
-from tests.hub.build.conftest import sentences
+from tests.support.digits import sentences
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from hub.db import create_engine_for, migrate
 from hub.models import Model, ModelVersion
 from hub.registry import artifact_path
 from shared.manifest import load_private_key, load_public_key, public_key_b64, verify_manifest
-from tests.hub.build.conftest import Digits
+from tests.support.digits import Digits
 
 torch = pytest.importorskip("torch")
 
-CLI = [sys.executable, "-c", "from hub.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hub.cli.main import main; main()"]
 
 
 def _versions(settings: HubSettings) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+from tests.support.paths import EXAMPLES
 
 
 def shrink(name: str, tmp_path: Path, **sections: dict[str, Any]) -> Path:

@@ -49,7 +49,7 @@ def test_text_example_fine_tunes_minilm(small_task: Callable[..., Path]) -> None
 
 
 def test_dry_run_checks_without_training(small_task: Callable[..., Path], tmp_path: Path) -> None:
-    from hub.cli import app
+    from hub.cli.main import app
 
     path = small_task("churn")
     result = CliRunner().invoke(app, ["train", str(path), "--dry-run", "--json", "--data-dir", str(tmp_path / "hub")])

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.hub.conftest import Hub
+from tests.support.hub_app import Hub
+from tests.support.waiting import wait_for
 
 
 def _wait(hub: Hub, job_id: str, states: set[str], timeout: float = 280.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def job() -> dict[str, Any] | None:
         response = hub.request("GET", f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
-        job: dict[str, Any] = response.json()
-        if job["status"] in states or time.monotonic() > deadline:
-            return job
-        time.sleep(0.5)
+        body: dict[str, Any] = response.json()
+        return body if body["status"] in states else None
+
+    return wait_for(f"job {job_id} to be {' or '.join(sorted(states))}", job, timeout, every=0.5)
 
 
 def test_bad_task_is_refused_with_the_field(sqlite_hub: Hub) -> None:

@@ -12,7 +12,7 @@ from hub.training.errors import DataError, SpecError
 from hub.training.progress import Progress
 from hub.training.runner import train_task
 from hub.training.spec import load_spec, parse_spec
-from tests.hub.training.conftest import EXAMPLES
+from tests.support.paths import EXAMPLES
 
 GOOD = """\
 task: tabular-classification

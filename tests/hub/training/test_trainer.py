@@ -101,7 +101,7 @@ def test_tabular_preprocessing_lives_in_the_onnx_graph(tmp_path: Path) -> None:
     from hub.training.data import load_dataset
     from hub.training.spec import load_spec
     from hub.training.zoo import build_model
-    from tests.hub.training.conftest import EXAMPLES
+    from tests.support.paths import EXAMPLES
 
     spec = load_spec(EXAMPLES / "churn" / "task.yaml")
     data = load_dataset(spec, EXAMPLES / "churn")
