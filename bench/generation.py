@@ -190,7 +190,11 @@ def measure_child(kind: str, path: str, spec_file: str, prompt_file: str, new: i
                 total = time.perf_counter() - t0
                 out[f"ttft_ms_{length}"] = first * 1000
                 out[f"decode_tps_{length}"] = (new - 1) / max(total - first, 1e-9)
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's peak RSS. ru_maxrss would not do: Linux keeps it across exec, so a
+    # child started by a large parent reports the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    peak = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    out["rss_mb"] = int(peak) / 1024 if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
