@@ -190,7 +190,11 @@ def measure_child(kind: str, path: str, spec_file: str, prompt_file: str, new: i
                 total = time.perf_counter() - t0
                 out[f"ttft_ms_{length}"] = first * 1000
                 out[f"decode_tps_{length}"] = (new - 1) / max(total - first, 1e-9)
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's peak RSS. ru_maxrss would not do: Linux keeps it across exec, so a
+    # child started by a large parent reports the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    peak = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    out["rss_mb"] = int(peak) / 1024 if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
@@ -234,13 +238,15 @@ def bench_model(
             else None,
             "options": entry.recipe.get("options"),
         }
-        folder = work / label / "export-builder" / target
-        retried = work / label / "export-last-matmul-int8" / target
-        if entry.recipe.get("options", {}).get("matmul_mixed_precision") and retried.is_dir():
-            folder = retried
+        # The published folder; for a refused variant, its first attempt (to show what it would cost).
+        graph = result.files.get(f"{target}/model.onnx")
+        folder = graph.parent if graph is not None else work / label / "export-builder" / target
         if folder.is_dir():
-            print(f"  [{label}] measuring {target}", file=sys.stderr)
-            row.update(_child(["ort", str(folder), *common]))
+            print(f"  [{label}] measuring {target} ({folder.parent.name})", file=sys.stderr)
+            try:
+                row.update(_child(["ort", str(folder), *common]))
+            except SystemExit as exc:  # a variant the loop cannot run is a row with its error
+                row["error"] = str(exc)[-500:]
             row["size_mb"] = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
         rows["variants"][target] = row
     # A long run's partial results survive an interrupted one.

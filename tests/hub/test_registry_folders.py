@@ -17,7 +17,7 @@ from shared.manifest import (
     verify_manifest,
 )
 from shared.targets import TargetId
-from tests.hub.conftest import Built, Hub, upload
+from tests.support.hub_app import Built, Hub, upload
 
 
 def _folder_version(workdir: Path) -> Built:
