@@ -132,3 +132,18 @@ def test_watch_prints_one_plain_line_per_change_into_a_pipe(served: tuple[Rollou
     assert "succeeded, step 2/2" in progress[-1]
     assert all(a != b for a, b in zip(progress, progress[1:], strict=False))  # one line per change
     assert not any("\x1b" in line for line in seen)  # no terminal control codes in a log
+
+
+def test_without_hub_url_the_cli_finds_the_local_hub_as_serve_was_configured(served: tuple[RolloutHub, str]) -> None:
+    hub, url = served
+    port = url.rsplit(":", 1)[1]
+    args = ["rollout", "status", "--api-key", hub.viewer]
+    local = {"AUTODL_HUB_URL": None, "AUTODL_HUB_PORT": port, "AUTODL_HUB_HOST": "0.0.0.0"}
+    result = CliRunner().invoke(app, args, env=local)
+    assert result.exit_code == 0, result.output
+    # Nothing listens there: the error names the address it tried and the variable to set.
+    nothing = free_port()
+    result = CliRunner().invoke(app, args, env={**local, "AUTODL_HUB_PORT": str(nothing)})
+    assert result.exit_code == 1
+    assert f"cannot reach the hub at http://127.0.0.1:{nothing}" in result.output
+    assert "AUTODL_HUB_URL" in result.output and "AUTODL_HUB_PORT" in result.output
