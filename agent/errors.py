@@ -17,9 +17,13 @@ Errors::
         ├── ModelLoadError        ONNX Runtime could not load the model
         ├── SmokeTestError        the model's output on the manifest sample is off
         └── CancelledError        a newer desired state replaced this update
+
+`backoff_delay` is the wait before retrying after a TransientError.
 """
 
 from __future__ import annotations
+
+import random
 
 __all__ = [
     "AgentError",
@@ -37,7 +41,14 @@ __all__ = [
     "SmokeTestError",
     "TransientError",
     "VerificationError",
+    "backoff_delay",
 ]
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Return a capped exponential delay with full jitter, so a fleet does not retry in lockstep."""
+    ceiling = min(high, low * (2 ** min(attempt, 30)))
+    return random.uniform(low, max(low, ceiling))
 
 
 class AgentError(Exception):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import random
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -25,14 +24,22 @@ import httpx
 
 from agent.artifacts import ArtifactCache, fetch_manifest, verify_signed
 from agent.config import AgentSettings, Identity
-from agent.errors import AgentError, CancelledError, DesiredStateError, FatalError, TransientError, VerificationError
+from agent.errors import (
+    AgentError,
+    CancelledError,
+    DesiredStateError,
+    FatalError,
+    TransientError,
+    VerificationError,
+    backoff_delay,
+)
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
 from shared.manifest import Manifest, Variant
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
 
-__all__ = ["RESUME", "Updater", "backoff_delay"]
+__all__ = ["RESUME", "Updater", "backoff_delay"]  # backoff_delay lives in agent.errors; kept here for callers
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +64,6 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Return a capped exponential delay with full jitter, so a fleet does not retry in lockstep."""
-    ceiling = min(high, low * (2 ** min(attempt, 30)))
-    return random.uniform(low, max(low, ceiling))
 
 
 def _key(model: DesiredModel) -> str:

@@ -231,7 +231,7 @@ def test_after_a_crash_a_rotten_active_file_is_never_served(rig: Rig) -> None:
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
-    from agent.updates import backoff_delay
+    from agent.errors import backoff_delay
 
     delays = [backoff_delay(attempt, 0.5, 8.0) for attempt in range(12) for _ in range(20)]
     assert all(0.5 <= d <= 8.0 for d in delays)
