@@ -15,6 +15,7 @@ from agent.healing import reload, rollback
 from agent.runtime import ModelRegistry
 from agent.store import Store
 from agent.updates import Updater
+from shared import routes
 from shared.messages import CommandName, DesiredModel, UpdateState
 
 __all__ = ["SETTABLE", "CommandTarget", "apply_config", "build_actions"]
@@ -95,9 +96,7 @@ def build_actions(agent: CommandTarget) -> dict[CommandName, Action]:
         name, version = _model_name(args), args.get("version")
         if not isinstance(version, str):
             raise CommandError("argument 'version' is required")
-        url = args.get("manifest_url") or (
-            f"{agent.identity.hub_url.rstrip('/')}/models/{name}/versions/{version}/manifest"
-        )
+        url = args.get("manifest_url") or routes.url(agent.identity.hub_url, routes.manifest(name, version))
         agent.updater.want(name, DesiredModel(version=version, manifest_url=url))
         timeout = float(args.get("timeout_s", 120))
         deadline = time.monotonic() + timeout

@@ -35,6 +35,7 @@ from agent.errors import (
 )
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
+from shared import routes
 from shared.manifest import Manifest, Variant
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
@@ -308,7 +309,7 @@ class Updater:
         return self._save(record, detail)
 
     def _artifact_url(self, sha256: str) -> str:
-        return f"{self.identity.hub_url.rstrip('/')}/artifacts/{sha256}"
+        return routes.url(self.identity.hub_url, routes.artifact(sha256))
 
     def _collect_garbage(self) -> None:
         keep: set[str] = set()
