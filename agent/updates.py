@@ -260,7 +260,7 @@ class Updater:
         if pending is None or pending.manifest is None:
             return S.DOWNLOADING  # crashed before the manifest was journaled: fetch it again
         manifest = verify_signed(pending.manifest.encode(), self.identity.signing_public_key)
-        variant = next((v for v in manifest.variants if v.sha256 == pending.sha256), None)
+        variant = manifest.variant_by_sha256(pending.sha256 or "")
         if variant is None:
             raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
         if not self.cache.has(variant.sha256, variant.size):
@@ -350,7 +350,7 @@ class Updater:
         """Load a journaled version again from its re-verified manifest and file, smoke-tested."""
         assert slot.manifest is not None and slot.sha256 is not None
         manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
-        variant = next((v for v in manifest.variants if v.sha256 == slot.sha256), None)
+        variant = manifest.variant_by_sha256(slot.sha256)
         if variant is None:
             raise VerificationError(f"variant {slot.sha256[:12]} is not in the manifest")
         path = self.cache.verify(variant.sha256, variant.size)
