@@ -125,7 +125,10 @@ class Updater:
             resume = RESUME[record.state]
             if resume is not None and record.pending is not None:
                 logger.info("%s: resuming the update to %s from %s", record.name, record.pending.version, resume)
-                desired = DesiredModel(version=record.pending.version, manifest_url=record.pending.manifest_url)
+                pending = record.pending
+                desired = DesiredModel(
+                    version=pending.version, manifest_url=pending.manifest_url, manifest_sha256=pending.manifest_sha256
+                )
                 self._worker(record.name).want(desired, start=resume)
             elif resume is not None:
                 self._save(record.with_(state=S.ROLLED_BACK, error="interrupted before the manifest arrived"))
@@ -207,7 +210,8 @@ class Updater:
         if record.failed == _key(desired) and start == S.DOWNLOADING:
             return  # this exact version failed fatally; a new desired version is needed
         if start == S.DOWNLOADING and (record.pending is None or record.pending.version != desired.version):
-            record = record.with_(pending=Slot(version=desired.version, manifest_url=desired.manifest_url))
+            pending = Slot(desired.version, manifest_url=desired.manifest_url, manifest_sha256=desired.manifest_sha256)
+            record = record.with_(pending=pending)
         job = _Job(name, desired, cancelled, record.with_(desired_version=desired.version))
         state: UpdateState | None = start
         try:
@@ -244,7 +248,14 @@ class Updater:
             raise DesiredStateError(
                 f"{job.name} {manifest.version} offers targets [{offered}], this device runs [{wanted}]"
             )
-        pending = Slot(manifest.version, str(variant.target), variant.sha256, job.desired.manifest_url, raw.decode())
+        pending = Slot(
+            manifest.version,
+            str(variant.target),
+            variant.sha256,
+            job.desired.manifest_url,
+            raw.decode(),
+            job.desired.manifest_sha256,
+        )
         job.record = self._save(job.record.with_(pending=pending), f"downloading {variant.file} ({variant.target})")
         self.cache.download(
             self.client, self._artifact_url(variant.sha256), variant.sha256, variant.size, job.cancelled
@@ -259,7 +270,9 @@ class Updater:
         pending = job.record.pending
         if pending is None or pending.manifest is None:
             return S.DOWNLOADING  # crashed before the manifest was journaled: fetch it again
-        manifest = verify_signed(pending.manifest.encode(), self.identity.signing_public_key)
+        # The same checks as a first run: the desired state's sha256, then the signature.
+        key, expected = self.identity.signing_public_key, job.desired.manifest_sha256
+        manifest = verify_signed(pending.manifest.encode(), key, expected)
         variant = manifest.variant_by_sha256(pending.sha256 or "")
         if variant is None:
             raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
