@@ -16,7 +16,13 @@ Errors::
         ├── VerificationError     sha256, size or signature mismatch
         ├── ModelLoadError        ONNX Runtime could not load the model
         ├── SmokeTestError        the model's output on the manifest sample is off
-        └── CancelledError        a newer desired state replaced this update
+        ├── CancelledError        a newer desired state replaced this update
+        └── EntrypointError       (agent.entrypoint) the container cannot enroll or run
+    ├── CommandError              (agent.commands) a command's arguments or outcome; its result says why
+    ├── HealingError              (agent.healing) nothing to roll back to or reload
+    ├── InvalidInputError         (agent.tensors) a request that does not fit the model (HTTP 400)
+    ├── UnsupportedInputError     (agent.tensors) a valid request this install cannot decode (HTTP 501)
+    └── CliError                  (agent.cli) one error line, exit 1
 
 `backoff_delay` is the wait before retrying after a TransientError.
 """

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.errors import AgentError
 from shared.manifest import TensorSpec
 
 __all__ = ["InvalidInputError", "UnsupportedInputError", "check_input", "from_v2", "spec_text", "to_v2"]
@@ -24,11 +25,11 @@ V2_TO_DTYPE = {
 DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(AgentError, ValueError):
     """A request that does not fit the model's interface (HTTP 400)."""
 
 
-class UnsupportedInputError(Exception):
+class UnsupportedInputError(AgentError):
     """A valid request this install cannot decode: an optional package is missing (HTTP 501)."""
 
 
