@@ -38,6 +38,7 @@ SETTABLE = frozenset(
         "health_error_delta",
         "watchdog_stuck_s",
         "watchdog_errors",
+        "batching",
     }
 )
 

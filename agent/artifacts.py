@@ -2,7 +2,10 @@
 
 Files live at ``cache/objects/<sha256>`` once verified; a transfer in progress lives at
 ``cache/partial/<sha256>.part`` and is resumed with ``Range`` after an interruption.
-Nothing reaches ``objects/`` before its size and sha256 match.
+Nothing reaches ``objects/`` before its size and sha256 match. A variant that is a folder
+(a language model: graph, external weights, tokenizer) is every file verified by its own
+sha256, then linked under its name into ``cache/folders/<graph sha256>/`` (ONNX Runtime
+finds external weights beside the graph by name).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -89,6 +93,7 @@ class ArtifactCache:
         self.objects = root / "objects"
         self.partial = root / "partial"
         self.mapped = root / "mapped"
+        self.folders = root / "folders"
         self.chunk_bytes = chunk_bytes
         self.reserve_bytes = reserve_mb * 1024 * 1024
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -209,6 +214,32 @@ class ArtifactCache:
         os.replace(part, final)
         return final
 
+    def folder(self, key: str, files: Iterable[tuple[str, str]]) -> Path:
+        """Return a folder holding verified objects under their names: (relative path, sha256) pairs.
+
+        Hard links (copies across file systems), made under a temporary name and renamed, so a
+        folder that exists is complete. `key` names it (the variant's graph sha256).
+        """
+        final = self.folders / key
+        wanted = list(files)
+        self.folders.mkdir(parents=True, exist_ok=True)
+        tmp = self.folders / f".tmp-{key}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, sha in wanted:
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(self.path(sha), target)
+            except OSError:
+                shutil.copyfile(self.path(sha), target)
+        # Made afresh from the just-verified objects every time: nothing unverified is loaded.
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another worker made it first
+        return final
+
     def gc(self, keep: Iterable[str]) -> list[str]:
         """Delete cached files not in `keep`, and what was derived from them; return the removed sha256s."""
         wanted = set(keep)
@@ -217,8 +248,9 @@ class ArtifactCache:
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
-        if self.mapped.exists():
-            for folder in self.mapped.iterdir():
-                if folder.name not in wanted:
-                    shutil.rmtree(folder, ignore_errors=True)
+        for derived in (self.mapped, self.folders):
+            if derived.exists():
+                for folder in derived.iterdir():
+                    if folder.name not in wanted:
+                        shutil.rmtree(folder, ignore_errors=True)
         return removed

@@ -48,9 +48,7 @@ def _fail(exc: Exception, code: int = 1) -> CliError:
     return CliError(str(exc), code)
 
 
-def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
-    import httpx
-
+def _base_url(settings: Any) -> str:
     from agent.store import Store
 
     port = settings.port
@@ -58,7 +56,13 @@ def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
         store = Store(settings.db_path)
         port = int(store.get("api_port") or port)
         store.close()
-    url = f"http://{settings.host}:{port}{path}"
+    return f"http://{settings.host}:{port}"
+
+
+def _api(settings: Any, method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    url = _base_url(settings) + path
     try:
         response = httpx.request(method, url, json=body, timeout=60)
     except httpx.HTTPError as exc:
@@ -94,7 +98,9 @@ def enroll(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run the agent: keep the MQTT session, converge, serve the local API."""
-    settings = _settings(args.state_dir, port=args.port, host=args.host, log_level=args.log_level)
+    settings = _settings(
+        args.state_dir, port=args.port, host=args.host, log_level=args.log_level, grpc_port=args.grpc_port
+    )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx imports its own CLI (click, rich, pygments) when they are installed (the hub
     # installs them): about 5 MB of RSS the daemon never uses. A None entry makes that
@@ -207,6 +213,19 @@ def predict(args: argparse.Namespace) -> None:
     print(json.dumps(data, indent=2))
 
 
+def generate(args: argparse.Namespace) -> None:
+    """Stream text from a text-generation model of the running agent (--chat: a conversation)."""
+    from agent.generate_cli import generate as run_generate
+
+    settings = _settings(args.state_dir, port=args.port)
+    try:
+        run_generate(args, _base_url(settings))
+    except AgentError as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        raise CliError("interrupted") from None
+
+
 def unenroll(args: argparse.Namespace) -> None:
     """Forget the identity, journal and cached models of this device."""
     from agent.config import delete_identity
@@ -253,6 +272,9 @@ def parser() -> argparse.ArgumentParser:
     sub = command(run)
     port(sub)
     sub.add_argument("--host", help="local API bind address (env AUTODL_AGENT_HOST)")
+    sub.add_argument(
+        "--grpc-port", type=int, help="KServe v2 gRPC port, with the grpc extra (env AUTODL_AGENT_GRPC_PORT)"
+    )
     sub.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     sub = command(status)
     port(sub)
@@ -262,6 +284,11 @@ def parser() -> argparse.ArgumentParser:
     port(sub)
     sub.add_argument("name", help="model name")
     sub.add_argument("input", help="JSON body, a JSON/image file path, or text")
+    sub = command(generate)
+    port(sub)
+    from agent.generate_cli import add_arguments
+
+    add_arguments(sub)
     sub = command(unenroll)
     sub.add_argument("--yes", action="store_true", help="do not ask")
     return root

@@ -10,11 +10,12 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import FatalError, NotEnrolledError
+from shared.manifest import Batching
 from shared.messages import EnrollResponse, utcnow
 
 __all__ = ["AgentSettings", "Identity", "default_state_dir", "delete_identity", "load_identity", "save_identity"]
@@ -43,6 +44,18 @@ class AgentSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8500, ge=0, le=65535)
     log_level: str = "INFO"
+    # Local API (issue "Serving")
+    grpc_port: int | None = Field(default=None, ge=0, le=65535, description="KServe v2 gRPC; needs the grpc extra")
+    http_workers: int = Field(default=8, ge=1, le=256, description="requests run at once; more wait in the queue")
+    http_queue: int = Field(default=64, ge=0, description="requests waiting for a worker; past it: 503")
+    max_body_mb: float = Field(default=32.0, gt=0, description="larger bodies are refused before they are read")
+    body_budget_mb: float = Field(default=96.0, gt=0, description="bodies in flight at once; past it: 413, retry")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a request head must arrive within this")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body must arrive within this")
+    http_keepalive_s: float = Field(default=75.0, gt=0, description="idle keep-alive connections closed after this")
+    batching: dict[str, Batching] = Field(
+        default_factory=dict, description="dynamic batching per model, over the manifest's (max_batch_size 1: off)"
+    )
     # MQTT session
     keepalive_s: int = Field(default=30, ge=1)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
@@ -59,6 +72,15 @@ class AgentSettings(BaseModel):
     # Runtime
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: physical cores")
     warmup_runs: int = Field(default=2, ge=0)
+    # Text generation (agent.textgen): sequences in flight per model, the queue behind them, time per request
+    generation_max_sequences: int | None = Field(
+        default=None, ge=1, description="default: from free memory and the model's KV bytes per token"
+    )
+    generation_queue: int = Field(default=8, ge=0, description="requests waiting for a sequence; more get 503")
+    generation_timeout_s: float = Field(default=300.0, gt=0, description="a generation ends after this long")
+    generation_backend: Literal["loop", "genai"] = Field(
+        default="loop", description="genai: ONNX Runtime GenAI (extra `genai`) where installed, else the own loop"
+    )
     # Outbox, telemetry and heartbeat (issue "Agent offline")
     outbox_max_mb: float = Field(default=64.0, gt=0, description="bound of the on-disk outbox")
     outbox_batch: int = Field(default=1000, ge=1, le=5000, description="telemetry points per MQTT message")

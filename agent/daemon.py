@@ -23,13 +23,18 @@ from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
-from agent.runtime import ModelRegistry
+from agent.http import Limits, raise_open_files_limit
+from agent.openai_api import GenerationHooks, sequence_metrics
+from agent.runtime import LoadedModel, ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.store import Store
 from agent.sync import MqttSession
-from agent.telemetry import Telemetry
+from agent.telemetry import Family, Telemetry
+from agent.textgen import Finished
 from agent.updates import IN_PROGRESS, Updater
+from shared import tracing
 from shared.codec import encode
+from shared.manifest import Batching
 from shared.messages import CommandResult, DesiredState, ModelStatus, ReportedState, UpdateState, utcnow
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
@@ -39,8 +44,27 @@ __all__ = ["Agent", "reported_state"]
 logger = logging.getLogger(__name__)
 
 
+def limits(settings: AgentSettings) -> Limits:
+    """Return the local API's bounds from the settings."""
+    mb = 1024 * 1024
+    return Limits(
+        workers=settings.http_workers,
+        queue=settings.http_queue,
+        max_body=int(settings.max_body_mb * mb),
+        body_budget=int(settings.body_budget_mb * mb),
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        keepalive_s=settings.http_keepalive_s,
+    )
+
+
 def reported_state(
-    identity: Identity, store: Store, revision: int, profile: DeviceProfile | None, errors: list[str]
+    identity: Identity,
+    store: Store,
+    revision: int,
+    profile: DeviceProfile | None,
+    errors: list[str],
+    grpc_port: int | None = None,
 ) -> ReportedState:
     """Build the reported state from the journal."""
     models: dict[str, ModelStatus] = {}
@@ -76,6 +100,7 @@ def reported_state(
         errors=[e[:4096] for e in errors[-32:]],
         profile=profile,
         agent_version=__version__,
+        grpc_port=grpc_port,
     )
 
 
@@ -142,8 +167,15 @@ class Agent:
             track=self.watchdog.request,
             metrics=self.metrics_text,
             live=self.live,
+            refused=self.telemetry.refused,
+            batching=self.batching,
+            batch_stats=self.telemetry.observe_batch,
+            limits=limits(settings),
+            generation=GenerationHooks(self._observe_generation, self.telemetry.bad_request),
         )
+        raise_open_files_limit()  # each idle keep-alive connection is a file descriptor
         self.server = InferenceServer(settings.host, settings.port, context)
+        self.grpc: Any = None  # agent.grpc_server.GrpcServer when the grpc extra is installed and a port set
 
     def _on_desired(self, desired: DesiredState) -> None:
         """Apply the desired settings (the settable ones; others are reported), then the models."""
@@ -160,6 +192,10 @@ class Agent:
                 self.errors.append(f"desired config refused: {exc}")
         self.updater.apply(desired)
 
+    def batching(self, model: LoadedModel) -> Batching | None:
+        """Return a model's dynamic batching: the desired config's over the manifest's."""
+        return self.settings.batching.get(model.name, model.variant.batching)
+
     def _invalid(self, message: str) -> None:
         self.errors.append(message)
         self.publish_reported()
@@ -167,9 +203,14 @@ class Agent:
     def publish_reported(self) -> None:
         """Publish the reported state (retained); on reconnect it is published again."""
         state = reported_state(
-            self.identity, self.store, self.updater.applied_revision(), self.profile, list(self.errors)
+            self.identity,
+            self.store,
+            self.updater.applied_revision(),
+            self.profile,
+            list(self.errors),
+            self.grpc.port if self.grpc is not None else None,
         )
-        with self._publish_lock:
+        with self._publish_lock, tracing.span("agent.report", {"revision": state.revision}):
             self.store.put("reported", state.model_dump_json())
             # Through the outbox; a newer state replaces an unsent older one (the hub keeps the latest).
             self.store.enqueue_message(DeviceChannel.REPORTED.value, encode(state).decode(), retain=True, replace=True)
@@ -182,6 +223,18 @@ class Agent:
     # self-healing, telemetry, config -------------------------------------------------------------
     def _activated(self, name: str, version: str, previous: str | None) -> None:
         self.health.activated(name, version, previous)
+
+    def _observe_generation(self, name: str, version: str, seconds: float, ok: bool, done: Finished | None) -> None:
+        self.telemetry.observe_generation(
+            name,
+            version,
+            seconds,
+            ok,
+            done.ttft_s if done else None,
+            done.decode_tps if done else None,
+            done.prompt_tokens if done else 0,
+            done.completion_tokens if done else 0,
+        )
 
     def _commit(self, name: str, version: str) -> None:
         record = self.store.model(name)
@@ -245,16 +298,39 @@ class Agent:
     def metrics_text(self) -> str:
         """Return /metrics."""
         stats = self.store.outbox_stats()
-        gauges = {
-            "outbox_telemetry_pending": float(stats.telemetry_pending),
-            "outbox_messages_pending": float(stats.messages_pending),
-            "outbox_bytes": float(stats.bytes),
-            "outbox_dropped_total": float(stats.dropped),
-            "mqtt_connected": float(self.session.connected.is_set()),
-            "watchdog_reloads_total": float(self.watchdog.reloads),
-            **{f"commands_{outcome}_total": float(n) for outcome, n in self.commands.counters.items()},
-        }
-        return self.telemetry.prometheus(gauges)
+        families: list[Family] = [
+            (
+                "outbox_telemetry_pending",
+                "gauge",
+                "Telemetry points waiting in the outbox",
+                [({}, stats.telemetry_pending)],
+            ),
+            (
+                "outbox_messages_pending",
+                "gauge",
+                "State and results waiting in the outbox",
+                [({}, stats.messages_pending)],
+            ),
+            ("outbox_bytes", "gauge", "Size of what waits in the outbox", [({}, stats.bytes)]),
+            ("outbox_dropped_total", "counter", "Telemetry points dropped by the full outbox", [({}, stats.dropped)]),
+            (
+                "mqtt_connected",
+                "gauge",
+                "1 while the MQTT session is up",
+                [({}, float(self.session.connected.is_set()))],
+            ),
+            ("watchdog_reloads_total", "counter", "Models reloaded by the watchdog", [({}, self.watchdog.reloads)]),
+            (
+                "commands_total",
+                "counter",
+                "Commands received, by outcome",
+                [({"outcome": outcome}, n) for outcome, n in sorted(self.commands.counters.items())],
+            ),
+        ]
+        if tracing.enabled():
+            spans = [({"outcome": outcome}, float(n)) for outcome, n in sorted(tracing.stats().items())]
+            families.append(("tracing_spans_total", "counter", "Trace spans by export outcome", spans))
+        return self.telemetry.prometheus(families) + sequence_metrics(self.registry)
 
     def diagnostics(self) -> dict[str, Any]:
         """Return what the `diagnostics` command answers."""
@@ -297,12 +373,16 @@ class Agent:
             "outbox": self.store.outbox_stats().__dict__,
             "errors": list(self.errors),
             "agent_version": __version__,
+            "api_port": self.server.port,
+            "grpc_port": self.grpc.port if self.grpc is not None else None,
         }
 
     def start(self) -> None:
         """Restore verified models, start the API and the MQTT session."""
+        tracing.configure("autodl-agent", {"service.instance.id": self.identity.device_id})
         self.server.start()
         self.store.put("api_port", str(self.server.port))
+        self._start_grpc()
         self.updater.recover()
         for record in self.store.models():
             # A window the last process did not finish starts again (no baseline survives a
@@ -314,6 +394,27 @@ class Agent:
         self._maintenance.start()
         self.session.start()
 
+    def _start_grpc(self) -> None:
+        if self.settings.grpc_port is None:
+            return
+        try:
+            from agent.grpc_server import GrpcServer
+        except ImportError as exc:
+            message = f"grpc_port is set but the grpc extra is not installed (pip install 'autodl[agent,grpc]'): {exc}"
+            logger.error("%s", message)
+            self.errors.append(message)
+            return
+        try:
+            self.grpc = GrpcServer(self.settings.host, self.settings.grpc_port, self.server)
+            self.grpc.start()
+        except (OSError, RuntimeError) as exc:
+            self.grpc = None
+            message = f"gRPC API not started on port {self.settings.grpc_port}: {exc}"
+            logger.error("%s", message)
+            self.errors.append(message)
+            return
+        self.store.put("grpc_port", str(self.grpc.port))
+
     def stop(self) -> None:
         """Stop everything; an update in progress stays journaled."""
         self._stop.set()
@@ -321,6 +422,8 @@ class Agent:
         self.commands.stop()
         self.updater.stop()
         self.server.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
         self.client.close()
         self.store.close()
 

@@ -22,6 +22,10 @@ Errors::
     ├── HealingError              (agent.healing) nothing to roll back to or reload
     ├── InvalidInputError         (agent.tensors) a request that does not fit the model (HTTP 400)
     ├── UnsupportedInputError     (agent.tensors) a valid request this install cannot decode (HTTP 501)
+    ├── HttpError, Refused        (agent.http_messages) a request refused with its status, before or after parsing
+    ├── BadRequest                (agent.openai_schema) an OpenAI-style request that does not fit (HTTP 400)
+    ├── TemplateError             (agent.chat_template) a chat template that cannot render these messages
+    ├── Busy                      (agent.textgen) every generation slot is taken (HTTP 503, retry)
     └── CliError                  (agent.cli) one error line, exit 1
 
 `backoff_delay` is the wait before retrying after a TransientError.

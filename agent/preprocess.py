@@ -15,7 +15,12 @@ import numpy as np
 from agent.tensors import InvalidInputError, UnsupportedInputError, check_input, spec_text
 from shared.manifest import ImagePreprocessing, Manifest, TensorSpec
 
-__all__ = ["preprocess"]
+__all__ = ["MAX_IMAGE_PIXELS", "preprocess"]
+
+# A small compressed file can claim a huge bitmap (a decompression bomb): its size is
+# checked from the header, before a pixel is decoded. 4096 x 4096 covers any camera frame
+# a model here resizes down from.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def preprocess(manifest: Manifest, body: Any, tokenizer_path: Path | None = None) -> dict[str, np.ndarray]:
@@ -144,8 +149,15 @@ def _one_image(b64: str, spec: ImagePreprocessing) -> np.ndarray:
 
     try:
         raw = base64.b64decode(b64, validate=True)
-        opened = Image.open(io.BytesIO(raw))
+        opened = Image.open(io.BytesIO(raw))  # reads the header only
+        width, height = opened.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InvalidInputError(
+                f"'image' decodes to {width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS} pixels"
+            )
         opened.load()
+    except InvalidInputError:
+        raise
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
         raise InvalidInputError(f"'image' is not a base64-encoded image: {exc}") from exc
     height, width = spec.size

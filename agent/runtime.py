@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,16 +34,19 @@ import numpy as np
 
 from agent.artifacts import sha256_file
 from agent.errors import ModelLoadError, SmokeTestError
-from shared.manifest import Manifest, Sample, TensorData, Variant
+from shared.manifest import Manifest, Sample, TensorData, TensorSpec, Variant
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from agent.textgen import TextModel
 
 __all__ = [
     "LoadedModel",
     "ModelRegistry",
     "load_model",
     "release_heap",
+    "rows_independent",
     "sample_inputs",
     "smoke_test",
     "tensor_array",
@@ -57,12 +61,16 @@ _MAPPED_MODEL, _MAPPED_WEIGHTS, _MAPPED_SUMS = "model.onnx", "weights.bin", "sha
 
 
 def tensor_array(tensor: TensorData) -> np.ndarray:
-    """Return a manifest tensor as a numpy array."""
+    """Return a manifest tensor as a numpy array (strings as str objects, as ORT takes them)."""
+    if tensor.dtype == "string":
+        return np.asarray([str(v) for v in tensor.data], dtype=object).reshape(tensor.shape)
     return np.asarray(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tensor.shape)
 
 
 def sample_inputs(manifest: Manifest) -> dict[str, np.ndarray]:
     """Return the manifest sample's inputs as arrays."""
+    if manifest.sample is None:  # text generation: its check is generation.samples (parity tokens)
+        raise SmokeTestError(f"{manifest.name} {manifest.version}: the manifest has no tensor sample")
     return {name: tensor_array(t) for name, t in manifest.sample.inputs.items()}
 
 
@@ -75,14 +83,35 @@ class LoadedModel:
     target: str
     manifest: Manifest
     variant: Variant
-    session: ort.InferenceSession = field(repr=False, compare=False)
+    session: ort.InferenceSession | None = field(repr=False, compare=False)  # None: served by ORT GenAI
     path: Path
     providers: tuple[str, ...]
     tokenizer_path: Path | None = None
+    text: TextModel | None = field(default=None, repr=False, compare=False)  # a text-generation model
+
+    # Worked out once per loaded model, not per request.
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """Return the manifest's input specs by name."""
+        return {spec.name: spec for spec in self.manifest.inputs}
+
+    @cached_property
+    def output_names(self) -> list[str]:
+        """Return the session's output names, in order."""
+        return [o.name for o in self.session.get_outputs()] if self.session is not None else []
+
+    @cached_property
+    def rows_independent(self) -> str | None:
+        """Return why requests of this model cannot be batched bit-identically (None: they can)."""
+        return rows_independent(self)
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the session; ORT sessions are safe to call from many threads."""
-        names = outputs or [o.name for o in self.session.get_outputs()]
+        if self.session is None:
+            from agent.tensors import UnsupportedInputError
+
+            raise UnsupportedInputError(f"{self.name} is served by ONNX Runtime GenAI: use its generate endpoints")
+        names = outputs or self.output_names
         values = self.session.run(names, inputs)
         return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
 
@@ -215,14 +244,58 @@ def _intact(folder: Path) -> bool:
 
 def warm_up(model: LoadedModel, runs: int) -> None:
     """Run the sample a few times so the first real request does not pay for allocation."""
+    if model.text is not None:
+        return  # a language model's smoke test generates, which warms it up
     inputs = sample_inputs(model.manifest)
     for _ in range(runs):
         model.run(inputs)
+    if model.variant.batching is not None:
+        model.rows_independent  # noqa: B018 - worked out now, not on the first request
+
+
+def rows_independent(model: LoadedModel) -> str | None:
+    """Run the sample's rows alone and together; return why a batched row differs (None: none does).
+
+    The check behind dynamic batching's promise: a batched response is bit-identical to an
+    unbatched one. A one-row sample is run twice stacked, which proves the batch axis only.
+    """
+    inputs = sample_inputs(model.manifest)
+    rows = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
+    if len(rows) != 1 or min(rows) < 1:
+        return "the sample's inputs share no first axis"
+    n = rows.pop()
+    if n == 1:
+        inputs, n = {k: np.concatenate([a, a]) for k, a in inputs.items()}, 2
+    try:
+        together = model.run(inputs)
+        for i in range(n):
+            alone = model.run({k: a[i : i + 1] for k, a in inputs.items()})
+            for name, value in alone.items():
+                batched = together[name]
+                if batched.ndim == 0 or batched.shape[0] != n:
+                    return f"output {name!r} has no batch axis"
+                same = (
+                    np.array_equal(batched[i : i + 1], value)
+                    if value.dtype == object
+                    else batched[i : i + 1].tobytes() == value.tobytes()
+                )
+                if not same:
+                    return f"output {name!r} of a row differs when run with other rows"
+    except Exception as exc:  # ORT's errors are untyped: a model that cannot take 2 rows cannot batch
+        return f"the model does not run a batch of {n}: {exc}"
+    return None
 
 
 def smoke_test(model: LoadedModel) -> None:
     """Run the manifest sample and compare with its expected outputs; raise SmokeTestError."""
-    sample: Sample = model.variant.sample or model.manifest.sample
+    if model.text is not None:
+        from agent.textgen_runtime import smoke_test_text
+
+        smoke_test_text(model)
+        return
+    sample: Sample | None = model.variant.sample or model.manifest.sample
+    if sample is None:
+        raise SmokeTestError(f"{model.name} {model.version}: the manifest has no tensor sample")
     try:
         got = model.run(sample_inputs(model.manifest), list(sample.outputs))
     except Exception as exc:  # an ORT failure on the sample is a failed smoke test
@@ -235,6 +308,10 @@ def _compare(model: LoadedModel, name: str, got: np.ndarray, expected: np.ndarra
     where = f"{model.name} {model.version} ({model.target}) output {name!r}"
     if got.shape != expected.shape:
         raise SmokeTestError(f"{where}: shape {list(got.shape)}, sample expects {list(expected.shape)}")
+    if got.dtype == object or expected.dtype == object:  # strings: equal or not
+        if not np.array_equal(got, expected):
+            raise SmokeTestError(f"{where}: strings differ from the sample's")
+        return
     a = got.astype(np.float64)
     b = expected.astype(np.float64)
     if sample.argmax_match:

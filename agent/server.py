@@ -1,41 +1,51 @@
-"""Local inference API on a stdlib threading HTTP server (small footprint, no web framework).
+"""Local inference API: the routes, on the agent's own HTTP/1.1 server (agent.http).
 
+GET  /v2                             server metadata and the protocol extensions served
 GET  /v2/health/live                 the process answers
 GET  /v2/health/ready                startup finished (active models restored)
 GET  /v2/models/{name}               OIP v2 model metadata
 GET  /v2/models/{name}/ready         the model is loaded
-POST /v2/models/{name}/infer         OIP v2 typed tensors
+POST /v2/models/{name}/infer         OIP v2 tensors, JSON or with the binary tensor data extension
 POST /v1/models/{name}:predict       JSON numbers, text or base64 image; pre/post-processing applied
-GET  /v1/models                      active models
+GET  /v1/models                      active models: OpenAI's list (`data`), the former `models` kept
+POST /v1/chat/completions, /v1/completions, /v2/models/{name}/generate[_stream]   text (agent.openai_api)
 GET  /v1/status                      identity, connection, models, update state
 GET  /metrics                        Prometheus text format (serving, device, outbox)
 GET  /healthz, /readyz               K3s liveness (the agent's loops tick) and readiness probes
+
+(`/v2/models/{name}/versions/{version}/...` address the active version.) Other modules add
+routes with ``server.router.add(method, pattern, handler)``; a handler takes an
+`agent.http.Request` and returns a `Response` or a `Streaming`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent import __version__
+from agent import __version__, openai_api
+from agent.batching import Batchers, BatchStats
+from agent.http import HttpError, HttpServer, Limits, Request, Response, Router
+from agent.openai_api import GenerationHooks
 from agent.postprocess import postprocess
 from agent.preprocess import preprocess
 from agent.runtime import LoadedModel, ModelRegistry
-from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, from_v2, to_v2
+from agent.tensors import DTYPE_TO_V2, InvalidInputError, UnsupportedInputError, decode_request, encode_response, loads
+from shared import tracecontext, tracing
+from shared.manifest import Batching
 
-__all__ = ["InferenceServer", "ServerContext"]
+__all__ = ["EXTENSIONS", "InferenceServer", "ServerContext", "model_metadata"]
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 32 * 1024 * 1024
+EXTENSIONS = ["binary_tensor_data"]
+_JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -48,117 +58,24 @@ class ServerContext:
     track: Callable[[LoadedModel], AbstractContextManager[Any]] = lambda model: nullcontext()
     metrics: Callable[[], str] = lambda: ""
     live: Callable[[], bool] = lambda: True
+    refused: Callable[[str], None] = lambda reason: None  # a request refused, by reason (/metrics)
+    batching: Callable[[LoadedModel], Batching | None] = lambda model: model.variant.batching
+    batch_stats: BatchStats = lambda model, version, rows, waited, compute: None
+    limits: Limits = field(default_factory=Limits)
+    generation: GenerationHooks = field(default_factory=GenerationHooks)
 
 
-class _Text(str):
-    """A plain-text body (the Prometheus exposition format)."""
+def _json(status: int, body: Any) -> Response:
+    return Response(status, json.dumps(body).encode(), _JSON)
 
 
-class _HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def _error_body(error: HttpError) -> bytes:
+    return json.dumps({"error": str(error)}).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
+def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    """Return the OIP v2 metadata of a model (also the gRPC ModelMetadata answer)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        ctx = self.server.context
-        path = self.path.split("?", 1)[0].rstrip("/")
-        try:
-            status, body = self._route(ctx, method, path)
-        except _HttpError as exc:
-            status, body = exc.status, {"error": str(exc)}
-        except InvalidInputError as exc:
-            status, body = HTTPStatus.BAD_REQUEST, {"error": str(exc)}
-        except UnsupportedInputError as exc:
-            status, body = HTTPStatus.NOT_IMPLEMENTED, {"error": str(exc)}
-        except Exception as exc:  # one bad request must never take the server down
-            logger.exception("%s %s failed", method, path)
-            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"}
-        self._send(status, body)
-
-    def _route(self, ctx: ServerContext, method: str, path: str) -> tuple[HTTPStatus, Any]:
-        parts = path.strip("/").split("/")
-        if method == "GET" and path in ("/v2/health/live", "/healthz"):
-            live = ctx.live()
-            return (HTTPStatus.OK if live else HTTPStatus.SERVICE_UNAVAILABLE), {"live": live}
-        if method == "GET" and path == "/metrics":
-            return HTTPStatus.OK, _Text(ctx.metrics())
-        if method == "GET" and path in ("/v2/health/ready", "/readyz"):
-            ready = ctx.ready()
-            return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), {"ready": ready}
-        if method == "GET" and path == "/v2":
-            return HTTPStatus.OK, {"name": "autodl-agent", "version": __version__, "extensions": []}
-        if method == "GET" and path == "/v1/models":
-            return HTTPStatus.OK, {"models": ctx.registry.describe()}
-        if method == "GET" and path == "/v1/status":
-            return HTTPStatus.OK, ctx.status()
-        if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
-            model = self._model(ctx, parts[2])
-            rest = parts[3:]
-            # /v2/models/{name}/versions/{v}/... addresses the active version only.
-            if len(rest) >= 2 and rest[0] == "versions":
-                if rest[1] != model.version:
-                    raise _HttpError(HTTPStatus.NOT_FOUND, f"model {model.name} serves {model.version}, not {rest[1]}")
-                rest = rest[2:]
-            if method == "GET" and not rest:
-                return HTTPStatus.OK, _metadata(model)
-            if method == "GET" and rest == ["ready"]:
-                return HTTPStatus.OK, {"name": model.name, "ready": True}
-            if method == "POST" and rest == ["infer"]:
-                body = self._json()
-                with ctx.track(model):
-                    return HTTPStatus.OK, _infer(model, body)
-        if len(parts) == 3 and parts[:2] == ["v1", "models"] and parts[2].endswith(":predict") and method == "POST":
-            model = self._model(ctx, parts[2].removesuffix(":predict"))
-            body = self._json()
-            with ctx.track(model):
-                return HTTPStatus.OK, _predict(model, body)
-        raise _HttpError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}")
-
-    def _model(self, ctx: ServerContext, name: str) -> LoadedModel:
-        # Take the reference once: a swap during this request does not affect it.
-        model = ctx.registry.get(name)
-        if model is None:
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"model {name!r} is not loaded")
-        return model
-
-    def _json(self) -> Any:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from exc
-        if length > MAX_BODY:
-            raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}") from exc
-
-    def _send(self, status: HTTPStatus, body: Any) -> None:
-        text = isinstance(body, _Text)
-        data = body.encode() if text else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; version=0.0.4" if text else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def _metadata(model: LoadedModel) -> dict[str, Any]:
     def spec(s: Any) -> dict[str, Any]:
         return {
             "name": s.name,
@@ -176,60 +93,134 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _infer(model: LoadedModel, body: Any) -> dict[str, Any]:
-    inputs = from_v2(body, model.manifest.inputs)
-    wanted = None
-    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
-        wanted = [str(o.get("name")) for o in body["outputs"] if isinstance(o, dict)]
-        known = {o.name for o in model.session.get_outputs()}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise InvalidInputError(f"unknown outputs {unknown}; the model has {sorted(known)}")
-    outputs = model.run(inputs, wanted or None)
-    request_id = body.get("id") if isinstance(body, dict) else None
-    return {
-        "model_name": model.name,
-        "model_version": model.version,
-        "id": str(request_id or uuid.uuid4()),
-        "outputs": to_v2(outputs),
-    }
-
-
-def _predict(model: LoadedModel, body: Any) -> dict[str, Any]:
-    inputs = preprocess(model.manifest, body, model.tokenizer_path)
-    outputs = model.run(inputs)
-    predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
-    return {"model_name": model.name, "model_version": model.version, "predictions": predictions}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], context: ServerContext) -> None:
-        self.context = context
-        super().__init__(address, _Handler)
-
-
 class InferenceServer:
-    """The local API, served from a background thread."""
+    """The local API, served by a selector thread and a bounded worker pool."""
 
     def __init__(self, host: str, port: int, context: ServerContext) -> None:
-        self._server = _Server((host, port), context)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self.context = context
+        self.extensions = list(EXTENSIONS)
+        self.batchers = Batchers(context.batching, context.batch_stats)
+        self.router = Router()
+        self._routes()
+        self._http = HttpServer(host, port, self.router, context.limits, context.refused, _error_body)
 
     @property
     def port(self) -> int:
         """Return the bound port (useful with port 0)."""
-        return int(self._server.server_address[1])
+        return self._http.port
+
+    @property
+    def connections(self) -> int:
+        """Return the open connections."""
+        return self._http.connections
 
     def start(self) -> None:
         """Start serving."""
-        self._thread.start()
-        logger.info("inference API on http://%s:%d", self._server.server_address[0], self.port)
+        self._http.start()
+        logger.info("inference API on port %d", self.port)
 
     def stop(self) -> None:
         """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        self._http.stop()
+
+    # routes ---------------------------------------------------------------------------------------
+    def _routes(self) -> None:
+        ctx, add = self.context, self.router.add
+        add(
+            "GET",
+            "/v2",
+            lambda r: _json(200, {"name": "autodl-agent", "version": __version__, "extensions": self.extensions}),
+        )
+        for path in ("/v2/health/live", "/healthz"):
+            add("GET", path, lambda r: self._probe("live", ctx.live()))
+        for path in ("/v2/health/ready", "/readyz"):
+            add("GET", path, lambda r: self._probe("ready", ctx.ready()))
+        add("GET", "/metrics", lambda r: Response(200, ctx.metrics().encode(), "text/plain; version=0.0.4"))
+        add("GET", "/v1/status", lambda r: _json(200, ctx.status()))
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            add("GET", prefix, lambda r: _json(200, model_metadata(self.model(r))))
+            add("GET", prefix + "/ready", lambda r: _json(200, {"name": self.model(r).name, "ready": True}))
+            add("POST", prefix + "/infer", self._infer)
+        add("POST", "/v1/models/{name}:predict", self._predict)
+        openai_api.register(self.router, ctx.registry, ctx.generation)  # text generation, and GET /v1/models
+
+    @staticmethod
+    def _probe(what: str, ok: bool) -> Response:
+        return _json(200 if ok else 503, {what: ok})
+
+    def model(self, request: Request) -> LoadedModel:
+        """Return the active model a request names; raise HttpError 404."""
+        name = request.params["name"]
+        # Take the reference once: a swap during this request does not affect it.
+        model = self.context.registry.get(name)
+        if model is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"model {name!r} is not loaded", "no_model")
+        version = request.params.get("version")
+        if version is not None and version != model.version:
+            raise HttpError(
+                HTTPStatus.NOT_FOUND, f"model {model.name} serves {model.version}, not {version}", "no_model"
+            )
+        return model
+
+    @staticmethod
+    def _span(name: str, model: LoadedModel, request: Request) -> AbstractContextManager[Any]:
+        # A client's malformed traceparent parses to None: the request starts its own trace.
+        parent = tracecontext.parse(request.headers.get(tracecontext.HEADER))
+        return tracing.span(name, {"model": model.name, "version": model.version}, parent=parent)
+
+    def _infer(self, request: Request) -> Response:
+        model = self.model(request)
+        length = request.headers.get("inference-header-content-length")
+        with self._span("agent.infer", model, request), _client_errors():
+            if length is not None and not (length.isdigit() and len(length) < 19):
+                raise InvalidInputError(
+                    f"Inference-Header-Content-Length {length[:40]!r} is not a non-negative integer"
+                )
+            with tracing.span("agent.infer.preprocess"):
+                decoded = decode_request(request.body, None if length is None else int(length), model.input_specs)
+            unknown = [w for w in decoded.outputs or [] if w not in model.output_names]
+            if unknown:
+                raise InvalidInputError(f"unknown outputs {unknown}; the model has {model.output_names}")
+            with self.context.track(model), tracing.span("agent.infer.run"):
+                outputs = self.batchers.get(model).run(decoded.inputs, decoded.outputs)
+            binary = set(decoded.binary) | (
+                set(outputs) if decoded.binary_default and decoded.outputs is None else set()
+            )
+            head = {"model_name": model.name, "model_version": model.version, "id": decoded.id or str(uuid.uuid4())}
+            with tracing.span("agent.infer.postprocess"):
+                body, header_length = encode_response(head, outputs, binary)
+        if header_length is None:
+            return Response(200, body, _JSON)
+        return Response(
+            200, body, "application/octet-stream", (("Inference-Header-Content-Length", str(header_length)),)
+        )
+
+    def _predict(self, request: Request) -> Response:
+        model = self.model(request)
+        with self._span("agent.predict", model, request), _client_errors():
+            with tracing.span("agent.infer.preprocess"):
+                body = loads(request.body or b"null")
+                inputs = preprocess(model.manifest, body, model.tokenizer_path)
+            with self.context.track(model), tracing.span("agent.infer.run"):
+                outputs = self.batchers.get(model).run(inputs)
+            with tracing.span("agent.infer.postprocess"):
+                predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
+        return _json(200, {"model_name": model.name, "model_version": model.version, "predictions": predictions})
+
+
+class _client_errors:  # noqa: N801 - used as a context manager, named for what it catches
+    """Turn the request's own faults into 400/501 and anything else into a logged 500."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, HttpError):
+            return
+        if isinstance(exc, InvalidInputError):
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_input") from exc
+        if isinstance(exc, UnsupportedInputError):
+            raise HttpError(HTTPStatus.NOT_IMPLEMENTED, str(exc), "unsupported_input") from exc
+        if isinstance(exc, Exception):
+            logger.error("request failed", exc_info=exc)
+            raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}", "internal") from exc

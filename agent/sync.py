@@ -24,10 +24,11 @@ from agent import __version__
 from agent.config import AgentSettings, Identity
 from agent.errors import CredentialsError, backoff_delay
 from agent.store import Store
-from shared import topics
+from shared import topics, tracing
 from shared.codec import ProtocolError, decode, encode
 from shared.messages import DesiredState, Presence, TelemetryBatch, TelemetryPoint
 from shared.topics import DeviceChannel
+from shared.tracecontext import TraceParent, from_user_properties
 
 __all__ = ["MqttSession"]
 
@@ -278,12 +279,22 @@ class MqttSession:
                 self.on_invalid(f"desired state rejected: {exc}")
                 return
             try:
-                self.on_desired(desired)
+                with (
+                    tracing.remote(_traceparent(message)),
+                    tracing.span("agent.desired", {"revision": desired.revision}),
+                ):
+                    self.on_desired(desired)
             except Exception as exc:  # a bad desired state is reported, never fatal to the session
                 logger.warning("desired revision %d refused: %s", desired.revision, exc)
                 self.on_invalid(f"desired revision {desired.revision} refused: {exc}")
         elif message.topic == self._topic(DeviceChannel.COMMANDS) and self.on_command is not None:
             try:
-                self.on_command(bytes(message.payload))
+                with tracing.remote(_traceparent(message)), tracing.span("agent.command"):
+                    self.on_command(bytes(message.payload))
             except Exception:
                 logger.exception("command handling failed")
+
+
+def _traceparent(message: mqtt.MQTTMessage) -> TraceParent | None:
+    """Return the hub's trace context from the MQTT 5 user properties (None if absent or malformed)."""
+    return from_user_properties(getattr(message.properties, "UserProperty", None))

@@ -2,7 +2,8 @@
 
 Per model version: `requests`, `errors`, `latency_p50_ms`, `latency_p95_ms`,
 `latency_p99_ms` and `throughput_rps` per interval, labelled model/version (the names
-`shared.metrics` promises the hub's rollout analysis). Per device: CPU, memory, disk,
+`shared.metrics` promises the hub's rollout analysis); for text generation also time to
+first token, decode tokens/s and tokens in and out, and bad requests by code. Per device: CPU, memory, disk,
 process RSS, temperature where /sys exposes it, GPU through NVML where present. The
 Prometheus text format is written here directly: the agent does not carry a client library.
 """
@@ -22,12 +23,30 @@ from typing import Any
 
 from shared import metrics
 
-__all__ = ["Point", "Telemetry", "VersionStats", "device_points", "percentile"]
+__all__ = ["Family", "Point", "Telemetry", "VersionStats", "device_points", "percentile"]
 
 Point = tuple[str, float, dict[str, str]]  # name, value, labels
+# One Prometheus metric family: name (after `autodl_agent_`), type, help, samples (labels, value).
+Family = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+
+PREFIX = "autodl_agent_"
+# Device points under Prometheus names (base units: ratios, not percent; _celsius): telemetry
+# to the hub keeps the point names the dashboard reads, /metrics follows the conventions.
+_DEVICE_FAMILIES: dict[str, tuple[str, float, str]] = {
+    "cpu_percent": ("cpu_usage_ratio", 0.01, "Busy share of all CPUs between two scrapes"),
+    "memory_used_bytes": ("memory_used_bytes", 1.0, "Memory in use on the device (total - available)"),
+    "memory_percent": ("memory_used_ratio", 0.01, "Share of the device's memory in use"),
+    "process_rss_bytes": ("process_resident_memory_bytes", 1.0, "Resident memory of the agent process"),
+    "disk_free_bytes": ("disk_free_bytes", 1.0, "Free space on the state directory's file system"),
+    "disk_used_percent": ("disk_used_ratio", 0.01, "Share of the state directory's file system in use"),
+    "temperature_c": ("temperature_celsius", 1.0, "Thermal zone temperature"),
+    "gpu_utilization_percent": ("gpu_utilization_ratio", 0.01, "GPU busy share (NVML)"),
+    "gpu_memory_used_bytes": ("gpu_memory_used_bytes", 1.0, "GPU memory in use (NVML)"),
+}
 
 # Histogram buckets of request latency (seconds) on /metrics.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _RECENT = 2048  # latencies kept per version for the health window's comparison
 
 
@@ -55,6 +74,19 @@ class VersionStats:
 
 
 @dataclass
+class _Generation:
+    interval_ttft: list[float] = field(default_factory=list)
+    interval_tps: list[float] = field(default_factory=list)
+    interval_in: int = 0
+    interval_out: int = 0
+    total_in: int = 0
+    total_out: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    last_tps: float = 0.0
+
+
+@dataclass
 class _Serving:
     interval_latencies: list[float] = field(default_factory=list)
     interval_requests: int = 0
@@ -66,6 +98,15 @@ class _Serving:
     since_requests: int = 0
     since_errors: int = 0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
+    interval_queue: list[float] = field(default_factory=list)
+    interval_compute: list[float] = field(default_factory=list)
+    interval_rows: int = 0
+    queue_sum: float = 0.0
+    queue_count: int = 0
+    compute_sum: float = 0.0
+    batches: int = 0
+    batch_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_BUCKETS))
+    rows_total: int = 0
 
 
 class Telemetry:
@@ -75,8 +116,33 @@ class Telemetry:
         self.state_dir = state_dir
         self._lock = threading.Lock()
         self._serving: dict[tuple[str, str], _Serving] = {}
+        self._generation: dict[tuple[str, str], _Generation] = {}
+        self._bad_requests: dict[tuple[str, str], int] = {}
         self._interval_start = time.monotonic()
         self._cpu = _CpuSampler()
+        self._refused: dict[str, int] = {}
+
+    def refused(self, reason: str) -> None:
+        """Count a request refused (bad input, over a limit, timed out) by reason."""
+        with self._lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
+
+    def observe_batch(self, model: str, version: str, rows: int, waited: list[float], compute: float) -> None:
+        """Account one `session.run`: its rows, each request's time in the queue, its duration."""
+        with self._lock:
+            s = self._serving.setdefault((model, version), _Serving())
+            s.interval_queue += waited
+            s.interval_compute.append(compute)
+            s.interval_rows += rows
+            s.queue_sum += sum(waited)
+            s.queue_count += len(waited)
+            s.compute_sum += compute
+            s.batches += 1
+            s.rows_total += rows
+            for i, bound in enumerate(BATCH_BUCKETS):
+                if rows <= bound:
+                    s.batch_buckets[i] += 1
+                    break
 
     def observe(self, model: str, version: str, seconds: float, ok: bool) -> None:
         """Account one inference request."""
@@ -96,6 +162,39 @@ class Telemetry:
                 if seconds <= bound:
                     s.buckets[i] += 1
                     break
+
+    def observe_generation(
+        self,
+        model: str,
+        version: str,
+        seconds: float,
+        ok: bool,
+        ttft_s: float | None,
+        decode_tps: float | None,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        """Account one generation request; its latency is its time to first token (see shared.metrics)."""
+        self.observe(model, version, ttft_s if ttft_s is not None else seconds, ok)
+        with self._lock:
+            g = self._generation.setdefault((model, version), _Generation())
+            g.interval_in += tokens_in
+            g.interval_out += tokens_out
+            g.total_in += tokens_in
+            g.total_out += tokens_out
+            if ttft_s is not None:
+                g.interval_ttft.append(ttft_s)
+                g.ttft_sum += ttft_s
+                g.ttft_count += 1
+            if decode_tps is not None:
+                g.interval_tps.append(decode_tps)
+                g.last_tps = decode_tps
+
+    def bad_request(self, model: str, code: str) -> None:
+        """Count a refused text-generation request (400), by model name as asked and error code."""
+        with self._lock:
+            key = (model[:128], code)
+            self._bad_requests[key] = self._bad_requests.get(key, 0) + 1
 
     def reset_version(self, model: str, version: str) -> None:
         """Start counting a version afresh (it was just activated)."""
@@ -132,35 +231,167 @@ class Telemetry:
                     ("latency_p99_ms", percentile(ms, 99), labels),
                     ("throughput_rps", s.interval_requests / elapsed, labels),
                 ]
+                if s.interval_compute:
+                    queue = [v * 1000 for v in s.interval_queue]
+                    compute = [v * 1000 for v in s.interval_compute]
+                    points += [
+                        (metrics.QUEUE_P50_MS, percentile(queue, 50), labels),
+                        (metrics.QUEUE_P95_MS, percentile(queue, 95), labels),
+                        (metrics.COMPUTE_P50_MS, percentile(compute, 50), labels),
+                        (metrics.COMPUTE_P95_MS, percentile(compute, 95), labels),
+                        (metrics.BATCHES, float(len(compute)), labels),
+                        (metrics.BATCH_SIZE_MEAN, s.interval_rows / len(compute), labels),
+                    ]
                 s.interval_latencies, s.interval_requests, s.interval_errors = [], 0, 0
+                s.interval_queue, s.interval_compute, s.interval_rows = [], [], 0
+            points += self._generation_points()
         return points + device_points(self.state_dir, self._cpu)
 
-    def prometheus(self, gauges: dict[str, float]) -> str:
-        """Return the cumulative serving metrics and `gauges` in the Prometheus text format."""
-        lines: list[str] = []
+    def _generation_points(self) -> list[Point]:
+        points: list[Point] = []
+        for (model, version), g in self._generation.items():
+            if not (g.interval_in or g.interval_ttft):
+                continue
+            labels = metrics.serving_labels(model, version)
+            points += [
+                (metrics.TOKENS_IN, float(g.interval_in), labels),
+                (metrics.TOKENS_OUT, float(g.interval_out), labels),
+            ]
+            if g.interval_ttft:
+                ms = [v * 1000 for v in g.interval_ttft]
+                points += [
+                    ("ttft_p50_ms", percentile(ms, 50), labels),
+                    (metrics.TTFT_P95_MS, percentile(ms, 95), labels),
+                ]
+            if g.interval_tps:
+                points.append((metrics.DECODE_TPS, percentile(g.interval_tps, 50), labels))
+            g.interval_ttft, g.interval_tps, g.interval_in, g.interval_out = [], [], 0, 0
+        return points
+
+    def _generation_families(self) -> list[Family]:
+        with self._lock:
+            gen = {
+                k: (g.total_in, g.total_out, g.ttft_sum, g.ttft_count, g.last_tps) for k, g in self._generation.items()
+            }
+            bad = dict(self._bad_requests)
+        ordered = sorted(gen.items())
+        return [
+            (
+                "generation_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of text-generation requests",
+                [(_key(k), v[0]) for k, v in ordered],
+            ),
+            (
+                "generation_completion_tokens_total",
+                "counter",
+                "Tokens generated",
+                [(_key(k), v[1]) for k, v in ordered],
+            ),
+            (
+                "generation_ttft_seconds_total",
+                "counter",
+                "Sum of times to first token",
+                [(_key(k), v[2]) for k, v in ordered],
+            ),
+            (
+                "generation_first_tokens_total",
+                "counter",
+                "Generations that produced a first token",
+                [(_key(k), v[3]) for k, v in ordered],
+            ),
+            (
+                "generation_decode_tokens_per_second",
+                "gauge",
+                "Decode speed of the latest generation",
+                [(_key(k), v[4]) for k, v in ordered],
+            ),
+            (
+                "generation_bad_requests_total",
+                "counter",
+                "Text-generation requests refused as invalid",
+                [({"model": m, "code": c}, float(n)) for (m, c), n in sorted(bad.items())],
+            ),
+        ]
+
+    def prometheus(self, families: list[Family]) -> str:
+        """Return the cumulative serving metrics, `families` and the device's in the text format."""
         with self._lock:
             serving = {
                 key: (s.total_requests, s.total_errors, s.latency_sum, list(s.buckets))
                 for key, s in self._serving.items()
             }
-        lines += ["# HELP autodl_requests_total Inference requests served.", "# TYPE autodl_requests_total counter"]
-        lines += [f"autodl_requests_total{_labels(k)} {v[0]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_errors_total Inference requests that failed.", "# TYPE autodl_errors_total counter"]
-        lines += [f"autodl_errors_total{_labels(k)} {v[1]}" for k, v in sorted(serving.items())]
-        lines += ["# HELP autodl_request_seconds Inference latency.", "# TYPE autodl_request_seconds histogram"]
-        for key, (count, _, total, buckets) in sorted(serving.items()):
+            runs = {
+                key: (s.queue_sum, s.queue_count, s.compute_sum, s.batches, list(s.batch_buckets), s.rows_total)
+                for key, s in self._serving.items()
+                if s.batches
+            }
+            refused = dict(self._refused)
+        ordered = sorted(serving.items())
+        timed = sorted(runs.items())
+        out: list[Family] = [
+            ("requests_total", "counter", "Inference requests served", [(_key(k), v[0]) for k, v in ordered]),
+            (
+                "request_errors_total",
+                "counter",
+                "Inference requests that failed",
+                [(_key(k), v[1]) for k, v in ordered],
+            ),
+            (
+                "queue_seconds_total",
+                "counter",
+                "Time requests waited for their run",
+                [(_key(k), v[0]) for k, v in timed],
+            ),
+            ("queued_requests_total", "counter", "Requests that waited for a run", [(_key(k), v[1]) for k, v in timed]),
+            ("compute_seconds_total", "counter", "Time of session runs", [(_key(k), v[2]) for k, v in timed]),
+            (
+                "http_refused_total",
+                "counter",
+                "Requests refused, by reason",
+                [({"reason": r}, float(n)) for r, n in sorted(refused.items())],
+            ),
+        ]
+        lines = _text(out)
+        name = PREFIX + "request_duration_seconds"
+        lines += [f"# HELP {name} Inference request latency.", f"# TYPE {name} histogram"]
+        for key, (count, _, total, buckets) in ordered:
             running = 0
             for bound, n in zip(BUCKETS, buckets, strict=True):
                 running += n
-                lines.append(f"autodl_request_seconds_bucket{_labels(key, le=str(bound))} {running}")
-            lines.append(f"autodl_request_seconds_bucket{_labels(key, le='+Inf')} {count}")
-            lines.append(f"autodl_request_seconds_sum{_labels(key)} {total}")
-            lines.append(f"autodl_request_seconds_count{_labels(key)} {count}")
-        for name, value in sorted(gauges.items()):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name} {value}"]
-        for name, value, labels in device_points(self.state_dir, None):
-            lines += [f"# TYPE autodl_{name} gauge", f"autodl_{name}{_label_text(labels)} {value}"]
+                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"{name}_bucket{_labels(key, le='+Inf')} {count}")
+            lines.append(f"{name}_sum{_labels(key)} {total}")
+            lines.append(f"{name}_count{_labels(key)} {count}")
+        name = PREFIX + "batch_size"
+        lines += [f"# HELP {name} Rows per session run.", f"# TYPE {name} histogram"]
+        for key, (_q, _n, _c, batches, buckets, rows) in timed:
+            running = 0
+            for bound, n in zip(BATCH_BUCKETS, buckets, strict=True):
+                running += n
+                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {running}")
+            lines.append(f"{name}_bucket{_labels(key, le='+Inf')} {batches}")
+            lines += [f"{name}_sum{_labels(key)} {rows}", f"{name}_count{_labels(key)} {batches}"]
+        device: dict[str, Family] = {}
+        for point, value, labels in device_points(self.state_dir, None):
+            if point in _DEVICE_FAMILIES:
+                metric, scale, text = _DEVICE_FAMILIES[point]
+                device.setdefault(metric, (metric, "gauge", text, []))[3].append((labels, value * scale))
+        lines += _text(families + self._generation_families() + list(device.values()))
         return "\n".join(lines) + "\n"
+
+
+def _text(families: list[Family]) -> list[str]:
+    lines: list[str] = []
+    for name, kind, text, samples in families:
+        full = PREFIX + name
+        lines += [f"# HELP {full} {text}.", f"# TYPE {full} {kind}"]
+        lines += [f"{full}{_label_text(labels)} {value}" for labels, value in samples]
+    return lines
+
+
+def _key(key: tuple[str, str]) -> dict[str, str]:
+    return metrics.serving_labels(*key)
 
 
 def _escape(value: str) -> str:

@@ -1,7 +1,20 @@
-"""Open Inference Protocol v2 tensors: JSON to numpy and back, checked against the manifest."""
+"""Open Inference Protocol v2 tensors: JSON and the binary tensor data extension, to numpy and back.
+
+A request body is a JSON header, optionally followed by binary tensor data: the
+``Inference-Header-Content-Length`` HTTP header gives the JSON part's length, and each
+input with ``parameters.binary_data_size`` takes that many bytes, in input order.
+Outputs are answered in binary when asked (``binary_data`` on a requested output, or the
+request's ``binary_data_output``). BYTES elements are sent as a 4-byte little-endian
+length and the bytes; they reach the model as text (ONNX string tensors). Everything is checked against the model's specs: a request that
+does not fit gets InvalidInputError naming what is wrong, never a numpy traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -9,20 +22,46 @@ import numpy as np
 from agent.errors import AgentError
 from shared.manifest import TensorSpec
 
-__all__ = ["InvalidInputError", "UnsupportedInputError", "check_input", "from_v2", "spec_text", "to_v2"]
+__all__ = [
+    "DTYPE_TO_V2",
+    "V2_TO_DTYPE",
+    "InferRequest",
+    "InvalidInputError",
+    "UnsupportedInputError",
+    "bytes_tensor",
+    "check_input",
+    "decode_request",
+    "encode_response",
+    "from_v2",
+    "loads",
+    "raw_tensor",
+    "input_spec",
+    "spec_text",
+    "tensor_bytes",
+    "tensor_from",
+    "to_v2",
+]
 
-# OIP v2 datatype names <-> manifest dtypes
+# OIP v2 datatype names <-> manifest dtypes ("string" is ONNX's string tensor, numpy object)
 V2_TO_DTYPE = {
     "FP32": "float32",
     "FP16": "float16",
     "FP64": "float64",
     "INT64": "int64",
     "INT32": "int32",
+    "INT16": "int16",
     "INT8": "int8",
     "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
     "BOOL": "bool",
+    "BYTES": "string",
 }
 DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
+NUMPY = {v2: np.dtype(object if d == "string" else d).newbyteorder("<") for v2, d in V2_TO_DTYPE.items()}
+_INT_KINDS = {"i", "u"}
+MAX_ELEMENTS = 64 * 1024 * 1024  # a shape can claim no more elements than this
 
 
 class InvalidInputError(AgentError, ValueError):
@@ -33,6 +72,17 @@ class UnsupportedInputError(AgentError):
     """A valid request this install cannot decode: an optional package is missing (HTTP 501)."""
 
 
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded infer request: arrays by input name, the outputs wanted and how."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None  # None: every output
+    binary: frozenset[str]  # outputs to answer as binary data
+    binary_default: bool  # binary_data_output: every output not named otherwise
+    id: str | None = None
+
+
 def spec_text(spec: TensorSpec) -> str:
     """Return a tensor spec as people read it: ``input float32[batch, 4]``."""
     dims = ", ".join(str(d) for d in spec.shape)
@@ -41,7 +91,8 @@ def spec_text(spec: TensorSpec) -> str:
 
 def check_input(spec: TensorSpec, array: np.ndarray) -> None:
     """Raise InvalidInputError unless `array` has the spec's dtype and shape."""
-    if array.dtype != np.dtype(spec.dtype):
+    wanted = np.dtype(object) if spec.dtype == "string" else np.dtype(spec.dtype)
+    if array.dtype != wanted:
         raise InvalidInputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec_text(spec)}")
     if array.ndim != len(spec.shape) or any(
         isinstance(want, int) and want >= 0 and want != got for want, got in zip(spec.shape, array.shape, strict=False)
@@ -49,42 +100,245 @@ def check_input(spec: TensorSpec, array: np.ndarray) -> None:
         raise InvalidInputError(f"input {spec.name!r} has shape {list(array.shape)}, expected {spec_text(spec)}")
 
 
-def from_v2(body: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Decode an OIP v2 infer request's inputs and check them against the model's specs."""
+def _not_json(value: str) -> Any:
+    raise ValueError(f"{value} is not a JSON number")
+
+
+def loads(raw: bytes | bytearray | memoryview) -> Any:
+    """Parse JSON strictly (no NaN/Infinity); raise InvalidInputError naming what is wrong."""
+    try:
+        return json.loads(bytes(raw) if not isinstance(raw, bytes) else raw, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise InvalidInputError("body is not JSON: nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, the integer digit limit, NaN
+        raise InvalidInputError(f"body is not JSON: {exc}") from exc
+
+
+def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape must be a list of non-negative ints, got {str(shape)[:80]}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count > MAX_ELEMENTS:
+        raise InvalidInputError(f"input {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
+    return tuple(shape)
+
+
+def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    dtype = NUMPY[datatype]
+    try:
+        if datatype == "BYTES":
+            flat = np.asarray(data, dtype=object).ravel()
+            if not all(isinstance(v, str) for v in flat):
+                raise InvalidInputError(f"input {name!r}: BYTES data must be strings")
+            array = flat
+        elif dtype.kind in _INT_KINDS or dtype.kind == "b":
+            natural = np.asarray(data)
+            kinds = {"b"} if dtype.kind == "b" else _INT_KINDS
+            if natural.size and natural.dtype.kind not in kinds:
+                what = "booleans" if dtype.kind == "b" else "integers"
+                raise InvalidInputError(f"input {name!r} is {datatype}: data holds {natural.dtype} values, not {what}")
+            array = natural.astype(dtype)
+            if natural.size and dtype.kind != "b" and not np.array_equal(array, natural):
+                raise InvalidInputError(f"input {name!r}: values out of the range of {datatype}")
+        else:
+            array = np.asarray(data, dtype=dtype)
+            if not np.all(np.isfinite(array)):
+                raise InvalidInputError(f"input {name!r}: values out of the range of {datatype}")
+        return array.reshape(shape)
+    except InvalidInputError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"input {name!r}: data does not fit shape {list(shape)} as {datatype}: {exc}") from exc
+
+
+def raw_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | bytearray | memoryview) -> np.ndarray:
+    """Decode one tensor's raw bytes (the binary extension, gRPC raw contents)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    if datatype == "BYTES":
+        return bytes_tensor(name, shape, raw, count)
+    dtype = NUMPY[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"input {name!r}: {len(raw)} bytes of data, but shape {list(shape)} of {datatype} "
+            f"needs {count * dtype.itemsize}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def bytes_tensor(name: str, shape: tuple[int, ...], raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
+    """Decode length-prefixed BYTES elements."""
+    view, items, at = memoryview(raw), [], 0
+    while at < len(view):
+        if at + 4 > len(view):
+            raise InvalidInputError(f"input {name!r}: BYTES data ends inside an element's length")
+        (size,) = struct.unpack_from("<I", view, at)
+        if at + 4 + size > len(view):
+            raise InvalidInputError(f"input {name!r}: a BYTES element of {size} bytes runs past the data")
+        try:  # ONNX string tensors hold text: ORT takes str, not bytes
+            items.append(str(view[at + 4 : at + 4 + size], "utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"input {name!r}: a BYTES element is not UTF-8 text: {exc}") from exc
+        at += 4 + size
+    if len(items) != count:
+        raise InvalidInputError(f"input {name!r}: {len(items)} BYTES elements, shape {list(shape)} needs {count}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """Encode an array as raw little-endian bytes (BYTES: length-prefixed elements)."""
+    if array.dtype == object:
+        parts = []
+        for value in array.ravel():
+            item = value if isinstance(value, bytes) else str(value).encode()
+            parts += [struct.pack("<I", len(item)), item]
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def input_spec(specs: dict[str, TensorSpec], name: str, datatype: Any) -> TensorSpec:
+    """Return the spec of a named input; raise InvalidInputError when the name or datatype is wrong."""
+    spec = specs.get(name)
+    if spec is None:
+        raise InvalidInputError(f"unknown input {name!r}; the model takes {', '.join(map(spec_text, specs.values()))}")
+    if datatype not in NUMPY:
+        raise InvalidInputError(f"input {name!r}: unsupported datatype {datatype!r}, expected {spec_text(spec)}")
+    if V2_TO_DTYPE[datatype] != spec.dtype:
+        raise InvalidInputError(f"input {name!r} has dtype {V2_TO_DTYPE[datatype]}, expected {spec_text(spec)}")
+    return spec
+
+
+def tensor_from(
+    specs: dict[str, TensorSpec], name: str, datatype: str, shape: Any, *, raw: bytes | None = None, data: Any = None
+) -> np.ndarray:
+    """Return one input from raw bytes or a list of values, checked against the model's spec."""
+    spec = input_spec(specs, name, datatype)
+    dims = _shape(name, shape)
+    array = raw_tensor(name, datatype, dims, raw) if raw is not None else _from_json(name, datatype, dims, data)
+    check_input(spec, array)
+    return array
+
+
+def decode_request(raw: bytes | bytearray, header_length: int | None, specs: dict[str, TensorSpec]) -> InferRequest:
+    """Decode an infer request body (JSON, or JSON then binary data) against the model's specs."""
+    if header_length is not None and not 0 <= header_length <= len(raw):
+        raise InvalidInputError(f"Inference-Header-Content-Length {header_length} is past the body's {len(raw)} bytes")
+    end = len(raw) if header_length is None else header_length
+    body = loads(memoryview(raw)[:end])
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise InvalidInputError("request body must be a JSON object with an 'inputs' list")
-    by_name = {s.name: s for s in specs}
+    offset = end
     arrays: dict[str, np.ndarray] = {}
     for item in body["inputs"]:
         if not isinstance(item, dict):
             raise InvalidInputError("each input must be an object with name, shape, datatype, data")
-        name, shape, datatype, data = (item.get(k) for k in ("name", "shape", "datatype", "data"))
-        spec = by_name.get(str(name))
-        if spec is None:
-            raise InvalidInputError(f"unknown input {name!r}; the model takes {', '.join(map(spec_text, specs))}")
-        dtype = V2_TO_DTYPE.get(str(datatype))
-        if dtype is None:
-            raise InvalidInputError(f"input {name!r}: unsupported datatype {datatype!r}, expected {spec_text(spec)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InvalidInputError(f"input {name!r}: shape must be a list of non-negative ints")
-        try:
-            array = np.asarray(data, dtype=np.dtype(dtype))
-            array = array.reshape(shape)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"input {name!r}: data does not fit shape {shape} as {datatype}: {exc}") from exc
+        name, datatype = str(item.get("name")), str(item.get("datatype"))
+        spec = input_spec(specs, name, datatype)
+        shape = _shape(name, item.get("shape"))
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise InvalidInputError(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(raw):
+                raise InvalidInputError(
+                    f"input {name!r}: binary_data_size {size} runs past the body "
+                    f"({len(raw) - offset} bytes of binary data left)"
+                )
+            array = raw_tensor(name, datatype, shape, memoryview(raw)[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            array = _from_json(name, datatype, shape, item["data"])
+        else:
+            raise InvalidInputError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         check_input(spec, array)
-        arrays[spec.name] = array
-    missing = [spec_text(s) for s in specs if s.name not in arrays]
+        arrays[name] = array
+    if offset != len(raw):
+        raise InvalidInputError(f"{len(raw) - offset} bytes of binary data after the inputs belong to no input")
+    missing = [spec_text(s) for s in specs.values() if s.name not in arrays]
     if missing:
         raise InvalidInputError(f"missing inputs: {', '.join(missing)}")
-    return arrays
+    return _outputs(body, arrays)
+
+
+def _outputs(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> InferRequest:
+    params = body.get("parameters")
+    binary_default = bool(isinstance(params, dict) and params.get("binary_data_output") is True)
+    wanted, binary = None, set()
+    if isinstance(body.get("outputs"), list):
+        wanted = []
+        for out in body["outputs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise InvalidInputError("each requested output must be an object with a name")
+            wanted.append(out["name"])
+            flag = (out.get("parameters") or {}).get("binary_data")
+            if flag is True or (flag is None and binary_default):
+                binary.add(out["name"])
+    request_id = body.get("id")
+    return InferRequest(arrays, wanted, frozenset(binary), binary_default, str(request_id) if request_id else None)
+
+
+def _json_data(array: np.ndarray) -> list[Any]:
+    if array.dtype == object:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    return list(array.ravel().tolist())
+
+
+def _datatype(array: np.ndarray) -> str:
+    return "BYTES" if array.dtype == object else DTYPE_TO_V2.get(str(array.dtype), "FP32")
+
+
+@lru_cache(maxsize=64)
+def _float_format(count: int) -> str:
+    return "[" + ",".join(["%.9g"] * count) + "]"
+
+
+def _data_json(array: np.ndarray) -> bytes:
+    """Return a tensor's values as a JSON array.
+
+    Floats are written with 9 significant digits, which round-trip float32 exactly, instead
+    of the 17 of a double's repr: half the bytes, and 2-3x faster to write and to read.
+    """
+    if array.dtype.kind == "f" and array.dtype.itemsize <= 4 and array.size and bool(np.isfinite(array).all()):
+        return (_float_format(array.size) % tuple(array.ravel().tolist())).encode()
+    return json.dumps(_json_data(array), separators=(",", ":")).encode()
+
+
+def encode_response(head: dict[str, Any], outputs: dict[str, np.ndarray], binary: set[str]) -> tuple[bytes, int | None]:
+    """Return the response body and, when some outputs are binary, the JSON header's length."""
+    tensors, blobs = [], []
+    for name, array in outputs.items():
+        meta: dict[str, Any] = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        if name in binary:
+            blob = tensor_bytes(array)
+            meta["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+            tensors.append(json.dumps(meta, separators=(",", ":")).encode())
+        else:
+            tensors.append(
+                json.dumps(meta, separators=(",", ":")).encode()[:-1] + b',"data":' + _data_json(array) + b"}"
+            )
+    header = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"outputs":[' + b",".join(tensors) + b"]}"
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def from_v2(body: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Decode a parsed JSON infer request's inputs against the model's specs."""
+    raw = json.dumps(body).encode()
+    return decode_request(raw, None, {s.name: s for s in specs}).inputs
 
 
 def to_v2(outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Encode output arrays as OIP v2 tensors."""
-    result = []
-    for name, array in outputs.items():
-        datatype = DTYPE_TO_V2.get(str(array.dtype), "FP32")
-        flat = array.astype(np.float32) if datatype == "FP32" and array.dtype != np.float32 else array
-        result.append({"name": name, "shape": list(array.shape), "datatype": datatype, "data": flat.ravel().tolist()})
-    return result
+    """Encode output arrays as OIP v2 JSON tensors."""
+    return [
+        {"name": name, "shape": list(a.shape), "datatype": _datatype(a), "data": _json_data(a)}
+        for name, a in outputs.items()
+    ]

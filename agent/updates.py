@@ -35,8 +35,8 @@ from agent.errors import (
 )
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
-from shared import routes
-from shared.manifest import Manifest, Variant
+from shared import routes, tracing
+from shared.manifest import TEXT_GENERATION, Manifest, Variant
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
 
@@ -219,7 +219,8 @@ class Updater:
                 if cancelled():
                     raise CancelledError(f"update to {desired.version} replaced by a newer desired state")
                 job.record = self._save(job.record.with_(state=state, error=None))
-                state = _STEPS[state](self, job)
+                with tracing.span(f"agent.update.{_SPAN[state]}", {"model": name, "version": desired.version}):
+                    state = _STEPS[state](self, job)
         except CancelledError as exc:
             logger.info("%s: %s", name, exc)
             self._save(job.record.with_(state=S.ACTIVE if job.record.active else S.IDLE, pending=None), str(exc))
@@ -257,12 +258,7 @@ class Updater:
             job.desired.manifest_sha256,
         )
         job.record = self._save(job.record.with_(pending=pending), f"downloading {variant.file} ({variant.target})")
-        self.cache.download(
-            self.client, self._artifact_url(variant.sha256), variant.sha256, variant.size, job.cancelled
-        )
-        text = manifest.preprocessing.text
-        if text is not None:
-            sha, size = text.tokenizer_sha256, text.tokenizer_size
+        for sha, size in _files(manifest, variant):
             self.cache.download(self.client, self._artifact_url(sha), sha, size, job.cancelled)
         return S.VERIFYING
 
@@ -276,24 +272,40 @@ class Updater:
         variant = manifest.variant_by_sha256(pending.sha256 or "")
         if variant is None:
             raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
-        if not self.cache.has(variant.sha256, variant.size):
-            return S.DOWNLOADING  # the file never finished: resume the transfer
+        if not all(self.cache.has(sha, size) for sha, size in _files(manifest, variant)):
+            return S.DOWNLOADING  # a file never finished: resume the transfer
         job.manifest, job.variant = manifest, variant
-        job.path = self.cache.verify(variant.sha256, variant.size)
-        text = manifest.preprocessing.text
-        if text is not None:
-            if not self.cache.has(text.tokenizer_sha256, text.tokenizer_size):
-                return S.DOWNLOADING
-            job.tokenizer = self.cache.verify(text.tokenizer_sha256, text.tokenizer_size)
+        job.path, job.tokenizer = self._verified(manifest, variant)
         return S.STAGING
+
+    def _verified(self, manifest: Manifest, variant: Variant) -> tuple[Path, Path | None]:
+        """Re-hash every file of a variant; return the graph (or the folder of a folder variant) and tokenizer."""
+        for sha, size in _files(manifest, variant):
+            self.cache.verify(sha, size)
+        tokenizer = None
+        if (text := manifest.preprocessing.text) is not None:
+            tokenizer = self.cache.path(text.tokenizer_sha256)
+        if variant.files:
+            named = [(variant.local_path(f.path), f.sha256) for f in variant.files]
+            return self.cache.folder(variant.sha256, named), tokenizer
+        return self.cache.path(variant.sha256), tokenizer
+
+    def _load(self, manifest: Manifest, variant: Variant, path: Path, tokenizer: Path | None) -> LoadedModel:
+        if manifest.task == TEXT_GENERATION:
+            from agent.textgen_runtime import load_text_model
+
+            return load_text_model(manifest, variant, path, self.threads, self.settings)
+        return load_model(manifest, variant, path, self.threads, tokenizer, self.cache.mapped_dir(variant.sha256))
 
     def _stage(self, job: _Job) -> UpdateState:
         if job.manifest is None or job.variant is None or job.path is None:
             return S.VERIFYING  # resumed here after a crash: never stage what was not verified now
-        mapped = self.cache.mapped_dir(job.variant.sha256)
-        job.loaded = load_model(job.manifest, job.variant, job.path, self.threads, job.tokenizer, mapped)
-        warm_up(job.loaded, self.settings.warmup_runs)
-        smoke_test(job.loaded)
+        with tracing.span("agent.update.load"):
+            job.loaded = self._load(job.manifest, job.variant, job.path, job.tokenizer)
+        with tracing.span("agent.update.warm_up"):
+            warm_up(job.loaded, self.settings.warmup_runs)
+        with tracing.span("agent.update.smoke_test"):
+            smoke_test(job.loaded)
         return S.ACTIVE
 
     def _activate(self, job: _Job) -> None:
@@ -334,12 +346,13 @@ class Updater:
                     keep.add(slot.sha256)
                 if slot.manifest:
                     try:
-                        text = verify_signed(
-                            slot.manifest.encode(), self.identity.signing_public_key
-                        ).preprocessing.text
+                        manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
                     except AgentError:
                         continue
-                    if text is not None:
+                    variant = manifest.variant_by_sha256(slot.sha256 or "")
+                    if variant is not None:
+                        keep.update(sha for sha, _ in _files(manifest, variant))
+                    elif (text := manifest.preprocessing.text) is not None:
                         keep.add(text.tokenizer_sha256)
         self.cache.gc(keep)
 
@@ -366,14 +379,22 @@ class Updater:
         variant = manifest.variant_by_sha256(slot.sha256)
         if variant is None:
             raise VerificationError(f"variant {slot.sha256[:12]} is not in the manifest")
-        path = self.cache.verify(variant.sha256, variant.size)
-        tokenizer = None
-        if (text := manifest.preprocessing.text) is not None:
-            tokenizer = self.cache.verify(text.tokenizer_sha256, text.tokenizer_size)
-        model = load_model(manifest, variant, path, self.threads, tokenizer, self.cache.mapped_dir(variant.sha256))
+        path, tokenizer = self._verified(manifest, variant)
+        model = self._load(manifest, variant, path, tokenizer)
         smoke_test(model)
         return model
 
+
+def _files(manifest: Manifest, variant: Variant) -> list[tuple[str, int]]:
+    """Return (sha256, size) of every file a variant needs: its file(s), and a classifier's tokenizer."""
+    files = [(f.sha256, f.size) for f in variant.artifact_files()]
+    if (text := manifest.preprocessing.text) is not None:
+        files.append((text.tokenizer_sha256, text.tokenizer_size))
+    return files
+
+
+# Span names of the steps: download, verify, stage (load, warm up, smoke test), swap.
+_SPAN = {S.DOWNLOADING: "download", S.VERIFYING: "verify", S.STAGING: "stage", S.ACTIVE: "swap"}
 
 _STEPS: dict[UpdateState, Callable[[Updater, _Job], UpdateState | None]] = {
     S.DOWNLOADING: Updater._download,
@@ -393,6 +414,7 @@ class _Worker:
         self._want: DesiredModel | None = None
         self._start = S.DOWNLOADING
         self._done: DesiredModel | None = None
+        self._trace: object = None
         self._running = False
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"update-{name}", daemon=True)
@@ -404,6 +426,7 @@ class _Worker:
             if self._want is not None and _key(desired) == _key(self._want) and start == S.DOWNLOADING:
                 return  # the same version again (a re-sent retained state): keep going
             self._want, self._start = desired, start
+            self._trace = tracing.capture()  # the desired state's trace: the update joins it
             self._cond.notify_all()
 
     def busy(self) -> bool:
@@ -426,12 +449,16 @@ class _Worker:
                     self._cond.wait()
                 if self._stopped:
                     return
-                target, start = self._want, self._start
+                target, start, trace = self._want, self._start, self._trace
                 self._start = S.DOWNLOADING
                 self._running = True
             assert target is not None
             try:
-                self.updater.run_update(self.name, target, functools.partial(self._superseded, target), start)
+                with (
+                    tracing.resumed(trace),
+                    tracing.span("agent.update", {"model": self.name, "version": target.version}),
+                ):
+                    self.updater.run_update(self.name, target, functools.partial(self._superseded, target), start)
                 attempt = 0
                 done = True
             except TransientError as exc:

@@ -20,6 +20,7 @@ from hub.metrics import HubMetrics
 from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
 from hub.ui import install as install_ui
+from shared import tracing
 
 __all__ = ["create_app"]
 
@@ -132,7 +133,7 @@ def create_app(
     app.state.messaging = messaging
     app.state.broker_admin = broker_admin
     app.state.rate_limiter = RateLimiter()
-    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging)
+    app.state.metrics = HubMetrics(sessions, lambda: app.state.messaging, lambda: getattr(app.state, "jobs", None))
 
     for module in (health, enroll, keys, models, versions, artifacts, devices, commands, telemetry, rollouts, jobs):
         app.include_router(module.router)
@@ -145,4 +146,17 @@ def create_app(
     install_ui(app)  # after the error handlers: /ui answers errors as HTML pages
     app.middleware("http")(app.state.metrics.middleware)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    _trace_requests(app)
     return app
+
+
+def _trace_requests(app: FastAPI) -> None:
+    """Give every API request a server span (FastAPI instrumentation) when tracing is on."""
+    if not tracing.enabled():
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    # Scrapes and probes would be most of the spans and tell nothing.
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=tracing.provider(), excluded_urls="/metrics,/healthz,/readyz,/livez,/ui/static"
+    )

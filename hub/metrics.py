@@ -1,9 +1,15 @@
-"""Prometheus metrics of one hub app: API latency, devices online, MQTT messages by outcome."""
+"""Prometheus metrics of one hub app: API latency, the fleet, rollouts, training jobs, MQTT ingest.
+
+Names follow the Prometheus conventions (base units, `_total` on counters, `_seconds`) and
+are what the dashboards and alert rules in k3s/components/monitoring query; a test checks
+every query against a live /metrics.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -15,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hub.db import SessionFactory
-from hub.models import Device
+from hub.models import Device, Rollout, RolloutDevice
+from shared import tracing
 
 __all__ = ["HubMetrics"]
 
@@ -23,9 +30,12 @@ __all__ = ["HubMetrics"]
 class _FleetCollector(Collector):
     """Reads the fleet and the messaging counters at scrape time."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self, sessions: SessionFactory, messaging: Callable[[], Any], jobs: Callable[[], Any] = lambda: None
+    ) -> None:
         self._sessions = sessions
         self._messaging = messaging
+        self._jobs = jobs
 
     def collect(self) -> Iterator[Metric]:
         with self._sessions() as session:
@@ -34,57 +44,103 @@ class _FleetCollector(Collector):
             online = session.exec(
                 select(func.count()).select_from(Device).where(active, col(Device.online).is_(True))
             ).one()
+            reported = session.exec(select(Device.reported).where(active)).all()
+            rollouts = session.exec(select(Rollout.state, func.count()).group_by(Rollout.state)).all()
+            running = session.exec(
+                select(Rollout.id, Rollout.model, Rollout.version, Rollout.step).where(Rollout.state == "running")
+            ).all()
+            members = session.exec(
+                select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
+                .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
+                .where(col(Rollout.state).in_(("running", "paused")))
+                .group_by(RolloutDevice.rollout_id, RolloutDevice.state)
+            ).all()
         yield GaugeMetricFamily("autodl_hub_devices", "enrolled devices (not decommissioned)", value=total)
         yield GaugeMetricFamily("autodl_hub_devices_online", "devices connected to the broker", value=online)
-        ingested = CounterMetricFamily("autodl_hub_mqtt_messages_ingested", "MQTT messages stored", labels=["kind"])
-        rejected = CounterMetricFamily("autodl_hub_mqtt_messages_rejected", "MQTT messages dropped", labels=["reason"])
-        for kind, count in _counts(self._messaging(), "ingested").items():
-            ingested.add_metric([kind], count)
-        for reason, count in _counts(self._messaging(), "rejected").items():
-            rejected.add_metric([reason], count)
-        yield ingested
-        yield rejected
-        snapshot = _snapshot(self._messaging())
-        points = CounterMetricFamily("autodl_hub_telemetry_points", "telemetry points by outcome", labels=["outcome"])
-        points.add_metric(["written"], float(getattr(snapshot, "points_written", 0) or 0))
-        points.add_metric(["duplicate"], float(getattr(snapshot, "points_duplicate", 0) or 0))
-        yield points
+        yield from _fleet_versions(reported)
+        by_state = GaugeMetricFamily("autodl_hub_rollouts", "rollouts by state", labels=["state"])
+        for state, count in sorted(rollouts):
+            by_state.add_metric([state], count)
+        yield by_state
+        step = GaugeMetricFamily(
+            "autodl_hub_rollout_step",
+            "current step (from 0) of running rollouts",
+            labels=["rollout", "model", "version"],
+        )
+        for rollout_id, model, version, at in running:
+            step.add_metric([rollout_id, model, version], at)
+        yield step
+        moved = GaugeMetricFamily(
+            "autodl_hub_rollout_devices", "devices of running or paused rollouts by state", labels=["rollout", "state"]
+        )
+        for rollout_id, state, count in sorted(members):
+            moved.add_metric([rollout_id, state], count)
+        yield moved
+        yield from _training_jobs(self._jobs())
+        messaging = self._messaging()
+        if messaging is not None:
+            # The MQTT session owns its counters (hub.messaging): ingest, rejects, queue depth.
+            yield from messaging.collector().collect()
+        if tracing.enabled():
+            spans = CounterMetricFamily("autodl_hub_tracing_spans", "trace spans by export outcome", labels=["outcome"])
+            for outcome, count in sorted(tracing.stats().items()):
+                spans.add_metric([outcome], count)
+            yield spans
 
 
-def _snapshot(messaging: Any) -> Any:
-    snapshot = getattr(getattr(messaging, "counters", None), "snapshot", None)
-    return snapshot() if callable(snapshot) else None
+def _fleet_versions(reported: Sequence[Mapping[str, Any] | None]) -> Iterator[Metric]:
+    """Yield devices by active model version and by update state, from their reported states."""
+    versions: Counter[tuple[str, str]] = Counter()
+    states: Counter[tuple[str, str]] = Counter()
+    for report in reported:
+        for name, status in ((report or {}).get("models") or {}).items():
+            if isinstance(status, dict):
+                versions[(name, str(status.get("active") or "none"))] += 1
+                states[(name, str(status.get("state") or "idle"))] += 1
+    family = GaugeMetricFamily(
+        "autodl_hub_model_devices", "devices by active model version", labels=["model", "version"]
+    )
+    for (name, version), count in sorted(versions.items()):
+        family.add_metric([name, version], count)
+    yield family
+    family = GaugeMetricFamily("autodl_hub_model_update_devices", "devices by update state", labels=["model", "state"])
+    for (name, update), count in sorted(states.items()):
+        family.add_metric([name, update], count)
+    yield family
 
 
-def _counts(messaging: Any, which: str) -> dict[str, float]:
-    """Return {label: count} from `messaging.counters` (a mapping, or an object with a snapshot)."""
-    if messaging is None:
-        return {}
-    counters = getattr(messaging, "counters", None)
-    if counters is None:
-        return {}
-    if callable(getattr(counters, "snapshot", None)):
-        counters = counters.snapshot()
-    value = counters.get(which) if isinstance(counters, Mapping) else getattr(counters, which, None)
-    if isinstance(value, int | float):
-        return {"all": float(value)}
-    if isinstance(value, Mapping):
-        return {str(k): float(v) for k, v in value.items()}
-    return {}
+def _training_jobs(jobs: Any) -> Iterator[Metric]:
+    """Yield the training jobs this hub process knows, by status."""
+    family = GaugeMetricFamily("autodl_hub_training_jobs", "training jobs by status", labels=["status"])
+    counts: Counter[str] = Counter()
+    oldest = 0.0
+    now = time.time()
+    for job in jobs.list() if jobs is not None else []:
+        counts[job.status] += 1
+        if job.status == "running" and job.started_at is not None:
+            oldest = max(oldest, now - job.started_at.timestamp())
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        family.add_metric([status], counts[status])
+    yield family
+    yield GaugeMetricFamily(
+        "autodl_hub_training_job_running_seconds", "age of the oldest running training job", value=oldest
+    )
 
 
 class HubMetrics:
     """The app's own registry (so several apps in one process do not collide)."""
 
-    def __init__(self, sessions: SessionFactory, messaging: Callable[[], Any]) -> None:
+    def __init__(
+        self, sessions: SessionFactory, messaging: Callable[[], Any], jobs: Callable[[], Any] = lambda: None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "autodl_hub_api_request_seconds",
+            "autodl_hub_api_request_duration_seconds",
             "API request latency",
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(_FleetCollector(sessions, messaging))
+        self.registry.register(_FleetCollector(sessions, messaging, jobs))
 
     def render(self) -> bytes:
         """Return the exposition text."""

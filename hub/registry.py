@@ -27,7 +27,7 @@ from hub.config import HubSettings
 from hub.errors import ConflictError, InvalidInputError, NotFoundError
 from hub.models import Artifact, Model, ModelAlias, ModelVersion, VersionStatus, utcnow
 from hub.security import load_or_create_signing_key
-from shared import routes
+from shared import routes, tracing
 from shared.manifest import Manifest, sign_manifest
 from shared.messages import DesiredModel, Release
 
@@ -258,7 +258,9 @@ def _expected_files(manifest: Manifest) -> dict[str, _Expected]:
         expected.setdefault(name, item)
 
     for variant in manifest.variants:
-        add(variant.file, _Expected(variant.size, variant.sha256, variant.target.value))
+        # A folder variant (text generation) is every file of its folder, each stored by hash.
+        for item in variant.artifact_files():
+            add(item.path, _Expected(item.size, item.sha256, variant.target.value))
     text = manifest.preprocessing.text
     if text is not None:
         add(TOKENIZER_FILE, _Expected(text.tokenizer_size, text.tokenizer_sha256, None))
@@ -299,6 +301,7 @@ def _store_blob(settings: HubSettings, source: Path, expected: _Expected, name: 
         tmp.unlink(missing_ok=True)
 
 
+@tracing.traced("hub.registry.publish")
 def publish_version(
     session: Session,
     settings: HubSettings,
@@ -310,8 +313,8 @@ def publish_version(
 ) -> ModelVersion:
     """Check, store, sign and register a model version in one transaction.
 
-    `files` maps every file name the manifest references (each variant's ``file``, and
-    ``tokenizer.json`` for text models) to a local path. Raises DuplicateVersionError
+    `files` maps every file name the manifest references (each variant's ``file``, every
+    path of a folder variant's ``files``, and ``tokenizer.json`` for text models) to a local path. Raises DuplicateVersionError
     (409), ArtifactMismatchError (422) when a file is missing, extra or differs.
     """
     if not manifest.variants:

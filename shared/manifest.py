@@ -27,6 +27,15 @@ from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.codec import DEFAULT_MAX_BYTES, decode
+from shared.manifest_generation import (
+    REL_PATH,
+    TEXT_GENERATION,
+    GenerationDefaults,
+    GenerationMetrics,
+    GenerationSpec,
+    KvCacheLayout,
+    SamplePrompt,
+)
 from shared.messages import Version, utcnow
 from shared.targets import TargetId
 
@@ -34,19 +43,27 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
+    "Batching",
     "Dtype",
+    "GenerationDefaults",
+    "GenerationMetrics",
+    "GenerationSpec",
     "ImagePreprocessing",
+    "KvCacheLayout",
     "Manifest",
     "Postprocessing",
     "Preprocessing",
     "Sample",
+    "SamplePrompt",
     "SignatureError",
     "SignedManifest",
     "SkippedVariant",
+    "TEXT_GENERATION",
     "TensorData",
     "TensorSpec",
     "TextPreprocessing",
     "Variant",
+    "VariantFile",
     "VariantMetrics",
     "canonical_json",
     "generate_signing_key",
@@ -58,7 +75,7 @@ __all__ = [
     "verify_manifest",
 ]
 
-Dtype = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+Dtype = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool", "string"]
 Sha256 = str
 
 
@@ -83,7 +100,7 @@ class TensorData(_Frozen):
 
     dtype: Dtype
     shape: list[int] = Field(max_length=8)
-    data: list[float] | list[int] | list[bool]
+    data: list[float] | list[int] | list[bool] | list[str]
 
     @model_validator(mode="after")
     def _size_matches(self) -> TensorData:
@@ -168,20 +185,83 @@ class VariantMetrics(_Frozen):
     reference: float | None = Field(default=None, description="the torch model's value")
     latency_ms: float | None = Field(default=None, description="median, batch 1; None when unmeasured")
     latency_note: str | None = Field(default=None, description="'unmeasured: ...' for GPU targets built here")
+    generation: GenerationMetrics | None = Field(default=None, description="text generation: what the gate measured")
+
+
+class VariantFile(_Frozen):
+    """One file of a variant that is a folder (graph, external weights, tokenizer, config)."""
+
+    path: str = Field(
+        min_length=1, max_length=256, pattern=REL_PATH, description="name in the registry; relative path on disk"
+    )
+    size: int = Field(ge=0)
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Batching(_Frozen):
+    """Dynamic batching of a variant: requests stacked on the first axis, run as one.
+
+    The build sets it when every input and output has a leading batch axis and each row's
+    result does not depend on the other rows (not so under dynamic INT8 quantization,
+    whose activation scale is taken over the whole batch). Absent: the agent does not batch.
+    """
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024, description="rows in one run; 1 turns batching off")
+    max_queue_delay_us: int = Field(
+        default=0, ge=0, le=1_000_000, description="how long a request may wait for others to join its batch"
+    )
 
 
 class Variant(_Frozen):
-    """One artifact of a model version, built for one target."""
+    """One artifact of a model version, built for one target.
+
+    A single-file variant is `file` with its `size` and `sha256`. A folder variant also lists
+    `files`, every file of the folder (paths like ``cpu-int4/model.onnx``, all under one
+    folder); `file` is then its graph, one of them, with the same size and hash.
+    """
 
     target: TargetId
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "int8", "int4"]
     providers: list[str] = Field(min_length=1)
     file: str = Field(min_length=1, max_length=256)
     size: int = Field(ge=1)
     sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    files: list[VariantFile] = Field(default_factory=list, max_length=64)
     metrics: VariantMetrics | None = None
     sample: Sample | None = Field(default=None, description="overrides the manifest's sample tolerances")
     recipe: dict[str, Any] = Field(default_factory=dict, description="how the variant was made")
+    batching: Batching | None = Field(default=None, description="None: rows may depend on each other; no batching")
+
+    @model_validator(mode="after")
+    def _folder_is_consistent(self) -> Variant:
+        if not self.files:
+            return self
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"variant {self.target}: a file is listed twice")
+        folders = {p.split("/", 1)[0] if "/" in p else "" for p in paths}
+        if len(folders) != 1 or "" in folders:
+            raise ValueError(f"variant {self.target}: files must all lie in one folder, got {sorted(folders)}")
+        graph = next((f for f in self.files if f.path == self.file), None)
+        if graph is None:
+            raise ValueError(f"variant {self.target}: its graph {self.file!r} is not one of its files")
+        if (graph.size, graph.sha256) != (self.size, self.sha256):
+            raise ValueError(f"variant {self.target}: {self.file!r} has two different sizes or hashes")
+        return self
+
+    @property
+    def folder(self) -> str | None:
+        """Return the folder of a folder variant (``cpu-int4``), None for a single file."""
+        return self.files[0].path.split("/", 1)[0] if self.files else None
+
+    def artifact_files(self) -> list[VariantFile]:
+        """Return every file to download for this variant (one for a single-file variant)."""
+        return list(self.files) or [VariantFile(path=self.file, size=self.size, sha256=self.sha256)]
+
+    def local_path(self, path: str) -> str:
+        """Return a file's path inside the variant folder (``model.onnx`` for ``cpu-int4/model.onnx``)."""
+        folder = self.folder
+        return path[len(folder) + 1 :] if folder and path.startswith(folder + "/") else path
 
 
 class SkippedVariant(_Frozen):
@@ -204,14 +284,37 @@ class Manifest(_Frozen):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     postprocessing: Postprocessing = Field(default_factory=Postprocessing)
     labels: list[str] | None = None
-    sample: Sample
+    sample: Sample | None = Field(default=None, description="required except for text generation (see generation)")
+    generation: GenerationSpec | None = Field(default=None, description="task text-generation only")
     metrics: dict[str, float] = Field(default_factory=dict)
     variants: list[Variant] = Field(default_factory=list)
     skipped: list[SkippedVariant] = Field(default_factory=list)
     lineage: dict[str, Any] = Field(default_factory=dict, description="data hash, training config, parent")
 
-    def variant(self, target: TargetId) -> Variant | None:
-        """Return the variant built for `target`, if any."""
+    @model_validator(mode="after")
+    def _task_sections(self) -> Manifest:
+        if self.task == TEXT_GENERATION:
+            if self.generation is None:
+                raise ValueError("a text-generation manifest needs a generation section")
+            for variant in self.variants:
+                if not variant.files:
+                    raise ValueError(f"text-generation variant {variant.target} must be a folder (files)")
+        elif self.sample is None:
+            raise ValueError(f"a {self.task} manifest needs a sample")
+        elif self.generation is not None:
+            raise ValueError("a generation section belongs to text-generation manifests only")
+        return self
+
+    def files(self) -> list[VariantFile]:
+        """Return every variant file (single files and folder contents), each once, in order."""
+        seen: dict[str, VariantFile] = {}
+        for variant in self.variants:
+            for item in variant.artifact_files():
+                seen.setdefault(item.path, item)
+        return list(seen.values())
+
+    def variant(self, target: TargetId | str) -> Variant | None:
+        """Return the variant built for `target` (an id or its name), if any."""
         return next((v for v in self.variants if v.target == target), None)
 
     def variant_by_sha256(self, sha256: str) -> Variant | None:

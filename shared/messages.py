@@ -134,6 +134,7 @@ class ReportedState(Message):
     errors: list[str] = Field(default_factory=list, max_length=32)
     profile: DeviceProfile | None = None
     agent_version: str = Field(default="", max_length=64)
+    grpc_port: int | None = Field(default=None, ge=0, le=65535, description="KServe v2 gRPC port, when served")
     reported_at: datetime = Field(default_factory=utcnow)
 
 

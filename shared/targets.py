@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "TARGET_PROVIDERS",
     "TARGET_PRECISION",
+    "GENERATION_TARGETS",
     "DeviceProfile",
     "TargetId",
     "choose_targets",
@@ -26,8 +27,10 @@ class TargetId(StrEnum):
 
     CPU_FP32 = "cpu-fp32"
     CPU_INT8 = "cpu-int8"
+    CPU_INT4 = "cpu-int4"
     CUDA_FP16 = "cuda-fp16"
     CUDA_INT8 = "cuda-int8"
+    CUDA_INT4 = "cuda-int4"
     JETSON_FP16 = "jetson-fp16"
     JETSON_TRT_INT8 = "jetson-trt-int8"
 
@@ -40,8 +43,10 @@ TENSORRT = "TensorrtExecutionProvider"
 TARGET_PROVIDERS: dict[TargetId, tuple[str, ...]] = {
     TargetId.CPU_FP32: (CPU,),
     TargetId.CPU_INT8: (CPU,),
+    TargetId.CPU_INT4: (CPU,),
     TargetId.CUDA_FP16: (CUDA, CPU),
     TargetId.CUDA_INT8: (TENSORRT, CUDA, CPU),
+    TargetId.CUDA_INT4: (CUDA, CPU),
     TargetId.JETSON_FP16: (CUDA, CPU),
     TargetId.JETSON_TRT_INT8: (TENSORRT, CUDA, CPU),
 }
@@ -49,11 +54,23 @@ TARGET_PROVIDERS: dict[TargetId, tuple[str, ...]] = {
 TARGET_PRECISION: dict[TargetId, str] = {
     TargetId.CPU_FP32: "fp32",
     TargetId.CPU_INT8: "int8",
+    TargetId.CPU_INT4: "int4",
     TargetId.CUDA_FP16: "fp16",
     TargetId.CUDA_INT8: "int8",
+    TargetId.CUDA_INT4: "int4",
     TargetId.JETSON_FP16: "fp16",
     TargetId.JETSON_TRT_INT8: "int8",
 }
+
+# Targets of language models (weight-only quantized MatMuls with a KV cache); the int4 ones
+# exist only for them. Classifier builds use the others.
+GENERATION_TARGETS: tuple[TargetId, ...] = (
+    TargetId.CPU_INT4,
+    TargetId.CPU_INT8,
+    TargetId.CPU_FP32,
+    TargetId.CUDA_FP16,
+    TargetId.CUDA_INT4,
+)
 
 # CPU flags (as /proc/cpuinfo spells them) with fast 8-bit multiply-accumulate. ONNX Runtime's
 # MLAS has int8 GEMM kernels for AVX2 (vpmaddubsw) and faster ones for VNNI/AMX; on ARM it
@@ -95,7 +112,11 @@ def choose_targets(profile: DeviceProfile) -> list[TargetId]:
     elif CUDA in providers and profile.cuda_devices:
         if TENSORRT in providers:
             choice.append(TargetId.CUDA_INT8)
-        choice.append(TargetId.CUDA_FP16)
+        # Decoding is memory-bound: 4-bit weights beat fp16 on a GPU (only LMs have them).
+        choice += [TargetId.CUDA_INT4, TargetId.CUDA_FP16]
+    # Language models: weight-only int4 decodes fastest on every CPU (MatMulNBits needs no
+    # fast int8 multiply-accumulate); only language-model manifests offer it.
+    choice.append(TargetId.CPU_INT4)
     # The hub publishes cpu-int8 only where it measured faster than fp32; on CPUs
     # without fast 8-bit multiply-accumulate the integer kernels lose, so fp32 comes first.
     if fast_int8_cpu(profile):

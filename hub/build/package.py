@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from shared.manifest import (
+    Batching,
     Dtype,
     Manifest,
     Sample,
@@ -22,7 +23,15 @@ from shared.manifest import (
 )
 from shared.targets import TargetId
 
-__all__ = ["file_digest", "sample_for", "tensor_data", "tensor_specs", "text_preprocessing", "variant_entry"]
+__all__ = [
+    "batching_for",
+    "file_digest",
+    "sample_for",
+    "tensor_data",
+    "tensor_specs",
+    "text_preprocessing",
+    "variant_entry",
+]
 
 _ONNX_DTYPES: dict[int, Dtype] = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
@@ -100,6 +109,7 @@ def variant_entry(
     metrics: VariantMetrics,
     sample: Sample | None,
     recipe: dict[str, Any],
+    batching: Batching | None = None,
 ) -> Variant:
     """Return one manifest variant with the file's size and hash."""
     size, sha = file_digest(path)
@@ -113,7 +123,17 @@ def variant_entry(
         metrics=metrics,
         sample=sample,
         recipe=recipe,
+        batching=batching,
     )
+
+
+def batching_for(inputs: list[TensorSpec], outputs: list[TensorSpec], recipe: dict[str, Any]) -> Batching | None:
+    """Return the batching a variant allows: a leading batch axis everywhere, rows independent of each other."""
+    batch_axis = all(spec.shape and spec.shape[0] == "batch" for spec in [*inputs, *outputs])
+    # Dynamic quantization takes one activation scale over the whole batch: a row's result
+    # would depend on the rows run with it.
+    dynamic = str(recipe.get("method", "")).startswith("dynamic")
+    return Batching() if batch_axis and not dynamic else None
 
 
 def skipped(target: TargetId, reason: str) -> SkippedVariant:

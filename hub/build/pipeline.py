@@ -28,6 +28,7 @@ from hub.build.request import BuildRequest
 from hub.build.runner import make_session, run_onnx, session_feed
 from hub.build.sensitivity import exclusion_steps, rank_nodes
 from hub.build.targets import Recipe, recipe_for
+from shared import tracing
 from shared.manifest import Manifest, Preprocessing, VariantMetrics
 from shared.targets import TargetId
 
@@ -99,6 +100,7 @@ def _quiet(step: str, detail: str) -> None:
     logger.info("%s: %s", step, detail)
 
 
+@tracing.traced("hub.build")
 def build(request: BuildRequest, workdir: Path, progress: Progress | None = None) -> BuildResult:
     """Build every requested target, gate it, and return the manifest and files to register."""
     say = progress or _quiet
@@ -226,6 +228,7 @@ def _mean_error(ctx: _Context, path: Path, rows: int = 32) -> float:
     return 1.0 - float(gate.cosine_rows(outputs[0], ctx.reference[0][:rows]).mean())
 
 
+@tracing.traced("hub.build.target")
 def _build_target(ctx: _Context, recipe: Recipe) -> _Artifact:
     """Build, check and score one target; for INT8, retry without the most sensitive nodes."""
     dest = _file(ctx, recipe)
@@ -296,6 +299,7 @@ def _onnx_runner(path: Path, row: dict[str, np.ndarray], threads: int) -> Callab
     return lambda: session.run(None, feed)
 
 
+@tracing.traced("hub.build.package")
 def _package(
     ctx: _Context,
     artifacts: dict[TargetId, _Artifact],
@@ -336,6 +340,7 @@ def _package(
                 metrics,
                 sample,
                 {**art.recipe, "gate": decision.reason},
+                package.batching_for(inputs, outputs, art.recipe),
             )  # fmt: skip
         )
     preprocessing = request.preprocessing

@@ -15,7 +15,8 @@ from shared.targets import TargetId
 
 __all__ = ["BuildRequest", "DEFAULT_TARGETS", "TransformerShape", "parse_targets"]
 
-DEFAULT_TARGETS: tuple[TargetId, ...] = tuple(TargetId)
+# int4 targets are weight-only quantized language models (hub.build.textgen); not for tensors in, tensors out.
+DEFAULT_TARGETS: tuple[TargetId, ...] = tuple(t for t in TargetId if t not in (TargetId.CPU_INT4, TargetId.CUDA_INT4))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$")
 
@@ -105,6 +106,8 @@ class BuildRequest:
         object.__setattr__(
             self, "targets", parse_targets([t.value if isinstance(t, TargetId) else t for t in self.targets])
         )
+        if int4 := [t.value for t in self.targets if t not in DEFAULT_TARGETS]:
+            raise BuildInputError("targets", f"{', '.join(int4)}: int4 targets are built for text generation only")
         if TargetId.CPU_FP32 not in self.targets:
             # cpu-fp32 is the baseline every other variant is gated against, and the fallback.
             object.__setattr__(self, "targets", (TargetId.CPU_FP32, *self.targets))

@@ -9,7 +9,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -51,21 +51,40 @@ def load_arrays(
 
 
 def build_command(
-    model: Annotated[Path, typer.Argument(help="torch.save'd module, TorchScript file, or Hugging Face directory")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="torch.save'd module, TorchScript file, or Hugging Face directory (a causal LM folder builds text generation)"
+        ),
+    ],
     name: Annotated[str, typer.Option("--name", help="model name in the registry")],
     version: Annotated[str, typer.Option("--version", help="semantic version of this build")],
     validation: Annotated[
-        Path, typer.Option(help=".npz of inputs by name (+ 'labels'), or .txt sentences for text models")
+        Path,
+        typer.Option(
+            help=".npz of inputs by name (+ 'labels'), or .txt sentences for text models; "
+            "for text generation a .txt file or a folder of text files (perplexity)"
+        ),
     ],
     targets: Annotated[
         list[str] | None, typer.Option("--targets", help="target ids, repeated or comma-separated [default: all]")
     ] = None,
     calibration: Annotated[Path | None, typer.Option(help="calibration set, same format as --validation")] = None,
-    task: Annotated[str | None, typer.Option(help="classification, embedding or regression [default: guessed]")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="classification, embedding, regression or text-generation [default: guessed]")
+    ] = None,
     output: Annotated[list[str] | None, typer.Option("--output", help="output tensor names, in order")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest accuracy loss a variant may have")] = 0.01,
     min_cosine: Annotated[float, typer.Option(help="smallest cosine to torch for embedding models")] = 0.98,
     threads: Annotated[int, typer.Option(help="threads for latency measurement")] = 1,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="text generation: sample prompt for the parity check, repeated")
+    ] = None,
+    parity_tokens: Annotated[int, typer.Option(help="text generation: greedy tokens that must equal torch's")] = 8,
+    max_ppl_change: Annotated[
+        list[str] | None,
+        typer.Option("--max-ppl-change", help="text generation: PRECISION=FRACTION, e.g. int4=0.05 (repeated)"),
+    ] = None,
     workdir: Annotated[Path | None, typer.Option(help="keep build files here [default: a temporary dir]")] = None,
     register: Annotated[bool, typer.Option("--register/--no-register", help="register with the hub")] = True,
     alias: Annotated[
@@ -79,15 +98,20 @@ def build_command(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        lm = _is_causal_lm(model, task)
+
+        def run(where: Path) -> BuildResult:
+            if lm:
+                return _run_text_generation(model, name, version, validation, targets, threads, prompt,
+                                            parity_tokens, max_ppl_change, where)  # fmt: skip
+            return _run(model, name, version, validation, targets, calibration, task, output, max_accuracy_drop,
+                        min_cosine, threads, where)  # fmt: skip
+
         if workdir is not None:
-            result = _run(model, name, version, validation, targets, calibration, task, output, max_accuracy_drop,
-                          min_cosine, threads, workdir)  # fmt: skip
-            _finish(result, register, data_dir, workdir, alias or [])
+            _finish(run(workdir), register, data_dir, workdir, alias or [])
         else:
             with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as tmp:
-                result = _run(model, name, version, validation, targets, calibration, task, output,
-                              max_accuracy_drop, min_cosine, threads, Path(tmp))  # fmt: skip
-                _finish(result, register, data_dir, None, alias or [])
+                _finish(run(Path(tmp)), register, data_dir, None, alias or [])
     except (BuildError, HubError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -153,6 +177,84 @@ def _run(
         result = build(request, workdir, say)
         bar.update(current, description="[green]built[/green]")
     return result
+
+
+def _is_causal_lm(model: Path, task: str | None) -> bool:
+    """Whether the model is a text-generation checkpoint (a Hugging Face causal LM folder)."""
+    if task is not None:
+        return task == "text-generation"
+    config = model / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in architectures)
+
+
+def _validation_texts(path: Path) -> tuple[str, ...]:
+    from hub.build.errors import BuildInputError
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst"))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise BuildInputError("validation", f"{path} does not exist")
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BuildInputError("validation", f"{file}: not readable UTF-8 text: {exc}") from exc
+    if not any(t.strip() for t in texts):
+        raise BuildInputError("validation", f"{path} holds no text")
+    return tuple(texts)
+
+
+def _run_text_generation(
+    model: Path,
+    name: str,
+    version: str,
+    validation: Path,
+    targets: list[str] | None,
+    threads: int,
+    prompts: list[str] | None,
+    parity_tokens: int,
+    budgets: list[str] | None,
+    workdir: Path,
+) -> BuildResult:
+    from hub.build.errors import BuildInputError
+    from hub.build.textgen import build_text_generation
+    from hub.build.textgen_request import TextGenBuildRequest
+    from shared.targets import GENERATION_TARGETS
+
+    changes = {"int8": 0.01, "int4": 0.05, "fp32": 0.001}
+    for item in budgets or []:
+        precision, _, value = item.partition("=")
+        try:
+            changes[precision.strip()] = float(value)
+        except ValueError as exc:
+            raise BuildInputError("request", f"--max-ppl-change {item!r}: expected PRECISION=FRACTION") from exc
+    extra: dict[str, Any] = {"sample_prompts": tuple(prompts)} if prompts else {}
+    request = TextGenBuildRequest(
+        name=name,
+        version=version,
+        checkpoint=model,
+        validation_texts=_validation_texts(validation),
+        targets=tuple(targets) if targets else GENERATION_TARGETS,  # type: ignore[arg-type]
+        parity_tokens=parity_tokens,
+        max_ppl_change=changes,
+        threads=max(threads, 1),
+        lineage={"source": "checkpoint", "model_path": str(model)},
+        **extra,
+    )
+
+    def say(step: str, detail: str) -> None:
+        typer.echo(f"{step}: {detail}", err=True)
+
+    return build_text_generation(request, workdir, say)
 
 
 def _finish(

@@ -58,6 +58,43 @@ publish:
   model: digits
   version: auto
 """
+LM_MODEL = "stdlib-code"
+# A code-completion model beside the digits one (examples/code-completion/task.yaml cut down so
+# it trains and builds in well under a minute): the standard library's source, one tiny Qwen2,
+# exported as int4 (and the fp32 baseline the gate compares it with).
+_LM_TASK = """\
+task: text-generation
+data:
+  path: builtin:python-stdlib
+  extensions: [.py]
+  max_bytes: 400000
+  max_line_length: 400
+  validation_split: 0.05
+model:
+  candidates: [qwen2]
+  auto_select: false
+  vocab_size: 1024
+  max_length: 64
+training:
+  batch_size: 8
+  lr: 0.004
+  max_steps: {steps}
+  seed: 0
+resource:
+  threads: 2
+generation:
+  context_length: 256
+  max_new_tokens: 32
+  temperature: 0.0
+  sample_prompts: ["def __init__(self):\\n"]
+build:
+  targets: [cpu-int4]
+  parity_tokens: 8
+publish:
+  model: stdlib-code
+  version: auto
+"""
+LM_PROMPT = "import os\n\n\ndef "
 AGENTS = (("edge-a", {"site": "demo", "ring": "canary"}), ("edge-b", {"site": "demo", "ring": "stable"}))
 
 
@@ -133,6 +170,7 @@ class Demo:
     epochs: int
     requests: int
     say: Callable[[str], None]
+    lm_steps: int = 60
     children: Children = field(default_factory=Children)
     port: int = field(default_factory=_free_port)
     mqtt_port: int = field(default_factory=_free_port)
@@ -208,6 +246,7 @@ class Demo:
         versions = [self.train(seed=0, epochs=max(1, self.epochs - 1)), self.train(seed=1, epochs=self.epochs)]
         baseline, candidate = versions
         self.say(f"registered {MODEL} {baseline} (baseline) and {candidate} (candidate)")
+        lm_version = self.train_lm() if self.lm_steps else None
 
         hub = [*_script("autodl-hub", "hub.cli.main"), "serve", "--log-level", "warning"]
         self.children.spawn("hub", hub, self.env(), self.data_dir / "hub.log")
@@ -217,14 +256,25 @@ class Demo:
         agents = [self.start_agent(key, name, labels) for name, labels in AGENTS]
         for agent in agents:
             self.api(key, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": baseline})
+            if lm_version is not None:
+                self.api(key, "PUT", f"/devices/{agent.device_id}/models/{LM_MODEL}", json={"version": lm_version})
         for agent in agents:
             _wait(f"{agent.name} to serve {baseline}", functools.partial(agent.serves, baseline), 180, self.children)
-        self.say(f"both agents serve {baseline}")
+            if lm_version is not None:
+                serves_lm = functools.partial(agent.serves, lm_version, LM_MODEL)
+                _wait(f"{agent.name} to serve {LM_MODEL} {lm_version}", serves_lm, 180, self.children)
+        self.say(f"both agents serve {MODEL} {baseline}" + (f" and {LM_MODEL} {lm_version}" if lm_version else ""))
 
         rollout = self.rollout(key, candidate, agents)
         self.say(f"rollout {rollout['id']}: {rollout['state']}")
 
         latency = self.infer(agents[0])
+        completion = agents[1].stream_completion(LM_PROMPT, 32) if lm_version is not None else None
+        if completion is not None:
+            self.say(
+                f"streamed {completion['tokens']} tokens of {LM_MODEL} from {agents[1].name}: "
+                f"first after {completion['ttft_ms']} ms"
+            )
         points = _wait("telemetry from both agents", lambda: self._telemetry(key, agents), 60, self.children)
         return {
             "hub_url": self.url,
@@ -246,6 +296,8 @@ class Demo:
                 for a in agents
             ],
             "inference": latency,
+            "lm_version": lm_version,
+            "completion": completion,
             "telemetry_points": points,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
@@ -257,6 +309,19 @@ class Demo:
         out = self.hub_cli(f"train-{seed}", "train", str(task), "--json")
         summary = json.loads(out.strip().splitlines()[-1])
         self.say(f"  {MODEL} {summary['version']}: test accuracy {summary['test_metric']:.3f}")
+        version: str = summary["version"]
+        return version
+
+    def train_lm(self) -> str:
+        task = self.data_dir / "stdlib-code.yaml"
+        task.write_text(_LM_TASK.format(steps=self.lm_steps))
+        self.say(f"training {LM_MODEL} on the Python standard library ({self.lm_steps} steps), int4 build ...")
+        out = self.hub_cli("train-lm", "train", str(task), "--json")
+        summary = json.loads(out.strip().splitlines()[-1])
+        self.say(
+            f"  {LM_MODEL} {summary['version']}: validation perplexity {summary['test_metric']:.1f} "
+            f"(unigram {summary['baseline']:.1f}), published {', '.join(summary['published_targets'])}"
+        )
         version: str = summary["version"]
         return version
 
@@ -357,15 +422,46 @@ class DemoAgent:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def serving(self) -> str | None:
+    def serving(self, model: str = MODEL) -> str | None:
         import httpx
 
-        response = httpx.get(f"{self.url}/v2/models/{MODEL}", timeout=5)
-        return str(response.json()["versions"][0]) if response.status_code == 200 else None
+        response = httpx.get(f"{self.url}/v1/models", timeout=5)
+        if response.status_code != 200:
+            return None
+        return next((str(m["version"]) for m in response.json()["models"] if m["name"] == model), None)
 
-    def serves(self, version: str) -> bool:
-        """Return True when the local API serves `version` of the model."""
-        return self.serving() == version
+    def serves(self, version: str, model: str = MODEL) -> bool:
+        """Return True when the local API serves `version` of `model`."""
+        return self.serving(model) == version
+
+    def stream_completion(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """Stream one completion from the agent's OpenAI-compatible API (SSE); return text and timings."""
+        import httpx
+
+        body = {"model": LM_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        pieces: list[str] = []
+        first: float | None = None
+        started = time.perf_counter()
+        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=60) as response:
+            if response.status_code != 200:
+                raise DemoError(f"{self.name} /v1/completions: {response.status_code} {response.read()[:300]!r}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[6:]).get("choices", []):
+                    if choice.get("text"):
+                        first = first if first is not None else time.perf_counter()
+                        pieces.append(choice["text"])
+        elapsed = time.perf_counter() - started
+        ttft = (first - started) if first is not None else elapsed
+        return {
+            "agent": self.name,
+            "prompt": prompt,
+            "text": "".join(pieces),
+            "tokens": len(pieces),
+            "ttft_ms": round(ttft * 1000, 1),
+            "tokens_per_s": round((len(pieces) - 1) / (elapsed - ttft), 1) if len(pieces) > 1 else None,
+        }
 
     def predict(self, images: list[str]) -> dict[str, Any]:
         import httpx
@@ -412,6 +508,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ],
         f"  inference    {inference['requests']} requests to {inference['agent']} ({inference['model_version']}): "
         f"accuracy {inference['accuracy']:.3f}, p50 {inference['p50_ms']} ms, p95 {inference['p95_ms']} ms",
+        *(
+            [
+                f"  generation   {summary['completion']['tokens']} tokens of stdlib-code {summary['lm_version']} "
+                f"streamed from {summary['completion']['agent']} (first after {summary['completion']['ttft_ms']} ms, "
+                f"{summary['completion']['tokens_per_s']} tokens/s):",
+                *[f"               | {line}" for line in (LM_PROMPT + summary["completion"]["text"]).splitlines()],
+            ]
+            if summary.get("completion")
+            else []
+        ),
         f"  telemetry    {summary['telemetry_points']} points received by the hub",
         f"  took         {summary['elapsed_s']} s",
         f"  API docs     {summary['docs_url']}",
@@ -435,6 +541,9 @@ def demo(
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, max=50, help="training epochs of the candidate version")] = 4,
     requests: Annotated[int, typer.Option(min=1, max=1000, help="inference requests sent after the rollout")] = 50,
+    lm_steps: Annotated[
+        int, typer.Option(min=0, max=10_000, help="training steps of the text-generation model (0: leave it out)")
+    ] = 60,
     keep_running: Annotated[
         bool, typer.Option("--keep-running/--exit", help="after the summary, keep serving until Ctrl-C")
     ] = True,
@@ -442,7 +551,13 @@ def demo(
 ) -> None:
     """Run the whole loop locally: hub, training, two agents, a canary rollout, inference."""
     root = data_dir or Path(tempfile.mkdtemp(prefix="autodl-demo-"))
-    run = Demo(data_dir=root.resolve(), epochs=epochs, requests=requests, say=lambda m: typer.echo(f"[demo] {m}"))
+    run = Demo(
+        data_dir=root.resolve(),
+        epochs=epochs,
+        requests=requests,
+        say=lambda m: typer.echo(f"[demo] {m}"),
+        lm_steps=lm_steps,
+    )
     typer.echo(f"[demo] data dir {run.data_dir} (logs: *.log there)")
     code = 0
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

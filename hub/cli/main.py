@@ -14,6 +14,7 @@ from hub.cli.demo import demo
 from hub.cli.fleet import command_app, device_app, model_app
 from hub.cli.rollouts import rollout_app
 from hub.cli.train import train
+from shared import tracing
 
 app = typer.Typer(help="autodl hub: train, build, publish and roll out models.", no_args_is_help=True)
 app.command()(init)
@@ -69,4 +70,5 @@ def serve(
 
 def main() -> None:
     """Console-script entry point."""
+    tracing.configure("autodl-hub")  # free unless OTEL_* names an exporter (docs/observability.md)
     app()

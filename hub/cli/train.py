@@ -89,6 +89,20 @@ def _print_summary(summary: dict[str, object]) -> None:
         return
     metric = summary["metric"]
     typer.echo(f"{summary['model']} {summary['version']} registered ({summary['candidate']})")
+    if metric == "perplexity":
+        typer.echo(
+            f"  validation perplexity: {summary['test_metric']:.2f} (unigram baseline {summary['baseline']:.2f})"
+        )
+        scores = summary["candidate_scores"]
+        assert isinstance(scores, dict)
+        for name, value in scores.items():
+            typer.echo(f"  candidate {name}: validation perplexity {value:.2f}")
+        typer.echo(f"  published: {', '.join(summary['published_targets']) or 'none'}")  # type: ignore[arg-type]
+        skipped_lm = summary["skipped_targets"]
+        assert isinstance(skipped_lm, dict)
+        for target, reason in skipped_lm.items():
+            typer.echo(f"  skipped {target}: {reason}")
+        return
     typer.echo(f"  test {metric}: {summary['test_metric']:.4f} (majority/mean baseline {summary['baseline']:.4f})")
     typer.echo(f"  cv {metric}: {summary['cv_score']:.4f} (baseline {summary['cv_baseline']:.4f})")
     typer.echo(f"  published: {', '.join(summary['published_targets']) or 'none'}")  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ from hub.messaging.decode import TelemetryRows, decode_telemetry
 from hub.messaging.ingest import CounterSnapshot, IngestRejected, MessageCounters
 from hub.messaging.writer import Inbound, IngestWriter
 from hub.models import Command, CommandStatus, Device, utcnow
-from shared import codec, topics
+from shared import codec, topics, tracing
 from shared.messages import Command as CommandMessage
 from shared.messages import CommandResult, DesiredState, Presence, Release, ReportedState, TelemetryBatch
 from shared.topics import DeviceChannel
@@ -332,9 +332,13 @@ class HubMessaging:
                 state.revision, self._desired_revision.get(state.device_id, -1)
             )
             try:
-                self._publish(
-                    topics.device_topic(state.device_id, DeviceChannel.DESIRED), codec.encode(state), retain=True
-                )
+                with tracing.span("hub.mqtt.publish desired", {"device": state.device_id, "revision": state.revision}):
+                    self._publish(
+                        topics.device_topic(state.device_id, DeviceChannel.DESIRED),
+                        codec.encode(state),
+                        retain=True,
+                        properties=_with_trace(None),
+                    )
             except MessagingUnavailable as exc:
                 logger.info("desired state of %s goes out on reconnect: %s", state.device_id, exc)
                 return False
@@ -385,12 +389,13 @@ class HubMessaging:
                 raise CommandExpired(f"command {cmd.id} expired at {cmd.expires_at.isoformat()}")
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.MessageExpiryInterval = max(1, math.ceil(remaining))
-        self._publish(
-            topics.device_topic(cmd.device_id, DeviceChannel.COMMANDS),
-            codec.encode(cmd),
-            retain=False,
-            properties=properties,
-        )
+        with tracing.span("hub.mqtt.publish command", {"device": cmd.device_id, "command": cmd.name}):
+            self._publish(
+                topics.device_topic(cmd.device_id, DeviceChannel.COMMANDS),
+                codec.encode(cmd),
+                retain=False,
+                properties=_with_trace(properties),
+            )
 
     # -- metrics ----------------------------------------------------------------------
 
@@ -438,3 +443,14 @@ class _MessagingCollector(Collector):
             "Validated messages waiting for the database writer",
             value=self._messaging.queue_depth,
         )
+
+
+def _with_trace(properties: Properties | None) -> Properties | None:
+    """Add the current span's `traceparent` as an MQTT 5 user property (nothing when tracing is off)."""
+    carried = tracing.user_properties()
+    if not carried:
+        return properties
+    if properties is None:
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = carried
+    return properties

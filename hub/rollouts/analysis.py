@@ -3,7 +3,8 @@
 Evidence comes in two parts. Update outcomes: what each device of the step reports for
 the model (running the new version, rolled back, still updating). Telemetry: requests,
 errors and p95 latency of the devices on the new version versus those still on the
-previous one, over the same window, so a fleet-wide load change does not fail a canary.
+previous one, over the same window, so a fleet-wide load change does not fail a canary;
+for a text-generation model also time to first token and decode tokens/s.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class CohortMetrics:
     requests: float = 0.0
     errors: float = 0.0
     latency_p95_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    decode_tps: float | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -128,18 +131,33 @@ def classify(obs: DeviceObservation, version: str) -> Outcome:
 def aggregate_metrics(
     points: Iterable[tuple[str, str, float]], criteria: AnalysisCriteria, devices: int
 ) -> CohortMetrics:
-    """Sum requests and errors and average p95 latency over (device, name, value) points."""
+    """Sum requests and errors; average p95 latency, time to first token and decode tokens/s over (device, name, value) points."""
     requests = errors = 0.0
-    latencies: list[float] = []
+    series: dict[str, list[float]] = {
+        criteria.latency_metric: [],
+        criteria.ttft_metric: [],
+        criteria.decode_tps_metric: [],
+    }
     for _device, name, value in points:
         if name == criteria.requests_metric:
             requests += value
         elif name == criteria.errors_metric:
             errors += value
-        elif name == criteria.latency_metric:
-            latencies.append(value)
-    latency = sum(latencies) / len(latencies) if latencies else None
-    return CohortMetrics(devices=devices, requests=requests, errors=errors, latency_p95_ms=latency)
+        elif name in series:
+            series[name].append(value)
+
+    def mean(name: str) -> float | None:
+        values = series[name]
+        return sum(values) / len(values) if values else None
+
+    return CohortMetrics(
+        devices=devices,
+        requests=requests,
+        errors=errors,
+        latency_p95_ms=mean(criteria.latency_metric),
+        ttft_p95_ms=mean(criteria.ttft_metric),
+        decode_tps=mean(criteria.decode_tps_metric),
+    )
 
 
 def _telemetry_problem(evidence: StepEvidence, criteria: AnalysisCriteria) -> str | None:
@@ -159,6 +177,26 @@ def _telemetry_problem(evidence: StepEvidence, criteria: AnalysisCriteria) -> st
             return (
                 f"p95 latency {new_p95:.1f} ms on {evidence.version} vs {old_p95:.1f} ms on the previous version "
                 f"(allowed increase {criteria.max_latency_increase:.0%})"
+            )
+    return _generation_problem(evidence, criteria)
+
+
+def _generation_problem(evidence: StepEvidence, criteria: AnalysisCriteria) -> str | None:
+    """Compare a text-generation canary's time to first token and decode speed with the previous version."""
+    canary, base = evidence.canary, evidence.baseline
+    if criteria.max_ttft_increase is not None:
+        new, old = canary.ttft_p95_ms, base.ttft_p95_ms
+        if new is not None and old is not None and new > old * (1 + criteria.max_ttft_increase):
+            return (
+                f"time to first token (p95) {new:.1f} ms on {evidence.version} vs {old:.1f} ms on the previous version "
+                f"(allowed increase {criteria.max_ttft_increase:.0%})"
+            )
+    if criteria.max_decode_tps_drop is not None:
+        new, old = canary.decode_tps, base.decode_tps
+        if new is not None and old is not None and new < old * (1 - criteria.max_decode_tps_drop):
+            return (
+                f"decode {new:.1f} tokens/s on {evidence.version} vs {old:.1f} tokens/s on the previous version "
+                f"(allowed drop {criteria.max_decode_tps_drop:.0%})"
             )
     return None
 

@@ -44,6 +44,7 @@ from hub.rollouts.plan import (
 from hub.rollouts.queries import get_rollout, list_rollouts, members_of, read_spec
 from hub.rollouts.spec import RolloutSpec, Selector
 from hub.rollouts.telemetry import cohort_metrics
+from shared import tracing
 from shared.messages import DesiredModel, DesiredState
 
 __all__ = [
@@ -108,6 +109,7 @@ def _fleet(session: Session) -> list[Device]:
     return list(session.exec(select(Device).where(col(Device.decommissioned).is_(False))))
 
 
+@tracing.traced("hub.rollout.create")
 def create_rollout(session: Session, spec: RolloutSpec, *, actor: str) -> Rollout:
     """Register a rollout in state running; the controller moves the first cohort on its next tick."""
     resolve_version(session, spec.model, spec.version)  # 404 for an unknown model or version
@@ -372,6 +374,7 @@ def _finish(session: Session, rollout: Rollout, state: RolloutState, reason: str
     session.add(rollout)
 
 
+@tracing.traced("hub.rollout.step")
 def advance(session: Session, ctx: RolloutContext, rollout_id: str) -> Rollout:
     """Run one reconcile step of a running rollout: add newcomers, move cohorts, judge, act."""
     rollout = get_rollout(session, rollout_id, for_update=True)
@@ -416,6 +419,7 @@ def advance(session: Session, ctx: RolloutContext, rollout_id: str) -> Rollout:
     return rollout
 
 
+@tracing.traced("hub.rollout.action")
 def act(
     session: Session, ctx: RolloutContext, rollout_id: str, event: Event, *, actor: str, reason: str = ""
 ) -> Rollout:

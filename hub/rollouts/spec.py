@@ -89,7 +89,8 @@ class AnalysisCriteria(BaseModel):
 
     Telemetry is read from points named `requests_metric`, `errors_metric` (counters per
     interval) and `latency_metric` (a p95 in milliseconds), labelled with the model name
-    and version (see `shared.metrics`).
+    and version (see `shared.metrics`); for text generation also `ttft_metric` (time to
+    first token, p95 ms) and `decode_tps_metric` (decode tokens/s), absent for other models.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,6 +103,12 @@ class AnalysisCriteria(BaseModel):
     max_latency_increase: float | None = Field(
         default=0.5, ge=0, description="allowed relative rise of p95 latency (0.5 = +50%); None = skip"
     )
+    max_ttft_increase: float | None = Field(
+        default=0.5, ge=0, description="text generation: allowed relative rise of time to first token; None = skip"
+    )
+    max_decode_tps_drop: float | None = Field(
+        default=0.3, ge=0, le=1, description="text generation: allowed relative drop of decode tokens/s; None = skip"
+    )
     min_requests: int = Field(default=1, ge=0, description="requests each side needs before telemetry is compared")
     min_observation_s: float = Field(default=60.0, ge=0, description="time on a step before it may pass")
     update_timeout_s: float = Field(
@@ -110,6 +117,8 @@ class AnalysisCriteria(BaseModel):
     requests_metric: str = Field(default=metrics.REQUESTS, min_length=1, max_length=128)
     errors_metric: str = Field(default=metrics.ERRORS, min_length=1, max_length=128)
     latency_metric: str = Field(default=metrics.LATENCY_P95_MS, min_length=1, max_length=128)
+    ttft_metric: str = Field(default=metrics.TTFT_P95_MS, min_length=1, max_length=128)
+    decode_tps_metric: str = Field(default=metrics.DECODE_TPS, min_length=1, max_length=128)
 
 
 class RolloutSpec(BaseModel):

@@ -1,4 +1,5 @@
-"""Telemetry of a rollout's cohorts: requests, errors and p95 latency of one model version, or of any other."""
+"""Telemetry of a rollout's cohorts: requests, errors, p95 latency (and for text generation time to first
+token and tokens/s) of one model version, or of any other."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def cohort_metrics(
     on_version: bool,
 ) -> CohortMetrics:
     """Aggregate the model's telemetry of `devices` since `since`, on `version` or on any other."""
-    names = [criteria.requests_metric, criteria.errors_metric, criteria.latency_metric]
+    names = [
+        criteria.requests_metric,
+        criteria.errors_metric,
+        criteria.latency_metric,
+        criteria.ttft_metric,
+        criteria.decode_tps_metric,
+    ]
     points: list[tuple[str, str, float]] = []
     for chunk in chunks(devices):
         query = select(TelemetryPoint).where(

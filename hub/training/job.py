@@ -20,14 +20,17 @@ from hub.training.progress import Progress
 from hub.training.runner import TrainedModel, check_task, train_task
 from hub.training.search import resolve_storage
 from hub.training.spec import TaskSpec, load_spec, parse_spec
+from shared import tracing
 
 if TYPE_CHECKING:
     from sqlmodel import Session
 
     from hub.build.request import BuildRequest
+    from hub.build.textgen_request import TextGenBuildRequest
     from hub.config import HubSettings
+    from hub.training.lm_runner import TrainedLM
 
-__all__ = ["TrainSummary", "build_request", "next_version", "run_training"]
+__all__ = ["TrainSummary", "build_request", "next_version", "run_training", "text_generation_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class TrainSummary:
     aliases: list[str] = field(default_factory=list)
     data_report: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
+    candidate_scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-able data."""
@@ -72,6 +76,7 @@ class TrainSummary:
             "dry_run": self.dry_run,
             "data_report": self.data_report,
             "plan": self.plan,
+            "candidate_scores": self.candidate_scores,
         }
 
 
@@ -131,6 +136,7 @@ def build_request(trained: TrainedModel, name: str, version: str, *, parent: str
     )
 
 
+@tracing.traced("hub.training.job")
 def run_training(
     task: Path | str,
     settings: HubSettings,
@@ -148,6 +154,10 @@ def run_training(
     else:
         base_dir = base_dir or Path.cwd()
         spec = parse_spec(task, source="task", base_dir=base_dir)
+    if spec.task == "text-generation":
+        return _run_text_generation(
+            spec, base_dir, settings, dry_run=dry_run, progress=progress, cancel=cancel, actor=actor
+        )
     if dry_run:
         plan = check_task(spec, base_dir)
         return TrainSummary(
@@ -220,3 +230,146 @@ def _build_and_publish(
         aliases=list(spec.publish.aliases),
         data_report=trained.report.to_dict(),
     )
+
+
+def text_generation_request(
+    trained: TrainedLM, name: str, version: str, *, parent: str | None = None
+) -> TextGenBuildRequest:
+    """Turn a trained language model into a build request for ``hub.build.textgen``."""
+    from hub.build.textgen_request import TextGenBuildRequest
+    from shared.manifest import GenerationDefaults
+    from shared.targets import GENERATION_TARGETS
+
+    spec = trained.spec
+    generation = trained.generation
+    lineage = dict(trained.lineage)
+    if parent is not None:
+        lineage["parent_version"] = parent
+    targets = tuple(spec.build.targets) if "targets" in spec.build.model_fields_set else GENERATION_TARGETS
+    return TextGenBuildRequest(
+        name=name,
+        version=version,
+        checkpoint=trained.model_dir,
+        validation_ids=tuple(tuple(int(t) for t in row) for row in trained.validation_ids),
+        sample_prompts=tuple(trained.sample_prompts),
+        parity_tokens=spec.build.parity_tokens,
+        max_ppl_change={
+            "fp32": 0.001,
+            "int8": spec.build.max_ppl_increase_int8,
+            "int4": spec.build.max_ppl_increase_int4,
+        },
+        targets=targets,
+        defaults=GenerationDefaults(
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            top_k=generation.top_k,
+            stop=list(generation.stop),
+        ),
+        context_length=generation.context_length,
+        chat_template=trained.chat_template,
+        candidate_scores={s.name: s.val_perplexity for s in trained.candidates},
+        metrics=dict(trained.metrics),
+        lineage=lineage,
+        threads=spec.resource.threads or 2,
+    )
+
+
+def _run_text_generation(
+    spec: TaskSpec,
+    base_dir: Path,
+    settings: HubSettings,
+    *,
+    dry_run: bool,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    actor: str,
+) -> TrainSummary:
+    """Train a text-generation task into a Hugging Face folder, then build and publish it."""
+    from hub.training.lm_runner import check_text_generation, train_text_generation
+
+    if dry_run:
+        plan = check_text_generation(spec, base_dir)
+        return TrainSummary(
+            model=spec.publish.model,
+            task=spec.task,
+            metric="perplexity",
+            dry_run=True,
+            version=None if spec.publish.version == "auto" else spec.publish.version,
+            data_report=plan.report.to_dict(),
+            plan=plan.to_dict(),
+        )
+    storage = resolve_storage(spec.search.storage, settings.database_url)
+    with tempfile.TemporaryDirectory(prefix=f"train-{spec.publish.model}-") as workdir:
+        trained = train_text_generation(
+            spec, base_dir, Path(workdir), storage=storage, cancel=cancel, progress=progress
+        )
+        published, skipped, version = _publish_text_generation(
+            spec, trained, settings, progress=progress, cancel=cancel, actor=actor
+        )
+    return TrainSummary(
+        model=spec.publish.model,
+        task=spec.task,
+        metric="perplexity",
+        dry_run=False,
+        version=version,
+        test_metric=trained.val_perplexity,
+        cv_score=min(s.val_perplexity for s in trained.candidates),
+        baseline=trained.baseline_perplexity,
+        cv_baseline=trained.baseline_perplexity,
+        candidate=trained.chosen,
+        published_targets=published,
+        skipped_targets=skipped,
+        aliases=list(spec.publish.aliases),
+        data_report=trained.report.to_dict(),
+        candidate_scores={s.name: s.val_perplexity for s in trained.candidates},
+    )
+
+
+def _publish_text_generation(
+    spec: TaskSpec,
+    trained: TrainedLM,
+    settings: HubSettings,
+    *,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    actor: str,
+) -> tuple[list[str], dict[str, str], str]:
+    from sqlmodel import Session
+
+    from hub.db import create_engine_for, migrate
+    from hub.registry import publish_version, set_alias
+
+    try:
+        from hub.build.textgen import build_text_generation
+    except ImportError as exc:
+        raise TrainingError(f"the text-generation build (hub.build.textgen) is not installed: {exc}") from exc
+
+    engine = create_engine_for(settings)
+    migrate(engine)
+    name = spec.publish.model
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            version, parent = next_version(session, name)
+        if spec.publish.version != "auto":
+            version = spec.publish.version
+        request = text_generation_request(trained, name, version, parent=parent)
+
+        def say(step: str, detail: str) -> None:
+            if cancel is not None and cancel.is_set():
+                raise TrainingError("cancelled during the build")
+            if progress is not None:
+                progress.message(f"build: {step}: {detail}")
+
+        with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as workdir:
+            result = build_text_generation(request, Path(workdir), say)
+            with Session(engine, expire_on_commit=False) as session:
+                publish_version(session, settings, result.manifest, result.files, actor=actor)
+                for alias in (a for a in spec.publish.aliases if a != "latest"):
+                    set_alias(session, name, alias, version, actor=actor)
+    finally:
+        engine.dispose()
+    published = [v.target.value for v in result.manifest.variants]
+    if progress is not None:
+        progress.message(f"published {name} {version}: {', '.join(published)}")
+    return published, {s.target.value: s.reason for s in result.manifest.skipped}, version

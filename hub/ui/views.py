@@ -30,12 +30,18 @@ __all__ = [
 
 # Chart groups in page order: a telemetry name goes to the first group whose test matches,
 # so whatever exact names the agent publishes (latency_p50_ms, cpu_percent...) find a chart.
-_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("latency", "Latency (ms)", ("latency",)),
-    ("throughput", "Requests and errors", ("throughput", "requests", "rps", "error")),
-    ("cpu", "CPU", ("cpu",)),
-    ("memory", "Memory", ("mem", "rss")),
+# One unit per chart (the chart script scales bytes to KB/MB/GB and ms to s on its axis):
+# a percentage never shares an axis with bytes, nor a rate with a count.
+_GROUPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("latency", "Latency", "ms", ("latency",)),
+    ("throughput", "Throughput", "req/s", ("throughput", "rps")),
+    ("requests", "Requests and errors per interval", "count", ("requests", "error")),
+    ("cpu", "CPU", "%", ("cpu",)),
+    ("memory", "Memory", "bytes", ("memory_used_bytes", "rss")),
+    ("memory_percent", "Memory in use", "%", ("mem",)),
 )
+# The unit of any other telemetry name, by its suffix.
+_SUFFIX_UNITS = (("_bytes", "bytes"), ("_percent", "%"), ("_ms", "ms"), ("_seconds", "s"), ("_c", "°C"))
 _MAX_POINTS = 50_000
 
 
@@ -138,6 +144,7 @@ class Chart:
 
     key: str
     title: str
+    unit: str = "count"
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -145,28 +152,30 @@ class Chart:
         return {
             "key": self.key,
             "title": self.title,
+            "unit": self.unit,
             "series": [{"name": n, "points": p} for n, p in sorted(self.series.items())],
         }
 
 
-def _group(name: str) -> tuple[str, str]:
+def _group(name: str) -> tuple[str, str, str]:
     lowered = name.lower()
-    for key, title, needles in _GROUPS:
+    for key, title, unit, needles in _GROUPS:
         if any(n in lowered for n in needles):
-            return key, title
-    return f"other:{name}", name
+            return key, title, unit
+    unit = next((u for suffix, u in _SUFFIX_UNITS if lowered.endswith(suffix)), "count")
+    return f"other:{name}", name, unit
 
 
 def charts_for(points: Sequence[TelemetryPoint]) -> list[Chart]:
     """Group telemetry points into the dashboard's charts (latency, throughput, CPU, memory, others)."""
     charts: dict[str, Chart] = {}
     for point in points:
-        key, title = _group(point.name)
-        chart = charts.setdefault(key, Chart(key, title))
+        key, title, unit = _group(point.name)
+        chart = charts.setdefault(key, Chart(key, title, unit))
         model = point.labels.get("model")
         series = f"{point.name} ({model})" if model else point.name
         chart.series.setdefault(series, []).append((int(point.ts.timestamp() * 1000), point.value))
-    order = {key: i for i, (key, _t, _n) in enumerate(_GROUPS)}
+    order = {key: i for i, (key, _t, _u, _n) in enumerate(_GROUPS)}
     return sorted(charts.values(), key=lambda c: (order.get(c.key, len(order)), c.key))
 
 

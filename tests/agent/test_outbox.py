@@ -93,8 +93,10 @@ def test_serving_telemetry_uses_the_rollout_analysis_names(tmp_path: Path) -> No
     assert ("memory_used_bytes", None, None) in got
     # The next interval starts empty.
     assert not any(name == "requests" for name, _, _ in telemetry.collect())
-    text = telemetry.prometheus({"outbox_bytes": 3.0})
-    assert 'autodl_requests_total{model="lin",version="1.0.0"} 100' in text
-    assert 'autodl_request_seconds_bucket{le="+Inf",model="lin",version="1.0.0"} 100' in text
-    assert "autodl_outbox_bytes 3.0" in text
+    text = telemetry.prometheus([("outbox_bytes", "gauge", "Outbox size", [({}, 3.0)])])
+    assert 'autodl_agent_requests_total{model="lin",version="1.0.0"} 100' in text
+    assert 'autodl_agent_request_errors_total{model="lin",version="1.0.0"} 10' in text
+    assert 'autodl_agent_request_duration_seconds_bucket{le="+Inf",model="lin",version="1.0.0"} 100' in text
+    assert "autodl_agent_outbox_bytes 3.0" in text
+    assert "# TYPE autodl_agent_memory_used_ratio gauge" in text  # device gauges in base units
     assert percentile([], 95) == 0.0

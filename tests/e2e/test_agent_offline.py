@@ -81,8 +81,8 @@ def test_offline_buffering_survives_kill_9_and_every_point_arrives_once(fleet: F
     assert served, "no requests telemetry at the hub"
     # The local Prometheus view and the K3s probes.
     metrics = httpx.get(f"{fleet.agent.url}/metrics", timeout=5).text
-    assert f'autodl_requests_total{{model="{MODEL}",version="1.0.0"}}' in metrics
-    assert "autodl_outbox_dropped_total 0" in metrics
+    assert f'autodl_agent_requests_total{{model="{MODEL}",version="1.0.0"}}' in metrics
+    assert "autodl_agent_outbox_dropped_total 0" in metrics
     assert httpx.get(f"{fleet.agent.url}/healthz", timeout=5).status_code == 200
     assert httpx.get(f"{fleet.agent.url}/readyz", timeout=5).status_code == 200
 

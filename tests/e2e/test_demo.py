@@ -57,6 +57,10 @@ def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -
         assert summary["inference"]["model_version"] == candidate
         assert summary["inference"]["accuracy"] >= 0.6  # real digits through a real model
         assert summary["telemetry_points"] > 0
+        # The text-generation model beside the digits one: one completion streamed from an agent.
+        assert summary["lm_version"] == "0.1.0"
+        completion = summary["completion"]
+        assert completion["tokens"] > 0 and completion["text"] and completion["ttft_ms"] > 0
         hub_port = int(summary["hub_url"].rsplit(":", 1)[1])
         ports = [hub_port, *(d["port"] for d in summary["devices"])]
         assert all(_listening(p) for p in ports)

@@ -192,9 +192,15 @@ def publisher(host: str, port: int) -> Iterator[mqtt.Client]:
         client.disconnect()
 
 
-def publish_desired(client: mqtt.Client, device_id: str, revision: int, models: dict[str, DesiredModel]) -> None:
+def publish_desired(
+    client: mqtt.Client,
+    device_id: str,
+    revision: int,
+    models: dict[str, DesiredModel],
+    config: dict[str, Any] | None = None,
+) -> None:
     """Publish a retained desired state, as the hub does."""
-    state = DesiredState(device_id=device_id, revision=revision, models=models)
+    state = DesiredState(device_id=device_id, revision=revision, models=models, config=config or {})
     info = client.publish(
         topics.device_topic(device_id, topics.DeviceChannel.DESIRED), encode(state), qos=1, retain=True
     )

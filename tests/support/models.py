@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from shared.manifest import (
+    Batching,
     Manifest,
     Postprocessing,
     Preprocessing,
@@ -135,6 +136,9 @@ class Release:
 
 
 def tensor(array: np.ndarray) -> TensorData:
+    if array.dtype == object:  # strings (ONNX string tensors)
+        values = [v.decode() if isinstance(v, bytes) else str(v) for v in array.ravel()]
+        return TensorData(dtype="string", shape=list(array.shape), data=values)
     return TensorData(dtype=str(array.dtype), shape=list(array.shape), data=array.ravel().tolist())  # type: ignore[arg-type]
 
 
@@ -192,3 +196,46 @@ def write_files(release: Release, directory: Path) -> dict[str, Path]:
         path.write_bytes(release.files[variant.sha256])
         out[variant.file] = path
     return out
+
+
+def make_model_release(
+    key: Ed25519PrivateKey,
+    name: str,
+    data: bytes,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    sample_in: dict[str, np.ndarray],
+    sample_out: dict[str, np.ndarray],
+    *,
+    version: str = "1.0.0",
+    batching: Batching | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> Release:
+    """Sign any ONNX model with its interface and an exact sample (fp32 on CPU)."""
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task="classification",
+        inputs=inputs,
+        outputs=outputs,
+        preprocessing=preprocessing or Preprocessing(type="tensor"),
+        sample=Sample(
+            inputs={k: tensor(v) for k, v in sample_in.items()},
+            outputs={k: tensor(v) for k, v in sample_out.items()},
+            atol=1e-5,
+            rtol=1e-5,
+        ),
+        variants=[
+            Variant(
+                target=TargetId.CPU_FP32,
+                precision="fp32",
+                providers=["CPUExecutionProvider"],
+                file="model.onnx",
+                size=len(data),
+                sha256=sha,
+                batching=batching,
+            )
+        ],
+    )
+    return Release(name, version, sign_manifest(manifest, key), {sha: data})

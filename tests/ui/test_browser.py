@@ -170,7 +170,19 @@ def test_device_page_draws_telemetry_charts_and_round_trips_a_command(browser: A
     wait_for("every chart line", lambda: lines.count() >= len(expected), timeout=15)
     charts = page.locator("#charts .chart")
     keys = [charts.nth(i).get_attribute("data-chart") for i in range(charts.count())]
-    assert keys[:4] == ["latency", "throughput", "cpu", "memory"]
+    assert keys[:4] == ["latency", "throughput", "requests", "cpu"] and "memory_percent" in keys
+    # One unit per chart, and every axis label fits inside its chart (none cut at the left edge).
+    units = {key: page.locator(f'.chart[data-chart="{key}"] svg').get_attribute("data-axis-unit") for key in keys}
+    assert units["latency"] in ("ms", "s") and units["cpu"] == units["memory_percent"] == "%", units
+    if "memory" in keys:  # the real agent's memory_used_bytes and process_rss_bytes
+        assert units["memory"] in ("KB", "MB", "GB"), units
+    # In one evaluation: the page redraws its charts as telemetry arrives.
+    cut = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.chart svg text.tick'))
+                .filter(t => t.getBoundingClientRect().left < t.ownerSVGElement.getBoundingClientRect().left - 0.5)
+                .map(t => t.textContent)"""
+    )
+    assert page.locator(".chart svg text.tick").count() > 8 and cut == [], cut
     drawn = {
         lines.nth(i).get_attribute("data-series"): int(lines.nth(i).get_attribute("data-count") or 0)
         for i in range(lines.count())

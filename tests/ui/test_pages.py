@@ -271,7 +271,24 @@ def test_chart_groups_follow_the_names_the_agent_publishes() -> None:
         "errors",
     ]
     points = [TelemetryPoint(device_id="d", seq=i, ts=now, name=n, value=1.0) for i, n in enumerate(names)]
+    points += [
+        TelemetryPoint(device_id="d", seq=10 + i, ts=now, name=n, value=1.0)
+        for i, n in enumerate(["memory_used_bytes", "process_rss_bytes", "disk_free_bytes", "disk_used_percent"])
+    ]
     charts = charts_for(points)
-    assert [c.key for c in charts] == ["latency", "throughput", "cpu", "memory"]
+    assert [c.key for c in charts] == [
+        "latency",
+        "throughput",
+        "requests",
+        "cpu",
+        "memory",
+        "memory_percent",
+        "other:disk_free_bytes",
+        "other:disk_used_percent",
+    ]
     assert sorted(charts[0].series) == ["latency_p50_ms", "latency_p95_ms"]
-    assert sorted(charts[1].series) == ["errors", "requests", "throughput_rps"]
+    assert sorted(charts[1].series) == ["throughput_rps"]
+    assert sorted(charts[2].series) == ["errors", "requests"]
+    assert sorted(charts[4].series) == ["memory_used_bytes", "process_rss_bytes"]
+    # One unit per chart: bytes never share an axis with a percentage, nor a rate with a count.
+    assert [c.unit for c in charts] == ["ms", "req/s", "count", "%", "bytes", "%", "bytes", "%"]

@@ -1,10 +1,33 @@
 /* A small dependency-free SVG line chart for the autodl dashboard.
- * AutodlChart.draw(element, {title, series: [{name, points: [[epochMs, value], ...]}]})
+ * AutodlChart.draw(element, {title, unit, series: [{name, points: [[epochMs, value], ...]}]})
+ * One unit per chart: "bytes" (axis in B, KB, MB or GB, by the largest value), "ms" (ms, or s
+ * from a second up), "s", "%", "req/s", "count"; the axis leaves room for its widest label.
  */
 (function (global) {
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
-  var W = 600, H = 200, L = 48, R = 10, T = 10, B = 24;
+  var W = 600, H = 200, R = 10, T = 10, B = 24, CHAR = 6.5;
+  var BYTES = ["B", "KB", "MB", "GB", "TB"];
+
+  // The scale of an axis (or a value): divide by `div`, then append `suffix`.
+  function scale(unit, max) {
+    var a = Math.abs(max), i = 0;
+    if (unit === "bytes") {
+      while (a >= 1024 && i < BYTES.length - 1) { a /= 1024; i += 1; }
+      return { div: Math.pow(1024, i), suffix: " " + BYTES[i] };
+    }
+    if (unit === "ms") return a >= 1000 ? { div: 1000, suffix: " s" } : { div: 1, suffix: " ms" };
+    if (unit === "s") return a < 1 && a > 0 ? { div: 0.001, suffix: " ms" } : { div: 1, suffix: " s" };
+    if (unit === "%") return { div: 1, suffix: "%" };
+    if (unit === "req/s") return { div: 1, suffix: "/s" };
+    if (unit === "°C") return { div: 1, suffix: " °C" };
+    return { div: 1, suffix: "" };
+  }
+
+  function withUnit(v, unit) {
+    var s = scale(unit, v);
+    return fmt(v / s.div) + s.suffix;
+  }
 
   function el(name, attrs, parent) {
     var node = document.createElementNS(NS, name);
@@ -35,26 +58,35 @@
     container.textContent = "";
     container.className = "chart";
     container.setAttribute("data-chart", chart.key || chart.title);
+    var unit = chart.unit || "count";
     var title = document.createElement("h3");
-    title.textContent = chart.title;
+    title.textContent = chart.title + (unit === "count" ? "" : " (" + scale(unit, 0).suffix.trim() + ")");
     container.appendChild(title);
     var xs = [], ys = [];
     chart.series.forEach(function (s) { s.points.forEach(function (p) { xs.push(p[0]); ys.push(p[1]); }); });
     var svg = el("svg", { viewBox: "0 0 " + W + " " + H, preserveAspectRatio: "none", role: "img" }, container);
     if (!xs.length) { el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, svg).textContent = "no data"; return svg; }
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
+    // The axis counts in one scaled unit (e.g. MB), chosen by the largest value drawn.
+    var axis = scale(unit, Math.max.apply(null, ys.map(Math.abs)));
+    ys = ys.map(function (v) { return v / axis.div; });
     var y0 = Math.min(0, Math.min.apply(null, ys)), y1 = Math.max.apply(null, ys);
     if (x1 === x0) { x0 -= 30000; x1 += 30000; }
     if (y1 === y0) { y1 = y0 + 1; }
     var step = niceStep(y1 - y0);
     y1 = Math.ceil(y1 / step) * step;
     y0 = Math.floor(y0 / step) * step;
+    var ticks = [];
+    for (var g = y0; g <= y1 + step / 2; g += step) ticks.push([g, fmt(g) + axis.suffix]);
+    var widest = Math.max.apply(null, ticks.map(function (t) { return t[1].length; }));
+    var L = Math.max(40, Math.ceil(widest * CHAR) + 10);
+    svg.setAttribute("data-axis-unit", axis.suffix.trim());
     function px(x) { return L + (x - x0) / (x1 - x0) * (W - L - R); }
     function py(y) { return H - B - (y - y0) / (y1 - y0) * (H - T - B); }
-    for (var g = y0; g <= y1 + step / 2; g += step) {
-      el("line", { x1: L, x2: W - R, y1: py(g), y2: py(g), "class": "grid" }, svg);
-      el("text", { x: L - 4, y: py(g) + 3, "text-anchor": "end" }, svg).textContent = fmt(g);
-    }
+    ticks.forEach(function (t) {
+      el("line", { x1: L, x2: W - R, y1: py(t[0]), y2: py(t[0]), "class": "grid" }, svg);
+      el("text", { x: L - 4, y: py(t[0]) + 3, "text-anchor": "end", "class": "tick" }, svg).textContent = t[1];
+    });
     el("line", { x1: L, x2: L, y1: T, y2: H - B, "class": "axis" }, svg);
     el("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, "class": "axis" }, svg);
     el("text", { x: L, y: H - 6 }, svg).textContent = clock(x0);
@@ -63,15 +95,16 @@
     legend.className = "legend";
     chart.series.forEach(function (s, i) {
       var pts = s.points.slice().sort(function (a, b) { return a[0] - b[0]; });
-      var coords = pts.map(function (p) { return px(p[0]).toFixed(1) + "," + py(p[1]).toFixed(1); }).join(" ");
+      var coords = pts.map(function (p) { return px(p[0]).toFixed(1) + "," + py(p[1] / axis.div).toFixed(1); }).join(" ");
       var line = el("polyline", { points: coords, "class": "line c" + (i % 6), "data-series": s.name,
                                   "data-count": pts.length, "vector-effect": "non-scaling-stroke" }, svg);
-      el("title", {}, line).textContent = s.name + ": last " + fmt(pts[pts.length - 1][1]);
+      var last = withUnit(pts[pts.length - 1][1], unit);
+      el("title", {}, line).textContent = s.name + ": last " + last;
       var item = document.createElement("span");
       var swatch = document.createElement("i");
       swatch.className = "c" + (i % 6);
       item.appendChild(swatch);
-      item.appendChild(document.createTextNode(s.name + " (last " + fmt(pts[pts.length - 1][1]) + ")"));
+      item.appendChild(document.createTextNode(s.name + " (last " + last + ")"));
       legend.appendChild(item);
     });
     container.appendChild(legend);

@@ -288,6 +288,36 @@ HEALTHY = CohortMetrics(devices=2, requests=1000, errors=5, latency_p95_ms=10.0)
             VerdictKind.PASS,
             "healthy",
         ),
+        # text generation: time to first token 2x the previous version's
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=200.0, decode_tps=100.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.FAIL,
+            "time to first token (p95) 200.0 ms",
+        ),
+        # text generation: decoding 40% slower than the previous version
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=60.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.FAIL,
+            "decode 60.0 tokens/s",
+        ),
+        # text generation within bounds (faster decoding is never a problem)
+        (
+            (dev(1, V, UP),),
+            60,
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=120.0, decode_tps=180.0),
+            CohortMetrics(1, 500, 0, 10.0, ttft_p95_ms=100.0, decode_tps=100.0),
+            FAST,
+            VerdictKind.PASS,
+            "healthy",
+        ),
     ],
 )
 def test_analyse(
@@ -329,6 +359,9 @@ def test_aggregate_metrics() -> None:
     ]
     metrics = aggregate_metrics(points, AnalysisCriteria(), devices=2)
     assert metrics == CohortMetrics(devices=2, requests=40, errors=1, latency_p95_ms=6.0)
+    generation = [*points, ("a", "ttft_p95_ms", 50), ("b", "ttft_p95_ms", 70), ("a", "decode_tokens_per_s", 90)]
+    lm = aggregate_metrics(generation, AnalysisCriteria(), devices=2)
+    assert (lm.ttft_p95_ms, lm.decode_tps) == (60.0, 90.0)
     assert metrics.error_rate == pytest.approx(0.025)
     assert aggregate_metrics([], AnalysisCriteria(), devices=0).latency_p95_ms is None
 

@@ -1,0 +1,209 @@
+"""Dynamic batching, as Triton does it: concurrent requests of one model run as one `session.run`.
+
+Requests with the same shapes (but for the first axis), dtypes and requested outputs
+are stacked on the first axis up to `max_batch_size` rows; the outputs are split back
+by rows. No thread of its own: a request that finds the model idle runs at once, alone, with no
+queue and no hand-off (so batching costs nothing at concurrency 1); requests that arrive
+meanwhile queue, and when a run ends the oldest queued request leads the next batch with
+those behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
+
+A model is batched only when its variant allows it (`Variant.batching`, or the agent's
+`batching` setting for the model, from the desired state's config) and the sample's rows
+come out bit-identical alone and together (`LoadedModel.rows_independent`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from agent.runtime import LoadedModel
+from shared.manifest import Batching
+
+__all__ = ["BatchStats", "Batcher", "Batchers"]
+
+logger = logging.getLogger(__name__)
+
+# model, version, rows in the run, seconds each request waited, seconds the run took
+BatchStats = Callable[[str, str, int, list[float], float], None]
+
+
+class _Pending:
+    __slots__ = ("done", "error", "event", "inputs", "key", "lead", "outputs", "queued_at", "result", "rows")
+
+    def __init__(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, rows: int, key: object) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.rows = rows
+        self.key = key
+        self.event = threading.Event()
+        self.lead = False
+        self.done = False
+        self.result: dict[str, np.ndarray] | None = None
+        self.error: BaseException | None = None
+        self.queued_at = time.perf_counter()
+
+
+class Batcher:
+    """Runs one loaded model's requests, in batches when its policy allows."""
+
+    def __init__(self, model: LoadedModel, policy: Batching | None, stats: BatchStats) -> None:
+        self.model = model
+        self.policy = policy
+        self.max_rows = policy.max_batch_size if policy is not None else 1
+        self.delay_s = (policy.max_queue_delay_us if policy is not None else 0) / 1e6
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._queue: deque[_Pending] = deque()
+        self._running = False
+        if self.max_rows > 1:
+            reason = model.rows_independent
+            if reason is not None:
+                logger.warning("%s %s: no dynamic batching: %s", model.name, model.version, reason)
+                self.max_rows = 1
+
+    @property
+    def batching(self) -> bool:
+        """Return whether requests may share a run."""
+        return self.max_rows > 1
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Return the model's outputs for one request, run alone or with others."""
+        rows = _rows(inputs)
+        if not self.batching or rows is None or rows >= self.max_rows:
+            start = time.perf_counter()
+            result = self.model.run(inputs, outputs)
+            self._stats(self.model.name, self.model.version, rows or 1, [0.0], time.perf_counter() - start)
+            return result
+        with self._lock:
+            idle = not self._running and self.delay_s == 0
+            if idle:
+                self._running = True
+        if idle:  # nobody to batch with: run at once, as unbatched, then pass on what queued meanwhile
+            start = time.perf_counter()
+            try:
+                result = self.model.run(inputs, outputs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self._pass_lead()
+            self._stats(self.model.name, self.model.version, rows, [0.0], elapsed)
+            return result
+        key = (tuple((k, a.shape[1:], a.dtype.str) for k, a in inputs.items()), tuple(outputs or ()))
+        me = _Pending(inputs, outputs, rows, key)
+        with self._lock:
+            self._queue.append(me)
+            lead = not self._running
+            self._running = True
+            if not lead:
+                self._arrived.notify()
+        if not lead:
+            me.event.wait()
+            lead = me.lead and not me.done
+        if lead:
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        assert me.result is not None
+        return me.result
+
+    def _lead(self) -> None:
+        """Run the batch at the queue's head, then pass the lead to the next queued request."""
+        with self._lock:
+            if self.delay_s > 0:
+                deadline = self._queue[0].queued_at + self.delay_s
+                while self._queued_rows() < self.max_rows and (left := deadline - time.perf_counter()) > 0:
+                    self._arrived.wait(left)
+            batch = self._take()
+        try:
+            self._execute(batch)
+        finally:
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """Wake the oldest queued request to lead the next batch, or mark the model idle."""
+        with self._lock:
+            if self._queue:
+                head = self._queue[0]
+                head.lead = True
+                head.event.set()
+            else:
+                self._running = False
+
+    def _queued_rows(self) -> int:
+        key = self._queue[0].key
+        return sum(p.rows for p in self._queue if p.key == key)
+
+    def _take(self) -> list[_Pending]:
+        """Remove and return the head request and the queued ones like it, up to max_rows."""
+        head = self._queue.popleft()
+        batch, rows, keep = [head], head.rows, deque[_Pending]()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.key == head.key and rows + pending.rows <= self.max_rows:
+                batch.append(pending)
+                rows += pending.rows
+            else:
+                keep.append(pending)
+        self._queue = keep
+        return batch
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        waited = [start - p.queued_at for p in batch]
+        rows = sum(p.rows for p in batch)
+        try:
+            if len(batch) == 1:
+                batch[0].result = self.model.run(batch[0].inputs, batch[0].outputs)
+            else:
+                stacked = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+                together = self.model.run(stacked, batch[0].outputs)
+                at = 0
+                for pending in batch:
+                    pending.result = {k: v[at : at + pending.rows] for k, v in together.items()}
+                    at += pending.rows
+        except BaseException as exc:  # every request of the batch gets the run's error
+            for pending in batch:
+                pending.error = exc
+        finally:
+            elapsed = time.perf_counter() - start
+            for pending in batch:
+                pending.done = True
+                pending.event.set()
+        self._stats(self.model.name, self.model.version, rows, waited, elapsed)
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int | None:
+    """Return the common first-axis length of the inputs (None: they have none)."""
+    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(rows) != 1:
+        return None
+    value = rows.pop()
+    return value if value else None
+
+
+class Batchers:
+    """The batcher of each active model, made again when the model or its policy changes."""
+
+    def __init__(self, policy: Callable[[LoadedModel], Batching | None], stats: BatchStats) -> None:
+        self._policy = policy
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Batcher] = {}
+
+    def get(self, model: LoadedModel) -> Batcher:
+        """Return the batcher of this loaded model."""
+        policy = self._policy(model)
+        with self._lock:
+            found = self._by_name.get(model.name)
+            if found is not None and found.model is model and found.policy == policy:
+                return found
+        made = Batcher(model, policy, self._stats)  # outside the lock: it may run the row check
+        with self._lock:
+            self._by_name[model.name] = made
+        return made
