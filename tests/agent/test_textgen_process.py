@@ -12,15 +12,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from agent.config import AgentSettings
-from agent.enrollment import enroll
 from shared.messages import UpdateState
 from tests.support.agent import AgentProcess
 from tests.support.hubstub import HubStub, publish_desired, publisher
@@ -31,21 +28,6 @@ from tests.support.processes import Broker
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def enrolled(tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker) -> str:
-    hub_stub.mqtt_host, hub_stub.mqtt_port = mqtt_broker.host, mqtt_broker.port
-    return enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token").device_id
-
-
-@pytest.fixture
-def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
-    w = Watcher(mqtt_broker.host, mqtt_broker.port)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def metric(url: str, name: str, model: str) -> float | None:
