@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from agent import __version__
 from agent.commands import Action, CommandError
-from agent.config import AgentSettings
+from agent.config import AgentSettings, Identity
 from agent.healing import reload, rollback
+from agent.runtime import ModelRegistry
+from agent.store import Store
+from agent.updates import Updater
+from shared import routes
 from shared.messages import CommandName, DesiredModel, UpdateState
 
-if TYPE_CHECKING:
-    from agent.daemon import Agent
-
-__all__ = ["SETTABLE", "apply_config", "build_actions"]
+__all__ = ["SETTABLE", "CommandTarget", "apply_config", "build_actions"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,26 @@ def _model_name(args: dict[str, Any]) -> str:
     return name
 
 
-def build_actions(agent: Agent) -> dict[CommandName, Action]:
+class CommandTarget(Protocol):
+    """What the commands act on: the running agent (agent.daemon.Agent), seen only through these."""
+
+    settings: AgentSettings
+    identity: Identity
+    store: Store
+    registry: ModelRegistry
+    updater: Updater
+
+    def save_config(self, applied: dict[str, Any]) -> None:
+        """Keep `set-config` changes across restarts."""
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Return what the `diagnostics` command answers."""
+
+    def request_restart(self) -> None:
+        """Restart the process once the pending results are acknowledged."""
+
+
+def build_actions(agent: CommandTarget) -> dict[CommandName, Action]:
     """Return the command table of one agent."""
     started = time.monotonic()
 
@@ -81,9 +101,7 @@ def build_actions(agent: Agent) -> dict[CommandName, Action]:
         name, version = _model_name(args), args.get("version")
         if not isinstance(version, str):
             raise CommandError("argument 'version' is required")
-        url = args.get("manifest_url") or (
-            f"{agent.identity.hub_url.rstrip('/')}/models/{name}/versions/{version}/manifest"
-        )
+        url = args.get("manifest_url") or routes.url(agent.identity.hub_url, routes.manifest(name, version))
         agent.updater.want(name, DesiredModel(version=version, manifest_url=url))
         timeout = float(args.get("timeout_s", 120))
         deadline = time.monotonic() + timeout

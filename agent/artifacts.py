@@ -70,13 +70,15 @@ def fetch_manifest(
         raise HubUnavailableError(f"manifest {url}: {exc}") from exc
     _raise_for_status(response, f"manifest {url}")
     data = response.content
+    return verify_signed(data, public_key_b64, expected_sha256, url), data
+
+
+def verify_signed(
+    data: bytes, public_key_b64: str, expected_sha256: str | None = None, source: str = "journaled"
+) -> Manifest:
+    """Verify signed manifest bytes: the desired state's sha256 when it names one, then the hub's signature."""
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise VerificationError(f"manifest {url}: sha256 differs from the desired state's")
-    return verify_signed(data, public_key_b64), data
-
-
-def verify_signed(data: bytes, public_key_b64: str) -> Manifest:
-    """Verify signed manifest bytes with the hub key; raise VerificationError."""
+        raise VerificationError(f"manifest {source}: sha256 differs from the desired state's")
     try:
         return verify_manifest(data, load_public_key(public_key_b64))
     except (SignatureError, ProtocolError) as exc:

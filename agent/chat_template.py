@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent.errors import AgentError
+
 if TYPE_CHECKING:
     from jinja2 import Template
 
 __all__ = ["ChatMessage", "ChatTemplate", "TemplateError", "check_roles"]
 
 
-class TemplateError(ValueError):
+class TemplateError(AgentError, ValueError):
     """The chat template does not compile or fails on these messages."""
 
 

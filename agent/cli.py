@@ -21,7 +21,7 @@ from agent import __version__
 from agent.errors import AgentError, CredentialsError
 
 
-class CliError(Exception):
+class CliError(AgentError):
     """A command failed: print the message and exit with the code."""
 
     def __init__(self, message: str, code: int = 1) -> None:

@@ -11,6 +11,7 @@ from agent import __version__
 from agent.config import AgentSettings, Identity, save_identity
 from agent.device import detect_profile
 from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableError
+from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
 
 __all__ = ["enroll"]
@@ -40,7 +41,7 @@ def enroll(
         profile=detect_profile(settings.state_dir),
         agent_version=__version__,
     )
-    url = hub_url.rstrip("/") + "/enroll"
+    url = routes.url(hub_url, routes.ENROLL)
     try:
         with httpx.Client(timeout=settings.http_timeout_s, transport=transport) as client:
             response = client.post(url, content=request.model_dump_json(), headers={"Content-Type": "application/json"})

@@ -16,10 +16,24 @@ Errors::
         ├── VerificationError     sha256, size or signature mismatch
         ├── ModelLoadError        ONNX Runtime could not load the model
         ├── SmokeTestError        the model's output on the manifest sample is off
-        └── CancelledError        a newer desired state replaced this update
+        ├── CancelledError        a newer desired state replaced this update
+        └── EntrypointError       (agent.entrypoint) the container cannot enroll or run
+    ├── CommandError              (agent.commands) a command's arguments or outcome; its result says why
+    ├── HealingError              (agent.healing) nothing to roll back to or reload
+    ├── InvalidInputError         (agent.tensors) a request that does not fit the model (HTTP 400)
+    ├── UnsupportedInputError     (agent.tensors) a valid request this install cannot decode (HTTP 501)
+    ├── HttpError, Refused        (agent.http_messages) a request refused with its status, before or after parsing
+    ├── BadRequest                (agent.openai_schema) an OpenAI-style request that does not fit (HTTP 400)
+    ├── TemplateError             (agent.chat_template) a chat template that cannot render these messages
+    ├── Busy                      (agent.textgen) every generation slot is taken (HTTP 503, retry)
+    └── CliError                  (agent.cli) one error line, exit 1
+
+`backoff_delay` is the wait before retrying after a TransientError.
 """
 
 from __future__ import annotations
+
+import random
 
 __all__ = [
     "AgentError",
@@ -37,7 +51,14 @@ __all__ = [
     "SmokeTestError",
     "TransientError",
     "VerificationError",
+    "backoff_delay",
 ]
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Return a capped exponential delay with full jitter, so a fleet does not retry in lockstep."""
+    ceiling = min(high, low * (2 ** min(attempt, 30)))
+    return random.uniform(low, max(low, ceiling))
 
 
 class AgentError(Exception):

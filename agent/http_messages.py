@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from agent.errors import AgentError
+
 __all__ = ["HttpError", "Refused", "Request", "Response", "Streaming", "encode", "parse_head", "phrase"]
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-class HttpError(Exception):
+class HttpError(AgentError):
     """An answer other than 200, with the reason counted in /metrics."""
 
     def __init__(
@@ -76,7 +78,7 @@ class Streaming:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class Refused(Exception):
+class Refused(AgentError):
     """The connection's bytes are not an acceptable request: answer and close."""
 
     def __init__(self, error: HttpError) -> None:

@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import AgentError
+
 __all__ = [
     "MAX_STOP_CHARS",
     "MAX_STOPS",
@@ -30,7 +32,7 @@ _M = TypeVar("_M", bound=BaseModel)
 MAX_STOP_CHARS = 64
 
 
-class BadRequest(ValueError):
+class BadRequest(AgentError, ValueError):
     """A request the agent refuses with 400 (or `status`), in OpenAI's error shape."""
 
     def __init__(

@@ -72,6 +72,8 @@ class Slot:
     sha256: str | None = None
     manifest_url: str = ""
     manifest: str | None = None  # the signed manifest JSON, re-verified before each load
+    # The desired state's sha256 of those bytes: a resumed update checks it as the first run did.
+    manifest_sha256: str | None = None
 
     def to_json(self) -> str:
         """Serialize for the store."""

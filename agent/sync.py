@@ -29,9 +29,8 @@ from pydantic import BaseModel
 
 from agent import __version__
 from agent.config import AgentSettings, Identity
-from agent.errors import CredentialsError
+from agent.errors import CredentialsError, backoff_delay
 from agent.store import Store
-from agent.updates import backoff_delay
 from shared import topics, tracing
 from shared.codec import ProtocolError, decode, encode
 from shared.messages import DesiredState, Presence, TelemetryBatch, TelemetryPoint

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.errors import AgentError
 from shared.manifest import TensorSpec
 
 __all__ = [
@@ -64,11 +65,11 @@ _INT_KINDS = {"i", "u"}
 MAX_ELEMENTS = 64 * 1024 * 1024  # a shape can claim no more elements than this
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(AgentError, ValueError):
     """A request that does not fit the model's interface (HTTP 400)."""
 
 
-class UnsupportedInputError(Exception):
+class UnsupportedInputError(AgentError):
     """A valid request this install cannot decode: an optional package is missing (HTTP 501)."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.chat_template import ChatMessage, ChatTemplate
+from agent.errors import AgentError
 from agent.openai_schema import BadRequest, SamplingFields
 from agent.textstream import StopHoldBack
 
@@ -62,7 +63,7 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
-class Busy(Exception):
+class Busy(AgentError):
     """Every sequence slot and queue place is taken: answer 503 with Retry-After."""
 
     def __init__(self, message: str, retry_after_s: int) -> None:

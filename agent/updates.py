@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import random
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -25,15 +24,23 @@ import httpx
 
 from agent.artifacts import ArtifactCache, fetch_manifest, verify_signed
 from agent.config import AgentSettings, Identity
-from agent.errors import AgentError, CancelledError, DesiredStateError, FatalError, TransientError, VerificationError
+from agent.errors import (
+    AgentError,
+    CancelledError,
+    DesiredStateError,
+    FatalError,
+    TransientError,
+    VerificationError,
+    backoff_delay,
+)
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
-from shared import tracing
+from shared import routes, tracing
 from shared.manifest import TEXT_GENERATION, Manifest, Variant
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
 
-__all__ = ["RESUME", "Updater", "backoff_delay"]
+__all__ = ["RESUME", "Updater", "backoff_delay"]  # backoff_delay lives in agent.errors; kept here for callers
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +65,6 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Return a capped exponential delay with full jitter, so a fleet does not retry in lockstep."""
-    ceiling = min(high, low * (2 ** min(attempt, 30)))
-    return random.uniform(low, max(low, ceiling))
 
 
 def _key(model: DesiredModel) -> str:
@@ -124,7 +125,10 @@ class Updater:
             resume = RESUME[record.state]
             if resume is not None and record.pending is not None:
                 logger.info("%s: resuming the update to %s from %s", record.name, record.pending.version, resume)
-                desired = DesiredModel(version=record.pending.version, manifest_url=record.pending.manifest_url)
+                pending = record.pending
+                desired = DesiredModel(
+                    version=pending.version, manifest_url=pending.manifest_url, manifest_sha256=pending.manifest_sha256
+                )
                 self._worker(record.name).want(desired, start=resume)
             elif resume is not None:
                 self._save(record.with_(state=S.ROLLED_BACK, error="interrupted before the manifest arrived"))
@@ -206,7 +210,8 @@ class Updater:
         if record.failed == _key(desired) and start == S.DOWNLOADING:
             return  # this exact version failed fatally; a new desired version is needed
         if start == S.DOWNLOADING and (record.pending is None or record.pending.version != desired.version):
-            record = record.with_(pending=Slot(version=desired.version, manifest_url=desired.manifest_url))
+            pending = Slot(desired.version, manifest_url=desired.manifest_url, manifest_sha256=desired.manifest_sha256)
+            record = record.with_(pending=pending)
         job = _Job(name, desired, cancelled, record.with_(desired_version=desired.version))
         state: UpdateState | None = start
         try:
@@ -244,7 +249,14 @@ class Updater:
             raise DesiredStateError(
                 f"{job.name} {manifest.version} offers targets [{offered}], this device runs [{wanted}]"
             )
-        pending = Slot(manifest.version, str(variant.target), variant.sha256, job.desired.manifest_url, raw.decode())
+        pending = Slot(
+            manifest.version,
+            str(variant.target),
+            variant.sha256,
+            job.desired.manifest_url,
+            raw.decode(),
+            job.desired.manifest_sha256,
+        )
         job.record = self._save(job.record.with_(pending=pending), f"downloading {variant.file} ({variant.target})")
         for sha, size in _files(manifest, variant):
             self.cache.download(self.client, self._artifact_url(sha), sha, size, job.cancelled)
@@ -254,8 +266,10 @@ class Updater:
         pending = job.record.pending
         if pending is None or pending.manifest is None:
             return S.DOWNLOADING  # crashed before the manifest was journaled: fetch it again
-        manifest = verify_signed(pending.manifest.encode(), self.identity.signing_public_key)
-        variant = next((v for v in manifest.variants if v.sha256 == pending.sha256), None)
+        # The same checks as a first run: the desired state's sha256, then the signature.
+        key, expected = self.identity.signing_public_key, job.desired.manifest_sha256
+        manifest = verify_signed(pending.manifest.encode(), key, expected)
+        variant = manifest.variant_by_sha256(pending.sha256 or "")
         if variant is None:
             raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
         if not all(self.cache.has(sha, size) for sha, size in _files(manifest, variant)):
@@ -320,7 +334,7 @@ class Updater:
         return self._save(record, detail)
 
     def _artifact_url(self, sha256: str) -> str:
-        return f"{self.identity.hub_url.rstrip('/')}/artifacts/{sha256}"
+        return routes.url(self.identity.hub_url, routes.artifact(sha256))
 
     def _collect_garbage(self) -> None:
         keep: set[str] = set()
@@ -335,7 +349,7 @@ class Updater:
                         manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
                     except AgentError:
                         continue
-                    variant = next((v for v in manifest.variants if v.sha256 == slot.sha256), None)
+                    variant = manifest.variant_by_sha256(slot.sha256 or "")
                     if variant is not None:
                         keep.update(sha for sha, _ in _files(manifest, variant))
                     elif (text := manifest.preprocessing.text) is not None:
@@ -362,7 +376,7 @@ class Updater:
         """Load a journaled version again from its re-verified manifest and file, smoke-tested."""
         assert slot.manifest is not None and slot.sha256 is not None
         manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
-        variant = next((v for v in manifest.variants if v.sha256 == slot.sha256), None)
+        variant = manifest.variant_by_sha256(slot.sha256)
         if variant is None:
             raise VerificationError(f"variant {slot.sha256[:12]} is not in the manifest")
         path, tokenizer = self._verified(manifest, variant)

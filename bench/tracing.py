@@ -40,11 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for  # noqa: E402
 
 from agent.device import cpu_flags  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.broker import secured_broker  # noqa: E402
+from tests.support.hub import HubProcess  # noqa: E402
 from tests.support.otlp import OtlpReceiver  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 MODEL = "clf"
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -63,7 +66,7 @@ def agent_serving(mode: str, receiver: OtlpReceiver) -> Iterator[AgentProcess]:
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp, ExitStack() as stack:
         root = Path(tmp)
-        broker = start_broker(root / "mosquitto")
+        broker = secured_broker(root / "mosquitto")
         stack.callback(broker.stop)
         hub = HubProcess(root / "hub", broker)
         key, token = hub.prepare(MODEL, {"1.0.0": {"seed": 1}})
@@ -71,9 +74,9 @@ def agent_serving(mode: str, receiver: OtlpReceiver) -> Iterator[AgentProcess]:
         stack.callback(hub.stop)
         agent = AgentProcess(root / "agent")
         agent.enroll(hub.url, token)
-        agent.start()
+        agent.start().wait_live()
         stack.callback(agent.stop)
-        hub.api(key, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
+        hub.call("PUT", key=key, path=f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
         wait_for("the agent to serve the model", lambda: agent.serving(MODEL) == "1.0.0")
         for key_ in [k for k in os.environ if k.startswith("OTEL_")]:
             del os.environ[key_]

@@ -11,11 +11,29 @@ Errors::
     ├── RateLimitedError         429  too many requests; `retry_after` seconds
     ├── PayloadTooLargeError     413  an upload above `max_upload_bytes`
     └── UnavailableError         503  a dependency (broker) is not ready
+
+`hub.main` turns a HubError into its HTTP status in one exception handler; the CLI turns it
+into one ``error:`` line and exit 1. The other roots belong to one package each and never
+reach an HTTP client as themselves: the code that calls into the package converts them
+(``raise InvalidInputError(...) from exc``) or records them where they belong:
+
+    TrainingError       hub.training.errors   a failed job (SpecError -> 422 when a job is created)
+    BuildError          hub.build.errors      the build CLI's error line; a failed training job
+    MessagingError      hub.messaging.session retried on reconnect; logged
+    IngestRejected      hub.messaging.ingest  a message counted as rejected and dropped
+    BrokerError         hub.broker.embedded   `serve` exits with it (mosquitto would not start)
+    BrokerAdminError    hub.broker.admin      logged; the next reconcile retries
+    BootstrapError      hub.broker.bootstrap  the bootstrap command's error line
+    DemoError           hub.cli.demo          the demo's error line
+    InvalidTransition   hub.rollouts.plan     the engine raises RolloutStateError (409) from it
+
+tests/test_error_trees.py checks that every exception class in hub/ descends from one of these.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ROOTS",
     "AuthenticationError",
     "ConflictError",
     "HubError",
@@ -88,3 +106,17 @@ class UnavailableError(HubError):
     """A dependency the request needs is not ready."""
 
     status = 503
+
+
+# The roots of the hub's error tree besides HubError (module, class), as drawn above.
+ROOTS = (
+    ("hub.training.errors", "TrainingError"),
+    ("hub.build.errors", "BuildError"),
+    ("hub.messaging.session", "MessagingError"),
+    ("hub.messaging.ingest", "IngestRejected"),
+    ("hub.broker.embedded", "BrokerError"),
+    ("hub.broker.admin", "BrokerAdminError"),
+    ("hub.broker.bootstrap", "BootstrapError"),
+    ("hub.cli.demo", "DemoError"),
+    ("hub.rollouts.plan", "InvalidTransition"),
+)

@@ -13,9 +13,10 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +27,7 @@ from hub.config import HubSettings
 from hub.errors import ConflictError, InvalidInputError, NotFoundError
 from hub.models import Artifact, Model, ModelAlias, ModelVersion, VersionStatus, utcnow
 from hub.security import load_or_create_signing_key
-from shared import tracing
+from shared import routes, tracing
 from shared.manifest import Manifest, sign_manifest
 from shared.messages import DesiredModel, Release
 
@@ -46,6 +47,7 @@ __all__ = [
     "lineage",
     "list_versions",
     "manifest_url",
+    "publish_build",
     "publish_version",
     "release_of",
     "remove_alias",
@@ -102,7 +104,7 @@ def artifact_path(settings: HubSettings, sha256: str) -> Path:
 
 def manifest_url(settings: HubSettings, name: str, version: str) -> str:
     """Return the absolute URL agents fetch a version's signed manifest from."""
-    return f"{settings.public_url}/models/{name}/versions/{version}/manifest"
+    return routes.url(settings.public_url, routes.manifest(name, version))
 
 
 def desired_model(settings: HubSettings, model: Model, version: ModelVersion) -> DesiredModel:
@@ -371,6 +373,27 @@ def publish_version(
         _drop_unreferenced(session, settings, created)
         raise
     logger.info("published %s %s (%d files)", manifest.name, manifest.version, len(expected))
+    return version
+
+
+class Build(Protocol):
+    """What a build hands over (hub.build.pipeline.BuildResult): a manifest and the files it names."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def files(self) -> Mapping[str, Path]: ...
+
+
+def publish_build(
+    session: Session, settings: HubSettings, result: Build, aliases: Iterable[str] = (), *, actor: str
+) -> ModelVersion:
+    """Register a build's version (signed) and point `aliases` at it; 'latest' follows by itself."""
+    version = publish_version(session, settings, result.manifest, result.files, actor=actor)
+    for alias in aliases:
+        if alias != LATEST:
+            set_alias(session, result.manifest.name, alias, result.manifest.version, actor=actor)
     return version
 
 

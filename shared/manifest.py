@@ -317,6 +317,10 @@ class Manifest(_Frozen):
         """Return the variant built for `target` (an id or its name), if any."""
         return next((v for v in self.variants if v.target == target), None)
 
+    def variant_by_sha256(self, sha256: str) -> Variant | None:
+        """Return the variant whose file has this sha256, if any (what a journal or a cache names)."""
+        return next((v for v in self.variants if v.sha256 == sha256), None)
+
     def choose(self, targets: list[TargetId]) -> Variant | None:
         """Return the first variant in the device's order of preference."""
         for target in targets:

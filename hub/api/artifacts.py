@@ -16,6 +16,7 @@ from hub.db import SessionDep
 from hub.fleet import devices
 from hub.models import Artifact
 from hub.registry import UnknownVersionError, artifact_path
+from shared import routes
 
 router = APIRouter(tags=["artifacts"])
 
@@ -78,8 +79,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.head("/artifacts/{sha256}", response_class=Response, responses=_RESPONSES, operation_id="head_artifact")
-@router.get("/artifacts/{sha256}", response_class=Response, responses=_RESPONSES, operation_id="get_artifact")
+@router.head(routes.ARTIFACT_ROUTE, response_class=Response, responses=_RESPONSES, operation_id="head_artifact")
+@router.get(routes.ARTIFACT_ROUTE, response_class=Response, responses=_RESPONSES, operation_id="get_artifact")
 def get_artifact(
     sha256: Sha256Path,
     session: SessionDep,

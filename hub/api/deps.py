@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Protocol
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -12,14 +12,18 @@ from hub.api.schemas import ID_PATTERN
 from hub.config import HubSettings, parse_rate_limit
 from hub.db import SessionDep
 from hub.errors import AuthenticationError
+from hub.fleet.commands import CommandPublisher
+from hub.fleet.devices import BrokerCredentials, DesiredPublisher, RetainedCleaner
 from hub.models import Role
 from hub.security import Principal, RateLimiter, authenticate
+from shared.messages import Release
 
 __all__ = [
     "Admin",
     "BrokerDep",
     "Caller",
     "DeviceIdPath",
+    "Messaging",
     "MessagingDep",
     "ModelNamePath",
     "Operator",
@@ -39,17 +43,25 @@ def _settings(request: Request) -> HubSettings:
     return settings
 
 
-def _messaging(request: Request) -> Any:
-    return request.app.state.messaging
+class Messaging(DesiredPublisher, RetainedCleaner, CommandPublisher, Protocol):
+    """What the routers need of `hub.messaging.session.HubMessaging` (None: a hub without MQTT)."""
+
+    def publish_release(self, release: Release) -> object: ...
 
 
-def _broker(request: Request) -> Any:
-    return request.app.state.broker_admin
+def _messaging(request: Request) -> Messaging | None:
+    messaging: Messaging | None = request.app.state.messaging
+    return messaging
+
+
+def _broker(request: Request) -> BrokerCredentials | None:
+    broker: BrokerCredentials | None = request.app.state.broker_admin
+    return broker
 
 
 SettingsDep = Annotated[HubSettings, Depends(_settings)]
-MessagingDep = Annotated[Any, Depends(_messaging)]
-BrokerDep = Annotated[Any, Depends(_broker)]
+MessagingDep = Annotated[Messaging | None, Depends(_messaging)]
+BrokerDep = Annotated[BrokerCredentials | None, Depends(_broker)]
 
 
 def client_address(request: Request) -> str:

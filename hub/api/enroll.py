@@ -9,12 +9,13 @@ from hub.api.deps import BrokerDep, SettingsDep, client_address
 from hub.db import SessionDep
 from hub.fleet import devices
 from hub.security import RateLimiter
+from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
 
 router = APIRouter(tags=["enrollment"])
 
 
-@router.post("/enroll", responses={401: {"description": "the token is unknown, expired, revoked or used up"}})
+@router.post(routes.ENROLL, responses={401: {"description": "the token is unknown, expired, revoked or used up"}})
 async def enroll(
     body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep, broker: BrokerDep
 ) -> EnrollResponse:

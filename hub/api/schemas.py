@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.config import parse_rate_limit
 from hub.models import Role
-from shared.messages import CommandName, LabelKey, Labels
+from shared.messages import CommandName, DesiredState, LabelKey, Labels, ReportedState
 
 __all__ = [
     "ID_PATTERN",
@@ -175,8 +175,8 @@ class DevicePublic(BaseModel):
     agent_version: str
     online: bool
     last_seen: datetime | None
-    desired: dict[str, Any] | None
-    reported: dict[str, Any] | None
+    desired: DesiredState | None
+    reported: ReportedState | None
     decommissioned: bool
     created_at: datetime
 

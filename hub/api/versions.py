@@ -21,6 +21,7 @@ from hub.db import SessionDep
 from hub.errors import InvalidInputError, PayloadTooLargeError
 from hub.fleet import devices
 from hub.models import Artifact, Model, ModelVersion
+from shared import routes
 from shared.manifest import Manifest
 
 router = APIRouter(tags=["versions"])
@@ -52,7 +53,7 @@ def version_public(session: Session, settings: HubSettings, model: Model, row: M
                 file=a.file,
                 size=a.size,
                 sha256=a.sha256,
-                url=f"{settings.public_url}/artifacts/{a.sha256}",
+                url=routes.url(settings.public_url, routes.artifact(a.sha256)),
             )
             for a in artifacts
         ],
@@ -133,7 +134,7 @@ def get_version(
 
 
 @router.get(
-    "/models/{name}/versions/{version}/manifest",
+    routes.MANIFEST_ROUTE,
     response_class=Response,
     responses={200: {"content": {"application/json": {}}, "description": "the SignedManifest"}},
 )

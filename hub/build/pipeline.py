@@ -33,10 +33,7 @@ from shared.manifest import Manifest, Preprocessing, VariantMetrics
 from shared.targets import TargetId
 
 if TYPE_CHECKING:
-    from sqlmodel import Session
-
-    from hub.config import HubSettings
-    from hub.models import ModelVersion
+    pass
 
 __all__ = ["BuildRequest", "BuildResult", "GateEntry", "Progress", "build"]
 
@@ -66,12 +63,6 @@ class BuildResult:
     report: list[GateEntry]
     fused: dict[str, int] = field(default_factory=dict)
     torch_latency_ms: float | None = None
-
-    def publish(self, session: Session, settings: HubSettings, *, actor: str = "build") -> ModelVersion:
-        """Register the version with the hub registry (signs the manifest)."""
-        from hub.registry import publish_version
-
-        return publish_version(session, settings, self.manifest, self.files, actor=actor)
 
 
 @dataclass

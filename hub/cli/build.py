@@ -87,6 +87,9 @@ def build_command(
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="keep build files here [default: a temporary dir]")] = None,
     register: Annotated[bool, typer.Option("--register/--no-register", help="register with the hub")] = True,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="point this alias (stable, ...) at the version; repeatable")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="AUTODL_HUB_DATA_DIR", help="hub data directory")] = None,
 ) -> None:
     """Build ONNX variants of a model, gate them by measurement, and register the version."""
@@ -105,10 +108,10 @@ def build_command(
                         min_cosine, threads, where)  # fmt: skip
 
         if workdir is not None:
-            _finish(run(workdir), register, data_dir, workdir)
+            _finish(run(workdir), register, data_dir, workdir, alias or [])
         else:
             with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as tmp:
-                _finish(run(Path(tmp)), register, data_dir, None)
+                _finish(run(Path(tmp)), register, data_dir, None, alias or [])
     except (BuildError, HubError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -254,7 +257,9 @@ def _run_text_generation(
     return build_text_generation(request, workdir, say)
 
 
-def _finish(result: BuildResult, register: bool, data_dir: Path | None, workdir: Path | None) -> None:
+def _finish(
+    result: BuildResult, register: bool, data_dir: Path | None, workdir: Path | None, aliases: list[str]
+) -> None:
     manifest = result.manifest
     for entry in result.report:
         m, d = entry.measurement, entry.decision
@@ -271,6 +276,7 @@ def _finish(result: BuildResult, register: bool, data_dir: Path | None, workdir:
         return
     from hub.cli.admin import load_settings
     from hub.db import create_engine_for, migrate
+    from hub.registry import publish_build
 
     settings = load_settings(data_dir)
     engine = create_engine_for(settings)
@@ -278,5 +284,6 @@ def _finish(result: BuildResult, register: bool, data_dir: Path | None, workdir:
     from sqlmodel import Session
 
     with Session(engine, expire_on_commit=False) as session:
-        registered: Any = result.publish(session, settings, actor="cli")
-        typer.echo(f"{manifest.name} {registered.version} registered ({len(manifest.variants)} variants)")
+        registered = publish_build(session, settings, result, aliases, actor="cli")
+        pointed = f", {', '.join(aliases)} -> {registered.version}" if aliases else ""
+        typer.echo(f"{manifest.name} {registered.version} registered ({len(manifest.variants)} variants{pointed})")

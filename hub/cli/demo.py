@@ -5,7 +5,8 @@ the digits example twice (a baseline and a candidate), enrolls two local agents 
 different labels, deploys the baseline, rolls the candidate out as a canary, sends
 inference requests to an agent and prints a summary. Every child runs in its own
 session, so Ctrl-C reaches only this process, which then stops the children in order
-(agents, then the hub, which stops its broker).
+(agents, then the hub, which stops its broker). SIGTERM (what a container runtime or
+systemd sends) does the same as Ctrl-C.
 """
 
 from __future__ import annotations
@@ -526,6 +527,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     typer.echo("\n".join(lines))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop like Ctrl-C (a KeyboardInterrupt, so every wait unwinds the same way)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def demo(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="where everything lives [default: a new temp dir]")
@@ -551,6 +560,7 @@ def demo(
     )
     typer.echo(f"[demo] data dir {run.data_dir} (logs: *.log there)")
     code = 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         summary = run.run()
         _print_summary(summary)
@@ -562,14 +572,18 @@ def demo(
                 time.sleep(0.5)
             typer.echo(f"[demo] {', '.join(dead)} exited; stopping", err=True)
             code = 1
+    except Terminated:
+        typer.echo("[demo] terminated; stopping")
     except KeyboardInterrupt:
         typer.echo("\n[demo] interrupted; stopping")
     except DemoError as exc:
         typer.echo(f"[demo] error: {exc}", err=True)
         code = 1
     finally:
-        # A second Ctrl-C while stopping must not leave children behind.
+        # A second Ctrl-C or SIGTERM while stopping must not leave children behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         run.children.stop_all()
+        signal.signal(signal.SIGTERM, previous)
         typer.echo("[demo] stopped")
     raise typer.Exit(code)

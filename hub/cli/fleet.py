@@ -12,24 +12,55 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-__all__ = ["DEFAULT_HUB", "HubOpt", "KeyOpt", "call_hub", "command_app", "device_app", "model_app"]
+from hub.config import HubSettings
 
-HubOpt = Annotated[str, typer.Option("--hub", envvar="AUTODL_HUB_URL", help="the hub's URL")]
+__all__ = ["DEFAULT_HUB", "HubOpt", "KeyOpt", "call_hub", "command_app", "device_app", "local_hub_url", "model_app"]
+
+HubOpt = Annotated[
+    str,
+    typer.Option(
+        "--hub",
+        envvar="AUTODL_HUB_URL",
+        help="the hub's URL",
+        show_default="the local hub, at AUTODL_HUB_HOST/AUTODL_HUB_PORT as `serve` reads them",
+    ),
+]
 KeyOpt = Annotated[str, typer.Option("--api-key", envvar="AUTODL_HUB_API_KEY", help="an API key", show_default=False)]
-DEFAULT_HUB = "http://127.0.0.1:8080"
+DEFAULT_HUB = ""  # no --hub and no AUTODL_HUB_URL: the local hub (`local_hub_url`)
 
 device_app = typer.Typer(help="Devices: list, show, label, decommission, deploy.", no_args_is_help=True)
 model_app = typer.Typer(help="Models: list, show, alias.", no_args_is_help=True)
 command_app = typer.Typer(help="Commands: send.", no_args_is_help=True)
 
 
-def call_hub(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
-    """Call the hub; print its error and exit 1 on failure."""
+def local_hub_url() -> str:
+    """Return the URL of the hub `autodl-hub serve` runs here with this environment (AUTODL_HUB_HOST/PORT)."""
     try:
-        with httpx.Client(base_url=hub, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        settings = HubSettings()
+    except ValueError as exc:
+        typer.echo(f"error: bad AUTODL_HUB_* settings ({exc}); or set AUTODL_HUB_URL to the hub's URL", err=True)
+        raise typer.Exit(1) from exc
+    # A hub bound to every interface answers on loopback too.
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0") else "[::1]" if settings.host == "::" else settings.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def call_hub(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
+    """Call the hub (`hub` empty: the local one); print its error and exit 1 on failure."""
+    url = hub or local_hub_url()
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
             response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
+        hint = (
+            ""
+            if hub
+            else " (the local hub, from AUTODL_HUB_HOST/AUTODL_HUB_PORT as `serve` reads them;"
+            " set AUTODL_HUB_URL or pass --hub for another one)"
+        )
+        typer.echo(f"error: cannot reach the hub at {url}{hint}: {exc}", err=True)
         raise typer.Exit(1) from exc
     if response.status_code >= 400:
         try:

@@ -2,12 +2,14 @@
 
 The commands are HTTP clients: moving devices must reach the broker, which only the
 running hub talks to. ``status --watch`` (and ``start --watch``) redraw a live progress
-view until the rollout ends.
+view until the rollout ends; when stdout is not a terminal (piped into `tee`, a CI log) they
+print one plain line per change instead.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Annotated, Any
 
@@ -19,7 +21,7 @@ from rich.text import Text
 
 from hub.cli.fleet import DEFAULT_HUB, HubOpt, KeyOpt, call_hub
 
-__all__ = ["render", "rollout_app"]
+__all__ = ["render", "rollout_app", "summary_line"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")]
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="show live progress until the rollout ends")]
@@ -88,16 +90,51 @@ def render(detail: dict[str, Any], max_devices: int = 20) -> Group:
     return Group(head, bar, reason, steps, devices, timeline)
 
 
+def summary_line(detail: dict[str, Any]) -> str:
+    """Return one plain line of a rollout's progress (what --watch prints when stdout is not a terminal)."""
+    line = (
+        f"{detail['id']} {detail['model']} {detail['baseline_version'] or '-'} -> {detail['version']}: "
+        f"{detail['state']}, step {detail['step']}/{len(detail['steps'])}, "
+        f"{detail['updated']}/{detail['devices']} updated, {detail['pending']} pending, {detail['failed']} failed"
+    )
+    return f"{line}; {detail['reason']}" if detail["reason"] else line
+
+
 def _watch(hub: str, key: str, rollout_id: str, interval: float) -> dict[str, Any]:
     from rich.live import Live
 
     detail: dict[str, Any] = call_hub(hub, key, "GET", f"/rollouts/{rollout_id}")
-    with Live(render(detail), console=Console(), refresh_per_second=4) as live:
+    console = Console()
+    if not console.is_terminal:
+        return _watch_plain(hub, key, detail, interval)
+    with Live(render(detail), console=console, refresh_per_second=4) as live:
         while detail["state"] not in TERMINAL:
             time.sleep(interval)
             detail = call_hub(hub, key, "GET", f"/rollouts/{rollout_id}")
             live.update(render(detail))
     return detail
+
+
+def _watch_plain(hub: str, key: str, detail: dict[str, Any], interval: float) -> dict[str, Any]:
+    # A log has no cursor to redraw with: one line per change (the progress, each new timeline
+    # event), flushed, so `tee` shows it at once.
+    last = ""
+    seen: set[tuple[str, str, str]] = set()
+    while True:
+        for event in detail["events"]:
+            mark = (event["ts"], event["kind"], event["message"])
+            if mark not in seen:
+                seen.add(mark)
+                typer.echo(f"{event['ts'][11:19]} {event['kind']}: {event['message']}")
+        line = summary_line(detail)
+        if line != last:
+            typer.echo(line)
+            last = line
+        sys.stdout.flush()
+        if detail["state"] in TERMINAL:
+            return detail
+        time.sleep(interval)
+        detail = call_hub(hub, key, "GET", f"/rollouts/{detail['id']}")
 
 
 def _finish(hub: str, key: str, detail: dict[str, Any], as_json: bool, watch: bool, interval: float) -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hub.training.data import Issue
+from hub.training.dataset import Issue
 from hub.training.errors import DataError
 
 __all__ = ["CapturedRow", "captured_images", "captured_issue", "captured_texts"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hub.training.captured import CapturedRow, captured_images, captured_issue
-from hub.training.data import Dataset, ImageInfo, Issue, QualityReport, class_report, hash_files, resolve_path
+from hub.training.dataset import Dataset, ImageInfo, Issue, QualityReport, class_report, hash_files, resolve_path
 from hub.training.errors import DataError
 from hub.training.spec import TaskSpec
 

@@ -2,7 +2,7 @@
 
 `run_training` is what ``autodl-hub train`` and ``POST /jobs`` call. The build goes
 through ``hub.build.pipeline.build`` and the result is registered with
-``hub.registry.publish_version``; the manifest's lineage records the data report, the
+``hub.registry.publish_build``; the manifest's lineage records the data report, the
 search, the CV scores and the task config.
 """
 
@@ -237,7 +237,7 @@ def _build_and_publish(
 
     from hub.build.pipeline import build
     from hub.db import create_engine_for, migrate
-    from hub.registry import publish_version, set_alias
+    from hub.registry import publish_build
 
     engine = create_engine_for(settings)
     migrate(engine)
@@ -258,10 +258,7 @@ def _build_and_publish(
         with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as workdir:
             result = build(request, Path(workdir), say)
             with Session(engine, expire_on_commit=False) as session:
-                publish_version(session, settings, result.manifest, result.files, actor=actor)
-                aliases = [a for a in spec.publish.aliases if a != "latest"]
-                for alias in aliases:
-                    set_alias(session, name, alias, version, actor=actor)
+                publish_build(session, settings, result, spec.publish.aliases, actor=actor)
     finally:
         engine.dispose()
     if progress is not None:

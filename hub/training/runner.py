@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from hub.training.captured import CapturedRow
-from hub.training.data import Dataset, QualityReport, load_dataset, split_indices
+from hub.training.data import load_dataset, split_indices
+from hub.training.dataset import Dataset, QualityReport
 from hub.training.errors import DataError
 from hub.training.metrics import baseline, score
 from hub.training.progress import Progress

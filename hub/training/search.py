@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from hub.training.data import Dataset
+from hub.training.dataset import Dataset
 from hub.training.errors import SpecError, TrainingError
 from hub.training.metrics import baseline, higher_is_better
 from hub.training.progress import Progress

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hub.training.data import (
+from hub.training.dataset import (
     Dataset,
     Issue,
     QualityReport,

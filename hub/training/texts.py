@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hub.training.captured import CapturedRow, captured_issue, captured_texts
-from hub.training.data import Dataset, Issue, QualityReport, class_report, hash_files, resolve_path
+from hub.training.dataset import Dataset, Issue, QualityReport, class_report, hash_files, resolve_path
 from hub.training.errors import DataError
 from hub.training.spec import TaskSpec
 from hub.training.tabular import read_table

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hub.training.data import Dataset, TabularInfo, resolve_path
+from hub.training.dataset import Dataset, TabularInfo, resolve_path
 from hub.training.errors import TrainingError
 from hub.training.spec import CANDIDATES, TaskSpec
 

@@ -10,7 +10,10 @@ import pytest
 
 from agent.artifacts import ArtifactCache
 from agent.config import AgentSettings, Identity, save_identity
+from agent.enrollment import enroll
 from tests.support.hubstub import DEVICE_TOKEN, HubStub
+from tests.support.mqtt import Watcher
+from tests.support.processes import Broker
 
 
 @pytest.fixture
@@ -54,3 +57,20 @@ def client() -> Iterator[httpx.Client]:
 @pytest.fixture
 def cache(settings: AgentSettings) -> ArtifactCache:
     return ArtifactCache(settings.cache_dir, chunk_bytes=4096, reserve_mb=0)
+
+
+@pytest.fixture
+def enrolled(tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker) -> str:
+    """The device id of an agent enrolled with the hub stand-in, pointed at the test's broker."""
+    hub_stub.mqtt_host, hub_stub.mqtt_port = mqtt_broker.host, mqtt_broker.port
+    return enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token").device_id
+
+
+@pytest.fixture
+def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
+    """Every reported state and presence message on the test's broker."""
+    w = Watcher(mqtt_broker.host, mqtt_broker.port)
+    try:
+        yield w
+    finally:
+        w.close()

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,21 +29,6 @@ from tests.support.traffic import Traffic
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def enrolled(tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker) -> str:
-    hub_stub.mqtt_host, hub_stub.mqtt_port = mqtt_broker.host, mqtt_broker.port
-    return enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token").device_id
-
-
-@pytest.fixture
-def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
-    w = Watcher(mqtt_broker.host, mqtt_broker.port)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(

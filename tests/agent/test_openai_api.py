@@ -26,7 +26,7 @@ from agent.runtime import LoadedModel, ModelRegistry
 from agent.server import InferenceServer, ServerContext
 from agent.textgen import Finished
 from agent.textgen_runtime import load_text_model, smoke_test_text
-from tests.agent.lm import FOLDER, SCRIPT, TinyLM, make_lm_release
+from tests.support.lm import FOLDER, SCRIPT, TinyLM, make_lm_release
 
 NAME = "chat"
 

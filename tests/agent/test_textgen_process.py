@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,10 @@ import httpx
 import openai
 import pytest
 
-from agent.config import AgentSettings
-from agent.enrollment import enroll
 from shared.messages import UpdateState
-from tests.agent.lm import SCRIPT, make_lm_release
 from tests.support.agent import AgentProcess
 from tests.support.hubstub import HubStub, publish_desired, publisher
+from tests.support.lm import SCRIPT, make_lm_release
 from tests.support.models import make_release
 from tests.support.mqtt import Watcher
 from tests.support.processes import Broker
@@ -37,21 +34,6 @@ def wait_until(check: Any, timeout: float = 30, what: str = "condition") -> Any:
 
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def enrolled(tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker) -> str:
-    hub_stub.mqtt_host, hub_stub.mqtt_port = mqtt_broker.host, mqtt_broker.port
-    return enroll(AgentSettings(state_dir=tmp_state_dir), hub_stub.url, "good-token").device_id
-
-
-@pytest.fixture
-def watcher(mqtt_broker: Broker) -> Iterator[Watcher]:
-    w = Watcher(mqtt_broker.host, mqtt_broker.port)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def metric(url: str, name: str, model: str) -> float | None:
@@ -73,7 +55,7 @@ def test_text_model_beside_a_classifier_serves_the_sdk_and_refuses_a_bad_version
         with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
             publish_desired(hub_mqtt, enrolled, 1, {"m": classifier, "chat": lm_v1})
             agent.wait_live()
-            wait_until(lambda: agent.serving("chat") == "1.0.0" and agent.serving("m") == "1.0.0", what="both served")
+            wait_for("both served", lambda: agent.serving("chat") == "1.0.0" and agent.serving("m") == "1.0.0")
             sdk = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0)
             messages = [{"role": "user", "content": "你好 🙂"}]
             whole = sdk.chat.completions.create(model="chat", messages=messages, temperature=0)  # type: ignore[arg-type]
@@ -147,7 +129,7 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
         with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
             publish_desired(hub_mqtt, enrolled, 1, {"slow": desired})
             agent.wait_live()
-            wait_until(lambda: agent.serving("slow") == "1.0.0", 60, what="served")
+            wait_for("served", lambda: agent.serving("slow") == "1.0.0", 60)
         assert metric(agent.url, "generation_sequences_max", "slow") == 2
 
         # A client that goes away mid-stream frees its sequence.
@@ -160,7 +142,7 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
             got += sock.recv(4096)
         assert metric(agent.url, "generation_sequences_in_flight", "slow") == 1
         sock.close()
-        wait_until(lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 0, 10, "sequence freed")
+        wait_for("sequence freed", lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 0, 10)
 
         # Two sequences run; a third request is refused with 503 + Retry-After; the two complete.
         done: list[str] = []
@@ -173,7 +155,7 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
         workers = [threading.Thread(target=long_one) for _ in range(2)]
         for w in workers:
             w.start()
-        wait_until(lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 2, 20, "two in flight")
+        wait_for("two in flight", lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 2, 20)
         refused = httpx.post(
             f"{agent.url}/v1/completions", json={"model": "slow", "prompt": "Hi\n", "max_tokens": 2}, timeout=10
         )

@@ -174,11 +174,17 @@ def test_a_fatally_failed_version_is_not_retried(rig: Rig) -> None:
     assert rig.store.model("m").state == S.ROLLED_BACK and len(rig.store.journal("m")) == before
 
 
-# state the journal stopped in -> what the restarted agent serves
+# state the journal stopped in, the manifest bytes journaled with it -> what the restarted agent serves.
+# "other" bytes are signed by the hub's key too, but are not the manifest the desired state names
+# (its manifest_sha256, journaled with the update): a resumed update refuses them as a first run
+# would; one that resumes downloading fetches the manifest again and checks that.
 RECOVERY = [
-    (S.DOWNLOADING, "2.0.0"),
-    (S.VERIFYING, "2.0.0"),
-    (S.STAGING, "2.0.0"),
+    (S.DOWNLOADING, "as desired", "2.0.0"),
+    (S.VERIFYING, "as desired", "2.0.0"),
+    (S.STAGING, "as desired", "2.0.0"),
+    (S.DOWNLOADING, "other", "2.0.0"),
+    (S.VERIFYING, "other", "1.0.0"),
+    (S.STAGING, "other", "1.0.0"),
 ]
 
 
@@ -187,18 +193,26 @@ def test_resume_table_never_stages_unverified_work() -> None:
     assert all(RESUME[s] is None for s in (S.IDLE, S.ACTIVE, S.ROLLED_BACK, S.COMMITTED))
 
 
-@pytest.mark.parametrize(("crashed_in", "serves"), RECOVERY, ids=[s.value for s, _ in RECOVERY])
-def test_after_a_crash_the_journal_resumes_the_update(rig: Rig, crashed_in: UpdateState, serves: str) -> None:
-    v1 = rig.hub.publish(make_release(rig.hub.key, "m", "1.0.0", seed=1))
+@pytest.mark.parametrize(
+    ("crashed_in", "journaled", "serves"), RECOVERY, ids=[f"{s.value}-{j.replace(' ', '-')}" for s, j, _ in RECOVERY]
+)
+def test_after_a_crash_the_journal_resumes_the_update(
+    rig: Rig, crashed_in: UpdateState, journaled: str, serves: str
+) -> None:
+    v1 = rig.hub.publish(make_release(rig.hub.key, "m", "1.0.0", seed=1), pin=True)
     rig.apply({"m": v1})
     rig.settle()
     release = make_release(rig.hub.key, "m", "2.0.0", seed=2, padding_bytes=30_000)
-    v2 = rig.hub.publish(release)
+    v2 = rig.hub.publish(release, pin=True)
+    manifest = release.signed.to_bytes()
+    if journaled == "other":
+        other = release.manifest.model_copy(update={"metrics": {"accuracy": 0.5}})
+        manifest = sign_manifest(other, rig.hub.key).to_bytes()
     rig.close()
     # Forge the journal as a crash in `crashed_in` would leave it, with half the file on disk.
     store = Store(rig.settings.db_path)
     record = store.model("m")
-    pending = Slot("2.0.0", "cpu-fp32", release.sha256, v2.manifest_url, release.signed.to_bytes().decode())
+    pending = Slot("2.0.0", "cpu-fp32", release.sha256, v2.manifest_url, manifest.decode(), v2.manifest_sha256)
     store.save_model(record.with_(state=crashed_in, pending=pending, desired_version="2.0.0"))
     store.close()
     data = release.files[release.sha256]
@@ -210,7 +224,12 @@ def test_after_a_crash_the_journal_resumes_the_update(rig: Rig, crashed_in: Upda
     assert rig.serving("m") == "1.0.0"  # restored (re-verified) before anything else
     rig.settle()
     assert rig.serving("m") == serves
-    assert rig.hub.ranges == ["bytes=10000-"]
+    after = rig.store.model("m")
+    if serves == "2.0.0":
+        assert after.state == S.ACTIVE and rig.hub.ranges == ["bytes=10000-"]
+    else:
+        assert after.state == S.ROLLED_BACK and "sha256 differs from the desired state's" in (after.error or "")
+        assert rig.hub.ranges == []  # refused before any byte of the file was fetched
 
 
 def test_after_a_crash_a_rotten_active_file_is_never_served(rig: Rig) -> None:
@@ -231,7 +250,7 @@ def test_after_a_crash_a_rotten_active_file_is_never_served(rig: Rig) -> None:
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
-    from agent.updates import backoff_delay
+    from agent.errors import backoff_delay
 
     delays = [backoff_delay(attempt, 0.5, 8.0) for attempt in range(12) for _ in range(20)]
     assert all(0.5 <= d <= 8.0 for d in delays)

@@ -22,8 +22,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import K3S
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
+from tests.support.agent import AgentProcess
+from tests.support.broker import secured_broker
+from tests.support.hub import HubProcess
+from tests.support.paths import K3S
+from tests.support.waiting import wait_for
 
 MONITORING = K3S / "components" / "monitoring"
 DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
@@ -52,22 +55,22 @@ def _promtool() -> str:
 def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Return {"hub": text, "agent": text}: /metrics of a real hub and agent that did some work."""
     root = tmp_path_factory.mktemp("metrics-live")
-    broker = start_broker(root / "mosquitto")
+    broker = secured_broker(root / "mosquitto")
     hub = HubProcess(root / "hub", broker)
     agent = AgentProcess(root / "agent")
     try:
         key, token = hub.prepare(MODEL, {"1.0.0": {"seed": 1}, "2.0.0": {"seed": 2}})
         hub.start()
         agent.enroll(hub.url, token)
-        agent.start()
-        hub.api(key, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
+        agent.start().wait_live()
+        hub.call("PUT", key=key, path=f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
         wait_for("the agent to serve 1.0.0", lambda: agent.serving(MODEL) == "1.0.0")
         with httpx.Client(timeout=10) as client:
             for _ in range(20):
                 assert client.post(f"http://127.0.0.1:{agent.port}/v2/models/{MODEL}/infer", json=BODY).is_success
         rollout = {"model": MODEL, "version": "2.0.0", "selector": {"all": True}, "steps": [100]}
-        rollout_id = hub.api(key, "POST", "/rollouts", json=rollout)["id"]
-        hub.api(key, "POST", f"/rollouts/{rollout_id}/pause", json={})
+        rollout_id = hub.call("POST", key=key, path="/rollouts", json=rollout)["id"]
+        hub.call("POST", key=key, path=f"/rollouts/{rollout_id}/pause", json={})
         wait_for("agent telemetry at the hub", lambda: "telemetry" in httpx.get(hub.url + "/metrics").text)
         yield {
             "hub": httpx.get(hub.url + "/metrics", timeout=10).text,

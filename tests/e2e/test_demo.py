@@ -1,4 +1,5 @@
-"""`autodl-hub demo` end to end: the real command trains, rolls out and serves, then Ctrl-C stops it all."""
+"""`autodl-hub demo` end to end: the real command trains, rolls out and serves, then Ctrl-C stops it all;
+SIGTERM (what a container runtime or systemd sends) stops it all as well, at any stage."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+
+from tests.support.hub import HUB_CLI
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-_SCRIPT = Path(sys.executable).with_name("autodl-hub")
-_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli.main import main; main()"]
+_CLI = HUB_CLI
 
 
 def _listening(port: int) -> bool:
@@ -69,3 +72,37 @@ def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_stopped_with_sigterm_mid_run_stops_every_child(tmp_path: Path) -> None:
+    args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "1", "--requests", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        # Wait until hub, mosquitto and both agents run (the rollout has not started yet).
+        for line in proc.stdout:
+            seen.append(line)
+            if "both agents serve" in line:
+                break
+        else:
+            raise AssertionError("the demo ended before its agents served:\n" + "".join(seen[-40:]))
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(c.name() for c in children)
+        assert "mosquitto" in names and len(children) >= 4, names  # hub, its broker, two agents
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(seen[-40:]) + proc.stdout.read()
+        wait_for("every child of the demo to exit", lambda: not any(_alive(c) for c in children), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Return True while `process` runs (a zombie waiting for its reaper has ended)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -22,9 +22,9 @@ from sqlmodel import Session
 
 from hub.config import HubSettings
 from hub.registry import publish_version
-from tests.agent.lm import SCRIPT, TinyLM, make_lm_release
 from tests.support.agent import AgentProcess
 from tests.support.fleet import Fleet as SupportFleet
+from tests.support.lm import SCRIPT, TinyLM, make_lm_release
 from tests.support.traffic import Traffic
 from tests.support.waiting import wait_for
 
@@ -40,7 +40,7 @@ def build_coder(root: Path) -> Any:
     from hub.build.textgen import build_text_generation
     from hub.build.textgen_request import TextGenBuildRequest
     from shared.targets import TargetId
-    from tests.hub.build.lm_checkpoints import make_checkpoint, validation_texts
+    from tests.support.lm_checkpoints import make_checkpoint, validation_texts
 
     request = TextGenBuildRequest(
         name=CODER,

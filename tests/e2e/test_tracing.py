@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from hub.broker.embedded import EmbeddedBroker
-from tests.e2e.rollout_fleet import AgentProcess, HubProcess, start_broker, wait_for
+from tests.support.agent import AgentProcess
+from tests.support.fleet import Fleet
+from tests.support.hub import HubProcess
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,13 +34,22 @@ UPDATE_STEPS |= {"agent.update.swap"}
 @dataclass
 class Traced:
     receiver: OtlpReceiver
-    broker: EmbeddedBroker
-    hub: HubProcess
-    key: str
-    agent: AgentProcess
+    fleet: Fleet
+
+    @property
+    def hub(self) -> HubProcess:
+        return self.fleet.hub
+
+    @property
+    def agent(self) -> AgentProcess:
+        return self.fleet.agent
+
+    @property
+    def key(self) -> str:
+        return self.fleet.key
 
     def api(self, method: str, path: str, **kwargs: object) -> object:
-        return self.hub.api(self.key, method, path, **kwargs)
+        return self.fleet.api(method, path, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +58,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     with OtlpReceiver() as receiver, pytest.MonkeyPatch.context() as env:
         env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-        broker = start_broker(root / "mosquitto")
-        hub = HubProcess(root / "hub", broker)
-        agent = AgentProcess(root / "agent")
-        try:
-            key, token = hub.prepare(MODEL, {"1.0.0": {"seed": 1}, "2.0.0": {"seed": 2}})
-            hub.start()
-            agent.enroll(hub.url, token)
-            agent.start()
-            yield Traced(receiver, broker, hub, key, agent)
-        except BaseException:
-            print(hub.tail())  # noqa: T201  (a failed set-up is read from the test output)
-            raise
-        finally:
-            agent.stop()
-            hub.stop()
-            broker.stop()
+        with Fleet(root, model=MODEL, versions={"1.0.0": {"seed": 1}, "2.0.0": {"seed": 2}}, agents=1) as fleet:
+            yield Traced(receiver, fleet)
 
 
 def _one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
@@ -174,16 +171,8 @@ def test_a_collector_that_is_down_costs_spans_not_requests(tmp_path_factory: pyt
         env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{dead}")
         env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
         env.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
-        broker = start_broker(root / "mosquitto")
-        hub = HubProcess(root / "hub", broker)
-        agent = AgentProcess(root / "agent")
-        try:
-            key, token = hub.prepare(MODEL, {"1.0.0": {"seed": 1}})
-            hub.start()
-            agent.enroll(hub.url, token)
-            agent.start()
-            hub.api(key, "PUT", f"/devices/{agent.device_id}/models/{MODEL}", json={"version": "1.0.0"})
-            wait_for("the agent to serve 1.0.0", lambda: agent.serving(MODEL) == "1.0.0")
+        with Fleet(root, model=MODEL, versions={"1.0.0": {"seed": 1}}, agents=1, initial="1.0.0") as fleet:
+            agent = fleet.agent
             url = f"http://127.0.0.1:{agent.port}/v2/models/{MODEL}/infer"
             with httpx.Client(timeout=10) as client:
                 started = time.monotonic()
@@ -200,11 +189,7 @@ def test_a_collector_that_is_down_costs_spans_not_requests(tmp_path_factory: pyt
             # keeps retrying the first batch): most are dropped and counted, none blocked.
             assert dropped > 500, metrics
             assert elapsed < 60, f"200 requests took {elapsed:.1f}s with the collector down"
-            assert hub.api(key, "GET", "/devices")  # the hub (tracing on, collector down) answers
-        finally:
-            agent.stop()
-            hub.stop()
-            broker.stop()
+            assert fleet.api("GET", "/devices")  # the hub (tracing on, collector down) answers
 
 
 def test_both_sides_count_their_exported_spans_on_metrics(traced: Traced) -> None:

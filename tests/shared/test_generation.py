@@ -21,7 +21,7 @@ from shared.generation import (
     load_model,
     spec_from_genai_config,
 )
-from tests.shared.tiny_decoder import HEAD_SIZE, KV_HEADS, LAYERS, VOCAB, build_graph, genai_config, write_folder
+from tests.support.tiny_decoder import HEAD_SIZE, KV_HEADS, LAYERS, VOCAB, build_graph, genai_config, write_folder
 
 PROMPT = [1, 2, 3]
 

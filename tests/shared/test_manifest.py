@@ -63,6 +63,9 @@ def test_signed_manifest_verifies_after_the_wire(key_pem: bytes) -> None:
     assert manifest.choose(choose_targets(DeviceProfile(cpu_flags=["avx512_vnni"]))).target == TargetId.CPU_INT8
     assert manifest.choose(choose_targets(DeviceProfile(cpu_flags=["sse4_2"]))).target == TargetId.CPU_FP32
     assert manifest.choose([TargetId.CUDA_FP16]) is None
+    for variant in manifest.variants:
+        assert manifest.variant_by_sha256(variant.sha256) == variant
+    assert manifest.variant_by_sha256("0" * 64) is None
 
 
 def test_every_single_byte_change_is_detected(key_pem: bytes) -> None:

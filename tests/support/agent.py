@@ -27,7 +27,7 @@ __all__ = ["AGENT_CLI", "FAST", "AgentProcess", "sample_request"]
 _SCRIPT = Path(sys.executable).with_name("autodl-agent")
 AGENT_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from agent.cli import main; main()"]
 
-# Short backoffs, one ORT thread, frequent telemetry: tests wait on outcomes, not on timers.
+# Short backoffs, one ORT thread, small download blocks: tests wait on outcomes, not on timers.
 FAST = {
     "AUTODL_AGENT_BACKOFF_MIN_S": "0.1",
     "AUTODL_AGENT_BACKOFF_MAX_S": "0.5",
@@ -38,7 +38,6 @@ FAST = {
     "AUTODL_AGENT_INTRA_OP_THREADS": "1",
     "AUTODL_AGENT_DOWNLOAD_CHUNK_BYTES": "4096",
     "AUTODL_AGENT_KEEPALIVE_S": "5",
-    "AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.5",
 }
 
 

@@ -34,10 +34,12 @@ from tests.support.hub import HubProcess
 from tests.support.models import SAMPLE_X, linear_weights, make_release, reference
 from tests.support.waiting import WaitTimeout, wait_for
 
-__all__ = ["FLEET_HUB_ENV", "HUB_JUDGES_LATENCY", "Fleet"]
+__all__ = ["FLEET_AGENT_ENV", "FLEET_HUB_ENV", "HUB_JUDGES_LATENCY", "Fleet"]
 
 # A quick rollout controller; devices stay "online" between their heartbeats in a slow CI.
 FLEET_HUB_ENV = {"AUTODL_HUB_ROLLOUT_INTERVAL_S": "0.5", "AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "600"}
+# Telemetry often enough for the hub's rollout analysis to see a step within seconds.
+FLEET_AGENT_ENV = {"AUTODL_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
 # For tests of the hub's analysis: the agent's own health window would roll a slow version back
 # by itself, so with this agent_env only a 1000x slowdown trips it.
 HUB_JUDGES_LATENCY = {"AUTODL_AGENT_HEALTH_LATENCY_RATIO": "1000"}
@@ -66,7 +68,9 @@ class Fleet:
         self._publish, self._labels = publish, dict(labels or {})
         self.broker = secured_broker(root / "mosquitto", **dict(broker_options or {}))
         self.hub = HubProcess(root / "hub", broker=self.broker, env={**FLEET_HUB_ENV, **(hub_env or {})})
-        self.agents = [AgentProcess(root / f"agent{i}", dict(agent_env or {})) for i in range(agents)]
+        self.agents = [
+            AgentProcess(root / f"agent{i}", {**FLEET_AGENT_ENV, **(agent_env or {})}) for i in range(agents)
+        ]
         self.key = self.token = ""
 
     # -- set-up and tear-down ------------------------------------------------------------

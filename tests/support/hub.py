@@ -29,13 +29,16 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import Session
 
 from hub.broker.embedded import EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import create_engine_for, session_factory
+from hub.models import Role
 from hub.registry import publish_version
-from tests.support.models import Release, write_files
+from hub.security import create_api_key, create_enrollment_token
+from tests.support.models import Release, make_release, write_files
 from tests.support.processes import free_port, stop_process, wait_http_ready
 
 __all__ = ["HUB_CLI", "HubProcess", "WorkerProcess"]
@@ -51,11 +54,11 @@ class HubProcess:
     def __init__(
         self,
         data_dir: Path,
+        broker: EmbeddedBroker | None = None,
         *,
         mqtt: bool = True,
         database_url: str | None = None,
         mqtt_url: str | None = None,
-        broker: EmbeddedBroker | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
@@ -126,6 +129,17 @@ class HubProcess:
         files = write_files(release, self.data_dir.parent / "releases" / release.name / release.version)
         with self.session() as session:
             publish_version(session, self.settings, release.manifest, files, actor="test")
+
+    def prepare(self, model: str, versions: dict[str, dict[str, Any]]) -> tuple[str, str]:
+        """Publish `versions` of `model` ({version: make_release kwargs}) before the hub starts;
+        return (an operator API key, an enrollment token for 100 devices)."""
+        signer = Ed25519PrivateKey.generate()  # the hub re-signs with its own key
+        for version, kwargs in versions.items():
+            self.publish(make_release(signer, model, version, **kwargs))
+        with self.session() as session:
+            key = create_api_key(session, "operator", Role.OPERATOR, actor="test")[1]
+            token = create_enrollment_token(session, actor="test", max_uses=100)[1]
+        return key, token
 
     def start(self) -> None:
         """Init (once) and serve; return when /readyz answers 200."""

@@ -5,6 +5,7 @@ It follows the contract in shared/ and the agreed interfaces; the real hub is ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -59,11 +60,17 @@ class HubStub:
         self._server.shutdown()
         self._server.server_close()
 
-    def publish(self, release: Release) -> DesiredModel:
-        """Serve a release; return the desired-state entry pointing at it."""
-        self.manifests[(release.name, release.version)] = release.signed.to_bytes()
+    def publish(self, release: Release, *, pin: bool = False) -> DesiredModel:
+        """Serve a release; return the desired-state entry pointing at it (`pin`: with the manifest's sha256,
+        as the real hub's desired state names it)."""
+        signed = release.signed.to_bytes()
+        self.manifests[(release.name, release.version)] = signed
         self.artifacts.update(release.files)
-        return DesiredModel(version=release.version, manifest_url=self.manifest_url(release.name, release.version))
+        return DesiredModel(
+            version=release.version,
+            manifest_url=self.manifest_url(release.name, release.version),
+            manifest_sha256=hashlib.sha256(signed).hexdigest() if pin else None,
+        )
 
     def manifest_url(self, name: str, version: str) -> str:
         return f"{self.url}/models/{name}/versions/{version}/manifest"

@@ -15,7 +15,7 @@ from hub.build.pipeline import BuildResult
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate
 from hub.models import Model, ModelVersion
-from hub.registry import artifact_path
+from hub.registry import artifact_path, publish_build, resolve_version
 from shared.manifest import load_private_key, load_public_key, public_key_b64, verify_manifest
 from tests.support.digits import Digits
 
@@ -32,12 +32,14 @@ def _versions(settings: HubSettings) -> list[tuple[str, str]]:
     return [(name, version) for name, version in rows]
 
 
-def test_published_build_is_signed_and_stored(cnn: BuildResult, tmp_path: Path) -> None:
+def test_published_build_is_signed_and_stored_with_its_aliases(cnn: BuildResult, tmp_path: Path) -> None:
     settings = HubSettings(data_dir=tmp_path)
     engine = create_engine_for(settings)
     migrate(engine)
     with Session(engine, expire_on_commit=False) as session:
-        version = cnn.publish(session, settings)
+        version = publish_build(session, settings, cnn, ["stable", "latest"], actor="test")
+        # "stable" points at it; "latest" follows the newest version by itself.
+        assert resolve_version(session, cnn.manifest.name, "stable")[1].version == cnn.manifest.version
     public = load_public_key(public_key_b64(load_private_key(settings.signing_key.read_bytes())))
     assert verify_manifest(version.signed_manifest.encode(), public) == cnn.manifest
     for variant in cnn.manifest.variants:
@@ -55,10 +57,10 @@ def test_cli_builds_and_registers_and_refuses_bad_input(digits: Digits, tmp_path
     env = {**os.environ, "AUTODL_HUB_DATA_DIR": str(tmp_path / "hub")}
     base = [*CLI, "build", str(model), "--name", "digits-cli", "--targets", "cpu-fp32,cpu-int8"]
 
-    ok = subprocess.run([*base, "--version", "1.0.0", "--validation", str(good)], env=env,
+    ok = subprocess.run([*base, "--version", "1.0.0", "--validation", str(good), "--alias", "stable"], env=env,
                         capture_output=True, text=True, timeout=240)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert "digits-cli 1.0.0 registered" in ok.stdout
+    assert "digits-cli 1.0.0 registered (" in ok.stdout and "stable -> 1.0.0)" in ok.stdout
     assert "cpu-fp32" in ok.stdout and "published" in ok.stdout
 
     failed = subprocess.run([*base, "--version", "1.0.1", "--validation", str(bad)], env=env,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub.build.lm_checkpoints import make_checkpoint, validation_texts
+from tests.support.lm_checkpoints import make_checkpoint, validation_texts
 
 pytestmark = pytest.mark.slow
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")

@@ -14,7 +14,7 @@ from hub.build.lm_reference import eos_ids, load_causal_lm, torch_greedy
 from hub.build.textgen_request import checkpoint_config
 from shared.generation import SamplingParams, load_model
 from shared.targets import TargetId
-from tests.hub.build.lm_checkpoints import FAMILIES, make_checkpoint
+from tests.support.lm_checkpoints import FAMILIES, make_checkpoint
 
 pytestmark = pytest.mark.slow
 PROMPTS = ([5, 17, 40, 99, 3], [200, 11])

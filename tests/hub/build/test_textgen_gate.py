@@ -16,8 +16,8 @@ from hub.build.textgen_request import TextGenBuildRequest
 from shared.generation import SamplingParams, load_model
 from shared.manifest import load_public_key, verify_manifest
 from shared.targets import TargetId
-from tests.hub.build.lm_checkpoints import make_checkpoint, validation_texts
 from tests.support.hub_app import Built, Hub, upload
+from tests.support.lm_checkpoints import make_checkpoint, validation_texts
 
 pytestmark = pytest.mark.slow
 

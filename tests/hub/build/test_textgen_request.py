@@ -11,7 +11,7 @@ import pytest
 from hub.build.errors import BuildInputError
 from hub.build.textgen_request import TextGenBuildRequest
 from shared.targets import GENERATION_TARGETS, TargetId
-from tests.hub.build.lm_checkpoints import make_checkpoint
+from tests.support.lm_checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hub.models import Command, CommandStatus, Device, TelemetryPoint
-from shared.messages import DesiredState
+from shared.messages import DesiredState, ModelStatus, ReportedState
 from tests.support.hub_app import Hub, build_version, upload
 
 
@@ -50,7 +50,9 @@ def test_filter_devices_by_label_presence_and_reported_model(hub: Hub) -> None:
         row = session.get(Device, b)
         assert row is not None
         row.online = True
-        row.reported = {"models": {"digits": {"active": "1.0.0"}}}
+        # As the ingest stores it: a validated ReportedState.
+        reported = ReportedState(device_id=b, revision=1, models={"digits": ModelStatus(active="1.0.0")})
+        row.reported = reported.model_dump(mode="json")
         session.add(row)
         session.commit()
 

@@ -24,7 +24,7 @@ from hub.training.errors import SpecError
 from hub.training.lm_runner import train_text_generation
 from hub.training.lm_tokenizer import train_tokenizer
 from hub.training.spec import parse_spec
-from tests.hub.training.lm_helpers import lm_task, write_code_corpus
+from tests.support.lm_tasks import lm_task, write_code_corpus
 
 
 def _baichuan(vocab: int, *, baichuan2: bool = False, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.hub.training.lm_helpers import lm_task, write_code_corpus
+from tests.support.lm_tasks import lm_task, write_code_corpus
 
 
 def _builder() -> None:

@@ -11,7 +11,7 @@ from hub.training.corpus import load_corpus
 from hub.training.errors import DataError, SpecError
 from hub.training.lm_runner import check_text_generation
 from hub.training.spec import parse_spec
-from tests.hub.training.lm_helpers import lm_task, write_chat_jsonl, write_code_corpus
+from tests.support.lm_tasks import lm_task, write_chat_jsonl, write_code_corpus
 
 
 def _spec_error(text: str, base_dir: Path) -> str:
@@ -156,7 +156,7 @@ def test_builtin_stdlib_corpus_skips_tests(tmp_path: Path) -> None:
 
 def test_examples_are_valid_text_generation_tasks() -> None:
     from hub.training.spec import load_spec
-    from tests.hub.training.conftest import EXAMPLES
+    from tests.support.paths import EXAMPLES
 
     code = load_spec(EXAMPLES / "code-completion" / "task.yaml")
     assert code.task == "text-generation" and code.data.path == "builtin:python-stdlib"

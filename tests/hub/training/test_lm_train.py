@@ -10,7 +10,7 @@ import torch
 
 from hub.training.lm_runner import train_text_generation
 from hub.training.spec import parse_spec
-from tests.hub.training.lm_helpers import lm_task, write_chat_jsonl, write_code_corpus
+from tests.support.lm_tasks import lm_task, write_chat_jsonl, write_code_corpus
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""Every HTTP path of the hub that agents call, built here and nowhere else (as `topics` does for MQTT).
+
+    POST /enroll                                    EnrollRequest -> EnrollResponse
+    GET  /models/{name}/versions/{version}/manifest the signed manifest (bytes as signed)
+    GET  /artifacts/{sha256}                        a model file; HEAD and Range supported
+
+The hub declares its routes with the ``*_ROUTE`` templates; both sides build concrete paths
+with the functions, and full URLs with `url`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ARTIFACT_ROUTE", "ENROLL", "MANIFEST_ROUTE", "artifact", "manifest", "url"]
+
+ENROLL = "/enroll"
+
+
+def manifest(name: str, version: str) -> str:
+    """Return the path of a version's signed manifest."""
+    return f"/models/{name}/versions/{version}/manifest"
+
+
+def artifact(sha256: str) -> str:
+    """Return the path of a model file, addressed by its sha256."""
+    return f"/artifacts/{sha256}"
+
+
+def url(base: str, path: str) -> str:
+    """Join the hub's base URL (with or without a trailing slash) and a path built here."""
+    return base.rstrip("/") + path
+
+
+MANIFEST_ROUTE = manifest("{name}", "{version}")
+ARTIFACT_ROUTE = artifact("{sha256}")
