@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from shared import tracing
 if TYPE_CHECKING:
     from sqlmodel import Session
 
+    from hub.build.pipeline import BuildResult
     from hub.build.request import BuildRequest
     from hub.build.textgen_request import TextGenBuildRequest
     from hub.config import HubSettings
@@ -224,18 +226,22 @@ def captured_rows(spec: TaskSpec, settings: HubSettings) -> list[CapturedRow]:
     return out
 
 
-def _build_and_publish(
+# Build one version: (name, version, parent version, working folder, progress callback) -> result.
+_Build = Callable[[str, str, "str | None", Path, Callable[[str, str], None]], "BuildResult"]
+
+
+def _build_and_register(
     spec: TaskSpec,
-    trained: TrainedModel,
     settings: HubSettings,
+    build: _Build,
     *,
     progress: Progress | None,
     cancel: threading.Event | None,
     actor: str,
-) -> TrainSummary:
+) -> tuple[str, BuildResult]:
+    """Pick the next version, build it in a temporary folder, and publish it with the task's aliases."""
     from sqlmodel import Session
 
-    from hub.build.pipeline import build
     from hub.db import create_engine_for, migrate
     from hub.registry import publish_build
 
@@ -247,7 +253,6 @@ def _build_and_publish(
             version, parent = next_version(session, name)
         if spec.publish.version != "auto":
             version = spec.publish.version
-        request = build_request(trained, name, version, parent=parent)
 
         def say(step: str, detail: str) -> None:
             if cancel is not None and cancel.is_set():
@@ -256,16 +261,40 @@ def _build_and_publish(
                 progress.message(f"build: {step}: {detail}")
 
         with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as workdir:
-            result = build(request, Path(workdir), say)
+            result = build(name, version, parent, Path(workdir), say)
             with Session(engine, expire_on_commit=False) as session:
                 publish_build(session, settings, result, spec.publish.aliases, actor=actor)
     finally:
         engine.dispose()
     if progress is not None:
         progress.message(f"published {name} {version}: {', '.join(v.target.value for v in result.manifest.variants)}")
+    return version, result
+
+
+def _build_and_publish(
+    spec: TaskSpec,
+    trained: TrainedModel,
+    settings: HubSettings,
+    *,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    actor: str,
+) -> TrainSummary:
+    from hub.build.pipeline import build
+
+    version, result = _build_and_register(
+        spec,
+        settings,
+        lambda name, version, parent, workdir, say: build(
+            build_request(trained, name, version, parent=parent), workdir, say
+        ),
+        progress=progress,
+        cancel=cancel,
+        actor=actor,
+    )
     lineage = trained.lineage
     return TrainSummary(
-        model=name,
+        model=spec.publish.model,
         task=spec.task,
         metric=spec.metric,
         dry_run=False,
@@ -385,41 +414,20 @@ def _publish_text_generation(
     cancel: threading.Event | None,
     actor: str,
 ) -> tuple[list[str], dict[str, str], str]:
-    from sqlmodel import Session
-
-    from hub.db import create_engine_for, migrate
-    from hub.registry import publish_version, set_alias
-
     try:
         from hub.build.textgen import build_text_generation
     except ImportError as exc:
         raise TrainingError(f"the text-generation build (hub.build.textgen) is not installed: {exc}") from exc
 
-    engine = create_engine_for(settings)
-    migrate(engine)
-    name = spec.publish.model
-    try:
-        with Session(engine, expire_on_commit=False) as session:
-            version, parent = next_version(session, name)
-        if spec.publish.version != "auto":
-            version = spec.publish.version
-        request = text_generation_request(trained, name, version, parent=parent)
-
-        def say(step: str, detail: str) -> None:
-            if cancel is not None and cancel.is_set():
-                raise TrainingError("cancelled during the build")
-            if progress is not None:
-                progress.message(f"build: {step}: {detail}")
-
-        with tempfile.TemporaryDirectory(prefix=f"build-{name}-") as workdir:
-            result = build_text_generation(request, Path(workdir), say)
-            with Session(engine, expire_on_commit=False) as session:
-                publish_version(session, settings, result.manifest, result.files, actor=actor)
-                for alias in (a for a in spec.publish.aliases if a != "latest"):
-                    set_alias(session, name, alias, version, actor=actor)
-    finally:
-        engine.dispose()
+    version, result = _build_and_register(
+        spec,
+        settings,
+        lambda name, version, parent, workdir, say: build_text_generation(
+            text_generation_request(trained, name, version, parent=parent), workdir, say
+        ),
+        progress=progress,
+        cancel=cancel,
+        actor=actor,
+    )
     published = [v.target.value for v in result.manifest.variants]
-    if progress is not None:
-        progress.message(f"published {name} {version}: {', '.join(published)}")
     return published, {s.target.value: s.reason for s in result.manifest.skipped}, version
