@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from agent.runtime import LoadedModel
+from shared import tracing
 from shared.manifest import Batching
 
 __all__ = ["BatchStats", "Batcher", "Batchers"]
@@ -107,7 +108,8 @@ class Batcher:
             else:
                 self._arrived.notify()
         if not lead:
-            me.event.wait()
+            with tracing.span("agent.infer.queue"):  # waiting for a run to take this request along
+                me.event.wait()
             lead = me.lead and not me.done
         if lead:
             self._lead(me)
@@ -121,8 +123,9 @@ class Batcher:
         with self._lock:
             if self.delay_s > 0:
                 deadline = me.queued_at + self.delay_s
-                while self._queued_rows(me) < self.max_rows and (left := deadline - time.perf_counter()) > 0:
-                    self._arrived.wait(left)
+                with tracing.span("agent.infer.queue"):  # the leader waits for a batch to fill
+                    while self._queued_rows(me) < self.max_rows and (left := deadline - time.perf_counter()) > 0:
+                        self._arrived.wait(left)
             batch = self._take(me)
         try:
             self._execute(batch)
