@@ -16,6 +16,11 @@ from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "TelemetryPointBase",
+    "EnrollmentTokenBase",
+    "CommandBase",
+    "AuditEventBase",
+    "ApiKeyBase",
     "ApiKey",
     "TelemetryRollup",
     "UiSession",
@@ -179,13 +184,9 @@ class Device(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class EnrollmentToken(SQLModel, table=True):
-    """A secret that lets up to `max_uses` devices enroll before `expires_at`."""
+class EnrollmentTokenBase(SQLModel):
+    """An enrollment token's fields the API shows (`hub.api.schemas.EnrollmentTokenPublic`)."""
 
-    __tablename__ = "enrollment_token"
-
-    id: int | None = Field(default=None, primary_key=True)
-    token_hash: str = Field(max_length=64, unique=True)
     note: str = Field(default="", max_length=256)
     labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
     # The label keys a device may set itself; None: any but the protected ones (hub.fleet.devices).
@@ -194,24 +195,38 @@ class EnrollmentToken(SQLModel, table=True):
     uses: int = Field(default=0)
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoked: bool = False
-    created_by: str = Field(default="", max_length=128)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class ApiKey(SQLModel, table=True):
+class EnrollmentToken(EnrollmentTokenBase, table=True):
+    """A secret that lets up to `max_uses` devices enroll before `expires_at`."""
+
+    __tablename__ = "enrollment_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    created_by: str = Field(default="", max_length=128)
+
+
+class ApiKeyBase(SQLModel):
+    """An API key's fields the API shows (`hub.api.schemas.ApiKeyPublic`): never its hash."""
+
+    name: str = Field(max_length=128)
+    role: str = Field(max_length=16)
+    rate_limit: str | None = Field(default=None, max_length=32)
+    revoked: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ApiKey(ApiKeyBase, table=True):
     """A hashed API key with a role; `rate_limit` overrides the hub-wide limit."""
 
     __tablename__ = "api_key"
 
     id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=128)
     key_hash: str = Field(max_length=64, unique=True)
-    role: str = Field(max_length=16)
-    rate_limit: str | None = Field(default=None, max_length=32)
-    revoked: bool = False
     created_by: str = Field(default="", max_length=128)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class UiSession(SQLModel, table=True):
@@ -226,10 +241,8 @@ class UiSession(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class Command(SQLModel, table=True):
-    """A command sent to one device and, once it answers, its result."""
-
-    __tablename__ = "command"
+class CommandBase(SQLModel):
+    """A command's fields, as stored and as the API shows them (`hub.api.schemas.CommandPublic`)."""
 
     id: str = Field(primary_key=True, max_length=128)
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
@@ -244,7 +257,24 @@ class Command(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
-class TelemetryPoint(SQLModel, table=True):
+class Command(CommandBase, table=True):
+    """A command sent to one device and, once it answers, its result."""
+
+    __tablename__ = "command"
+
+
+class TelemetryPointBase(SQLModel):
+    """A telemetry point's fields the API shows (`hub.api.schemas.TelemetryPointPublic`)."""
+
+    device_id: str = Field(max_length=128)
+    seq: int = Field(sa_type=BigInteger)
+    ts: datetime = Field(sa_type=UTCDateTime)
+    name: str = Field(max_length=128)
+    value: float
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+
+
+class TelemetryPoint(TelemetryPointBase, table=True):
     """One measurement of one device; (device_id, seq) is unique, so ingest is idempotent."""
 
     __tablename__ = "telemetry_point"
@@ -254,12 +284,6 @@ class TelemetryPoint(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
-    device_id: str = Field(max_length=128)
-    seq: int = Field(sa_type=BigInteger)
-    ts: datetime = Field(sa_type=UTCDateTime)
-    name: str = Field(max_length=128)
-    value: float
-    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
 
 
 class TelemetryRollup(SQLModel, table=True):
@@ -278,10 +302,8 @@ class TelemetryRollup(SQLModel, table=True):
     max: float
 
 
-class AuditEvent(SQLModel, table=True):
-    """A record of one change: who did what to which thing."""
-
-    __tablename__ = "audit_event"
+class AuditEventBase(SQLModel):
+    """An audit event's fields, as stored and as the API shows them (`hub.api.schemas.AuditEventPublic`)."""
 
     id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
     ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
@@ -289,6 +311,12 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     subject: str = Field(default="", max_length=256)
     details: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class AuditEvent(AuditEventBase, table=True):
+    """A record of one change: who did what to which thing."""
+
+    __tablename__ = "audit_event"
 
 
 class Rollout(SQLModel, table=True):

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.config import parse_rate_limit
-from hub.models import Role
+from hub.models import ApiKeyBase, AuditEventBase, CommandBase, EnrollmentTokenBase, Role, TelemetryPointBase
 from shared.messages import CommandName, DesiredState, LabelKey, Labels, ReportedState
 
 __all__ = [
@@ -59,16 +59,11 @@ class ApiKeyCreate(_Body):
         return value
 
 
-class ApiKeyPublic(BaseModel):
+class ApiKeyPublic(ApiKeyBase):
     """An API key as listed (never its secret)."""
 
     id: int
-    name: str
-    role: Role
-    rate_limit: str | None
-    revoked: bool
-    created_at: datetime
-    last_used_at: datetime | None = None
+    role: Role  # stored as its value; shown as the enum
 
 
 class ApiKeyCreated(ApiKeyPublic):
@@ -91,18 +86,10 @@ class EnrollmentTokenCreate(_Body):
     note: str = Field(default="", max_length=256)
 
 
-class EnrollmentTokenPublic(BaseModel):
+class EnrollmentTokenPublic(EnrollmentTokenBase):
     """An enrollment token as listed (never its secret)."""
 
     id: int
-    note: str
-    labels: dict[str, str]
-    device_label_keys: list[str] | None = None
-    max_uses: int
-    uses: int
-    expires_at: datetime | None
-    revoked: bool
-    created_at: datetime
 
 
 class EnrollmentTokenCreated(EnrollmentTokenPublic):
@@ -210,31 +197,12 @@ class CommandCreate(_Body):
     ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)
 
 
-class CommandPublic(BaseModel):
+class CommandPublic(CommandBase):
     """A command and, once answered, its result."""
 
-    id: str
-    device_id: str
-    name: str
-    args: dict[str, Any]
-    status: str
-    result: dict[str, Any] | None
-    error: str | None
-    created_by: str
-    created_at: datetime
-    expires_at: datetime | None
-    finished_at: datetime | None
 
-
-class TelemetryPointPublic(BaseModel):
+class TelemetryPointPublic(TelemetryPointBase):
     """One stored measurement."""
-
-    device_id: str
-    seq: int
-    ts: datetime
-    name: str
-    value: float
-    labels: dict[str, str]
 
 
 class BucketPublic(BaseModel):
@@ -255,12 +223,7 @@ class TelemetryResponse(BaseModel):
     buckets: list[BucketPublic] = Field(default_factory=list)
 
 
-class AuditEventPublic(BaseModel):
+class AuditEventPublic(AuditEventBase):
     """One recorded change."""
 
     id: int
-    ts: datetime
-    actor: str
-    action: str
-    subject: str
-    details: dict[str, Any]
