@@ -43,11 +43,13 @@ def _summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     raise AssertionError("no summary from the demo:\n" + "".join(seen[-40:]))
 
 
+@pytest.mark.timeout(900)  # two trainings, an int4 LM build behind its gate, a canary rollout
 def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
     args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "2", "--requests", "5", "--json"]
+    args += ["--lm-steps", "30"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        summary = _summary(proc, timeout=480)
+        summary = _summary(proc, timeout=840)
         assert summary["rollout"]["state"] == "succeeded", summary["rollout"]
         assert len(summary["versions"]) == 2
         candidate = summary["versions"][1]
