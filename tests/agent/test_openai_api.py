@@ -307,7 +307,7 @@ def test_a_client_that_disconnects_frees_its_sequence(slow: Served) -> None:
     payload = json.dumps(long_body()).encode()
     sock = socket.create_connection((host, port))
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )

@@ -260,7 +260,7 @@ def test_a_thousand_idle_connections_neither_block_a_request_nor_add_threads(ser
         for i in range(1000):
             sock = socket.create_connection(("127.0.0.1", served.agent.port))
             if i % 10 == 0:
-                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # served once, then idle
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # served once, then idle
             idle.append(sock)
         response = httpx.post(
             f"{served.agent.url}/v2/models/lin/infer",
@@ -343,7 +343,7 @@ def _raw(served: Served, data: bytes, wait: float = 5.0) -> tuple[int, bytes, bo
 
 
 def _post(path: str, body: bytes, extra: str = "") -> bytes:
-    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
 def _binary(path: str, header: bytes, blob: bytes) -> bytes:
@@ -361,20 +361,20 @@ def _png(width: int, height: int) -> str:
 INFER = "/v2/models/cnn/infer"
 IDX = "/v2/models/idx/infer"
 BAD = [
-    ("content-length-past-body", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{}}".encode(), 408, "body (2 of 100 bytes)"),
-    ("content-length-negative", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".encode(), 400, "Content-Length '-5'"),
-    ("content-length-not-a-number", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n".encode(), 400, "Content-Length 'ten'"),
-    ("chunked", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(), 411, "Transfer-Encoding"),
-    ("smuggle-cl-te", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/status HTTP/1.1\r\n\r\n".encode(), 411, "Transfer-Encoding"),
-    ("two-content-lengths", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{{}}".encode(), 400, "is not one non-negative integer"),
+    ("content-length-past-body", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{{}}".encode(), 408, "body (2 of 100 bytes)"),
+    ("content-length-negative", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n".encode(), 400, "Content-Length '-5'"),
+    ("content-length-not-a-number", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ten\r\n\r\n".encode(), 400, "Content-Length 'ten'"),
+    ("chunked", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(), 411, "Transfer-Encoding"),
+    ("smuggle-cl-te", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/status HTTP/1.1\r\n\r\n".encode(), 411, "Transfer-Encoding"),
+    ("two-content-lengths", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{{}}".encode(), 400, "is not one non-negative integer"),
     ("binary-header-past-body", _post(INFER, b'{"inputs":[]}', "Inference-Header-Content-Length: 400\r\n"), 400, "past the body"),
     ("tensor-size-mismatch", _binary(INFER, b'{"inputs":[{"name":"x","shape":[1,1,8,8],"datatype":"FP32","parameters":{"binary_data_size":12}}]}', bytes(12)), 400, "needs 256"),
     ("deep-json", _post(INFER, b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
     ("5000-digit-integer", _post(IDX, b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"INT64","data":[' + b"9" * 5000 + b',1,2,3]}]}'), 400, "body is not JSON"),
     ("nan-for-integers", _post(IDX, b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"INT64","data":[NaN,1,2,3]}]}'), 400, "NaN is not a JSON number"),
     ("float-for-integers", _post(IDX, b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"INT64","data":[1.5,1,2,3]}]}'), 400, "not integers"),
-    ("body-over-limit", f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {40 * 2**20}\r\n\r\n".encode(), 413, "over the limit"),
-    ("half-a-head", f"POST {INFER} HTTP/1.1\r\nHost: x\r\n".encode(), 408, "request head not received"),
+    ("body-over-limit", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {40 * 2**20}\r\n\r\n".encode(), 413, "over the limit"),
+    ("half-a-head", f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode(), 408, "request head not received"),
 ]  # fmt: skip
 
 
@@ -417,7 +417,7 @@ def test_bodies_in_flight_stay_within_the_memory_budget(served: Served) -> None:
     try:
         for _ in range(4):  # 4 x 30 MB against a 64 MB budget: the third and fourth are refused
             sock = socket.create_connection(("127.0.0.1", served.agent.port), timeout=10)
-            sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+            sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n".encode())
             socks.append(sock)
         chunk = bytes(2**20)
         for sock in socks:

@@ -135,7 +135,7 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
         # A client that goes away mid-stream frees its sequence.
         body = json.dumps({"model": "slow", "prompt": "Hi\n", "max_tokens": 1500, "stream": True}).encode()
         sock = socket.create_connection(("127.0.0.1", agent.port))
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
         got = b""
         while got.count(b"data: ") < 2:
