@@ -21,7 +21,7 @@ import pytest
 from sqlmodel import Session
 
 from hub.config import HubSettings
-from hub.registry import publish_version
+from hub.registry import publish_build, publish_version
 from tests.support.agent import AgentProcess
 from tests.support.fleet import Fleet as SupportFleet
 from tests.support.lm import SCRIPT, TinyLM, make_lm_release
@@ -107,7 +107,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         publish_lm(session, settings, reference, root / "lm")
         publish_lm(session, settings, make_lm_release(signer, LM, "2.0.0"), root / "lm")
         publish_lm(session, settings, make_lm_release(signer, LM, "2.1.0", wrong_parity=True), root / "lm")
-        coder.publish(session, settings, actor="e2e")
+        publish_build(session, settings, coder, actor="e2e")
 
     versions = {"1.0.0": {"seed": 1}}
     with SupportFleet(
