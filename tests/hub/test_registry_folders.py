@@ -76,6 +76,9 @@ def test_every_file_of_a_folder_variant_is_stored_served_and_signed(sqlite_hub: 
         got = sqlite_hub.request("GET", f"/artifacts/{listed[name]['sha256']}")
         assert got.status_code == 200 and got.content == path.read_bytes(), name
     device = sqlite_hub.enrolled_device(name="d")
+    # A device reads the manifests of the versions it is told to run (and only those).
+    deployed = sqlite_hub.request("PUT", f"/devices/{device['device_id']}/models/coder", json={"version": "1.0.0"})
+    assert deployed.status_code == 200, deployed.text
     raw = sqlite_hub.request("GET", "/models/coder/versions/1.0.0/manifest", key=device["device_token"])
     manifest = verify_manifest(raw.content, load_public_key(device["signing_public_key"]))
     assert {f.path for f in manifest.files()} == set(built.files)

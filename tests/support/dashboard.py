@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlmodel import Session
@@ -23,11 +25,22 @@ from shared.topics import DeviceChannel, device_topic
 from tests.support.models import make_release, write_files
 from tests.support.waiting import wait_for
 
-__all__ = ["SERVING", "TELEMETRY_NAMES", "DeviceVoice", "publish_versions", "telemetry_points"]
+__all__ = ["SERVING", "TELEMETRY_NAMES", "DeviceVoice", "publish_versions", "telemetry_points", "ui_login"]
 
 # Serving metrics per model version (shared.metrics), then per-device resource metrics.
 SERVING = ("latency_p50_ms", LATENCY_P95_MS, REQUESTS, ERRORS, "throughput_rps")
 TELEMETRY_NAMES = (*SERVING, "cpu_percent", "memory_percent")
+
+
+def ui_login(client: httpx.Client, key: str, **fields: str) -> httpx.Response:
+    """Post the dashboard's sign-in form as a browser does: fetch it (token and cookie), then submit it."""
+    form = client.get("/ui/login")
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text)
+    assert match, form.text
+    response: httpx.Response = client.post(
+        "/ui/login", data={"key": key, "csrf": match.group(1), **fields}, follow_redirects=False
+    )
+    return response
 
 
 def publish_versions(session: Session, settings: HubSettings, model: str, workdir: Path) -> None:

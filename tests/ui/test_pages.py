@@ -24,7 +24,7 @@ from hub.security import create_api_key, create_enrollment_token, revoke_api_key
 from hub.ui.views import charts_for
 from shared.messages import EnrollRequest
 from shared.targets import DeviceProfile
-from tests.support.dashboard import publish_versions
+from tests.support.dashboard import publish_versions, ui_login
 from tests.support.postgres import pg_schema_url
 
 MODEL = "clf"
@@ -48,12 +48,7 @@ class Dash:
 
     def login(self, key: str, **fields: str) -> httpx.Response:
         """Post the sign-in form as a browser does: fetch it (token and cookie), then submit it."""
-        form = self.client.get("/ui/login")
-        match = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text)
-        assert match, form.text
-        data = {"key": key, "csrf": match.group(1), **fields}
-        response: httpx.Response = self.client.post("/ui/login", data=data, follow_redirects=False)
-        return response
+        return ui_login(self.client, key, **fields)
 
     def sign_in(self, key: str) -> str:
         """Sign in with `key`; return the CSRF token of the session."""

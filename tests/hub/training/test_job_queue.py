@@ -22,6 +22,7 @@ from hub.training import jobs
 from hub.training.archive import check_archive
 from hub.training.errors import SpecError
 from hub.training.worker import Worker
+from tests.support.dashboard import ui_login
 from tests.support.hub_app import Hub
 
 TASK = """task: image-classification
@@ -201,7 +202,7 @@ def test_the_dashboard_lists_jobs_with_why_they_wait(sqlite_hub: Hub) -> None:
     task = TASK.replace("publish:", "resource: {require_gpu: true}\npublish:")
     job_id = sqlite_hub.request("POST", "/jobs", json={"task": task}).json()["id"]
     Worker(sqlite_hub.settings, name="cpu-only", gpu=False).run_once()
-    signed_in = sqlite_hub.client.post("/ui/login", data={"key": sqlite_hub.admin_key}, follow_redirects=False)
+    signed_in = ui_login(sqlite_hub.client, sqlite_hub.admin_key)
     assert signed_in.status_code == 303
     page = sqlite_hub.client.get("/ui/jobs")
     assert page.status_code == 200

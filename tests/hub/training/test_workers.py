@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.dashboard import ui_login
 from tests.support.hub import HubProcess, WorkerProcess
 from tests.support.paths import EXAMPLES
 from tests.support.postgres import pg_schema_url
@@ -116,7 +117,7 @@ def test_a_job_submitted_through_the_api_is_trained_by_a_worker_process(
         assert any("published digits 0.1.0" in line for line in done["log"])
         with hub.api() as client:
             assert client.get("/models/digits/versions/0.1.0").status_code == 200
-            client.post("/ui/login", data={"key": hub.admin_key})
+            assert ui_login(client, hub.admin_key).status_code == 303
             page = client.get("/ui/jobs")
         assert job_id in page.text and "succeeded" in page.text and "0.1.0" in page.text
     finally:
