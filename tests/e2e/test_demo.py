@@ -45,7 +45,7 @@ def _summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 @pytest.mark.timeout(900)  # two trainings, an int4 LM build behind its gate, a canary rollout
 def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
-    args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "2", "--requests", "5", "--json"]
+    args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "2", "--requests", "20", "--json"]
     args += ["--lm-steps", "30"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -55,7 +55,7 @@ def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -
         candidate = summary["versions"][1]
         assert [d["serving"] for d in summary["devices"]] == [candidate, candidate]
         assert {d["labels"]["ring"] for d in summary["devices"]} == {"canary", "stable"}
-        assert summary["inference"]["requests"] == 5
+        assert summary["inference"]["requests"] == 20
         assert summary["inference"]["model_version"] == candidate
         assert summary["inference"]["accuracy"] >= 0.6  # real digits through a real model
         assert summary["telemetry_points"] > 0
