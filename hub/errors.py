@@ -25,6 +25,7 @@ reach an HTTP client as themselves: the code that calls into the package convert
     BrokerAdminError    hub.broker.admin      logged; the next reconcile retries
     BootstrapError      hub.broker.bootstrap  the bootstrap command's error line
     DemoError           hub.cli.demo          the demo's error line
+    RemoteError         hub.cli.remote        `train --remote`'s error line (the hub refused, or is unreachable)
     InvalidTransition   hub.rollouts.plan     the engine raises RolloutStateError (409) from it
 
 tests/test_error_trees.py checks that every exception class in hub/ descends from one of these.
@@ -117,6 +118,7 @@ ROOTS = (
     ("hub.broker.embedded", "BrokerError"),
     ("hub.broker.admin", "BrokerAdminError"),
     ("hub.broker.bootstrap", "BootstrapError"),
+    ("hub.cli.remote", "RemoteError"),
     ("hub.cli.demo", "DemoError"),
     ("hub.rollouts.plan", "InvalidTransition"),
 )
