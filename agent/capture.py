@@ -19,9 +19,11 @@ import os
 import queue
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -107,66 +109,79 @@ def judge(
 
 
 class Spool:
-    """Captured items on disk, one JSON file each, oldest first."""
+    """Captured items on disk, one JSON file each, oldest first.
+
+    The order and sizes are kept in memory (read from the folder once, at start), so storing an
+    item and enforcing the budget cost the same with ten items spooled as with ten thousand.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in directory.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
-
-    def _files(self) -> list[Path]:
-        files = list(self.directory.glob("*.json"))
-        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        self._lock = threading.Lock()
+        files = sorted(directory.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        self._sizes: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in files)
+        self._bytes = sum(self._sizes.values())
 
     def size_bytes(self) -> int:
         """Return the bytes the spool holds."""
-        return sum(p.stat().st_size for p in self.directory.glob("*.json"))
+        return self._bytes
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.directory.glob("*.json"))
+        return len(self._sizes)
+
+    def _path(self, item: str) -> Path:
+        return self.directory / f"{item}.json"
 
     def put(self, item: CaptureItem, budget_bytes: int) -> int | None:
         """Store `item`; drop the oldest items past `budget_bytes`; return how many were dropped.
 
         None means the item was already in the spool (the same request, captured again).
         """
+        with self._lock:
+            if item.id in self._sizes:
+                return None
         data = item.model_dump_json().encode()
-        path = self.directory / f"{item.id}.json"
-        if path.exists():
-            return None
+        path = self._path(item.id)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dropped = 0
-        files = self._files()
-        total = sum(p.stat().st_size for p in files)
-        for old in files:
-            if total <= budget_bytes or old == path:
-                break
-            total -= old.stat().st_size
-            old.unlink(missing_ok=True)
-            dropped += 1
-        return dropped
+        os.replace(tmp, path)  # a crash leaves the whole item or none of it
+        dropped: list[str] = []
+        with self._lock:
+            self._sizes[item.id] = len(data)
+            self._bytes += len(data)
+            while self._bytes > budget_bytes and len(self._sizes) > 1:
+                old, size = self._sizes.popitem(last=False)
+                self._bytes -= size
+                dropped.append(old)
+        for old in dropped:
+            self._path(old).unlink(missing_ok=True)
+        return len(dropped)
 
     def oldest(self, limit: int) -> list[CaptureItem]:
         """Return up to `limit` items, oldest first; unreadable files are removed."""
+        with self._lock:
+            ids = list(islice(self._sizes, limit))
         items: list[CaptureItem] = []
-        for path in self._files()[:limit]:
+        for one in ids:
             try:
-                items.append(CaptureItem.model_validate_json(path.read_bytes()))
+                items.append(CaptureItem.model_validate_json(self._path(one).read_bytes()))
             except (OSError, ValidationError) as exc:
-                logger.warning("capture spool: dropping unreadable %s: %s", path.name, exc)
-                path.unlink(missing_ok=True)
+                logger.warning("capture spool: dropping unreadable %s: %s", one, exc)
+                self.remove([one])
         return items
 
     def remove(self, ids: list[str]) -> None:
         """Forget items the hub has answered for."""
         for one in ids:
-            (self.directory / f"{one}.json").unlink(missing_ok=True)
+            with self._lock:
+                self._bytes -= self._sizes.pop(one, 0)
+            self._path(one).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
