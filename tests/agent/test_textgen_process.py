@@ -149,7 +149,7 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
 
         def long_one() -> None:
             client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0)
-            stream = client.completions.create(model="slow", prompt="Hi\n", max_tokens=60, stream=True)
+            stream = client.completions.create(model="slow", prompt="Hi\n", max_tokens=400, stream=True)
             done.append("".join(c.choices[0].text for c in stream))
 
         workers = [threading.Thread(target=long_one) for _ in range(2)]
