@@ -96,7 +96,7 @@ def test_demo_stopped_with_sigterm_mid_run_stops_every_child(tmp_path: Path) -> 
         assert "mosquitto" in names and len(children) >= 4, names  # hub, its broker, two agents
 
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, "".join(seen[-40:]) + proc.stdout.read()
+        assert proc.wait(180) == 0, "".join(seen[-40:]) + proc.stdout.read()
         wait_for("every child of the demo to exit", lambda: not any(_alive(c) for c in children), 30)
     finally:
         if proc.poll() is None:
