@@ -67,6 +67,11 @@ class AgentSettings(BaseModel):
     batching: dict[str, Batching] = Field(
         default_factory=dict, description="dynamic batching per model, over the manifest's (max_batch_size 1: off)"
     )
+    # Trust (agent.tls)
+    ca_file: Path | None = Field(
+        default=None, description="CA of the hub and broker; default: the one pinned at enrollment, else the system's"
+    )
+    insecure: bool = Field(default=False, description="allow plain HTTP and MQTT to a hub beyond loopback")
     # MQTT session
     keepalive_s: int = Field(default=30, ge=1)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "BrokerAdminError",
     "BrokerError",
     "BrokerStartError",
+    "BrokerTls",
     "BrokerUnavailable",
     "DynsecCommandError",
     "EmbeddedBroker",
@@ -72,6 +74,22 @@ _PLUGIN_DIRS = (
     "/opt/homebrew/lib",
 )
 PASSWORD_FILE = "hub-mqtt-password"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The certificate files of the broker's TLS listener (the hub's: `hub.tls`)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def config_lines(self) -> list[str]:
+        """Return the listener options that turn it to TLS (they follow a ``listener`` line)."""
+        lines = [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.cafile.exists():  # an operator's publicly trusted certificate may come without one
+            lines.insert(0, f"cafile {self.cafile}")
+        return lines
 
 
 class BrokerError(Exception):
@@ -201,8 +219,10 @@ class EmbeddedBroker:
         backoff_max_s: float = 30.0,
         start_timeout_s: float = 10.0,
         extra_config: str = "",
+        tls: BrokerTls | None = None,
     ) -> None:
         self.directory = directory
+        self.tls = tls
         self.port = port
         self.bind_host = bind_host
         self.hub_username = hub_username
@@ -223,11 +243,19 @@ class EmbeddedBroker:
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> EmbeddedBroker:
-        """Build the broker for HubSettings: ``<data_dir>/mosquitto``, `mqtt_port`, the hub's user."""
+        """Build the broker for HubSettings: ``<data_dir>/mosquitto``, `mqtt_port`, the hub's user,
+        listening where the hub's HTTP does, with TLS when the hub's settings say so."""
         directory = Path(settings.data_dir) / "mosquitto"
         password = settings.mqtt_password or load_or_create_hub_password(directory)
+        tls = BrokerTls(settings.tls_ca, settings.tls_cert, settings.tls_key) if settings.mqtt_tls else None
+        kwargs.setdefault("bind_host", settings.host)
         return cls(
-            directory, port=settings.mqtt_port, hub_username=settings.mqtt_username, hub_password=password, **kwargs
+            directory,
+            port=settings.mqtt_port,
+            hub_username=settings.mqtt_username,
+            hub_password=password,
+            tls=tls,
+            **kwargs,
         )
 
     @property
@@ -237,8 +265,13 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """Return ``mqtt://host:port`` for clients on this machine."""
-        return f"mqtt://{self.connect_host}:{self.port}"
+        """Return ``mqtt://host:port`` (``mqtts://`` with TLS) for clients on this machine."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.connect_host}:{self.port}"
+
+    @property
+    def ca_certs(self) -> str | None:
+        """Return the CA file clients on this machine verify the broker with (None: plain, or the system's)."""
+        return str(self.tls.cafile) if self.tls is not None and self.tls.cafile.exists() else None
 
     @property
     def hub_password(self) -> str:
@@ -258,6 +291,7 @@ class EmbeddedBroker:
 
     def admin(self, **kwargs: Any) -> BrokerAdmin:
         """Return a BrokerAdmin logged in as the hub's user on this broker."""
+        kwargs.setdefault("tls_ca_certs", self.ca_certs)
         return BrokerAdmin(self.url, self.hub_username, self._hub_password, **kwargs)
 
     # -- configuration ------------------------------------------------------------
@@ -272,6 +306,7 @@ class EmbeddedBroker:
             "per_listener_settings false",
             "allow_anonymous false",
             listener,
+            *(self.tls.config_lines() if self.tls is not None else []),
             "persistence true",
             f"persistence_location {self.directory}/",
             f"autosave_interval {self.autosave_interval_s}",
