@@ -21,6 +21,7 @@ import logging
 import os
 import shlex
 import socket
+import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from shared.trust import TrustError, ca_hash, is_loopback
 __all__ = [
     "CertificateError",
     "ca_pem",
+    "client_context",
     "enroll_command",
     "ensure_certificates",
     "hub_ca_hash",
@@ -245,6 +247,14 @@ def hub_ca_hash(settings: HubSettings) -> str | None:
         return ca_hash(pem)
     except TrustError as exc:
         raise CertificateError(f"{settings.tls_ca}: {exc}") from exc
+
+
+def client_context(settings: HubSettings) -> ssl.SSLContext:
+    """Return how the hub's own CLI verifies a hub over HTTPS: the system's store and the hub's CA when present."""
+    context = ssl.create_default_context()
+    if settings.tls_ca.exists():
+        context.load_verify_locations(cafile=str(settings.tls_ca))
+    return context
 
 
 def enroll_command(settings: HubSettings, token: str) -> str:
