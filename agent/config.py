@@ -167,11 +167,13 @@ class Identity(BaseModel):
     name: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     enrolled_at: datetime = Field(default_factory=utcnow)
+    client_certificate: bool = Field(default=False, description="MQTT with the device certificate (agent.tls)")
 
     @classmethod
     def from_response(cls, response: EnrollResponse, name: str | None) -> Identity:
-        """Build the identity from the hub's enrollment answer."""
-        return cls(name=name, **response.model_dump())
+        """Build the identity from the hub's enrollment answer (the certificate is kept in its own file)."""
+        fields = response.model_dump(exclude={"device_certificate"})
+        return cls(name=name, client_certificate=response.device_certificate is not None, **fields)
 
 
 def make_private(root: Path) -> None:

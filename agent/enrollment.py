@@ -18,7 +18,7 @@ from agent import __version__
 from agent.config import AgentSettings, Identity, save_identity
 from agent.device import detect_profile
 from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableError
-from agent.tls import fetch_pinned_ca, save_pinned_ca, ssl_context
+from agent.tls import DeviceKey, fetch_pinned_ca, save_device_certificate, save_pinned_ca, ssl_context
 from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
 from shared.trust import TrustError, is_loopback, parse_ca_hash
@@ -37,13 +37,20 @@ def enroll(
     force: bool = False,
     transport: httpx.BaseTransport | None = None,
     ca_hash: str | None = None,
+    device_cert: bool = False,
 ) -> Identity:
-    """Enroll with the hub and save the identity; refuse when enrolled unless `force`."""
+    """Enroll with the hub and save the identity; refuse when enrolled unless `force`.
+
+    `device_cert`: make a key pair here and have the hub certify it, for MQTT over mutual TLS.
+    """
     if settings.identity_path.exists() and not force:
         raise AlreadyEnrolledError(
             f"already enrolled (identity in {settings.identity_path}); nothing changed. Use --force to enroll again"
         )
     verify, ca_pem = _trust(settings, hub_url, ca_hash, transport)
+    if device_cert and verify is False:
+        raise EnrollmentError("--device-cert needs an https:// hub: the certificate is for MQTT over TLS")
+    key = DeviceKey() if device_cert else None
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     request = EnrollRequest(
         token=token,
@@ -51,6 +58,7 @@ def enroll(
         labels=labels or {},
         profile=detect_profile(settings.state_dir),
         agent_version=__version__,
+        csr=key.csr_pem() if key is not None else None,
     )
     url = routes.url(hub_url, routes.ENROLL)
     try:
@@ -77,8 +85,11 @@ def enroll(
             f"{answer.mqtt_host}; nothing was stored. Enroll with --insecure to accept that "
             "(and decommission that device id at the hub)"
         )
+    if key is not None and answer.device_certificate is None:
+        raise EnrollmentError(f"the hub registered {answer.device_id} but issued no device certificate")
     identity = Identity.from_response(answer, name)
     save_pinned_ca(settings, ca_pem)  # before the identity, which is what makes the device enrolled
+    save_device_certificate(settings, key, answer.device_certificate)
     path = save_identity(settings, identity)
     logger.info("enrolled as %s; identity in %s", identity.device_id, path)
     return identity

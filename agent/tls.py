@@ -1,7 +1,13 @@
 """Whom the agent trusts for HTTPS and MQTT over TLS, and the pinned first contact with a hub.
 
 Trust, in order: ``ca_file`` (a CA from elsewhere), else the CA pinned at enrollment
-(``<state_dir>/ca.pem``), else the system's store. `fetch_pinned_ca` is the one
+(``<state_dir>/ca.pem``), else the system's store.
+
+Mutual TLS (``enroll --device-cert``): the device makes an Ed25519 key (``device.key``,
+0600, never sent anywhere) and a certificate request signed with it; the hub answers with
+``device.pem`` (CN = device id), which the broker's certificate listener authenticates.
+PyNaCl makes the key and the few DER bytes of the request are written here, so the agent
+needs no `cryptography`. `fetch_pinned_ca` is the one
 unverified request the agent ever makes: it reads the hub's CA certificate and keeps it
 only when the certificate's key matches the ``--ca-hash`` the operator gave
 (`shared.trust.ca_hash`); every later connection verifies against it.
@@ -9,20 +15,38 @@ only when the certificate's key matches the ``--ca-hash`` the operator gave
 
 from __future__ import annotations
 
+import base64
 import os
 import ssl
+import textwrap
 from pathlib import Path
 
 import httpx
+from nacl.signing import SigningKey
 
 from agent.config import AgentSettings
 from agent.errors import EnrollmentError, FatalError, HubUnavailableError
 from shared import routes
 from shared.trust import TrustError, ca_hash
 
-__all__ = ["PINNED_CA_FILE", "ca_file", "fetch_pinned_ca", "save_pinned_ca", "ssl_context"]
+__all__ = [
+    "DEVICE_CERT_FILE",
+    "DEVICE_KEY_FILE",
+    "PINNED_CA_FILE",
+    "DeviceKey",
+    "ca_file",
+    "client_certificate",
+    "fetch_pinned_ca",
+    "save_device_certificate",
+    "save_pinned_ca",
+    "ssl_context",
+]
 
 PINNED_CA_FILE = "ca.pem"
+DEVICE_CERT_FILE = "device.pem"
+DEVICE_KEY_FILE = "device.key"
+_ED25519 = bytes.fromhex("06032b6570")  # OID 1.3.101.112
+_COMMON_NAME = bytes.fromhex("0603550403")  # OID 2.5.4.3
 
 
 def ca_file(settings: AgentSettings) -> Path | None:
@@ -82,3 +106,57 @@ def save_pinned_ca(settings: AgentSettings, pem: str | None) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(pem)
     os.replace(tmp, path)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _pem(kind: str, der: bytes) -> str:
+    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+    return f"-----BEGIN {kind}-----\n{body}\n-----END {kind}-----\n"
+
+
+class DeviceKey:
+    """An Ed25519 key made on this device, and the certificate request (PKCS#10) it signs."""
+
+    def __init__(self) -> None:
+        self._key = SigningKey.generate()
+
+    def private_pem(self) -> str:
+        """Return the key as PKCS#8 PEM (what OpenSSL loads)."""
+        seed = _der(0x04, bytes(self._key))
+        return _pem("PRIVATE KEY", _der(0x30, _der(0x02, b"\x00") + _der(0x30, _ED25519) + _der(0x04, seed)))
+
+    def csr_pem(self, common_name: str = "autodl-device") -> str:
+        """Return a certificate request for this key (the hub sets the real subject: the device id)."""
+        name = _der(0x30, _der(0x31, _der(0x30, _COMMON_NAME + _der(0x0C, common_name.encode()))))
+        public = _der(0x30, _der(0x30, _ED25519) + _der(0x03, b"\x00" + self._key.verify_key.encode()))
+        info = _der(0x30, _der(0x02, b"\x00") + name + public + _der(0xA0, b""))
+        signature = self._key.sign(info).signature
+        return _pem("CERTIFICATE REQUEST", _der(0x30, info + _der(0x30, _ED25519) + _der(0x03, b"\x00" + signature)))
+
+
+def save_device_certificate(settings: AgentSettings, key: DeviceKey | None, certificate: str | None) -> None:
+    """Keep the device's key (0600) and certificate; None removes an older pair."""
+    paths = (settings.state_dir / DEVICE_KEY_FILE, settings.state_dir / DEVICE_CERT_FILE)
+    if key is None or certificate is None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return
+    for path, text in zip(paths, (key.private_pem(), certificate), strict=True):
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+
+
+def client_certificate(settings: AgentSettings) -> tuple[str, str] | None:
+    """Return (certificate, key) file paths when enrollment gave this device a certificate."""
+    cert, key = settings.state_dir / DEVICE_CERT_FILE, settings.state_dir / DEVICE_KEY_FILE
+    return (str(cert), str(key)) if cert.exists() and key.exists() else None

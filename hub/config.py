@@ -84,6 +84,12 @@ class HubSettings(BaseSettings):
     mqtt_port: int = Field(default=1883, ge=1, le=65535, description="port of the embedded broker; TLS: default 8883")
     mqtt_public_host: str = Field(default="127.0.0.1", description="the MQTT host agents are told")
     mqtt_public_port: int | None = Field(default=None, ge=1, le=65535, description="default: the broker's port")
+    mqtt_mtls_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="broker port for device certificates (mutual TLS); embedded with TLS: default mqtt_port + 1",
+    )
     mqtt_ca_file: Path | None = Field(
         default=None, description="CA of an external mqtts:// broker; default: the system's"
     )
@@ -204,6 +210,20 @@ class HubSettings(BaseSettings):
     def tls_ca(self) -> Path:
         """Return the path of the CA certificate agents pin."""
         return self.tls_ca_file or self.tls_dir / "ca.pem"
+
+    @property
+    def tls_crl(self) -> Path:
+        """Return the path of the revoked device certificates (the broker reads it)."""
+        return self.tls_dir / "crl.pem"
+
+    @property
+    def mtls_port(self) -> int | None:
+        """Return the broker port where devices log in with their certificate, or None where there is none."""
+        if self.mqtt_url:
+            return self.mqtt_mtls_port  # an external broker: only where the operator made one
+        if not self.tls_enabled:
+            return None
+        return self.mqtt_mtls_port or self.mqtt_port + 1
 
     @property
     def tls_ca_key(self) -> Path:

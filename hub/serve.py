@@ -15,6 +15,7 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
+from hub.broker.revocation import CertificateRevocation
 from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.limits import HeaderTimeoutH11Protocol
@@ -49,10 +50,13 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
 
             processes = start_embedded_workers(settings, workers)
             stack.callback(_stop_workers, processes)
-        admin = messaging = None
+        admin = messaging = revocation = None
         if mqtt:
             if settings.mqtt_url is None:
                 broker = EmbeddedBroker.from_settings(settings)
+                if broker.tls is not None and broker.tls.certificate_port is not None:
+                    revocation = CertificateRevocation(settings, sessions, broker)
+                    revocation.write_crl()  # the certificate listener needs it before mosquitto starts
                 broker.start()
                 stack.callback(broker.stop)
                 url, password, ca_certs = broker.url, broker.hub_password, broker.ca_certs
@@ -70,6 +74,7 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
             messaging.start()
             stack.callback(messaging.stop)
         app = create_app(settings, messaging, admin, engine=engine, migrate_db=False)
+        app.state.certificate_revocation = revocation
         config = uvicorn.Config(
             app,
             host=settings.host,

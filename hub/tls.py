@@ -6,6 +6,12 @@ Files, in ``<data_dir>/tls/`` unless the settings point elsewhere::
     ca.pem  ca.key      the hub's CA (EC P-256, 10 years); agents pin its key (`shared.trust`)
     server.pem          the server certificate (EC P-256), signed by the CA, with a SAN for
     server.key          every name and address the hub is reached at (`server_names`)
+    crl.pem             the device certificates decommissioning revoked (`write_crl`), which
+                        the broker's certificate listener checks
+
+Device certificates (mutual TLS): `issue_device_certificate` certifies the key of a
+device's certificate request with CN = its device id, which the broker takes as the
+username, so the device's ACL applies as for a password login.
 
 `ensure_certificates` makes what is missing and re-issues the server certificate when a
 name it must carry is missing or it is close to expiry: the CA (and so every pin handed
@@ -28,7 +34,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.config import HubSettings
@@ -38,6 +44,9 @@ __all__ = [
     "CertificateError",
     "ca_pem",
     "client_context",
+    "device_credentials",
+    "issue_device_certificate",
+    "write_crl",
     "enroll_command",
     "ensure_certificates",
     "hub_ca_hash",
@@ -49,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CA_DAYS = 3650
 SERVER_DAYS = 730
+DEVICE_DAYS = 1825
 RENEW_BEFORE = timedelta(days=30)
 
 
@@ -268,3 +278,76 @@ def enroll_command(settings: HubSettings, token: str) -> str:
     elif not is_loopback(url.hostname or ""):
         words.append("--insecure")
     return shlex.join(words)
+
+
+def _hub_ca(settings: HubSettings) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca = _ensure_ca(settings)
+    if ca is None:
+        raise CertificateError("device certificates need the hub's own CA; this hub uses the operator's certificate")
+    return ca
+
+
+def issue_device_certificate(
+    settings: HubSettings, csr_pem: str, device_id: str, *, lifetime: timedelta = timedelta(days=DEVICE_DAYS)
+) -> tuple[str, str]:
+    """Certify the key of a device's certificate request as `device_id`; return (PEM, serial in hex).
+
+    Only the key is taken from the request, after checking that it signed the request (the
+    device holds it); the subject is the hub's choice.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise CertificateError(f"the certificate request is not a PEM PKCS#10 request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise CertificateError("the certificate request's signature does not verify: it was not made with its key")
+    public = csr.public_key()
+    if not isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise CertificateError("device keys must be Ed25519 or EC")
+    ca_cert, ca_key = _hub_ca(settings)
+    now = _now()
+    serial = x509.random_serial_number()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(serial)
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), format(serial, "x")
+
+
+def device_credentials(settings: HubSettings, device_id: str, lifetime: timedelta) -> tuple[bytes, bytes]:
+    """Return a fresh (certificate PEM, key PEM) for `device_id`, for the hub itself to act as that device."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    cert, _ = issue_device_certificate(
+        settings, csr.public_bytes(serialization.Encoding.PEM).decode(), device_id, lifetime=lifetime
+    )
+    return cert.encode(), _key_pem(key)
+
+
+def write_crl(settings: HubSettings, serials: list[str]) -> Path:
+    """Write the CRL of the revoked device certificates (hex serials); return its path."""
+    ca_cert, ca_key = _hub_ca(settings)
+    now = _now()
+    # OpenSSL refuses every client once a CRL is past its next update; the hub rewrites it
+    # at each start and each revocation, so the CA's own end is the honest bound.
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for serial in serials:
+        revoked = x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build()
+        builder = builder.add_revoked_certificate(revoked)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(settings.tls_crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return settings.tls_crl

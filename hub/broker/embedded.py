@@ -83,6 +83,8 @@ class BrokerTls:
     cafile: Path
     certfile: Path
     keyfile: Path
+    crlfile: Path | None = None
+    certificate_port: int | None = None  # a second listener where devices log in with their certificate
 
     def config_lines(self) -> list[str]:
         """Return the listener options that turn it to TLS (they follow a ``listener`` line)."""
@@ -90,6 +92,17 @@ class BrokerTls:
         if self.cafile.exists():  # an operator's publicly trusted certificate may come without one
             lines.insert(0, f"cafile {self.cafile}")
         return lines
+
+    def certificate_listener(self, bind_host: str) -> list[str]:
+        """Return the device-certificate listener: the certificate's CN is the username (so the
+        device's ACL applies) and the client id (so no one takes over another's session), and
+        revoked certificates (`crlfile`, re-read on SIGHUP) are refused."""
+        if self.certificate_port is None:
+            return []
+        host = "" if bind_host in ("", "0.0.0.0") else f" {bind_host}"
+        lines = [f"listener {self.certificate_port}{host}", *self.config_lines()]
+        lines += ["require_certificate true", "use_identity_as_username true", "use_username_as_clientid true"]
+        return lines + ([f"crlfile {self.crlfile}"] if self.crlfile is not None else [])
 
 
 class BrokerError(Exception):
@@ -247,7 +260,11 @@ class EmbeddedBroker:
         listening where the hub's HTTP does, with TLS when the hub's settings say so."""
         directory = Path(settings.data_dir) / "mosquitto"
         password = settings.mqtt_password or load_or_create_hub_password(directory)
-        tls = BrokerTls(settings.tls_ca, settings.tls_cert, settings.tls_key) if settings.mqtt_tls else None
+        tls = None
+        if settings.mqtt_tls:
+            own_ca = settings.tls_ca_key.exists()  # device certificates need the hub's own CA
+            port = settings.mtls_port if own_ca else None
+            tls = BrokerTls(settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_crl, port)
         kwargs.setdefault("bind_host", settings.host)
         return cls(
             directory,
@@ -321,6 +338,8 @@ class EmbeddedBroker:
             f"plugin {find_dynsec_plugin()}",
             f"plugin_opt_config_file {self.dynsec_path}",
         ]
+        if self.tls is not None:
+            lines += self.tls.certificate_listener(self.bind_host)
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to "mosquitto", who cannot read the data dir
         return "\n".join(lines) + "\n" + self.extra_config + ("\n" if self.extra_config else "")

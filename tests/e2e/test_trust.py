@@ -1,6 +1,7 @@
 """Trust end to end: a hub serving HTTPS and MQTT over TLS with the CA `autodl-hub init` made,
-agents that enroll pinned to it (`--ca-hash`, as kubeadm join), and a hub with another
-certificate that gets neither the token nor the device.
+agents that enroll pinned to it (`--ca-hash`, as kubeadm join), a hub with another
+certificate that gets neither the token nor the device, and devices that log in to the
+broker with their own certificate until decommissioning revokes it.
 """
 
 from __future__ import annotations
@@ -8,12 +9,17 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.security import signing_public_key
 from tests.support.agent import AgentProcess
@@ -119,3 +125,67 @@ def test_a_hub_with_another_certificate_gets_neither_the_token_nor_the_device(hu
     assert identity["device_id"] == device
     assert identity["signing_public_key"] == signing_public_key(hub.settings.signing_key)
     assert identity["signing_public_key"] != signing_public_key(mitm.settings.signing_key)
+
+
+def _certificate_login(hub: HubProcess, state_dir: Path) -> str:
+    """Log in to the certificate listener with the device's certificate; return the outcome
+    ("Success", or how the broker refused: in TLS 1.3 a refused client certificate closes the
+    connection right after the handshake)."""
+    done, outcome = threading.Event(), []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="probe", protocol=mqtt.MQTTv5)
+    client.tls_set(str(hub.ca_file), str(state_dir / "device.pem"), str(state_dir / "device.key"))
+    client.on_connect = lambda _c, _u, _f, reason, _p: (outcome.append(str(reason)), done.set())
+    client.on_disconnect = lambda _c, _u, _f, reason, _p: (outcome.append(f"closed: {reason}"), done.set())
+    try:
+        client.connect("127.0.0.1", hub.mtls_port, keepalive=10)
+        client.loop_start()
+        done.wait(10)
+    except OSError as exc:  # the TLS handshake refused
+        outcome.append(f"refused: {exc}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome[0] if outcome else "no answer"
+
+
+def _connected(agent: AgentProcess) -> bool | None:
+    try:
+        return bool(httpx.get(f"{agent.url}/v1/status", timeout=5).json()["connected"])
+    except httpx.HTTPError:
+        return None
+
+
+def test_device_certificate_logs_in_until_decommissioning_revokes_it(hub: HubProcess, tmp_path: Path) -> None:
+    state_dir = tmp_path / "agent"
+    agent = AgentProcess(state_dir)
+    device = agent.enroll(hub.url, hub.enrollment_token(), "--ca-hash", hub.ca_hash, "--device-cert")
+    key = state_dir / "device.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    certificate = x509.load_pem_x509_certificate((state_dir / "device.pem").read_bytes())
+    certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(hub.ca_file.read_bytes()))
+    assert certificate.subject.rfc4514_string() == f"CN={device}"
+    identity = json.loads((state_dir / "identity.json").read_text())
+    assert identity["client_certificate"] is True and identity["mqtt_port"] == hub.mtls_port
+    assert key.read_bytes() not in b"".join(p.read_bytes() for p in hub.data_dir.rglob("*") if p.is_file())
+
+    assert _certificate_login(hub, state_dir) == "Success"
+
+    hub.upload(make_release(Ed25519PrivateKey.generate(), MODEL, "1.0.0", seed=1))
+    agent.start()
+    try:
+        agent.wait_live()
+        hub.deploy(device, MODEL, "1.0.0")
+        wait_for("v1 served", lambda: agent.serving(MODEL) == "1.0.0", 90)
+        wait_for("hub sees v1", lambda: hub.reported(device, MODEL).get("active") == "1.0.0", 60)
+        assert _connected(agent) is True
+
+        hub.call("POST", f"/devices/{device}/decommission")
+        wait_for("the connected device dropped", lambda: _connected(agent) is False, 30)
+        assert _certificate_login(hub, state_dir) != "Success", "the broker still takes the certificate"
+        # It keeps trying (its backoff is short in tests), and stays out.
+        with pytest.raises(Exception, match="still connected"):
+            wait_for("still connected", lambda: _connected(agent), 5)
+        broker_log = (hub.data_dir / "mosquitto" / "mosquitto.log").read_text()
+        assert "certificate verify failed" in broker_log
+    finally:
+        agent.stop()

@@ -7,7 +7,7 @@
         token = hub.enrollment_token(max_uses=2)
 
 `HubProcess(..., tls=True)` serves HTTPS and MQTT over TLS on loopback with the CA `init` made
-(`ca_file`, `ca_hash`, `verify` for clients); `HubProcess(..., mqtt=False)` serves HTTP only; `broker=secured_broker(...)` (or `mqtt_url=` with
+(`ca_file`, `ca_hash`, `verify` for clients), device certificates on `mtls_port`; `HubProcess(..., mqtt=False)` serves HTTP only; `broker=secured_broker(...)` (or `mqtt_url=` with
 ``AUTODL_HUB_MQTT_PASSWORD`` in `env`) uses an external broker instead; `env` adds AUTODL_HUB_*
 settings (for example ``{"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}``). `publish(release)` puts a
 signed version straight into its registry (before or while it runs); `kill()` is a crash and
@@ -73,6 +73,7 @@ class HubProcess:
         self.data_dir = data_dir
         self.port = free_port()
         self.mqtt_port = free_port()
+        self.mtls_port = free_port()  # the broker's device-certificate listener (tls=True)
         self.mqtt = mqtt
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -91,7 +92,7 @@ class HubProcess:
             "AUTODL_HUB_MQTT_PUBLIC_HOST": "127.0.0.1",
             "AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "30",
             "AUTODL_HUB_TELEMETRY_FLUSH_S": "0.2",
-            **({"AUTODL_HUB_TLS": "true"} if tls else {}),
+            **({"AUTODL_HUB_TLS": "true", "AUTODL_HUB_MQTT_MTLS_PORT": str(self.mtls_port)} if tls else {}),
             **({"AUTODL_HUB_DATABASE_URL": database_url} if database_url else {}),
             **({"AUTODL_HUB_MQTT_URL": mqtt_url} if mqtt_url else {}),
             **({"AUTODL_HUB_MQTT_PASSWORD": broker.hub_password} if broker is not None else {}),
