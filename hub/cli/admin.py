@@ -155,7 +155,9 @@ def token_create(
         )
     command = tls.enroll_command(settings, secret)
     if as_json:
-        typer.echo(json.dumps({"id": row.id, "token": secret, "max_uses": row.max_uses, "enroll_command": command}))
+        pin = tls.hub_ca_hash(settings) if settings.public_url.startswith("https://") else None
+        out = {"id": row.id, "token": secret, "max_uses": row.max_uses, "enroll_command": command, "ca_hash": pin}
+        typer.echo(json.dumps(out))
     else:
         typer.echo(f"enrollment token {row.id} (max uses {row.max_uses}; shown once):\n  {secret}")
         typer.echo(f"enroll a device with:\n  {command}")
