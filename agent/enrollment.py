@@ -63,7 +63,9 @@ def enroll(
     url = routes.url(hub_url, routes.ENROLL)
     try:
         with httpx.Client(timeout=settings.http_timeout_s, transport=transport, verify=verify) as client:
-            response = client.post(url, content=request.model_dump_json(), headers={"Content-Type": "application/json"})
+            # Unset optional fields stay out, so a hub that predates them still takes the request.
+            body = request.model_dump_json(exclude_none=True)
+            response = client.post(url, content=body, headers={"Content-Type": "application/json"})
     except httpx.HTTPError as exc:
         if _certificate_refused(exc):
             raise EnrollmentError(

@@ -26,7 +26,12 @@ def certificate_authority(settings: SettingsDep) -> Response:
     return Response(pem, media_type="application/x-pem-file")
 
 
-@router.post(routes.ENROLL, responses={401: {"description": "the token is unknown, expired, revoked or used up"}})
+@router.post(
+    routes.ENROLL,
+    responses={401: {"description": "the token is unknown, expired, revoked or used up"}},
+    # No "device_certificate": null for agents that predate it (their answer model forbids unknown fields).
+    response_model_exclude_none=True,
+)
 async def enroll(
     body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep, broker: BrokerDep
 ) -> EnrollResponse:
