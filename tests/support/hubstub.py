@@ -36,6 +36,7 @@ class HubStub:
         self.manifests: dict[tuple[str, str], bytes] = {}
         self.artifacts: dict[str, bytes] = {}
         self.enroll_tokens = {"good-token"}
+        self.device_token = DEVICE_TOKEN  # the bearer token its GETs need (a real device's: a stand-in for its hub)
         self.enrolled: list[EnrollRequest] = []
         self.ranges: list[str | None] = []  # Range header of every artifact request
         self.hold_after: int | None = None  # stop sending after this many bytes, until released
@@ -115,7 +116,7 @@ def _make_handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
             self._json(200, hub.enroll_response(device_id).model_dump(mode="json"))
 
         def do_GET(self) -> None:  # noqa: N802
-            if self.headers.get("Authorization") != f"Bearer {DEVICE_TOKEN}":
+            if self.headers.get("Authorization") != f"Bearer {hub.device_token}":
                 return self._json(401, {"detail": "bad token"})
             if m := re.fullmatch(r"/models/([^/]+)/versions/([^/]+)/manifest", self.path):
                 data = hub.manifests.get((m.group(1), m.group(2)))
