@@ -42,13 +42,19 @@ class KeyRing:
         self.url = routes.url(hub_url, routes.SIGNING_KEYS)
         self.refused: Counter[str] = Counter()
         self._lock = threading.Lock()
-        raw = store.get(_STORE_KEY)
         trusted = TrustedKeys.enrolled(enrolled_key)
+        raw = store.get(_STORE_KEY)
         if raw is not None:
             try:
-                trusted = TrustedKeys.model_validate_json(raw)
+                stored = TrustedKeys.model_validate_json(raw)
             except ValidationError as exc:  # a damaged store: start again from enrollment, the chain restores the rest
                 logger.warning("stored signing keys unreadable, starting from the enrolled key: %s", exc)
+            else:
+                # Kept only while they include the enrolled key: enrolling again (with another hub) starts afresh.
+                if next(iter(trusted.keys)) in stored.keys:
+                    trusted = stored
+                else:
+                    logger.info("stored signing keys belong to an earlier enrollment; starting from the enrolled key")
         self.trusted = trusted
 
     def verify(self, data: bytes, expected_sha256: str | None = None, source: str = "journaled") -> Manifest:
