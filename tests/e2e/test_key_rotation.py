@@ -117,6 +117,7 @@ def test_rotation_offline_agent_unchained_key_and_retirement(tmp_path: Path) -> 
         assert report["active"] == "3.0.0" and offline.serving(MODEL) == "3.0.0"
         assert _refused(fleet, offline).get("unknown_key") == 1
         assert unchained not in fleet.status(offline)["signing_keys"]["trusted"]
+        assert "refused unknown_key 1" in offline.run_cli("status", "--state-dir", str(offline.state_dir)).stdout
         key_file.write_bytes(kept)
         assert public_key_id(public_key_b64(load_or_create_signing_key(key_file))) == second
 
