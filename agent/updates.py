@@ -209,7 +209,8 @@ class Updater:
         record = self.store.model(name)
         serving = self.registry.get(name)
         if serving is not None and serving.version == desired.version and start == S.DOWNLOADING:
-            if record.active is not None and desired.manifest_sha256 not in (None, record.active.manifest_sha256):
+            active = record.active
+            if active is not None and active.manifest and desired.manifest_sha256 not in (None, active.manifest_sha256):
                 try:
                     record = self._resigned(record, desired)
                 except FatalError as exc:  # the model loaded keeps serving; the new signature is refused
