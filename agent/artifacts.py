@@ -17,6 +17,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeAlias
 
 import httpx
 
@@ -32,7 +33,10 @@ from agent.errors import (
 from shared.codec import ProtocolError
 from shared.manifest import Manifest, SignatureError, load_public_key, verify_manifest
 
-__all__ = ["ArtifactCache", "fetch_manifest", "sha256_file"]
+__all__ = ["ArtifactCache", "Verifier", "fetch_manifest", "sha256_file", "verify_signed"]
+
+# Verifies signed manifest bytes against an expected sha256 (when named); the str says where they came from.
+Verifier: TypeAlias = Callable[[bytes, str | None, str], Manifest]
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +65,22 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
 
 
 def fetch_manifest(
-    client: httpx.Client, url: str, public_key_b64: str, expected_sha256: str | None = None
+    client: httpx.Client, url: str, verify: Verifier, expected_sha256: str | None = None
 ) -> tuple[Manifest, bytes]:
-    """Download a signed manifest and verify it; return the manifest and its bytes."""
+    """Download a signed manifest and verify it (`agent.trust.KeyRing.verify`); return the manifest and its bytes."""
     try:
         response = client.get(url)
     except httpx.HTTPError as exc:
         raise HubUnavailableError(f"manifest {url}: {exc}") from exc
     _raise_for_status(response, f"manifest {url}")
     data = response.content
-    return verify_signed(data, public_key_b64, expected_sha256, url), data
+    return verify(data, expected_sha256, url), data
 
 
 def verify_signed(
     data: bytes, public_key_b64: str, expected_sha256: str | None = None, source: str = "journaled"
 ) -> Manifest:
-    """Verify signed manifest bytes: the desired state's sha256 when it names one, then the hub's signature."""
+    """Verify signed manifest bytes with one key: the desired state's sha256 when it names one, then the signature."""
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise VerificationError(f"manifest {source}: sha256 differs from the desired state's")
     try:

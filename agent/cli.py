@@ -154,6 +154,11 @@ def status(args: argparse.Namespace) -> None:
             f" {outbox['dropped']} points dropped"
         )
     print(f"revision {info['applied_revision']}  outbox {outbox}")
+    if keys := info.get("signing_keys"):
+        refused = ", ".join(f"{reason} {n}" for reason, n in sorted(keys["refused"].items())) or "none"
+        print(
+            f"keys     trusted {', '.join(keys['trusted'])}; retired {', '.join(keys['retired']) or '-'}; refused {refused}"
+        )
     for m in info["models"]:
         extra = f"  error: {m['error']}" if m.get("error") else ""
         print(f"model    {m['name']}: {m['state']} active={m['active']} previous={m['previous']}{extra}")

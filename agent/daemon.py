@@ -369,6 +369,12 @@ class Agent:
             ),
             ("watchdog_reloads_total", "counter", "Models reloaded by the watchdog", [({}, self.watchdog.reloads)]),
             (
+                "manifests_refused_total",
+                "counter",
+                "Signed manifests refused, by reason (unknown_key: no chain to a trusted key; retired_key; ...)",
+                [({"reason": reason}, n) for reason, n in sorted(self.updater.keys.refused.items())],
+            ),
+            (
                 "commands_total",
                 "counter",
                 "Commands received, by outcome",
@@ -437,6 +443,7 @@ class Agent:
             "updating": any(r.state in IN_PROGRESS for r in self.store.models()),
             "outbox": self.store.outbox_stats().__dict__,
             "errors": list(self.errors),
+            "signing_keys": self.updater.keys.status(),
             "agent_version": __version__,
             "api_port": self.server.port,
             "grpc_port": self.grpc.port if self.grpc is not None else None,

@@ -17,12 +17,12 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
-from agent.artifacts import ArtifactCache, fetch_manifest, verify_signed
+from agent.artifacts import ArtifactCache, fetch_manifest
 from agent.config import AgentSettings, Identity
 from agent.errors import (
     AgentError,
@@ -35,8 +35,10 @@ from agent.errors import (
 )
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test, warm_up
 from agent.store import ModelRecord, Slot, Store
+from agent.trust import KeyRing
 from shared import routes, tracing
-from shared.manifest import TEXT_GENERATION, Manifest, Variant
+from shared.codec import ProtocolError
+from shared.manifest import TEXT_GENERATION, Manifest, SignedManifest, Variant, canonical_json
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
 
@@ -68,7 +70,8 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _key(model: DesiredModel) -> str:
-    return f"{model.version}@{model.manifest_url}"
+    # With the manifest's sha256: the same version re-signed (a retired key) is a change to follow.
+    return f"{model.version}@{model.manifest_url}#{model.manifest_sha256 or ''}"
 
 
 @dataclass
@@ -101,10 +104,12 @@ class Updater:
         threads: int,
         on_change: Callable[[], None] = lambda: None,
         on_activated: Callable[[str, str, str | None], None] = lambda name, version, previous: None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
         self.store = store
+        self.keys = keys or KeyRing(identity.signing_public_key, store, client, identity.hub_url)
         self.cache = cache
         self.registry = registry
         self.client = client
@@ -204,6 +209,14 @@ class Updater:
         record = self.store.model(name)
         serving = self.registry.get(name)
         if serving is not None and serving.version == desired.version and start == S.DOWNLOADING:
+            active = record.active
+            if active is not None and active.manifest and desired.manifest_sha256 not in (None, active.manifest_sha256):
+                try:
+                    record = self._resigned(record, desired)
+                except FatalError as exc:  # the model loaded keeps serving; the new signature is refused
+                    logger.warning("%s: re-signed manifest of %s refused: %s", name, desired.version, exc)
+                    self._save(record.with_(error=str(exc), failed=_key(desired)), f"refused: {exc}")
+                    return
             if record.state not in (S.ACTIVE, S.COMMITTED) or record.desired_version != desired.version:
                 self._save(record.with_(state=S.ACTIVE, desired_version=desired.version, pending=None, error=None))
             return
@@ -234,9 +247,28 @@ class Updater:
                 f"rolled back: {exc}",
             )
 
+    def _resigned(self, record: ModelRecord, desired: DesiredModel) -> ModelRecord:
+        """Take the serving version's manifest signed anew (a retired key): same content, no reload."""
+        active = record.active
+        assert active is not None and active.manifest is not None
+        self.keys.refresh()
+        manifest, raw = fetch_manifest(self.client, desired.manifest_url, self.keys.verify, desired.manifest_sha256)
+        try:
+            journaled = SignedManifest.from_bytes(active.manifest.encode()).manifest
+        except ProtocolError as exc:
+            raise VerificationError(f"journaled manifest of {active.version} unreadable: {exc}") from exc
+        if canonical_json(manifest) != canonical_json(journaled):
+            raise VerificationError(
+                f"{record.name} {desired.version}: the hub serves another manifest for this version"
+            )
+        slot = replace(active, manifest=raw.decode(), manifest_sha256=desired.manifest_sha256)
+        return self._save(record.with_(active=slot), f"{desired.version}: manifest re-signed by the hub")
+
     def _download(self, job: _Job) -> UpdateState:
+        # Read the key chain first: a key retired meanwhile is refused before anything is fetched.
+        self.keys.refresh()
         manifest, raw = fetch_manifest(
-            self.client, job.desired.manifest_url, self.identity.signing_public_key, job.desired.manifest_sha256
+            self.client, job.desired.manifest_url, self.keys.verify, job.desired.manifest_sha256
         )
         if manifest.name != job.name or manifest.version != job.desired.version:
             raise VerificationError(
@@ -267,8 +299,7 @@ class Updater:
         if pending is None or pending.manifest is None:
             return S.DOWNLOADING  # crashed before the manifest was journaled: fetch it again
         # The same checks as a first run: the desired state's sha256, then the signature.
-        key, expected = self.identity.signing_public_key, job.desired.manifest_sha256
-        manifest = verify_signed(pending.manifest.encode(), key, expected)
+        manifest = self.keys.verify(pending.manifest.encode(), job.desired.manifest_sha256, "journaled")
         variant = manifest.variant_by_sha256(pending.sha256 or "")
         if variant is None:
             raise VerificationError(f"journaled variant {pending.sha256} is not in the manifest")
@@ -345,9 +376,10 @@ class Updater:
                 if slot.sha256:
                     keep.add(slot.sha256)
                 if slot.manifest:
+                    # Parsed, not verified: which files to keep must not depend on which keys are trusted now.
                     try:
-                        manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
-                    except AgentError:
+                        manifest = SignedManifest.from_bytes(slot.manifest.encode()).manifest
+                    except ProtocolError:
                         continue
                     variant = manifest.variant_by_sha256(slot.sha256 or "")
                     if variant is not None:
@@ -375,7 +407,7 @@ class Updater:
     def load_verified(self, slot: Slot) -> LoadedModel:
         """Load a journaled version again from its re-verified manifest and file, smoke-tested."""
         assert slot.manifest is not None and slot.sha256 is not None
-        manifest = verify_signed(slot.manifest.encode(), self.identity.signing_public_key)
+        manifest = self.keys.verify(slot.manifest.encode())
         variant = manifest.variant_by_sha256(slot.sha256)
         if variant is None:
             raise VerificationError(f"variant {slot.sha256[:12]} is not in the manifest")

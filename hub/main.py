@@ -23,6 +23,7 @@ from hub.api import (
     keys,
     models,
     rollouts,
+    signing_keys,
     telemetry,
     versions,
 )
@@ -110,6 +111,7 @@ def create_app(
         health,
         enroll,
         keys,
+        signing_keys,
         models,
         versions,
         artifacts,

@@ -39,6 +39,7 @@ __all__ = [
     "Rollout",
     "RolloutDevice",
     "RolloutEvent",
+    "SigningKey",
     "TelemetryPoint",
     "TrainingData",
     "TrainingJob",
@@ -456,3 +457,23 @@ class CapturedItem(SQLModel, table=True):
     labelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     captured_at: datetime = Field(sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class SigningKey(SQLModel, table=True):
+    """A manifest-signing key the hub has used: its public half and the statements that chain it.
+
+    The private key lives in the signing key file only (one at a time); this table holds what
+    devices need to follow a rotation (``shared.keys``): the endorsement that chains a key to
+    the one before it (none for the first key) and, once retired, the signed retirement.
+    """
+
+    __tablename__ = "signing_key"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    public_key: str = Field(max_length=64)
+    previous_key_id: str | None = Field(default=None, max_length=16)
+    endorsement: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    created_by: str = Field(default="", max_length=128)
+    retired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    retirement: dict[str, Any] | None = Field(default=None, sa_type=JSON)

@@ -6,6 +6,7 @@
     POST /enroll                                    EnrollRequest -> EnrollResponse
     GET  /models/{name}/versions/{version}/manifest the signed manifest (bytes as signed)
     GET  /artifacts/{sha256}                        a model file; HEAD and Range supported
+    GET  /signing-keys                              shared.keys.KeyChain: how the signing key was rotated
 
 The hub declares its routes with the ``*_ROUTE`` templates; both sides build concrete paths
 with the functions, and full URLs with `url`.
@@ -13,10 +14,11 @@ with the functions, and full URLs with `url`.
 
 from __future__ import annotations
 
-__all__ = ["ARTIFACT_ROUTE", "CA", "ENROLL", "MANIFEST_ROUTE", "artifact", "manifest", "url"]
+__all__ = ["ARTIFACT_ROUTE", "CA", "ENROLL", "MANIFEST_ROUTE", "SIGNING_KEYS", "artifact", "manifest", "url"]
 
 CA = "/trust/ca.pem"
 ENROLL = "/enroll"
+SIGNING_KEYS = "/signing-keys"
 
 
 def manifest(name: str, version: str) -> str:

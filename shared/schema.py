@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from shared.keys import KeyChain
 from shared.manifest import SignedManifest
 from shared.messages import (
     Command,
@@ -34,6 +35,7 @@ SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
     EnrollRequest,
     EnrollResponse,
     SignedManifest,
+    KeyChain,
 )
 
 

@@ -13,6 +13,7 @@ from hub.cli.build import build_command
 from hub.cli.demo import demo
 from hub.cli.fleet import command_app, device_app, model_app
 from hub.cli.rollouts import rollout_app
+from hub.cli.signing import signing_key_app
 from hub.cli.train import train
 from shared import tracing
 
@@ -24,6 +25,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(model_app, name="model")
 app.add_typer(command_app, name="command")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(signing_key_app, name="signing-key")
 app.command()(train)
 app.command("build")(build_command)
 app.command()(demo)

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.artifacts import ArtifactCache, fetch_manifest
+from agent.artifacts import ArtifactCache, Verifier, fetch_manifest, verify_signed
 from agent.errors import DesiredStateError, DiskSpaceError, VerificationError
 from shared.manifest import public_key_b64
 from tests.support.hubstub import HubStub
@@ -60,17 +60,21 @@ def test_a_cached_file_that_rotted_fails_verification(
     assert not path.exists()
 
 
+def _key(key: Ed25519PrivateKey) -> Verifier:
+    return lambda data, sha256, source: verify_signed(data, public_key_b64(key), sha256, source)
+
+
 def test_manifest_signature_is_checked_with_the_enrollment_key(hub_stub: HubStub, client: httpx.Client) -> None:
     release = make_release(hub_stub.key, "m", "1.0.0", seed=1)
     desired = hub_stub.publish(release)
-    manifest, raw = fetch_manifest(client, desired.manifest_url, public_key_b64(hub_stub.key))
+    manifest, raw = fetch_manifest(client, desired.manifest_url, _key(hub_stub.key))
     assert manifest == release.manifest and raw == release.signed.to_bytes()
     with pytest.raises(VerificationError, match="signed by key"):
-        fetch_manifest(client, desired.manifest_url, public_key_b64(Ed25519PrivateKey.generate()))
+        fetch_manifest(client, desired.manifest_url, _key(Ed25519PrivateKey.generate()))
     tampered = release.signed.model_copy(update={"manifest": release.manifest.model_copy(update={"task": "x"})})
     hub_stub.manifests[("m", "1.0.0")] = tampered.to_bytes()
     with pytest.raises(VerificationError, match="bad signature"):
-        fetch_manifest(client, desired.manifest_url, public_key_b64(hub_stub.key))
+        fetch_manifest(client, desired.manifest_url, _key(hub_stub.key))
     hub_stub.manifests[("m", "1.0.0")] = b"{not json"
     with pytest.raises(VerificationError, match="not JSON"):
-        fetch_manifest(client, desired.manifest_url, public_key_b64(hub_stub.key))
+        fetch_manifest(client, desired.manifest_url, _key(hub_stub.key))

@@ -13,7 +13,8 @@ from agent.config import AgentSettings, Identity
 from agent.runtime import ModelRegistry
 from agent.store import Slot, Store
 from agent.updates import RESUME, Updater
-from shared.manifest import sign_manifest
+from shared.keys import KeyChain, endorse, public_key_id
+from shared.manifest import public_key_b64, sign_manifest
 from shared.messages import DesiredModel, DesiredState, UpdateState
 from shared.targets import TargetId
 from tests.support.hubstub import HubStub
@@ -133,6 +134,33 @@ def test_update_from_v1_to_v2(
         )
     states = [e.state for e in rig.store.journal("m") if e.version == "2.0.0"]
     assert states[0] == "downloading"
+
+
+def test_a_rotated_key_is_followed_once_the_hub_can_say_so_and_kept(rig: Rig) -> None:
+    rig.apply({"m": rig.hub.publish(make_release(rig.hub.key, "m", "1.0.0", seed=1))})
+    rig.settle()
+    new = Ed25519PrivateKey.generate()
+    v2 = rig.hub.publish(make_release(new, "m", "2.0.0", seed=2))
+    rig.hub.chain = (503, None)  # the hub cannot tell the device about the new key yet: retried, not refused
+    rig.apply({"m": v2})
+    wait_for("a retry", lambda: "retrying" in (rig.store.model("m").error or ""), 30)
+    assert rig.serving("m") == "1.0.0"
+    current = public_key_b64(new)
+    rig.hub.chain = (
+        200,
+        KeyChain(current=public_key_id(current), current_public_key=current, endorsements=[endorse(rig.hub.key, new)]),
+    )
+    rig.settle()
+    assert rig.serving("m") == "2.0.0" and rig.store.model("m").state == S.ACTIVE
+    # Kept in the store: after a restart, with no chain to read, 2.0.0 is restored.
+    rig.hub.chain = None
+    rig.close()
+    rig.open()
+    rig.updater.recover()
+    assert rig.serving("m") == "2.0.0"
+    assert rig.updater.keys.status()["trusted"] == sorted(
+        [public_key_id(public_key_b64(rig.hub.key)), public_key_id(current)]
+    )
 
 
 def test_several_models_at_once_and_removal(rig: Rig) -> None:

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from shared import topics
 from shared.codec import encode
+from shared.keys import KeyChain
 from shared.manifest import public_key_b64
 from shared.messages import DesiredModel, DesiredState, EnrollRequest, EnrollResponse
 from tests.support.models import Release
@@ -36,6 +37,8 @@ class HubStub:
         self.manifests: dict[tuple[str, str], bytes] = {}
         self.artifacts: dict[str, bytes] = {}
         self.enroll_tokens = {"good-token"}
+        self.chain: tuple[int, KeyChain | None] | None = None  # GET /signing-keys: status and body (None: 404)
+        self.device_token = DEVICE_TOKEN  # the bearer token its GETs need (a real device's: a stand-in for its hub)
         self.enrolled: list[EnrollRequest] = []
         self.ranges: list[str | None] = []  # Range header of every artifact request
         self.hold_after: int | None = None  # stop sending after this many bytes, until released
@@ -115,7 +118,7 @@ def _make_handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
             self._json(200, hub.enroll_response(device_id).model_dump(mode="json"))
 
         def do_GET(self) -> None:  # noqa: N802
-            if self.headers.get("Authorization") != f"Bearer {DEVICE_TOKEN}":
+            if self.headers.get("Authorization") != f"Bearer {hub.device_token}":
                 return self._json(401, {"detail": "bad token"})
             if m := re.fullmatch(r"/models/([^/]+)/versions/([^/]+)/manifest", self.path):
                 data = hub.manifests.get((m.group(1), m.group(2)))
@@ -129,6 +132,9 @@ def _make_handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
                 return None
             if m := re.fullmatch(r"/artifacts/([0-9a-f]{64})", self.path):
                 return self._artifact(m.group(1))
+            if self.path == "/signing-keys" and hub.chain is not None:
+                code, chain = hub.chain
+                return self._json(code, chain.model_dump(mode="json") if chain is not None else {"detail": "down"})
             return self._json(404, {"detail": "not found"})
 
         def _artifact(self, sha: str) -> None:

@@ -1,7 +1,7 @@
 """Device certificates: the serial of the certificate a device got at enrollment (issue "Trust").
 
-Revision ID: 0009_device_certificates
-Revises: 0008_captures
+Revision ID: 0010_device_certificates
+Revises: 0009_signing_keys
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009_device_certificates"
-down_revision: str | None = "0008_captures"
+revision: str = "0010_device_certificates"
+down_revision: str | None = "0009_signing_keys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
