@@ -21,7 +21,7 @@ from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableEr
 from agent.tls import DeviceKey, fetch_pinned_ca, save_device_certificate, save_pinned_ca, ssl_context
 from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
-from shared.trust import TrustError, is_loopback, parse_ca_hash
+from shared.tls import TrustError, is_loopback, parse_ca_hash
 
 __all__ = ["enroll"]
 

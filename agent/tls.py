@@ -10,7 +10,7 @@ PyNaCl makes the key and the few DER bytes of the request are written here, so t
 needs no `cryptography`. `fetch_pinned_ca` is the one
 unverified request the agent ever makes: it reads the hub's CA certificate and keeps it
 only when the certificate's key matches the ``--ca-hash`` the operator gave
-(`shared.trust.ca_hash`); every later connection verifies against it.
+(`shared.tls.ca_hash`); every later connection verifies against it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from nacl.signing import SigningKey
 from agent.config import AgentSettings
 from agent.errors import EnrollmentError, FatalError, HubUnavailableError
 from shared import routes
-from shared.trust import TrustError, ca_hash
+from shared.tls import TrustError, ca_hash
 
 __all__ = [
     "DEVICE_CERT_FILE",

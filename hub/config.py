@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.trust import is_loopback
+from shared.tls import is_loopback
 
 __all__ = ["HubSettings", "default_data_dir", "get_settings", "make_private", "parse_rate_limit"]
 

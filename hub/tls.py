@@ -3,7 +3,7 @@ for HTTPS and the embedded broker, and the enrollment command that pins the CA.
 
 Files, in ``<data_dir>/tls/`` unless the settings point elsewhere::
 
-    ca.pem  ca.key      the hub's CA (EC P-256, 10 years); agents pin its key (`shared.trust`)
+    ca.pem  ca.key      the hub's CA (EC P-256, 10 years); agents pin its key (`shared.tls`)
     server.pem          the server certificate (EC P-256), signed by the CA, with a SAN for
     server.key          every name and address the hub is reached at (`server_names`)
     crl.pem             the device certificates decommissioning revoked (`write_crl`), which
@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.config import HubSettings
-from shared.trust import TrustError, ca_hash, is_loopback
+from shared.tls import TrustError, ca_hash, is_loopback
 
 __all__ = [
     "CertificateError",

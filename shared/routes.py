@@ -2,7 +2,7 @@
 
     GET  /trust/ca.pem                              the CA the hub's certificates chain to (PEM), no auth:
                                                     fetched over unverified TLS, trusted once its hash
-                                                    matches ``--ca-hash`` (`shared.trust`)
+                                                    matches ``--ca-hash`` (`shared.tls`)
     POST /enroll                                    EnrollRequest -> EnrollResponse
     GET  /models/{name}/versions/{version}/manifest the signed manifest (bytes as signed)
     GET  /artifacts/{sha256}                        a model file; HEAD and Range supported

@@ -40,7 +40,7 @@ from hub.db import create_engine_for, session_factory
 from hub.models import Role
 from hub.registry import publish_version
 from hub.security import create_api_key, create_enrollment_token
-from shared.trust import ca_hash
+from shared.tls import ca_hash
 from tests.support.models import Release, make_release, write_files
 from tests.support.processes import free_port, stop_process, wait_http_ready
 

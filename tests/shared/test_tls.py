@@ -1,4 +1,4 @@
-"""shared.trust: the CA pin is kubeadm's (sha256 of the DER SubjectPublicKeyInfo) for every key
+"""shared.tls: the CA pin is kubeadm's (sha256 of the DER SubjectPublicKeyInfo) for every key
 type, read without `cryptography`; loopback is the only place plain text may go."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from shared.trust import TrustError, ca_hash, certificate_der, is_loopback, parse_ca_hash
+from shared.tls import TrustError, ca_hash, certificate_der, is_loopback, parse_ca_hash
 
 
 def _certificate(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> x509.Certificate:
