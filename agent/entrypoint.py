@@ -36,6 +36,7 @@ ENV_VARS = frozenset(
     {
         "AUTODL_HUB_URL",
         "AUTODL_HUB_CA_HASH",
+        "AUTODL_AGENT_ENROLL_DEVICE_CERT",
         "AUTODL_AGENT_ENROLL_TOKEN_FILE",
         "AUTODL_AGENT_ENROLL_NAME",
         "AUTODL_AGENT_ENROLL_LABELS",
@@ -62,6 +63,7 @@ class EnrollPlan:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
     ca_hash: str | None = None  # the pin `autodl-hub token create` prints
+    device_cert: bool = False  # MQTT with a device certificate (`enroll --device-cert`)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -97,6 +99,7 @@ def plan_from_env(environ: Mapping[str, str]) -> EnrollPlan:
         backoff_min_s=max(backoff_min, 0.0),
         backoff_max_s=max(backoff_max, backoff_min, 0.0),
         ca_hash=environ.get("AUTODL_HUB_CA_HASH", "").strip() or None,
+        device_cert=environ.get("AUTODL_AGENT_ENROLL_DEVICE_CERT", "").strip().lower() in ("1", "true", "yes"),
     )
 
 
@@ -127,7 +130,15 @@ def ensure_enrolled(
     while True:
         attempt += 1
         try:
-            identity = enroll(settings, plan.hub_url, token, plan.name, plan.labels, ca_hash=plan.ca_hash)
+            identity = enroll(
+                settings,
+                plan.hub_url,
+                token,
+                plan.name,
+                plan.labels,
+                ca_hash=plan.ca_hash,
+                device_cert=plan.device_cert,
+            )
         except TransientError as exc:
             if plan.attempts and attempt >= plan.attempts:
                 raise

@@ -83,6 +83,8 @@ def test_the_ca_pin_comes_from_the_environment(tmp_path: Path) -> None:
     plan = plan_from_env({"AUTODL_HUB_URL": "https://hub:8080", "AUTODL_HUB_CA_HASH": f" {pin} "})
     assert plan.ca_hash == pin
     assert plan_from_env({"AUTODL_HUB_URL": "https://hub:8080"}).ca_hash is None
+    assert plan_from_env({"AUTODL_HUB_URL": "https://hub:8080", "AUTODL_AGENT_ENROLL_DEVICE_CERT": "true"}).device_cert
+    assert not plan_from_env({"AUTODL_HUB_URL": "https://hub:8080"}).device_cert
     # A plain-text hub beyond loopback is refused at once (not retried): the container says why.
     token = tmp_path / "token"
     token.write_text("aen_whatever\n")

@@ -97,6 +97,8 @@ def test_a_hub_with_another_certificate_gets_neither_the_token_nor_the_device(hu
     token = hub.enrollment_token()
     with HubProcess(tmp_path / "mitm", tls=True) as mitm:
         mitm_verify = mitm.verify
+        mitm_ca = tmp_path / "mitm-ca.pem"
+        mitm_ca.write_bytes(mitm.ca_file.read_bytes())
         state_dir = tmp_path / "agent"
         agent = AgentProcess(state_dir)
 
@@ -125,6 +127,17 @@ def test_a_hub_with_another_certificate_gets_neither_the_token_nor_the_device(hu
     assert identity["device_id"] == device
     assert identity["signing_public_key"] == signing_public_key(hub.settings.signing_key)
     assert identity["signing_public_key"] != signing_public_key(mitm.settings.signing_key)
+
+    # A CA from elsewhere (--ca-file) instead of a pin: the wrong one is refused, the right one kept.
+    other_dir = tmp_path / "other"
+    other = AgentProcess(other_dir)
+    token = hub.enrollment_token()
+    out = other.run_cli(
+        "enroll", "--hub", hub.url, "--token", token, "--ca-file", str(mitm_ca), "--state-dir", str(other_dir)
+    )
+    assert out.returncode == 1 and "does not chain to the trusted CA" in out.stderr
+    other.enroll(hub.url, token, "--ca-file", str(hub.ca_file))
+    assert (other_dir / "ca.pem").read_bytes() == hub.ca_file.read_bytes()
 
 
 def _certificate_login(hub: HubProcess, state_dir: Path) -> str:
