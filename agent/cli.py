@@ -89,9 +89,18 @@ def enroll(args: argparse.Namespace) -> None:
         if not sep or not key:
             raise _fail(ValueError(f"label {item!r} is not k=v"))
         labels[key] = value
-    settings = _settings(args.state_dir)
+    settings = _settings(args.state_dir, ca_file=args.ca_file, insecure=args.insecure or None)
     try:
-        identity = do_enroll(settings, args.hub, args.token, args.name, labels, args.force)
+        identity = do_enroll(
+            settings,
+            args.hub,
+            args.token,
+            args.name,
+            labels,
+            args.force,
+            ca_hash=args.ca_hash,
+            device_cert=args.device_cert,
+        )
     except AgentError as exc:
         raise _fail(exc) from exc
     print(f"enrolled as {identity.device_id} (hub {identity.hub_url}, mqtt {identity.mqtt_host}:{identity.mqtt_port})")
@@ -270,8 +279,14 @@ def parser() -> argparse.ArgumentParser:
 
     command(version, state=False)
     sub = command(enroll)
-    sub.add_argument("--hub", required=True, help="hub URL, e.g. http://hub:8080")
+    sub.add_argument("--hub", required=True, help="hub URL, e.g. https://hub:8080")
     sub.add_argument("--token", required=True, help="enrollment token")
+    sub.add_argument("--ca-hash", help="sha256:<hex> of the hub CA's public key (printed by `autodl-hub token create`)")
+    sub.add_argument("--ca-file", type=Path, help="CA file for a hub and broker with certificates from elsewhere")
+    sub.add_argument("--insecure", action="store_true", help="allow plain HTTP and MQTT to a hub beyond loopback")
+    sub.add_argument(
+        "--device-cert", action="store_true", help="MQTT with a device certificate (key made here, never sent)"
+    )
     sub.add_argument("--name", help="device name")
     sub.add_argument("--label", action="append", default=[], metavar="K=V", help="label (repeatable)")
     sub.add_argument("--force", action="store_true", help="enroll again even if enrolled")

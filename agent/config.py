@@ -67,6 +67,11 @@ class AgentSettings(BaseModel):
     batching: dict[str, Batching] = Field(
         default_factory=dict, description="dynamic batching per model, over the manifest's (max_batch_size 1: off)"
     )
+    # Trust (agent.tls)
+    ca_file: Path | None = Field(
+        default=None, description="CA of the hub and broker; default: the one pinned at enrollment, else the system's"
+    )
+    insecure: bool = Field(default=False, description="allow plain HTTP and MQTT to a hub beyond loopback")
     # MQTT session
     keepalive_s: int = Field(default=30, ge=1)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
@@ -162,11 +167,13 @@ class Identity(BaseModel):
     name: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     enrolled_at: datetime = Field(default_factory=utcnow)
+    client_certificate: bool = Field(default=False, description="MQTT with the device certificate (agent.tls)")
 
     @classmethod
     def from_response(cls, response: EnrollResponse, name: str | None) -> Identity:
-        """Build the identity from the hub's enrollment answer."""
-        return cls(name=name, **response.model_dump())
+        """Build the identity from the hub's enrollment answer (the certificate is kept in its own file)."""
+        fields = response.model_dump(exclude={"device_certificate"})
+        return cls(name=name, client_certificate=response.device_certificate is not None, **fields)
 
 
 def make_private(root: Path) -> None:

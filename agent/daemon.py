@@ -32,6 +32,7 @@ from agent.store import Store
 from agent.sync import MqttSession
 from agent.telemetry import Family, Telemetry
 from agent.textgen import Finished
+from agent.tls import ssl_context
 from agent.updates import IN_PROGRESS, Updater
 from shared import tracing
 from shared.codec import encode
@@ -148,6 +149,7 @@ class Agent:
             },
             timeout=httpx.Timeout(settings.http_timeout_s),
             follow_redirects=True,
+            verify=ssl_context(settings),
         )
         self.updater = Updater(
             settings,

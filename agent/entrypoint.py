@@ -1,6 +1,7 @@
 """Container entrypoint: enroll once from ``AUTODL_HUB_URL`` and a token file, then run.
 
-``python -m agent.entrypoint [run [OPTIONS]]`` enrolls when the state dir holds no
+``python -m agent.entrypoint [run [OPTIONS]]`` enrolls (pinning ``AUTODL_HUB_CA_HASH`` when set,
+as `autodl-agent enroll --ca-hash` does) when the state dir holds no
 identity yet (device name from ``AUTODL_AGENT_ENROLL_NAME``, labels from
 ``AUTODL_AGENT_ENROLL_LABELS`` as ``k=v,k=v``), then replaces itself with
 ``autodl-agent run``. Any other arguments go straight to ``autodl-agent`` (so
@@ -34,6 +35,8 @@ DEFAULT_TOKEN_FILE = "/run/secrets/autodl/token"
 ENV_VARS = frozenset(
     {
         "AUTODL_HUB_URL",
+        "AUTODL_HUB_CA_HASH",
+        "AUTODL_AGENT_ENROLL_DEVICE_CERT",
         "AUTODL_AGENT_ENROLL_TOKEN_FILE",
         "AUTODL_AGENT_ENROLL_NAME",
         "AUTODL_AGENT_ENROLL_LABELS",
@@ -59,6 +62,8 @@ class EnrollPlan:
     attempts: int = 0  # 0: retry an unreachable hub forever
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
+    ca_hash: str | None = None  # the pin `autodl-hub token create` prints
+    device_cert: bool = False  # MQTT with a device certificate (`enroll --device-cert`)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -93,6 +98,8 @@ def plan_from_env(environ: Mapping[str, str]) -> EnrollPlan:
         attempts=max(attempts, 0),
         backoff_min_s=max(backoff_min, 0.0),
         backoff_max_s=max(backoff_max, backoff_min, 0.0),
+        ca_hash=environ.get("AUTODL_HUB_CA_HASH", "").strip() or None,
+        device_cert=environ.get("AUTODL_AGENT_ENROLL_DEVICE_CERT", "").strip().lower() in ("1", "true", "yes"),
     )
 
 
@@ -123,7 +130,15 @@ def ensure_enrolled(
     while True:
         attempt += 1
         try:
-            identity = enroll(settings, plan.hub_url, token, plan.name, plan.labels)
+            identity = enroll(
+                settings,
+                plan.hub_url,
+                token,
+                plan.name,
+                plan.labels,
+                ca_hash=plan.ca_hash,
+                device_cert=plan.device_cert,
+            )
         except TransientError as exc:
             if plan.attempts and attempt >= plan.attempts:
                 raise

@@ -31,6 +31,7 @@ from agent import __version__
 from agent.config import AgentSettings, Identity
 from agent.errors import CredentialsError, backoff_delay
 from agent.store import Store
+from agent.tls import ca_file, client_certificate
 from shared import topics, tracing
 from shared.codec import ProtocolError, decode, encode
 from shared.messages import DesiredState, Presence, TelemetryBatch, TelemetryPoint
@@ -115,7 +116,10 @@ class MqttSession:
         )
         client.username_pw_set(self.identity.mqtt_username, self.identity.mqtt_password)
         if self.identity.mqtt_tls:
-            client.tls_set()
+            ca = ca_file(self.settings)
+            pair = client_certificate(self.settings) if self.identity.client_certificate else None
+            certfile, keyfile = pair or (None, None)
+            client.tls_set(ca_certs=str(ca) if ca is not None else None, certfile=certfile, keyfile=keyfile)
         # The will is set before connecting: the broker publishes it if we vanish.
         client.will_set(self._topic(DeviceChannel.ONLINE), self._presence(False), qos=1, retain=True)
         client.on_connect = self._on_connect

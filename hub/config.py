@@ -12,6 +12,11 @@ At scale (several stateless hub replicas)::
     AUTODL_HUB_MQTT_USERNAME=autodl-hub  AUTODL_HUB_MQTT_PASSWORD=...
     AUTODL_HUB_MQTT_PUBLIC_HOST=mqtt.example.com     # AUTODL_HUB_MQTT_PUBLIC_PORT if it differs
     AUTODL_HUB_SIGNING_KEY_PATH=/secrets/signing_key.pem   # the same key on every replica
+    AUTODL_HUB_TLS_CERT_FILE=/secrets/tls.crt  AUTODL_HUB_TLS_KEY_FILE=/secrets/tls.key  # the same on every replica
+
+Transport: a hub that listens beyond loopback serves HTTPS and MQTT over TLS (`tls_enabled`,
+certificates from `hub.tls`); plain text there needs ``insecure``. On loopback it stays plain
+unless ``tls`` asks for it.
 
 Broker set-up (dynamic security on Mosquitto, EMQX rules) is in `hub.broker.admin`.
 Rate limits are kept per replica, in memory.
@@ -29,6 +34,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.tls import is_loopback
 
 __all__ = ["HubSettings", "default_data_dir", "get_settings", "make_private", "parse_rate_limit"]
 
@@ -62,12 +69,30 @@ class HubSettings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="default <data_dir>/artifacts")
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
-    public_url: str = Field(default="", description="the URL agents use; default http://127.0.0.1:<port>")
-    mqtt_url: str | None = Field(default=None, description="external broker mqtt://host:port; None = embedded")
-    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="port of the embedded broker")
+    public_url: str = Field(default="", description="the URL agents use; default http(s)://127.0.0.1:<port>")
+    tls: bool = Field(default=False, description="HTTPS and MQTT over TLS on loopback too (beyond it: always)")
+    insecure: bool = Field(default=False, description="plain HTTP and MQTT on addresses beyond loopback")
+    tls_cert_file: Path | None = Field(
+        default=None, description="server certificate (PEM); default <data_dir>/tls/server.pem"
+    )
+    tls_key_file: Path | None = Field(default=None, description="its key (PEM); default <data_dir>/tls/server.key")
+    tls_ca_file: Path | None = Field(default=None, description="the CA agents pin; default <data_dir>/tls/ca.pem")
+    tls_sans: list[str] = Field(default_factory=list, description="more names/addresses for the server certificate")
+    mqtt_url: str | None = Field(
+        default=None, description="external broker mqtt://host:port or mqtts://; None = embedded"
+    )
+    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="port of the embedded broker; TLS: default 8883")
     mqtt_public_host: str = Field(default="127.0.0.1", description="the MQTT host agents are told")
     mqtt_public_port: int | None = Field(default=None, ge=1, le=65535, description="default: the broker's port")
-    mqtt_tls: bool = False
+    mqtt_mtls_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="broker port for device certificates (mutual TLS); embedded with TLS: default mqtt_port + 1",
+    )
+    mqtt_ca_file: Path | None = Field(
+        default=None, description="CA of an external mqtts:// broker; default: the system's"
+    )
     mqtt_username: str = "autodl-hub"
     mqtt_password: str | None = Field(default=None, description="default: generated into the data dir")
     signing_key_path: Path | None = Field(default=None, description="default <data_dir>/signing_key.pem")
@@ -129,8 +154,12 @@ class HubSettings(BaseSettings):
             self.artifact_dir = self.data_dir / "artifacts"
         if self.signing_key_path is None:
             self.signing_key_path = self.data_dir / "signing_key.pem"
+        if self.tls and self.insecure:
+            raise ValueError("tls and insecure contradict each other: choose one")
+        if self.tls_enabled and "mqtt_port" not in self.model_fields_set:
+            self.mqtt_port = 8883
         if not self.public_url:
-            self.public_url = f"http://127.0.0.1:{self.port}"
+            self.public_url = f"{'https' if self.tls_enabled else 'http'}://127.0.0.1:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
 
@@ -145,6 +174,78 @@ class HubSettings(BaseSettings):
         """Return the signing key path (always set after validation)."""
         assert self.signing_key_path is not None
         return self.signing_key_path
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Return True when the hub serves HTTPS (and its embedded broker TLS): asked for, or
+        listening beyond loopback without ``insecure``."""
+        return self.tls or (not self.insecure and not is_loopback(self.host))
+
+    @property
+    def mqtt_tls(self) -> bool:
+        """Return whether the broker speaks TLS: the one answer for the hub's own URL scheme and what agents are told."""
+        if self.mqtt_url:
+            return urlsplit(self.mqtt_url if "://" in self.mqtt_url else f"mqtt://{self.mqtt_url}").scheme in (
+                "mqtts",
+                "ssl",
+            )
+        return self.tls_enabled
+
+    @property
+    def tls_dir(self) -> Path:
+        """Return where the hub keeps its CA and server certificate."""
+        return self.data_dir / "tls"
+
+    @property
+    def tls_cert(self) -> Path:
+        """Return the server certificate's path."""
+        return self.tls_cert_file or self.tls_dir / "server.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        """Return the server key's path."""
+        return self.tls_key_file or self.tls_dir / "server.key"
+
+    @property
+    def tls_ca(self) -> Path:
+        """Return the path of the CA certificate agents pin."""
+        return self.tls_ca_file or self.tls_dir / "ca.pem"
+
+    @property
+    def tls_crl(self) -> Path:
+        """Return the path of the revoked device certificates (the broker reads it)."""
+        return self.tls_dir / "crl.pem"
+
+    @property
+    def mtls_port(self) -> int | None:
+        """Return the broker port where devices log in with their certificate, or None where there is none."""
+        if self.mqtt_url:
+            return self.mqtt_mtls_port  # an external broker: only where the operator made one
+        if not self.tls_enabled:
+            return None
+        return self.mqtt_mtls_port or self.mqtt_port + 1
+
+    @property
+    def tls_ca_key(self) -> Path:
+        """Return the path of the hub CA's key (absent when the operator brought the certificates)."""
+        return self.tls_dir / "ca.key"
+
+    def transport_problem(self) -> str | None:
+        """Return why this hub would send plain text beyond loopback without ``insecure``, or None."""
+        if self.insecure:
+            return None
+        url = urlsplit(self.public_url)
+        if self.tls_enabled and url.scheme != "https":
+            return f"the hub serves HTTPS but its public URL {self.public_url} is not https://: fix --public-url"
+        if url.scheme == "http" and not is_loopback(url.hostname or ""):
+            return f"the public URL {self.public_url} is plain HTTP beyond loopback: use https://, or --insecure"
+        if not self.mqtt_tls:
+            broker = urlsplit(self.mqtt_url if self.mqtt_url and "://" in self.mqtt_url else f"mqtt://{self.mqtt_url}")
+            hosts = [self.mqtt_public_host] + ([broker.hostname or ""] if self.mqtt_url else [])
+            beyond = [h for h in hosts if not is_loopback(h)]
+            if beyond:
+                return f"MQTT to {beyond[0]} would be plain text: use an mqtts:// broker, or --insecure"
+        return None
 
     @property
     def agent_mqtt_port(self) -> int:

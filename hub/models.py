@@ -179,6 +179,8 @@ class Device(SQLModel, table=True):
     reported: dict[str, Any] | None = Field(default=None, sa_type=JSON, description="shared ReportedState")
     token_hash: str | None = Field(default=None, max_length=64, unique=True)
     mqtt_password_hash: str | None = Field(default=None, max_length=64)
+    # Hex serial of its certificate (mutual TLS); decommissioning puts it on the CRL (hub.tls).
+    certificate_serial: str | None = Field(default=None, max_length=64)
     enrollment_token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
     decommissioned: bool = Field(default=False, index=True)
     decommissioned_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

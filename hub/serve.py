@@ -15,12 +15,14 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
+from hub.broker.revocation import CertificateRevocation
 from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.limits import HeaderTimeoutH11Protocol
 from hub.main import create_app
 from hub.messaging.session import HubMessaging
 from hub.models import Device
+from hub.tls import CertificateError, ensure_certificates
 
 __all__ = ["serve"]
 
@@ -30,6 +32,14 @@ logger = logging.getLogger(__name__)
 def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", workers: int = 1) -> None:
     """Serve until SIGINT or SIGTERM, with `workers` embedded training worker processes."""
     make_private(settings.data_dir)
+    problem = settings.transport_problem()
+    if problem is not None:
+        raise SystemExit(f"refusing to serve: {problem}")
+    if settings.tls_enabled:
+        try:
+            ensure_certificates(settings)
+        except CertificateError as exc:
+            raise SystemExit(f"TLS: {exc}") from exc
     engine = create_engine_for(settings)
     migrate(engine)
     sessions = session_factory(engine)
@@ -40,26 +50,31 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
 
             processes = start_embedded_workers(settings, workers)
             stack.callback(_stop_workers, processes)
-        admin = messaging = None
+        admin = messaging = revocation = None
         if mqtt:
             if settings.mqtt_url is None:
                 broker = EmbeddedBroker.from_settings(settings)
+                if broker.tls is not None and broker.tls.certificate_port is not None:
+                    revocation = CertificateRevocation(settings, sessions, broker)
+                    revocation.write_crl()  # the certificate listener needs it before mosquitto starts
                 broker.start()
                 stack.callback(broker.stop)
-                url, password = broker.url, broker.hub_password
+                url, password, ca_certs = broker.url, broker.hub_password, broker.ca_certs
             else:
                 if settings.mqtt_password is None:
                     raise SystemExit(
                         "an external broker (--mqtt-url) needs AUTODL_HUB_MQTT_PASSWORD for the hub's user"
                     )
                 url, password = settings.mqtt_url, settings.mqtt_password
-            admin = BrokerAdmin(url, settings.mqtt_username, password)
+                ca_certs = str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None
+            admin = BrokerAdmin(url, settings.mqtt_username, password, tls_ca_certs=ca_certs)
             stack.callback(admin.close)
             _reconcile(admin, sessions)
-            messaging = HubMessaging(settings, sessions, url=url, password=password)
+            messaging = HubMessaging(settings, sessions, url=url, password=password, tls_ca_certs=ca_certs)
             messaging.start()
             stack.callback(messaging.stop)
         app = create_app(settings, messaging, admin, engine=engine, migrate_db=False)
+        app.state.certificate_revocation = revocation
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -73,8 +88,16 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
             # A deadline for request heads (uvicorn has none) and a bound on their size.
             http=HeaderTimeoutH11Protocol.with_timeout(settings.header_timeout_s),
             h11_max_incomplete_event_size=16 * 1024,
+            ssl_certfile=str(settings.tls_cert) if settings.tls_enabled else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_enabled else None,
         )
-        logger.info("hub HTTP on %s:%s, public URL %s", settings.host, settings.port, settings.public_url)
+        logger.info(
+            "hub %s on %s:%s, public URL %s",
+            "HTTPS" if settings.tls_enabled else "HTTP",
+            settings.host,
+            settings.port,
+            settings.public_url,
+        )
         # uvicorn re-raises the signal that stopped it once it is done; with Python's default
         # SIGTERM action that would end the process here and orphan mosquitto, so turn it
         # into SystemExit and let the stack stop the MQTT session and the broker.

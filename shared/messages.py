@@ -247,6 +247,11 @@ class EnrollRequest(BaseModel):
     labels: Labels = Field(default_factory=dict)
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
     agent_version: str = Field(default="", max_length=64)
+    csr: str | None = Field(
+        default=None,
+        max_length=8192,
+        description="PEM certificate request for a device certificate (mutual TLS); the key never leaves the device",
+    )
 
 
 class EnrollResponse(BaseModel):
@@ -264,3 +269,7 @@ class EnrollResponse(BaseModel):
     signing_public_key: str = Field(description="base64 raw Ed25519 public key that signs manifests")
     hub_url: str
     labels: dict[str, str] = Field(default_factory=dict)
+    device_certificate: str | None = Field(
+        default=None,
+        description="PEM certificate (CN = device id) for the CSR; mqtt_port is then the broker's certificate listener",
+    )

@@ -1,5 +1,8 @@
 """Every HTTP path of the hub that agents call, built here and nowhere else (as `topics` does for MQTT).
 
+    GET  /trust/ca.pem                              the CA the hub's certificates chain to (PEM), no auth:
+                                                    fetched over unverified TLS, trusted once its hash
+                                                    matches ``--ca-hash`` (`shared.tls`)
     POST /enroll                                    EnrollRequest -> EnrollResponse
     GET  /models/{name}/versions/{version}/manifest the signed manifest (bytes as signed)
     GET  /artifacts/{sha256}                        a model file; HEAD and Range supported
@@ -11,8 +14,9 @@ with the functions, and full URLs with `url`.
 
 from __future__ import annotations
 
-__all__ = ["ARTIFACT_ROUTE", "ENROLL", "MANIFEST_ROUTE", "SIGNING_KEYS", "artifact", "manifest", "url"]
+__all__ = ["ARTIFACT_ROUTE", "CA", "ENROLL", "MANIFEST_ROUTE", "SIGNING_KEYS", "artifact", "manifest", "url"]
 
+CA = "/trust/ca.pem"
 ENROLL = "/enroll"
 SIGNING_KEYS = "/signing-keys"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from hub.api.deps import BrokerDep, Caller, DeviceIdPath, MessagingDep, ModelNamePath, Operator, SettingsDep, Viewer
 from hub.api.schemas import ConfigUpdate, DeployRequest, DevicePublic, LabelsUpdate
@@ -78,10 +78,18 @@ def label_device(device_id: DeviceIdPath, body: LabelsUpdate, session: SessionDe
 
 @router.post("/devices/{device_id}/decommission")
 def decommission_device(
-    device_id: DeviceIdPath, session: SessionDep, caller: Operator, broker: BrokerDep, messaging: MessagingDep
+    device_id: DeviceIdPath,
+    request: Request,
+    session: SessionDep,
+    caller: Operator,
+    broker: BrokerDep,
+    messaging: MessagingDep,
 ) -> DevicePublic:
-    """Revoke a device's HTTP token and MQTT login at once, and drop its live connection."""
-    device = devices.decommission(session, device_id, actor=caller.actor, broker=broker, messaging=messaging)
+    """Revoke a device's HTTP token and MQTT login (or certificate) at once, and drop its live connection."""
+    revoker: devices.CertificateRevoker | None = getattr(request.app.state, "certificate_revocation", None)
+    device = devices.decommission(
+        session, device_id, actor=caller.actor, broker=broker, messaging=messaging, revoker=revoker
+    )
     return device_public(device)
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, status
 from sqlmodel import col, select
 
 from hub import audit, security
-from hub.api.deps import Admin
+from hub.api.deps import Admin, SettingsDep
 from hub.api.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -21,6 +21,7 @@ from hub.api.schemas import (
 )
 from hub.db import SessionDep
 from hub.models import ApiKey, EnrollmentToken
+from hub.tls import enroll_command
 
 router = APIRouter(tags=["credentials"])
 
@@ -49,7 +50,9 @@ def revoke_api_key(key_id: RowId, session: SessionDep, caller: Admin) -> ApiKeyP
 
 
 @router.post("/enrollment-tokens", status_code=status.HTTP_201_CREATED)
-def create_enrollment_token(body: EnrollmentTokenCreate, session: SessionDep, caller: Admin) -> EnrollmentTokenCreated:
+def create_enrollment_token(
+    body: EnrollmentTokenCreate, session: SessionDep, settings: SettingsDep, caller: Admin
+) -> EnrollmentTokenCreated:
     """Create an enrollment token; its secret is in this answer only."""
     token, secret = security.create_enrollment_token(
         session,
@@ -61,7 +64,7 @@ def create_enrollment_token(body: EnrollmentTokenCreate, session: SessionDep, ca
         device_label_keys=body.device_label_keys,
     )
     public = EnrollmentTokenPublic.model_validate(token, from_attributes=True)
-    return EnrollmentTokenCreated(**public.model_dump(), token=secret)
+    return EnrollmentTokenCreated(**public.model_dump(), token=secret, enroll_command=enroll_command(settings, secret))
 
 
 @router.get("/enrollment-tokens")

@@ -96,6 +96,7 @@ class EnrollmentTokenCreated(EnrollmentTokenPublic):
     """A created enrollment token; `token` is shown this once."""
 
     token: str
+    enroll_command: str = Field(description="the `autodl-agent enroll` line for it, pinning the hub's CA")
 
 
 class ModelCreate(_Body):

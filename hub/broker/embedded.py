@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "BrokerAdminError",
     "BrokerError",
     "BrokerStartError",
+    "BrokerTls",
     "BrokerUnavailable",
     "DynsecCommandError",
     "EmbeddedBroker",
@@ -72,6 +74,35 @@ _PLUGIN_DIRS = (
     "/opt/homebrew/lib",
 )
 PASSWORD_FILE = "hub-mqtt-password"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The certificate files of the broker's TLS listener (the hub's: `hub.tls`)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    crlfile: Path | None = None
+    certificate_port: int | None = None  # a second listener where devices log in with their certificate
+
+    def config_lines(self) -> list[str]:
+        """Return the listener options that turn it to TLS (they follow a ``listener`` line)."""
+        lines = [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.cafile.exists():  # an operator's publicly trusted certificate may come without one
+            lines.insert(0, f"cafile {self.cafile}")
+        return lines
+
+    def certificate_listener(self, bind_host: str) -> list[str]:
+        """Return the device-certificate listener: the certificate's CN is the username (so the
+        device's ACL applies) and the client id (so no one takes over another's session), and
+        revoked certificates (`crlfile`, re-read on SIGHUP) are refused."""
+        if self.certificate_port is None:
+            return []
+        host = "" if bind_host in ("", "0.0.0.0") else f" {bind_host}"
+        lines = [f"listener {self.certificate_port}{host}", *self.config_lines()]
+        lines += ["require_certificate true", "use_identity_as_username true", "use_username_as_clientid true"]
+        return lines + ([f"crlfile {self.crlfile}"] if self.crlfile is not None else [])
 
 
 class BrokerError(Exception):
@@ -201,8 +232,10 @@ class EmbeddedBroker:
         backoff_max_s: float = 30.0,
         start_timeout_s: float = 10.0,
         extra_config: str = "",
+        tls: BrokerTls | None = None,
     ) -> None:
         self.directory = directory
+        self.tls = tls
         self.port = port
         self.bind_host = bind_host
         self.hub_username = hub_username
@@ -223,11 +256,23 @@ class EmbeddedBroker:
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> EmbeddedBroker:
-        """Build the broker for HubSettings: ``<data_dir>/mosquitto``, `mqtt_port`, the hub's user."""
+        """Build the broker for HubSettings: ``<data_dir>/mosquitto``, `mqtt_port`, the hub's user,
+        listening where the hub's HTTP does, with TLS when the hub's settings say so."""
         directory = Path(settings.data_dir) / "mosquitto"
         password = settings.mqtt_password or load_or_create_hub_password(directory)
+        tls = None
+        if settings.mqtt_tls:
+            own_ca = settings.tls_ca_key.exists()  # device certificates need the hub's own CA
+            port = settings.mtls_port if own_ca else None
+            tls = BrokerTls(settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_crl, port)
+        kwargs.setdefault("bind_host", settings.host)
         return cls(
-            directory, port=settings.mqtt_port, hub_username=settings.mqtt_username, hub_password=password, **kwargs
+            directory,
+            port=settings.mqtt_port,
+            hub_username=settings.mqtt_username,
+            hub_password=password,
+            tls=tls,
+            **kwargs,
         )
 
     @property
@@ -237,8 +282,13 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """Return ``mqtt://host:port`` for clients on this machine."""
-        return f"mqtt://{self.connect_host}:{self.port}"
+        """Return ``mqtt://host:port`` (``mqtts://`` with TLS) for clients on this machine."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.connect_host}:{self.port}"
+
+    @property
+    def ca_certs(self) -> str | None:
+        """Return the CA file clients on this machine verify the broker with (None: plain, or the system's)."""
+        return str(self.tls.cafile) if self.tls is not None and self.tls.cafile.exists() else None
 
     @property
     def hub_password(self) -> str:
@@ -258,6 +308,7 @@ class EmbeddedBroker:
 
     def admin(self, **kwargs: Any) -> BrokerAdmin:
         """Return a BrokerAdmin logged in as the hub's user on this broker."""
+        kwargs.setdefault("tls_ca_certs", self.ca_certs)
         return BrokerAdmin(self.url, self.hub_username, self._hub_password, **kwargs)
 
     # -- configuration ------------------------------------------------------------
@@ -272,6 +323,7 @@ class EmbeddedBroker:
             "per_listener_settings false",
             "allow_anonymous false",
             listener,
+            *(self.tls.config_lines() if self.tls is not None else []),
             "persistence true",
             f"persistence_location {self.directory}/",
             f"autosave_interval {self.autosave_interval_s}",
@@ -286,6 +338,8 @@ class EmbeddedBroker:
             f"plugin {find_dynsec_plugin()}",
             f"plugin_opt_config_file {self.dynsec_path}",
         ]
+        if self.tls is not None:
+            lines += self.tls.certificate_listener(self.bind_host)
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to "mosquitto", who cannot read the data dir
         return "\n".join(lines) + "\n" + self.extra_config + ("\n" if self.extra_config else "")

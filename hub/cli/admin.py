@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from sqlmodel import Session, col, select
 
-from hub import security
+from hub import security, tls
 from hub.config import HubSettings
 from hub.db import create_engine_for, migrate
 from hub.errors import HubError
@@ -84,27 +84,43 @@ def init(
     data_dir: DataDirOpt = None,
     database_url: DatabaseUrlOpt = None,
     admin_name: Annotated[str, typer.Option(help="name of the first admin key")] = "admin",
+    san: Annotated[
+        list[str], typer.Option("--san", help="a name or address agents reach the hub at, for its certificate")
+    ] = [],  # noqa: B006
+    tls_cert: Annotated[Path | None, typer.Option(help="your server certificate (PEM) instead of the hub's CA")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="the CA that issued it, for agents to pin")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create the data dir, the database schema, the signing key and a first admin key (printed once)."""
-    settings = load_settings(data_dir, database_url=database_url)
+    """Create the data dir, the database schema, the signing key, the TLS CA and server
+    certificate (or take yours), and a first admin key (printed once)."""
+    settings = load_settings(data_dir, database_url=database_url, tls_sans=san or None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     settings.artifacts.mkdir(parents=True, exist_ok=True)
     public_key = security.signing_public_key(settings.signing_key)
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    try:
+        if tls_cert is not None and tls_key is not None:
+            tls.install_operator_certificate(settings, tls_cert, tls_key, tls_ca)
+        tls.ensure_certificates(settings)
+        pin = tls.hub_ca_hash(settings)
+    except tls.CertificateError as exc:
+        _fail(str(exc))
     with _session(settings) as session:
         admins = session.exec(select(ApiKey).where(ApiKey.role == Role.ADMIN.value, col(ApiKey.revoked).is_(False)))
         secret = None
         if admins.first() is None:
             _, secret = security.create_api_key(session, admin_name, Role.ADMIN, actor="cli:init")
     if as_json:
-        typer.echo(
-            json.dumps({"data_dir": str(settings.data_dir), "admin_key": secret, "signing_public_key": public_key})
-        )
+        out = {"data_dir": str(settings.data_dir), "admin_key": secret, "signing_public_key": public_key}
+        typer.echo(json.dumps({**out, "ca_hash": pin}))
         return
     typer.echo(f"data dir:        {settings.data_dir}")
     typer.echo(f"database:        {settings.database_url}")
     typer.echo(f"signing key:     {settings.signing_key} (public {public_key})")
+    typer.echo(f"TLS certificate: {settings.tls_cert} (CA {settings.tls_ca}, pin {pin or 'none: not the hub CA'})")
     if secret is None:
         typer.echo("an admin key exists already; make another with `autodl-hub key create NAME --role admin`")
     else:
@@ -137,10 +153,14 @@ def token_create(
             note=note,
             device_label_keys=device_label_key or None,
         )
+    command = tls.enroll_command(settings, secret)
     if as_json:
-        typer.echo(json.dumps({"id": row.id, "token": secret, "max_uses": row.max_uses}))
+        pin = tls.hub_ca_hash(settings) if settings.public_url.startswith("https://") else None
+        out = {"id": row.id, "token": secret, "max_uses": row.max_uses, "enroll_command": command, "ca_hash": pin}
+        typer.echo(json.dumps(out))
     else:
         typer.echo(f"enrollment token {row.id} (max uses {row.max_uses}; shown once):\n  {secret}")
+        typer.echo(f"enroll a device with:\n  {command}")
 
 
 @token_app.command("list")

@@ -13,6 +13,7 @@ import httpx
 import typer
 
 from hub.config import HubSettings
+from hub.tls import client_context
 
 __all__ = ["DEFAULT_HUB", "HubOpt", "KeyOpt", "call_hub", "command_app", "device_app", "local_hub_url", "model_app"]
 
@@ -44,14 +45,17 @@ def local_hub_url() -> str:
     host = "127.0.0.1" if settings.host in ("", "0.0.0.0") else "[::1]" if settings.host == "::" else settings.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return f"{'https' if settings.tls_enabled else 'http'}://{host}:{settings.port}"
 
 
 def call_hub(hub: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
     """Call the hub (`hub` empty: the local one); print its error and exit 1 on failure."""
     url = hub or local_hub_url()
+    verify = client_context(HubSettings())  # the hub's CA (AUTODL_HUB_TLS_CA_FILE, or the local data dir's)
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30, verify=verify
+        ) as client:
             response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         hint = (

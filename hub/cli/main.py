@@ -49,6 +49,15 @@ def serve(
     ] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="port of the embedded mosquitto [default 1883]")] = None,
     mqtt_public_host: Annotated[str | None, typer.Option(help="the MQTT host agents are told")] = None,
+    tls: Annotated[
+        bool | None, typer.Option("--tls", help="HTTPS and MQTT over TLS on loopback too (beyond it: the default)")
+    ] = None,
+    insecure: Annotated[
+        bool | None, typer.Option("--insecure", help="plain HTTP and MQTT on an address beyond loopback")
+    ] = None,
+    san: Annotated[
+        list[str], typer.Option("--san", help="another name or address for the hub's certificate (repeatable)")
+    ] = [],  # noqa: B006
     mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt", help="--no-mqtt: HTTP API only, no broker")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
     workers: Annotated[
@@ -69,6 +78,9 @@ def serve(
         mqtt_url=mqtt_url,
         mqtt_port=mqtt_port,
         mqtt_public_host=mqtt_public_host,
+        tls=tls,
+        insecure=insecure,
+        tls_sans=san or None,
     )
     run(settings, mqtt=mqtt, log_level=log_level.lower(), workers=workers)
 

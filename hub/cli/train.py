@@ -76,6 +76,8 @@ def _train_remote(task: Path, url: str, api_key: str | None, *, dry_run: bool, a
     import httpx
 
     from hub.cli.remote import RemoteError, cancel, follow, submit
+    from hub.config import HubSettings
+    from hub.tls import client_context
 
     if not api_key:
         typer.echo("error: --remote needs --api-key (or AUTODL_HUB_API_KEY): an operator key of that hub", err=True)
@@ -84,7 +86,8 @@ def _train_remote(task: Path, url: str, api_key: str | None, *, dry_run: bool, a
         typer.echo(f"error: {task}: no such task file", err=True)
         raise typer.Exit(1)
     headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60) as client:
+    verify = client_context(HubSettings())  # the hub's CA (AUTODL_HUB_TLS_CA_FILE, or the local data dir's)
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60, verify=verify) as client:
         job: dict[str, object] = {}
         try:
             job = submit(client, task, dry_run=dry_run)

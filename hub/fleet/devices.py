@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from hub.audit import record
 from hub.config import HubSettings
-from hub.errors import ConflictError, NotFoundError, PermissionDeniedError, UnavailableError
+from hub.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
 from hub.models import Artifact, Command, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
 from hub.registry import desired_model, resolve_version
 from hub.security import (
@@ -28,10 +28,12 @@ from hub.security import (
     new_secret,
     signing_public_key,
 )
+from hub.tls import CertificateError, issue_device_certificate
 from shared.messages import DesiredModel, DesiredState, EnrollRequest, EnrollResponse
 
 __all__ = [
     "BrokerCredentials",
+    "CertificateRevoker",
     "DesiredPublisher",
     "RetainedCleaner",
     "UnknownDeviceError",
@@ -69,6 +71,12 @@ class BrokerCredentials(Protocol):
     def add_device(self, device_id: str, password: str) -> None: ...
 
     def remove_device(self, device_id: str) -> None: ...
+
+
+class CertificateRevoker(Protocol):
+    """What decommissioning needs of `hub.broker.revocation.CertificateRevocation`."""
+
+    def revoke(self, device_id: str) -> None: ...
 
 
 class UnknownDeviceError(NotFoundError):
@@ -170,6 +178,7 @@ def enroll(
             "put them on the token, or let the token allow them (device_label_keys)"
         )
     device_id = f"dev-{uuid.uuid4().hex[:16]}"
+    certificate, serial = _device_certificate(session, settings, request, device_id)
     device_token, mqtt_password = new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)
     # Labels from the token win: an operator chose them, the device only suggests.
     labels = {**request.labels, **token.labels}
@@ -182,6 +191,7 @@ def enroll(
         token_hash=hash_secret(device_token),
         mqtt_password_hash=hash_secret(mqtt_password),
         enrollment_token_id=token.id,
+        certificate_serial=serial,
     )
     session.add(device)
     record(session, f"enrollment_token:{token.id}", "device.enroll", f"device:{device_id}", labels=labels)
@@ -204,14 +214,34 @@ def enroll(
         device_id=device_id,
         device_token=device_token,
         mqtt_host=settings.mqtt_public_host,
-        mqtt_port=settings.agent_mqtt_port,
+        mqtt_port=settings.mtls_port if certificate is not None and settings.mtls_port else settings.agent_mqtt_port,
         mqtt_tls=settings.mqtt_tls,
         mqtt_username=device_id,
         mqtt_password=mqtt_password,
         signing_public_key=signing_public_key(settings.signing_key),
         hub_url=settings.public_url,
         labels=labels,
+        device_certificate=certificate,
     )
+
+
+def _device_certificate(
+    session: Session, settings: HubSettings, request: EnrollRequest, device_id: str
+) -> tuple[str | None, str | None]:
+    """Return (certificate PEM, hex serial) for the request's CSR, (None, None) without one."""
+    if request.csr is None:
+        return None, None
+    if settings.mtls_port is None:
+        session.rollback()  # the token's use is not spent on a refused enrollment
+        raise ConflictError(
+            "this hub issues no device certificates: its broker has no certificate listener "
+            "(TLS is off, or AUTODL_HUB_MQTT_MTLS_PORT is not set for the external broker)"
+        )
+    try:
+        return issue_device_certificate(settings, request.csr, device_id)
+    except CertificateError as exc:
+        session.rollback()
+        raise InvalidInputError(f"device certificate: {exc}") from exc
 
 
 def list_devices(
@@ -267,8 +297,10 @@ def decommission(
     actor: str,
     broker: BrokerCredentials | None = None,
     messaging: RetainedCleaner | None = None,
+    revoker: CertificateRevoker | None = None,
 ) -> Device:
-    """Revoke a device's credentials at once (HTTP token, MQTT login, live connection); drop its retained state."""
+    """Revoke a device's credentials at once (HTTP token, MQTT login or certificate, live connection);
+    drop its retained state."""
     device = get_device(session, device_id)
     # Repeating a decommission repeats the broker removal: it may have failed the first time.
     if not device.decommissioned:
@@ -284,6 +316,12 @@ def decommission(
             # The HTTP token is gone already; say loudly that the broker still knows it.
             logger.error("device %s decommissioned, but the broker did not remove it: %s", device_id, exc)
             raise UnavailableError(f"device revoked in the hub, but the broker did not remove it: {exc}") from exc
+    if revoker is not None and device.certificate_serial is not None:
+        try:
+            revoker.revoke(device_id)
+        except Exception as exc:
+            logger.error("device %s decommissioned, but its certificate is not refused yet: %s", device_id, exc)
+            raise UnavailableError(f"device revoked in the hub, but the broker may still accept it: {exc}") from exc
     if messaging is not None:
         messaging.forget_device(device_id)
     logger.info("decommissioned device %s", device_id)

@@ -108,8 +108,10 @@ class HubMessaging:
         max_payload_bytes: int = codec.DEFAULT_MAX_BYTES,
         session_expiry_s: int = 86400,
         queue_size: int = 10000,
+        tls_ca_certs: str | None = None,
     ) -> None:
         self.endpoint = MqttEndpoint.parse(url or settings.mqtt_url or f"mqtt://127.0.0.1:{settings.mqtt_port}")
+        self.tls_ca_certs = tls_ca_certs
         self.username = username or settings.mqtt_username
         self._password = password if password is not None else settings.mqtt_password
         self.client_id = client_id or hub_client_id(self.username, self._password)
@@ -157,7 +159,7 @@ class HubMessaging:
         if self._password is not None:
             client.username_pw_set(self.username, self._password)
         if self.endpoint.tls:
-            client.tls_set()
+            client.tls_set(ca_certs=self.tls_ca_certs)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s

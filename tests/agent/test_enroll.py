@@ -65,3 +65,28 @@ def test_cli_enroll_status_and_unenroll(tmp_state_dir: Path, hub_stub: HubStub) 
     assert gone.returncode == 0 and not (tmp_state_dir / "identity.json").exists()
     status = subprocess.run([*CLI, "status", *base], capture_output=True, text=True, timeout=60)
     assert status.returncode == 1 and "not enrolled" in status.stderr
+
+
+@pytest.mark.parametrize(
+    ("hub_url", "options", "message"),
+    [
+        ("http://hub.example:8080", {}, "plain HTTP beyond loopback"),
+        ("http://127.0.0.1:9", {"ca_hash": "sha256:" + "0" * 64}, "is plain HTTP: use https://"),
+        ("https://127.0.0.1:9", {"ca_hash": "sha256:abc"}, "sha256:<64 hex digits>"),
+        ("ftp://hub.example", {}, "use https://"),
+        ("http://127.0.0.1:9", {"device_cert": True}, "--device-cert needs an https:// hub"),
+    ],
+)
+def test_enrollment_refuses_before_sending_anything(
+    settings: AgentSettings, hub_url: str, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(EnrollmentError, match=message):
+        enroll(settings, hub_url, "good-token", **options)  # type: ignore[arg-type]
+    assert not settings.identity_path.exists()
+
+
+def test_plain_http_beyond_loopback_is_allowed_when_said(tmp_path: Path) -> None:
+    insecure = AgentSettings(state_dir=tmp_path, insecure=True, http_timeout_s=2)
+    # Allowed: it goes on to the network (here: nothing listens on the reserved TEST-NET address).
+    with pytest.raises(HubUnavailableError):
+        enroll(insecure, "http://192.0.2.1:9", "good-token")

@@ -74,3 +74,24 @@ def test_labels_parse_and_bad_labels_are_refused() -> None:
     assert parse_labels("") == {}
     with pytest.raises(EntrypointError, match="is not k=v"):
         parse_labels("cluster")
+
+
+def test_the_ca_pin_comes_from_the_environment(tmp_path: Path) -> None:
+    from agent.entrypoint import plan_from_env
+
+    pin = "sha256:" + "ab" * 32
+    plan = plan_from_env({"AUTODL_HUB_URL": "https://hub:8080", "AUTODL_HUB_CA_HASH": f" {pin} "})
+    assert plan.ca_hash == pin
+    assert plan_from_env({"AUTODL_HUB_URL": "https://hub:8080"}).ca_hash is None
+    assert plan_from_env({"AUTODL_HUB_URL": "https://hub:8080", "AUTODL_AGENT_ENROLL_DEVICE_CERT": "true"}).device_cert
+    assert not plan_from_env({"AUTODL_HUB_URL": "https://hub:8080"}).device_cert
+    # A plain-text hub beyond loopback is refused at once (not retried): the container says why.
+    token = tmp_path / "token"
+    token.write_text("aen_whatever\n")
+    env = {
+        "AUTODL_AGENT_STATE_DIR": str(tmp_path / "state"),
+        "AUTODL_HUB_URL": "http://hub.example:8080",
+        "AUTODL_AGENT_ENROLL_TOKEN_FILE": str(token),
+    }
+    out = _entrypoint(env)
+    assert out.returncode == 1 and "plain HTTP beyond loopback" in out.stderr and "retrying" not in out.stderr

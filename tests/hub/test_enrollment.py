@@ -120,3 +120,36 @@ def test_a_label_key_a_rollout_selects_on_is_protected_from_then_on(hub: Hub) ->
     refused = hub.enroll(token, labels={"zone": "z1"})
     assert refused.status_code == 403 and "zone" in refused.json()["detail"]
     assert hub.enroll(token, labels={"room": "a"}).status_code == 200
+
+
+def test_a_certificate_request_gets_a_device_certificate_where_the_broker_has_a_certificate_listener(
+    hub: Hub, tmp_path: Path
+) -> None:
+    from contextlib import contextmanager
+
+    from cryptography import x509
+
+    from agent.tls import DeviceKey
+    from tests.support.hub_app import make_hub
+
+    settings: HubSettings = hub.client.app.state.settings  # type: ignore[attr-defined]
+    assert settings.mtls_port is not None  # TLS on (not loopback), embedded broker
+    answer = hub.enrolled_device(csr=DeviceKey().csr_pem())
+    certificate = x509.load_pem_x509_certificate(answer["device_certificate"].encode())
+    assert certificate.subject.rfc4514_string() == f"CN={answer['device_id']}"
+    assert answer["mqtt_port"] == settings.mtls_port and answer["mqtt_tls"] is True
+
+    token = hub.new_token()
+    assert (
+        hub.enroll(
+            token, csr="-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+        ).status_code
+        == 422
+    )
+    assert hub.enroll(token).status_code == 200  # the refused request did not spend the token
+
+    with contextmanager(make_hub)(tmp_path / "plain", f"sqlite:///{tmp_path / 'plain.db'}", insecure=True) as plain:
+        token = plain.new_token()
+        refused = plain.enroll(token, csr=DeviceKey().csr_pem())
+        assert refused.status_code == 409 and "no device certificates" in refused.text
+        assert plain.enroll(token).status_code == 200

@@ -2,6 +2,7 @@
 
 agent = AgentProcess(tmp / "agent")
 agent.enroll(hub.url, token)                # `autodl-agent enroll`; sets agent.device_id
+agent.enroll(hub.url, token, "--ca-hash", hub.ca_hash)   # more `enroll` options after the token
 agent.start().wait_live()                   # `autodl-agent run` on a free port
 agent.serving("clf"), agent.infer("clf")    # what its local API serves, and its answer to SAMPLE_X
 agent.kill9(); agent.stop()
@@ -66,9 +67,9 @@ class AgentProcess:
         """Run ``autodl-agent ARGS`` with this agent's environment (not checked)."""
         return subprocess.run([*AGENT_CLI, *args], env=self.env, capture_output=True, text=True, timeout=60)
 
-    def enroll(self, hub_url: str, token: str) -> str:
-        """Enroll with `autodl-agent enroll`; return (and keep) the device id."""
-        out = self.run_cli("enroll", "--hub", hub_url, "--token", token, "--state-dir", str(self.state_dir))
+    def enroll(self, hub_url: str, token: str, *options: str) -> str:
+        """Enroll with `autodl-agent enroll` (and `options`); return (and keep) the device id."""
+        out = self.run_cli("enroll", "--hub", hub_url, "--token", token, "--state-dir", str(self.state_dir), *options)
         if out.returncode != 0:
             raise RuntimeError(f"autodl-agent enroll failed: {out.stderr or out.stdout}")
         self.device_id = out.stdout.split()[2]  # "enrolled as dev-... (hub ..."

@@ -6,7 +6,8 @@
         hub.call("GET", "/devices")                     # JSON, AssertionError on an HTTP error
         token = hub.enrollment_token(max_uses=2)
 
-`HubProcess(..., mqtt=False)` serves HTTP only; `broker=secured_broker(...)` (or `mqtt_url=` with
+`HubProcess(..., tls=True)` serves HTTPS and MQTT over TLS on loopback with the CA `init` made
+(`ca_file`, `ca_hash`, `verify` for clients), device certificates on `mtls_port`; `HubProcess(..., mqtt=False)` serves HTTP only; `broker=secured_broker(...)` (or `mqtt_url=` with
 ``AUTODL_HUB_MQTT_PASSWORD`` in `env`) uses an external broker instead; `env` adds AUTODL_HUB_*
 settings (for example ``{"AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "2"}``). `publish(release)` puts a
 signed version straight into its registry (before or while it runs); `kill()` is a crash and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import uuid
@@ -38,6 +40,7 @@ from hub.db import create_engine_for, session_factory
 from hub.models import Role
 from hub.registry import publish_version
 from hub.security import create_api_key, create_enrollment_token
+from shared.tls import ca_hash
 from tests.support.models import Release, make_release, write_files
 from tests.support.processes import free_port, stop_process, wait_http_ready
 
@@ -63,15 +66,18 @@ class HubProcess:
         start_timeout: float = 60.0,
         log_level: str = "info",
         workers: int | None = None,
+        tls: bool = False,
     ) -> None:
         self.workers = workers
+        self.tls = tls
         self.data_dir = data_dir
         self.port = free_port()
         self.mqtt_port = free_port()
+        self.mtls_port = free_port()  # the broker's device-certificate listener (tls=True)
         self.mqtt = mqtt
         self.start_timeout = start_timeout
         self.log_level = log_level
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.admin_key = ""
         self.log_path = data_dir.parent / f"{data_dir.name}-hub.log"
         if broker is not None:
@@ -86,6 +92,7 @@ class HubProcess:
             "AUTODL_HUB_MQTT_PUBLIC_HOST": "127.0.0.1",
             "AUTODL_HUB_HEARTBEAT_TIMEOUT_S": "30",
             "AUTODL_HUB_TELEMETRY_FLUSH_S": "0.2",
+            **({"AUTODL_HUB_TLS": "true", "AUTODL_HUB_MQTT_MTLS_PORT": str(self.mtls_port)} if tls else {}),
             **({"AUTODL_HUB_DATABASE_URL": database_url} if database_url else {}),
             **({"AUTODL_HUB_MQTT_URL": mqtt_url} if mqtt_url else {}),
             **({"AUTODL_HUB_MQTT_PASSWORD": broker.hub_password} if broker is not None else {}),
@@ -106,6 +113,21 @@ class HubProcess:
         out = json.loads(self.run_cli("init", "--json").stdout.strip().splitlines()[-1])
         self.admin_key = out["admin_key"] or self.admin_key
         return self.admin_key
+
+    @property
+    def ca_file(self) -> Path:
+        """Return the hub's CA certificate (made by `init`)."""
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def ca_hash(self) -> str:
+        """Return the pin of the hub's CA, as `token create` prints it."""
+        return ca_hash(self.ca_file.read_bytes())
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """Return what an HTTPS client of this hub verifies with (True for a plain hub)."""
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else True
 
     @property
     def settings(self) -> HubSettings:
@@ -151,7 +173,7 @@ class HubProcess:
             self.proc = subprocess.Popen([*HUB_CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
         try:
-            wait_http_ready(f"{self.url}/readyz", self.proc, "the hub", self.start_timeout, self.log_tail)
+            wait_http_ready(f"{self.url}/readyz", self.proc, "the hub", self.start_timeout, self.log_tail, self.verify)
         except TimeoutError:
             self.stop()
             raise
@@ -182,6 +204,7 @@ class HubProcess:
     def api(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         """Return an HTTP client for the hub with `key` (the admin key by default)."""
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
+        kwargs.setdefault("verify", self.verify)
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
 
     def call(self, method: str, path: str, *, key: str | None = None, **kwargs: Any) -> Any:
@@ -200,9 +223,14 @@ class HubProcess:
 
     def enrollment_token(self, max_uses: int = 1, labels: dict[str, str] | None = None) -> str:
         """Create an enrollment token through the API."""
-        body = self.call("POST", "/enrollment-tokens", json={"max_uses": max_uses, "labels": labels or {}})
-        token: str = body["token"]
-        return token
+        return str(self.enrollment(max_uses, labels)["token"])
+
+    def enrollment(self, max_uses: int = 1, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Create an enrollment token through the API; return the answer (token, enroll_command...)."""
+        body: dict[str, Any] = self.call(
+            "POST", "/enrollment-tokens", json={"max_uses": max_uses, "labels": labels or {}}
+        )
+        return body
 
     def upload(self, release: Release) -> None:
         """Publish a version through the hub's API, as a user would (the hub signs it)."""

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -47,10 +48,10 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float, sig: signal.Sign
     return proc.wait()
 
 
-def answers_ok(url: str) -> bool:
-    """Return True when GET `url` answers 200 within a second."""
+def answers_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
+    """Return True when GET `url` answers 200 within a second (HTTPS verified with `verify`)."""
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return httpx.get(url, timeout=1, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -61,6 +62,7 @@ def wait_http_ready(
     what: str,
     timeout: float,
     log: Callable[[], str] = lambda: "",
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Wait until GET `url` answers 200; RuntimeError if `proc` exits first, TimeoutError past `timeout`.
 
@@ -70,7 +72,7 @@ def wait_http_ready(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
-        if answers_ok(url):
+        if answers_ok(url, verify):
             return
         time.sleep(0.1)
     raise TimeoutError(f"{what} was not ready after {timeout}s:\n{log()}")

@@ -138,7 +138,13 @@ def test_without_hub_url_the_cli_finds_the_local_hub_as_serve_was_configured(ser
     hub, url = served
     port = url.rsplit(":", 1)[1]
     args = ["rollout", "status", "--api-key", hub.viewer]
-    local = {"AUTODL_HUB_URL": None, "AUTODL_HUB_PORT": port, "AUTODL_HUB_HOST": "0.0.0.0"}
+    # The hub here serves plain HTTP: as `serve --insecure` on every interface would.
+    local = {
+        "AUTODL_HUB_URL": None,
+        "AUTODL_HUB_PORT": port,
+        "AUTODL_HUB_HOST": "0.0.0.0",
+        "AUTODL_HUB_INSECURE": "true",
+    }
     result = CliRunner().invoke(app, args, env=local)
     assert result.exit_code == 0, result.output
     # Nothing listens there: the error names the address it tried and the variable to set.
@@ -146,4 +152,7 @@ def test_without_hub_url_the_cli_finds_the_local_hub_as_serve_was_configured(ser
     result = CliRunner().invoke(app, args, env={**local, "AUTODL_HUB_PORT": str(nothing)})
     assert result.exit_code == 1
     assert f"cannot reach the hub at http://127.0.0.1:{nothing}" in result.output
+    # Without --insecure, serve on every interface speaks HTTPS, and so does the CLI.
+    result = CliRunner().invoke(app, args, env={**local, "AUTODL_HUB_INSECURE": None, "AUTODL_HUB_PORT": str(nothing)})
+    assert f"cannot reach the hub at https://127.0.0.1:{nothing}" in result.output
     assert "AUTODL_HUB_URL" in result.output and "AUTODL_HUB_PORT" in result.output
