@@ -78,6 +78,7 @@ def test_demo_rolls_out_serves_and_stops_every_child_on_ctrl_c(tmp_path: Path) -
             proc.wait()
 
 
+@pytest.mark.timeout(600)  # trains the demo's classifier before the agents serve; slow on a busy machine
 def test_demo_stopped_with_sigterm_mid_run_stops_every_child(tmp_path: Path) -> None:
     args = [*_CLI, "demo", "--data-dir", str(tmp_path / "demo"), "--epochs", "1", "--requests", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
