@@ -150,6 +150,7 @@ class HttpServer:
         self._conns_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._deferred_threads: set[threading.Thread] = set()  # bounded by what the handlers admitted
 
     @property
     def port(self) -> int:
@@ -179,8 +180,14 @@ class HttpServer:
             self._work.put(None)
         for thread in self._threads:
             thread.join(5)
+        deferred = list(self._deferred_threads)
+        deadline = time.monotonic() + 5
+        for thread in deferred:  # deferred answers get the same few seconds to finish
+            thread.join(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns.values()):
             self._close(conn)
+        for thread in deferred:  # their clients are gone now: a generation ends within a token
+            thread.join(2)
         self._listen.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -450,11 +457,14 @@ class HttpServer:
             if isinstance(result, Deferred):
                 self._release(conn)  # the body is parsed: its budget is free before the long work starts
                 try:
-                    threading.Thread(
+                    thread = threading.Thread(
                         target=self._deferred, args=(conn, request, result), name="http-deferred", daemon=True
-                    ).start()
+                    )
+                    self._deferred_threads.add(thread)
+                    thread.start()
                     return
                 except RuntimeError as exc:  # no thread to be had: refuse, and give back what the handler took
+                    self._deferred_threads.discard(thread)
                     result.cancel()
                     error = HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {exc}", "busy", (("Retry-After", "1"),))
                     self.on_refused(error.reason)
@@ -485,6 +495,8 @@ class HttpServer:
         except Exception:  # one connection must never take the server down
             logger.exception("%s: connection failed", conn.addr)
             self._close_from_worker(conn)
+        finally:
+            self._deferred_threads.discard(threading.current_thread())
 
     def _hand_back(self, conn: _Conn) -> None:
         """Give a kept-alive connection back to the selector, which waits for its next request."""
