@@ -190,42 +190,35 @@ def test_the_model_limit_not_the_http_workers_bounds_generation_requests(
             agent.wait_live()
             wait_for("both served", lambda: agent.serving("slow") == "1.0.0" and agent.serving("m") == "1.0.0", 60)
 
-        done: list[str] = []
-        failed: list[str] = []
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0, timeout=300)
 
-        def stream_one() -> None:
-            client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0, timeout=300)
-            try:
-                stream = client.completions.create(model="slow", prompt="Hi\n", max_tokens=300, stream=True)
-                done.append("".join(c.choices[0].text for c in stream))
-            except openai.OpenAIError as exc:
-                failed.append(repr(exc))
+        def open_stream() -> Any:
+            return client.completions.create(model="slow", prompt="Hi\n", max_tokens=600, stream=True)
 
-        streams = [threading.Thread(target=stream_one) for _ in range(4)]
-        for s in streams:
-            s.start()
-        wait_for(
-            "three generating, one queued",
-            lambda: (
-                metric(agent.url, "generation_sequences_in_flight", "slow") == 3
-                and metric(agent.url, "generation_sequences_queued", "slow") == 1
-            ),
-            60,
-        )
-        assert failed == []
+        # Three streams generate (each has sent its first chunk and is still going) ...
+        streams = [open_stream() for _ in range(3)]
+        firsts = [next(iter(stream)).choices[0].text for stream in streams]
+        assert metric(agent.url, "generation_sequences_in_flight", "slow") == 3
+        # ... and a fourth waits in the model's queue, holding no HTTP worker either.
+        queued: list[Any] = []
+        fourth = threading.Thread(target=lambda: queued.append("".join(c.choices[0].text for c in open_stream())))
+        fourth.start()
+        wait_for("one queued", lambda: metric(agent.url, "generation_sequences_queued", "slow") == 1, 60)
         # The HTTP workers are free: inference is answered while four generation requests are open.
         assert agent.infer("m")[0] == "1.0.0"
         # Past the model's sequences and queue, its own 503 in OpenAI's shape, with Retry-After.
-        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(model="slow", prompt="Hi\n", max_tokens=2)
         assert refused.value.status_code == 503
         assert refused.value.response.json()["error"]["code"] == "overloaded"
         assert int(refused.value.response.headers["retry-after"]) >= 1
-        for s in streams:
-            s.join(300)
-        assert failed == [] and len(done) == 4
-        assert all(d.startswith("Edge models speak") for d in done)
+        # All four complete.
+        done = [
+            first + "".join(c.choices[0].text for c in stream) for first, stream in zip(firsts, streams, strict=True)
+        ]
+        fourth.join(300)
+        done += queued
+        assert len(done) == 4 and all(d.startswith("Edge models speak") for d in done)
         wait_for("slots freed", lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 0, 10)
         # The connections went back to the server: a kept-alive client asks again on its connection.
         with httpx.Client(timeout=30) as kept:
