@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> None:
     # installs them): about 5 MB of RSS the daemon never uses. A None entry makes that
     # optional import fail the way httpx expects when they are absent.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+    from agent.runtime import tune_heap
+
+    tune_heap(settings.malloc_arena_max, settings.malloc_mmap_threshold_kb)  # before any thread allocates
     from agent.daemon import Agent
 
     try:

@@ -88,6 +88,15 @@ class AgentSettings(BaseModel):
     # Runtime
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: physical cores")
     warmup_runs: int = Field(default=2, ge=0)
+    malloc_arena_max: int = Field(
+        default=2, ge=0, description="glibc heap arenas (agent.runtime.tune_heap); 0: glibc's"
+    )
+    malloc_mmap_threshold_kb: int = Field(
+        default=128,
+        ge=0,
+        le=32768,
+        description="buffers this large are mapped, returned on free; 0: glibc's dynamic one",
+    )
     # Text generation (agent.textgen): sequences in flight per model, the queue behind them, time per request
     generation_max_sequences: int | None = Field(
         default=None, ge=1, description="default: from free memory and the model's KV bytes per token"

@@ -20,6 +20,10 @@ After answering, a worker waits a few milliseconds for the next request on the s
 connection before handing it back to the selector, so a busy client costs no thread
 hand-off. A handler may return `Streaming`: chunks written as they come (server-sent
 events), for as long as the client stays; a write to a gone client closes the iterator.
+A handler whose work another limit bounds (text generation) returns `Deferred`: its answer
+is made and written on a thread of its own, the worker is free at once, and the
+connection then goes back to the selector (its next request waits for a worker like any
+other), so long generations never take the workers that plain inference needs.
 
 Routes are a table of (method, pattern) -> handler; ``{name}`` in a pattern matches one
 path segment (or the part of one, as in ``/v1/models/{name}:predict``).
@@ -40,11 +44,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from agent.http_messages import HttpError, Refused, Request, Response, Streaming, encode, parse_head, phrase
+from agent.http_messages import (
+    Deferred,
+    HttpError,
+    Refused,
+    Request,
+    Response,
+    Streaming,
+    encode,
+    parse_head,
+    phrase,
+)
 from agent.routing import Router
 from agent.runtime import release_heap
 
-__all__ = ["HttpError", "HttpServer", "Limits", "Request", "Response", "Router", "Streaming"]
+__all__ = ["Deferred", "HttpError", "HttpServer", "Limits", "Request", "Response", "Router", "Streaming"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +150,7 @@ class HttpServer:
         self._conns_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._deferred_threads: set[threading.Thread] = set()  # bounded by what the handlers admitted
 
     @property
     def port(self) -> int:
@@ -165,8 +180,14 @@ class HttpServer:
             self._work.put(None)
         for thread in self._threads:
             thread.join(5)
+        deferred = list(self._deferred_threads)
+        deadline = time.monotonic() + 5
+        for thread in deferred:  # deferred answers get the same few seconds to finish
+            thread.join(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns.values()):
             self._close(conn)
+        for thread in deferred:  # their clients are gone now: a generation ends within a token
+            thread.join(2)
         self._listen.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -432,22 +453,58 @@ class HttpServer:
     def _serve(self, conn: _Conn, request: Request) -> None:
         conn.sock.settimeout(self.limits.send_timeout_s)
         while True:
-            keep_alive = self._answer(conn, request)
+            result = self._handle(request)
+            if isinstance(result, Deferred):
+                self._release(conn)  # the body is parsed: its budget is free before the long work starts
+                try:
+                    thread = threading.Thread(
+                        target=self._deferred, args=(conn, request, result), name="http-deferred", daemon=True
+                    )
+                    self._deferred_threads.add(thread)
+                    thread.start()
+                    return
+                except RuntimeError as exc:  # no thread to be had: refuse, and give back what the handler took
+                    self._deferred_threads.discard(thread)
+                    result.cancel()
+                    error = HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {exc}", "busy", (("Retry-After", "1"),))
+                    self.on_refused(error.reason)
+                    result = Response(503, self.error_body(error), headers=error.headers)
+            keep_alive = self._write(conn, request, result)
             self._release(conn)
             if not keep_alive or self._stop.is_set():
                 self._close_from_worker(conn)
                 return
             next_request = self._linger(conn)
             if next_request is None:
-                conn.state = "idle" if not conn.buf else conn.state
-                conn.deadline = time.monotonic() + (
-                    self.limits.keepalive_s if not conn.buf else self.limits.header_timeout_s
-                )
-                with self._returned_lock:
-                    self._returned.append(conn)
-                self._wake()
+                self._hand_back(conn)
                 return
             request = next_request
+
+    def _deferred(self, conn: _Conn, request: Request, deferred: Deferred) -> None:
+        """Make and write a deferred answer on this thread; then the connection goes back to the selector."""
+        try:
+            result = self._handle(request, deferred.run)
+            if isinstance(result, Deferred):  # its `run` must answer, not defer again
+                error = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: deferred twice", "internal")
+                result = Response(500, self.error_body(error))
+            keep_alive = self._write(conn, request, result)
+            if keep_alive and not self._stop.is_set():
+                self._hand_back(conn)
+            else:
+                self._close_from_worker(conn)
+        except Exception:  # one connection must never take the server down
+            logger.exception("%s: connection failed", conn.addr)
+            self._close_from_worker(conn)
+        finally:
+            self._deferred_threads.discard(threading.current_thread())
+
+    def _hand_back(self, conn: _Conn) -> None:
+        """Give a kept-alive connection back to the selector, which waits for its next request."""
+        conn.state = "idle" if not conn.buf else conn.state
+        conn.deadline = time.monotonic() + (self.limits.keepalive_s if not conn.buf else self.limits.header_timeout_s)
+        with self._returned_lock:
+            self._returned.append(conn)
+        self._wake()
 
     def _linger(self, conn: _Conn) -> Request | None:
         """Read the connection's next request here if it comes within `linger_s` and no one waits."""
@@ -470,16 +527,16 @@ class HttpServer:
             except (OSError, ValueError):
                 return None
 
-    def _answer(self, conn: _Conn, request: Request) -> bool:
-        """Run the request's handler and write its answer; return whether to keep the connection."""
-        keep_alive = (
-            request.headers.get("connection", "").lower() != "close"
-            if request.version == "HTTP/1.1"
-            else request.headers.get("connection", "").lower() == "keep-alive"
-        )
+    def _handle(
+        self, request: Request, run: Callable[[], Response | Streaming] | None = None
+    ) -> Response | Streaming | Deferred:
+        """Run the request's handler (or a deferred answer's `run`); errors become answers."""
         try:
-            handler, request.params = self.router.match(request.method, request.path)
-            result = handler(request)
+            if run is not None:
+                result: Response | Streaming | Deferred = run()
+            else:
+                handler, request.params = self.router.match(request.method, request.path)
+                result = handler(request)
         except HttpError as exc:
             self.on_refused(exc.reason)
             result = Response(int(exc.status), self.error_body(exc), headers=exc.headers)
@@ -492,6 +549,15 @@ class HttpServer:
             request.body = b""  # the body's budget is released after this answer: drop it now
             release_heap()  # and give its pages back, or malloc keeps them for the process's life
         request.body = b""
+        return result
+
+    def _write(self, conn: _Conn, request: Request, result: Response | Streaming) -> bool:
+        """Write an answer; return whether to keep the connection."""
+        keep_alive = (
+            request.headers.get("connection", "").lower() != "close"
+            if request.version == "HTTP/1.1"
+            else request.headers.get("connection", "").lower() == "keep-alive"
+        )
         if isinstance(result, Streaming):
             self._stream(conn, result, request.version == "HTTP/1.1")
             return keep_alive and request.version == "HTTP/1.1"

@@ -11,13 +11,23 @@ from __future__ import annotations
 import re
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from agent.errors import AgentError
 
-__all__ = ["HttpError", "Refused", "Request", "Response", "Streaming", "encode", "parse_head", "phrase"]
+__all__ = [
+    "Deferred",
+    "HttpError",
+    "Refused",
+    "Request",
+    "Response",
+    "Streaming",
+    "encode",
+    "parse_head",
+    "phrase",
+]
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -76,6 +86,22 @@ class Streaming:
     status: int = 200
     content_type: str = "text/event-stream"
     headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Deferred:
+    """An answer made and written on a thread of its own: the request's worker is free at once.
+
+    Only for long work that a limit of its own bounds (text generation: a model's sequences
+    in flight and its queue, which the handler took a place in before returning this), so
+    a generation never holds one of the server's workers and the model's limit, not the
+    worker pool, decides which generation requests are refused. `run` returns the answer
+    (a `Streaming` one is written for as long as the client stays); an exception is a 500.
+    `cancel` gives back what the handler took when no thread can be had to run it.
+    """
+
+    run: Callable[[], Response | Streaming]
+    cancel: Callable[[], None] = lambda: None
 
 
 class Refused(AgentError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from http import HTTPStatus
 
-from agent.http_messages import HttpError, Request, Response, Streaming
+from agent.http_messages import Deferred, HttpError, Request, Response, Streaming
 from agent.routing import Handler, Router
 
 __all__ = ["OPEN_PATHS", "GuardedRouter", "refusal"]
@@ -55,7 +55,7 @@ class GuardedRouter(Router):
         """Return the route's handler, wrapped so it first checks the caller."""
         handler, params = super().match(method, path)
 
-        def guarded(request: Request) -> Response | Streaming:
+        def guarded(request: Request) -> Response | Streaming | Deferred:
             headers = request.headers  # lower-case names (agent.http)
             refused = refusal(
                 self.token, self.bind_host, request.path, headers.get("host"), headers.get("authorization")

@@ -9,6 +9,10 @@ POST /v2/models/{name}/generate      Triton generate: `text_input` -> `text_outp
 POST /v2/models/{name}/generate_stream   the same as SSE, one `text_output` delta per event
 
 Routes are added to the agent's own HTTP server (`register`, called by agent.server). A
+generation request is checked and takes a sequence slot or a queue place of its model on
+the server's worker (503 + Retry-After past both), then is answered on a thread of its
+own (`agent.http.Deferred`): the model's limit, not the server's worker pool, bounds
+generation requests, and long streams never take the workers that inference needs. A
 streamed answer is `agent.http.Streaming`: written chunk by chunk (HTTP/1.1 chunked), each
 delta as soon as it is safe to send; before each token the connection is polled, so a
 client that went away stops its generation within one token and frees its sequence.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.chat_template import ChatMessage, check_roles
-from agent.http import Request, Response, Router, Streaming
+from agent.http import Deferred, Request, Response, Router, Streaming
 from agent.openai_schema import (
     BadRequest,
     ChatRequest,
@@ -35,7 +39,7 @@ from agent.openai_schema import (
     error_body,
     parse,
 )
-from agent.textgen import Busy, Delta, Finished, Generation, SequenceLimiter, TextModel
+from agent.textgen import Admitted, Busy, Delta, Finished, Generation, SequenceLimiter, TextModel
 
 if TYPE_CHECKING:
     from agent.runtime import LoadedModel, ModelRegistry
@@ -44,6 +48,7 @@ __all__ = ["GenerationHooks", "models_list", "register", "sequence_metrics"]
 
 logger = logging.getLogger(__name__)
 
+Observer = Callable[[bool, "Finished | None"], None]  # (ok, how it ended) -> reported once per request
 _JSON = "application/json"
 _SSE = "text/event-stream; charset=utf-8"
 
@@ -119,7 +124,7 @@ class _Api:
             return _json(404, error_body(message, "invalid_request_error", "model", "model_not_found"))
         return _json(200, found)
 
-    def openai(self, request: Request, chat: bool) -> Response | Streaming:
+    def openai(self, request: Request, chat: bool) -> Response | Deferred:
         name = ""
         try:
             body = _loads(request.body)
@@ -133,7 +138,7 @@ class _Api:
             body = error_body(str(exc), "server_error", None, "overloaded")
             return _json(503, body, (("Retry-After", str(exc.retry_after_s)),))
 
-    def triton(self, request: Request, stream: bool) -> Response | Streaming:
+    def triton(self, request: Request, stream: bool) -> Response | Deferred:
         name = request.params["name"]
         try:
             return self._triton(request, stream)
@@ -152,7 +157,7 @@ class _Api:
             raise BadRequest(f"model {name!r} is a {loaded.manifest.task} model, not text generation", "model")
         return loaded, loaded.text
 
-    def _openai(self, request: Request, chat: bool, body: Any) -> Response | Streaming:
+    def _openai(self, request: Request, chat: bool, body: Any) -> Deferred:
         parsed: ChatRequest | CompletionRequest = parse(ChatRequest, body) if chat else parse(CompletionRequest, body)
         loaded, model = self._text_model(parsed.model)
         if isinstance(parsed, ChatRequest):
@@ -166,22 +171,23 @@ class _Api:
             prompt_ids = model.encode(parsed.prompt, special=True)
             param = "prompt"
         params = model.params(parsed, parsed.limit(), len(prompt_ids), param)
-        started = time.monotonic()
-        generation = model.start(prompt_ids, params, model.stops(parsed), request.disconnected)
-        if generation is None:
-            return self._gone(loaded, started)
+        admitted = model.admit(prompt_ids, params, model.stops(parsed), request.disconnected)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         shape = _OpenAIShape(
             ident, "chat.completion" if chat else "text_completion", model.name, int(time.time()), chat
         )
-        observe = self._observer(loaded, started)
-        if parsed.stream:
-            usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return Streaming(_sse(generation, shape.chunks(usage), observe, done=True), content_type=_SSE)
-        text, finished = _collect(generation, observe)
-        return _json(200, shape.whole(text, finished))
+        usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        stream = parsed.stream
 
-    def _triton(self, request: Request, stream: bool) -> Response | Streaming:
+        def answer(generation: Generation, observe: Observer) -> Response | Streaming:
+            if stream:
+                return Streaming(_sse(generation, shape.chunks(usage), observe, done=True), content_type=_SSE)
+            text, finished = _collect(generation, observe)
+            return _json(200, shape.whole(text, finished))
+
+        return self._deferred(loaded, admitted, answer)
+
+    def _triton(self, request: Request, stream: bool) -> Deferred:
         body = _loads(request.body)
         if isinstance(body, dict):
             # Triton passes top-level keys other than text_input on as parameters.
@@ -198,24 +204,40 @@ class _Api:
         fields: SamplingFields = parsed.parameters
         prompt_ids = model.encode(parsed.text_input, special=True)
         params = model.params(fields, parsed.limit(), len(prompt_ids), "text_input")
-        started = time.monotonic()
-        generation = model.start(prompt_ids, params, model.stops(fields), request.disconnected)
-        if generation is None:
-            return self._gone(loaded, started)
+        admitted = model.admit(prompt_ids, params, model.stops(fields), request.disconnected)
         head = {"model_name": loaded.name, "model_version": loaded.version}
-        observe = self._observer(loaded, started)
-        if stream:
 
-            def events(item: Delta | Finished) -> list[dict[str, Any]]:
-                if isinstance(item, Delta):
-                    return [{**head, "text_output": item.text}]
-                return [{**head, "text_output": "", "finish_reason": item.reason}]
+        def events(item: Delta | Finished) -> list[dict[str, Any]]:
+            if isinstance(item, Delta):
+                return [{**head, "text_output": item.text}]
+            return [{**head, "text_output": "", "finish_reason": item.reason}]
 
-            return Streaming(_sse(generation, events, observe, done=False), content_type=_SSE)
-        text, finished = _collect(generation, observe)
-        return _json(200, {**head, "text_output": text, "finish_reason": finished.reason})
+        def answer(generation: Generation, observe: Observer) -> Response | Streaming:
+            if stream:
+                return Streaming(_sse(generation, events, observe, done=False), content_type=_SSE)
+            text, finished = _collect(generation, observe)
+            return _json(200, {**head, "text_output": text, "finish_reason": finished.reason})
 
-    def _observer(self, loaded: LoadedModel, started: float) -> Callable[[bool, Finished | None], None]:
+        return self._deferred(loaded, admitted, answer)
+
+    def _deferred(
+        self, loaded: LoadedModel, admitted: Admitted, answer: Callable[[Generation, Observer], Response | Streaming]
+    ) -> Deferred:
+        """Answer on a thread of the server's own: the wait in the queue and the generation hold no HTTP worker.
+
+        What bounds these threads is the model's limit: the request holds a sequence slot or
+        a queue place (`admitted`) before this returns, and past both it got 503 already.
+        """
+
+        def run() -> Response | Streaming:
+            generation = admitted.begin()
+            if generation is None:
+                return self._gone(loaded, admitted.started)
+            return answer(generation, self._observer(loaded, admitted.started))
+
+        return Deferred(run, admitted.abandon)
+
+    def _observer(self, loaded: LoadedModel, started: float) -> Observer:
         def observe(ok: bool, finished: Finished | None) -> None:
             self.hooks.observe(loaded.name, loaded.version, time.monotonic() - started, ok, finished)
 

@@ -12,11 +12,11 @@ import re
 from collections.abc import Callable
 from http import HTTPStatus
 
-from agent.http_messages import HttpError, Request, Response, Streaming
+from agent.http_messages import Deferred, HttpError, Request, Response, Streaming
 
 __all__ = ["Handler", "Router"]
 
-Handler = Callable[[Request], "Response | Streaming"]
+Handler = Callable[[Request], "Response | Streaming | Deferred"]
 
 
 class Router:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from shared.generation import SamplingParams
 
 __all__ = [
+    "Admitted",
     "Busy",
     "Delta",
     "Finished",
@@ -122,6 +123,10 @@ class SequenceLimiter:
 
     def acquire(self, cancelled: Callable[[], bool]) -> bool:
         """Take a slot, waiting in the queue; return False when cancelled while waiting; raise Busy."""
+        return self.admit() or self.wait(cancelled)
+
+    def admit(self) -> bool:
+        """Take a slot now (True) or a place in the queue (False, then `wait` or `leave`); raise Busy past both."""
         with self._cond:
             if self._running < self.slots and self._waiting == 0:
                 self._running += 1
@@ -133,6 +138,11 @@ class SequenceLimiter:
                     self._retry_after(),
                 )
             self._waiting += 1
+            return False
+
+    def wait(self, cancelled: Callable[[], bool]) -> bool:
+        """Turn a place in the queue into a slot; False (the place given up) when cancelled first."""
+        with self._cond:
             try:
                 while self._running >= self.slots:
                     self._cond.wait(0.05)
@@ -143,11 +153,17 @@ class SequenceLimiter:
             finally:
                 self._waiting -= 1
 
-    def release(self, seconds: float) -> None:
-        """Give a slot back; `seconds` it was held feeds the Retry-After estimate."""
+    def leave(self) -> None:
+        """Give up a place in the queue without waiting."""
+        with self._cond:
+            self._waiting -= 1
+
+    def release(self, seconds: float | None) -> None:
+        """Give a slot back; `seconds` it was held (None: it was not used) feeds the Retry-After estimate."""
         with self._cond:
             self._running -= 1
-            self._durations = [*self._durations[-31:], seconds]
+            if seconds is not None:
+                self._durations = [*self._durations[-31:], seconds]
             self._cond.notify()
             idle = self._running == 0 and self._waiting == 0
         if idle:
@@ -220,6 +236,12 @@ class TextModel:
             return fields.stop
         return [s for s in self.defaults.get("stop") or [] if isinstance(s, str) and s]
 
+    def admit(
+        self, prompt_ids: list[int], params: SamplingParams, stops: Sequence[str], disconnected: Callable[[], bool]
+    ) -> Admitted:
+        """Take a sequence slot or a place in the queue now, without waiting; raise Busy past both."""
+        return Admitted(self, prompt_ids, params, stops, disconnected, self.limiter.admit())
+
     def start(
         self, prompt_ids: list[int], params: SamplingParams, stops: Sequence[str], disconnected: Callable[[], bool]
     ) -> Generation | None:
@@ -227,9 +249,40 @@ class TextModel:
 
         None when the client went away or the time limit passed while queued.
         """
-        started = time.monotonic()
-        deadline = started + self.timeout_s
+        return self.admit(prompt_ids, params, stops, disconnected).begin()
+
+
+class Admitted:
+    """A request that holds a sequence slot or a place in the queue: `begin` (waits) or `abandon`."""
+
+    def __init__(
+        self,
+        model: TextModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stops: Sequence[str],
+        disconnected: Callable[[], bool],
+        has_slot: bool,
+    ) -> None:
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stops = stops
+        self.disconnected = disconnected
+        self.started = time.monotonic()
+        self._has_slot = has_slot
+        self._used = False
+
+    def begin(self) -> Generation | None:
+        """Wait in the queue for a slot if need be; return the generation.
+
+        None when the client went away or the time limit passed while queued.
+        """
+        assert not self._used, "an admission begins once"
+        self._used = True
+        deadline = self.started + self.model.timeout_s
         timed_out = threading.Event()
+        disconnected = self.disconnected
 
         def cancelled() -> bool:
             if time.monotonic() > deadline:
@@ -237,9 +290,19 @@ class TextModel:
                 return True
             return disconnected()
 
-        if not self.limiter.acquire(cancelled):
+        if not self._has_slot and not self.model.limiter.wait(cancelled):
             return None
-        return Generation(self, prompt_ids, params, stops, cancelled, timed_out, started)
+        return Generation(self.model, self.prompt_ids, self.params, self.stops, cancelled, timed_out, self.started)
+
+    def abandon(self) -> None:
+        """Give the slot or the queue place back when the generation will not begin."""
+        if self._used:
+            return
+        self._used = True
+        if self._has_slot:
+            self.model.limiter.release(None)
+        else:
+            self.model.limiter.leave()
 
 
 class Generation:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from agent.http import HttpServer, Limits, Request, Response, Router, Streaming
+from agent.http import Deferred, HttpServer, Limits, Request, Response, Router, Streaming
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -76,6 +77,44 @@ def test_a_streamed_answer_arrives_chunk_by_chunk_and_a_gone_client_closes_the_g
                     break
         assert lines == ["data: 0", "data: 1", "data: 2"]
         assert closed.wait(10)  # the client left: the generator was closed, its work freed
+    finally:
+        server.stop()
+
+
+def test_deferred_answers_free_the_worker_and_hand_the_connection_back(gate: threading.Event) -> None:
+    def long(request: Request) -> Deferred:
+        def run() -> Streaming:
+            gate.wait(20)
+            return Streaming(iter([b"data: done\n\n"]))
+
+        return Deferred(run)
+
+    router = Router()
+    router.add("POST", "/long", long)
+    router.add("GET", "/quick", lambda r: Response(200, b"quick"))
+    server, refused = serve(router, workers=1, queue=2)  # three plain requests held would fill it
+    base = f"http://127.0.0.1:{server.port}"
+    answers: list[str] = []
+    try:
+        with httpx.Client(timeout=30) as kept:
+
+            def ask_long() -> None:
+                answers.append(kept.post(f"{base}/long").text)
+
+            held = [threading.Thread(target=ask_long) for _ in range(3)]
+            for t in held:
+                t.start()
+            time.sleep(0.5)  # three deferred answers wait on the gate; none holds the worker or a queue place
+            assert [httpx.get(f"{base}/quick", timeout=10).text for _ in range(4)] == ["quick"] * 4
+            assert refused == []
+            gate.set()
+            for t in held:
+                t.join(20)
+            assert answers == ["data: done\n\n"] * 3
+            # Their connections went back to the selector (kept alive, not closed), and serve the next request.
+            wait_for("the three kept-alive connections open", lambda: server.connections == 3, 10)
+            assert kept.get(f"{base}/quick").text == "quick"
+            assert server.connections == 3
     finally:
         server.stop()
 

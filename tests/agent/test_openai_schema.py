@@ -134,3 +134,15 @@ def test_a_queued_request_whose_client_left_gives_up_its_place() -> None:
     assert limiter.acquire(lambda: False)
     assert limiter.acquire(lambda: True) is False
     assert limiter.waiting == 0
+
+
+def test_admission_takes_a_slot_or_a_queue_place_without_waiting() -> None:
+    limiter = SequenceLimiter(slots=1, queue=1)
+    assert limiter.admit() is True  # a slot
+    assert limiter.admit() is False and limiter.waiting == 1  # a queue place, held without a thread waiting
+    with pytest.raises(Busy):
+        limiter.admit()
+    limiter.leave()  # the queued request will not begin: its place is free again
+    assert limiter.waiting == 0 and limiter.admit() is False
+    limiter.release(None)
+    assert limiter.wait(lambda: False) and limiter.running == 1 and limiter.waiting == 0

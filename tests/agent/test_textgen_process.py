@@ -165,3 +165,65 @@ def test_concurrency_limit_and_disconnect_on_the_agent_process(
         assert len(done) == 2 and all(d.startswith("Edge models speak") for d in done)
     finally:
         agent.stop()
+
+
+def test_the_model_limit_not_the_http_workers_bounds_generation_requests(
+    tmp_state_dir: Path, hub_stub: HubStub, mqtt_broker: Broker, enrolled: str
+) -> None:
+    """Two HTTP workers, no HTTP queue; the model allows three sequences and one queued request.
+
+    Four streams are accepted (three generate, one waits), the fifth gets the model's 503, and
+    the classifier beside it is still answered while all four hold their connections.
+    """
+    classifier = hub_stub.publish(make_release(hub_stub.key, "m", "1.0.0", seed=1))
+    slow = make_lm_release(hub_stub.key, "slow", "1.0.0", slow_steps=40, context=2048)
+    env = {
+        "AUTODL_AGENT_HTTP_WORKERS": "2",
+        "AUTODL_AGENT_HTTP_QUEUE": "0",
+        "AUTODL_AGENT_GENERATION_MAX_SEQUENCES": "3",
+        "AUTODL_AGENT_GENERATION_QUEUE": "1",
+    }
+    agent = AgentProcess(tmp_state_dir, env).start()
+    try:
+        with publisher(mqtt_broker.host, mqtt_broker.port) as hub_mqtt:
+            publish_desired(hub_mqtt, enrolled, 1, {"m": classifier, "slow": hub_stub.publish(slow.release)})
+            agent.wait_live()
+            wait_for("both served", lambda: agent.serving("slow") == "1.0.0" and agent.serving("m") == "1.0.0", 60)
+
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+        def open_stream() -> Any:
+            return client.completions.create(model="slow", prompt="Hi\n", max_tokens=600, stream=True)
+
+        # Three streams generate (each has sent its first chunk and is still going) ...
+        streams = [open_stream() for _ in range(3)]
+        firsts = [next(iter(stream)).choices[0].text for stream in streams]
+        assert metric(agent.url, "generation_sequences_in_flight", "slow") == 3
+        # ... and a fourth waits in the model's queue, holding no HTTP worker either.
+        queued: list[Any] = []
+        fourth = threading.Thread(target=lambda: queued.append("".join(c.choices[0].text for c in open_stream())))
+        fourth.start()
+        wait_for("one queued", lambda: metric(agent.url, "generation_sequences_queued", "slow") == 1, 60)
+        # The HTTP workers are free: inference is answered while four generation requests are open.
+        assert agent.infer("m")[0] == "1.0.0"
+        # Past the model's sequences and queue, its own 503 in OpenAI's shape, with Retry-After.
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="slow", prompt="Hi\n", max_tokens=2)
+        assert refused.value.status_code == 503
+        assert refused.value.response.json()["error"]["code"] == "overloaded"
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        # All four complete.
+        done = [
+            first + "".join(c.choices[0].text for c in stream) for first, stream in zip(firsts, streams, strict=True)
+        ]
+        fourth.join(300)
+        done += queued
+        assert len(done) == 4 and all(d.startswith("Edge models speak") for d in done)
+        wait_for("slots freed", lambda: metric(agent.url, "generation_sequences_in_flight", "slow") == 0, 10)
+        # The connections went back to the server: a kept-alive client asks again on its connection.
+        with httpx.Client(timeout=30) as kept:
+            for _ in range(2):
+                r = kept.post(f"{agent.url}/v1/completions", json={"model": "slow", "prompt": "Hi\n", "max_tokens": 2})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Edge models"
+    finally:
+        agent.stop()
