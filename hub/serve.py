@@ -15,6 +15,7 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
+from hub.broker.passwd import PasswordFileUsers
 from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.limits import HeaderTimeoutH11Protocol
@@ -40,21 +41,23 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
 
             processes = start_embedded_workers(settings, workers)
             stack.callback(_stop_workers, processes)
-        admin = messaging = None
+        admin: BrokerAdmin | PasswordFileUsers | None = None
+        messaging = None
         if mqtt:
             if settings.mqtt_url is None:
                 broker = EmbeddedBroker.from_settings(settings)
                 broker.start()
                 stack.callback(broker.stop)
                 url, password = broker.url, broker.hub_password
+                admin = broker.users  # its password file, reloaded in batches
             else:
                 if settings.mqtt_password is None:
                     raise SystemExit(
                         "an external broker (--mqtt-url) needs AUTODL_HUB_MQTT_PASSWORD for the hub's user"
                     )
                 url, password = settings.mqtt_url, settings.mqtt_password
-            admin = BrokerAdmin(url, settings.mqtt_username, password)
-            stack.callback(admin.close)
+                admin = BrokerAdmin(url, settings.mqtt_username, password)  # dynamic security
+                stack.callback(admin.close)
             _reconcile(admin, sessions)
             messaging = HubMessaging(settings, sessions, url=url, password=password)
             messaging.start()
@@ -101,7 +104,7 @@ def _raise_exit(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def _reconcile(admin: BrokerAdmin, sessions: SessionFactory) -> None:
+def _reconcile(admin: BrokerAdmin | PasswordFileUsers, sessions: SessionFactory) -> None:
     """Lock out broker users of devices decommissioned while the broker could not be told."""
     try:
         with sessions() as session:

@@ -121,9 +121,17 @@ def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process:
     listed = hub.run_cli("device", "list", "--hub", hub.url, "--api-key", hub.admin_key).stdout
     assert device.device_id in listed and other.device_id in listed
 
-    # Decommissioning revokes HTTP and MQTT at once.
-    decommission = hub.run_cli("device", "decommission", device.device_id, "--hub", hub.url, "--api-key", hub.admin_key)
-    assert "decommissioned" in decommission.stdout
+    # Decommissioning revokes HTTP and MQTT at once, and drops the device's live connection.
+    live = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
+    try:
+        assert live.connect().is_failure is False
+        decommission = hub.run_cli(
+            "device", "decommission", device.device_id, "--hub", hub.url, "--api-key", hub.admin_key
+        )
+        assert "decommissioned" in decommission.stdout
+        assert live.wait(lambda: bool(live.disconnects), timeout=15), "the decommissioned device stayed connected"
+    finally:
+        live.close()
     assert httpx.get(f"{hub.url}/artifacts/{sha}", headers=auth, timeout=30).status_code == 401
     refused = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
     try:
@@ -159,6 +167,7 @@ def test_serve_with_an_external_broker(tmp_path: Path) -> None:
         hub_username="autodl-hub",
         hub_password="external-secret",
         bind_host="127.0.0.1",
+        auth="dynsec",
     )
     broker.start()
     try:
