@@ -13,6 +13,7 @@ from agent.device import detect_profile
 from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableError
 from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
+from shared.targets import DeviceProfile
 
 __all__ = ["enroll"]
 
@@ -27,8 +28,15 @@ def enroll(
     labels: dict[str, str] | None = None,
     force: bool = False,
     transport: httpx.BaseTransport | None = None,
+    *,
+    client: httpx.Client | None = None,
+    profile: DeviceProfile | None = None,
 ) -> Identity:
-    """Enroll with the hub and save the identity; refuse when enrolled unless `force`."""
+    """Enroll with the hub and save the identity; refuse when enrolled unless `force`.
+
+    `client` (its connections reused) and `profile` (detected once) serve a process that
+    enrolls many simulated devices (bench/fleet.py).
+    """
     if settings.identity_path.exists() and not force:
         raise AlreadyEnrolledError(
             f"already enrolled (identity in {settings.identity_path}); nothing changed. Use --force to enroll again"
@@ -38,13 +46,17 @@ def enroll(
         token=token,
         name=name,
         labels=labels or {},
-        profile=detect_profile(settings.state_dir),
+        profile=profile or detect_profile(settings.state_dir),
         agent_version=__version__,
     )
     url = routes.url(hub_url, routes.ENROLL)
+    body, headers = request.model_dump_json(), {"Content-Type": "application/json"}
     try:
-        with httpx.Client(timeout=settings.http_timeout_s, transport=transport) as client:
-            response = client.post(url, content=request.model_dump_json(), headers={"Content-Type": "application/json"})
+        if client is not None:
+            response = client.post(url, content=body, headers=headers)
+        else:
+            with httpx.Client(timeout=settings.http_timeout_s, transport=transport) as own:
+                response = own.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         raise HubUnavailableError(f"cannot reach the hub at {url}: {exc}") from exc
     if response.status_code >= 500:

@@ -18,9 +18,10 @@ drops only the first such client of a reload, so a batch holds at most one remov
 
 Cost: the hub's part of a change does not depend on the fleet (one hash, one dict
 entry). mosquitto's reload reads the whole file and re-checks each connected client's
-password, so it grows with the fleet; the writer spaces reloads so that they take at
-most about half the broker's time (`reload_share`), and a larger fleet makes larger
-batches instead of more reloads.
+password, so it grows with the fleet; the writer waits four times as long as the last
+reload took before the next one (reloads take at most a fifth of the time:
+`reload_share`), so a larger fleet makes larger batches instead of more reloads, and the
+broker's time per enrollment stays under about `reload_share` / (enrollments per second).
 
 Device passwords are the hub's 256-bit random secrets (`hub.security.new_secret`), so
 key stretching adds nothing to them, while every reload re-hashes every connected
@@ -193,8 +194,8 @@ class PasswordFileUsers:
         host: str,
         port: int,
         timeout: float = 30.0,
-        min_interval_s: float = 0.01,
-        reload_share: float = 0.5,
+        min_interval_s: float = 0.02,
+        reload_share: float = 0.2,
     ) -> None:
         self.password_file = password_file
         self.hub_username = hub_username
