@@ -8,6 +8,9 @@ removed at runtime through `EmbeddedBroker.users` (`hub.broker.passwd.PasswordFi
 the password file, reloaded by SIGHUP in batches), so they survive restarts. A data dir
 from before (devices in ``dynamic-security.json``) is migrated at start.
 
+``auth="dynsec"`` runs it with the dynamic-security plugin instead, managed over MQTT by
+`BrokerAdmin` (`admin()`), as an external mosquitto is: the tests use it to stand for one.
+
 Errors::
 
     BrokerError                 base
