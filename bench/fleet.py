@@ -552,7 +552,7 @@ def main() -> None:
     parser.add_argument(
         "--enroll-only", type=int, default=10_000, help="then enroll this many more devices and only that (0: none)"
     )
-    parser.add_argument("--enroll-workers", type=int, default=32, help="enrollment requests in flight")
+    parser.add_argument("--enroll-workers", type=int, default=64, help="enrollment requests in flight")
     parser.add_argument("--total-points", type=int, default=500_000, help="telemetry points queued over the fleet")
     parser.add_argument(
         "--batch", type=int, default=1000, help="points per telemetry message (the agent's outbox_batch)"

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+
 from hub.broker.admin import (
     DEVICE_ROLE_PREFIX,
     BrokerAdmin,
@@ -185,6 +187,7 @@ class EmbeddedBroker:
             reload=self.reload,
             host=self.connect_host,
             port=port,
+            broker_cpu_s=self.cpu_seconds,
         )
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -230,6 +233,17 @@ class EmbeddedBroker:
         if self.auth == "dynsec":
             return BrokerAdmin(self.url, self.hub_username, self._hub_password)
         return self.users
+
+    def cpu_seconds(self) -> float | None:
+        """Return the CPU seconds the running mosquitto has used, or None."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
 
     def reload(self) -> bool:
         """Ask mosquitto to re-read its password and ACL files (SIGHUP); False when none is listening."""
