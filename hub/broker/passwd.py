@@ -18,10 +18,11 @@ drops only the first such client of a reload, so a batch holds at most one remov
 
 Cost: the hub's part of a change does not depend on the fleet (one hash, one dict
 entry). mosquitto's reload reads the whole file and re-checks each connected client's
-password, so it grows with the fleet; the writer waits four times as long as the last
-reload cost the broker (its CPU time) before the next one (reloads take at most a fifth of the time:
-`reload_share`), so a larger fleet makes larger batches instead of more reloads, and the
-broker's time per enrollment stays under about `reload_share` / (enrollments per second).
+password, so it grows with the fleet; the writer waits nine times as long as the last
+reload cost the broker (its CPU time) before the next one, so reloads take at most a
+tenth of its time (`reload_share`): a larger fleet makes larger batches instead of more
+reloads, and the broker's time per enrollment stays under `reload_share` / (enrollments
+per second).
 
 Device passwords are the hub's 256-bit random secrets (`hub.security.new_secret`), so
 key stretching adds nothing to them, while every reload re-hashes every connected
@@ -195,7 +196,7 @@ class PasswordFileUsers:
         port: int,
         timeout: float = 30.0,
         min_interval_s: float = 0.02,
-        reload_share: float = 0.2,
+        reload_share: float = 0.1,
         broker_cpu_s: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.password_file = password_file
