@@ -21,6 +21,7 @@ from agent.errors import AlreadyEnrolledError, EnrollmentError, HubUnavailableEr
 from agent.tls import DeviceKey, fetch_pinned_ca, save_device_certificate, save_pinned_ca, ssl_context
 from shared import routes
 from shared.messages import EnrollRequest, EnrollResponse
+from shared.targets import DeviceProfile
 from shared.tls import TrustError, is_loopback, parse_ca_hash
 
 __all__ = ["enroll"]
@@ -38,10 +39,15 @@ def enroll(
     transport: httpx.BaseTransport | None = None,
     ca_hash: str | None = None,
     device_cert: bool = False,
+    *,
+    client: httpx.Client | None = None,
+    profile: DeviceProfile | None = None,
 ) -> Identity:
     """Enroll with the hub and save the identity; refuse when enrolled unless `force`.
 
     `device_cert`: make a key pair here and have the hub certify it, for MQTT over mutual TLS.
+    `client` (its connections reused, its own TLS verification) and `profile` (detected once)
+    serve a process that enrolls many simulated devices (bench/fleet.py).
     """
     if settings.identity_path.exists() and not force:
         raise AlreadyEnrolledError(
@@ -56,16 +62,19 @@ def enroll(
         token=token,
         name=name,
         labels=labels or {},
-        profile=detect_profile(settings.state_dir),
+        profile=profile or detect_profile(settings.state_dir),
         agent_version=__version__,
         csr=key.csr_pem() if key is not None else None,
     )
     url = routes.url(hub_url, routes.ENROLL)
+    # Unset optional fields stay out, so a hub that predates them still takes the request.
+    body, headers = request.model_dump_json(exclude_none=True), {"Content-Type": "application/json"}
     try:
-        with httpx.Client(timeout=settings.http_timeout_s, transport=transport, verify=verify) as client:
-            # Unset optional fields stay out, so a hub that predates them still takes the request.
-            body = request.model_dump_json(exclude_none=True)
-            response = client.post(url, content=body, headers={"Content-Type": "application/json"})
+        if client is not None:
+            response = client.post(url, content=body, headers=headers)
+        else:
+            with httpx.Client(timeout=settings.http_timeout_s, transport=transport, verify=verify) as own:
+                response = own.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         if _certificate_refused(exc):
             raise EnrollmentError(

@@ -3,8 +3,8 @@
 Starts ``autodl-hub serve`` (SQLite, its embedded mosquitto) in a temp dir, publishes two
 versions of a small model, then for each fleet size N:
 
-- enrolls N devices over HTTP with the agent's own ``agent.enrollment.enroll`` (past
-  ``--http-enroll-max``, registers them in bulk before the hub starts: see `provision`);
+- enrolls N devices over HTTP, each with one POST /enroll through the agent's own
+  ``agent.enrollment.enroll`` (`--enroll-workers` requests in flight);
 - connects them all from ONE process on one selector-driven loop: every device is the
   agent's real ``agent.sync.MqttSession`` (its paho client, last will, subscriptions and
   callbacks: presence on connect, desired state decoded and handed on), but instead of the
@@ -18,8 +18,13 @@ versions of a small model, then for each fleet size N:
   drains it the way the agent's sender does (oldest batch, QoS 1, acknowledged rows leave
   the outbox), timing until the hub's database holds every point.
 
-    .venv/bin/python bench/fleet.py --http-enroll-max 100  # N = 100, 1000, 5000
-    .venv/bin/python bench/fleet.py --devices 1000 --json
+    .venv/bin/python bench/fleet.py                        # N = 100, 1000, 5000, then 10,000 enrolled only
+    .venv/bin/python bench/fleet.py --devices 1000 --enroll-only 0 --json
+
+Then, with ``--enroll-only N`` (10,000 by default), it enrolls N more devices over HTTP
+on the same hub and does nothing else with them: the enrollment figures at fleet scale,
+with the time the first and the last thousand took (a cost per enrollment that grows
+with the fleet would make the last thousand slower).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import selectors
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
@@ -49,11 +57,10 @@ from paho.mqtt.properties import Properties  # noqa: E402
 
 from agent.config import AgentSettings, Identity  # noqa: E402
 from agent.daemon import reported_state  # noqa: E402
+from agent.device import detect_profile  # noqa: E402
 from agent.enrollment import enroll  # noqa: E402
 from agent.store import ModelRecord, Slot, Store  # noqa: E402
 from agent.sync import MqttSession  # noqa: E402
-from hub.config import HubSettings  # noqa: E402
-from hub.db import create_engine_for, session_factory  # noqa: E402
 from hub.models import Role  # noqa: E402
 from hub.security import create_api_key, create_enrollment_token  # noqa: E402
 from shared.codec import encode  # noqa: E402
@@ -242,15 +249,18 @@ class Hub(HubProcess):
         super().__init__(root / "hub", env=env, log_level="warning")
         self.root = root
 
-    def prepare(self, max_devices: int) -> tuple[str, str]:
-        """Publish the baseline and the candidate; return (operator API key, enrollment token)."""
+    def publish_versions(self) -> str:
+        """Publish the baseline and the candidate; return an operator API key."""
         signer = Ed25519PrivateKey.generate()  # the hub re-signs with its own key
         for version, seed in ((BASELINE, 1), (CANDIDATE, 2)):
             self.publish(make_release(signer, MODEL, version, seed))
         with self.session() as session:
-            api_key = create_api_key(session, "bench", Role.OPERATOR, actor="bench", rate_limit="1000000/minute")[1]
-            token = create_enrollment_token(session, actor="bench", max_uses=max_devices)[1]
-        return api_key, token
+            return create_api_key(session, "bench", Role.OPERATOR, actor="bench", rate_limit="1000000/minute")[1]
+
+    def token(self, labels: dict[str, str], max_uses: int) -> str:
+        """Return an enrollment token that gives its devices `labels` (rollouts select on them)."""
+        with self.session() as session:
+            return create_enrollment_token(session, actor="bench", max_uses=max_uses, labels=labels)[1]
 
     def processes(self) -> dict[str, psutil.Process]:
         assert self.proc is not None
@@ -277,64 +287,63 @@ class Hub(HubProcess):
         return self._query("SELECT max(id) FROM telemetry_point")
 
 
-def provision(hub: Hub, n: int) -> list[Identity]:
-    """Register `n` devices in bulk while the hub (and so mosquitto) is stopped: their rows in
-    one transaction, their broker users and roles written into the dynamic-security file.
+@dataclass
+class Enrollment:
+    """N devices enrolled over HTTP: their identities, and the clock and the hub's CPU every 1,000."""
 
-    For fleets past ``--http-enroll-max``: an HTTP enrollment makes several dynsec commands,
-    and mosquitto 2.0 rewrites its whole dynsec file after each one, so registering device N
-    costs O(N) (5,000 devices take over ten minutes). What the devices do after enrolling is
-    the same either way.
+    identities: list[Identity]
+    seconds: float
+    # After every 1,000 answers (and the last): (answers, seconds, hub CPU s, mosquitto CPU s).
+    marks: list[tuple[int, float, float, float]]
+
+    def window(self, first: bool) -> dict[str, float]:
+        """Return the first or the last thousand: seconds, and hub and mosquitto CPU ms per enrollment."""
+        marks = [(0, 0.0, 0.0, 0.0), *self.marks]
+        (n0, t0, h0, m0), (n1, t1, h1, m1) = (marks[0], marks[1]) if first else (marks[-2], marks[-1])
+        count = max(1, n1 - n0)
+        return {
+            "s": round(t1 - t0, 2),
+            "hub_cpu_ms_each": round(1000 * (h1 - h0) / count, 2),
+            "mosquitto_cpu_ms_each": round(1000 * (m1 - m0) / count, 2),
+        }
+
+
+def enroll_fleet(hub: Hub, token: str, settings: list[AgentSettings], workers: int) -> Enrollment:
+    """Enroll every device with the agent's own ``agent.enrollment.enroll``, `workers` at a time.
+
+    One POST /enroll per device, each answer saved to the device's state dir; the HTTP
+    connections are shared and the device profile is detected once (the same machine).
     """
-    from hub.broker.admin import device_role_acls, device_role_name, hash_password
-    from hub.models import Device
-    from hub.security import DEVICE_TOKEN_PREFIX, MQTT_PASSWORD_PREFIX, hash_secret, new_secret, signing_public_key
+    profile = detect_profile()
+    procs = hub.processes()
 
-    settings = HubSettings(data_dir=hub.root / "hub")
-    public_key = signing_public_key(settings.signing_key)
-    creds = [
-        (f"dev-fleet{n}-{i:05d}", new_secret(DEVICE_TOKEN_PREFIX), new_secret(MQTT_PASSWORD_PREFIX)) for i in range(n)
-    ]
-    engine = create_engine_for(settings)
-    with session_factory(engine)() as session:
-        for device_id, token, password in creds:
-            session.add(
-                Device(
-                    id=device_id,
-                    name=device_id,
-                    labels={"fleet": str(n)},
-                    token_hash=hash_secret(token),
-                    mqtt_password_hash=hash_secret(password),
-                )
-            )
-        session.commit()
-    engine.dispose()
-    path = hub.root / "hub" / "mosquitto" / "dynamic-security.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    for device_id, _, password in creds:
-        role = device_role_name(device_id)
-        config.setdefault("roles", []).append({"rolename": role, "acls": device_role_acls(device_id)})
-        config.setdefault("clients", []).append(
-            {"username": device_id, "roles": [{"rolename": role}], **hash_password(password)}
-        )
-    path.write_text(json.dumps(config))
-    path.chmod(0o600)
-    return [
-        Identity(
-            device_id=device_id,
-            device_token=token,
-            mqtt_host="127.0.0.1",
-            mqtt_port=hub.mqtt_port,
-            mqtt_username=device_id,
-            mqtt_password=password,
-            signing_public_key=public_key,
-            hub_url=hub.url,
-            name=device_id,
-            labels={"fleet": str(n)},
-        )
-        for device_id, token, password in creds
-    ]
+    def cpu(name: str) -> float:
+        proc = procs.get(name)
+        return sum(proc.cpu_times()[:2]) if proc is not None else 0.0
+
+    cpu0 = {name: cpu(name) for name in ("hub", "mosquitto")}
+    marks: list[tuple[int, float, float, float]] = []
+    answers = 0
+    lock = threading.Lock()
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with httpx.Client(timeout=120, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        def one(i: int) -> Identity:
+            nonlocal answers
+            s = settings[i]
+            identity = enroll(s, hub.url, token, s.state_dir.name, client=client, profile=profile)
+            with lock:
+                answers += 1
+                if answers % 1000 == 0 or answers == len(settings):
+                    hub_s, mosquitto_s = (cpu(name) - cpu0[name] for name in ("hub", "mosquitto"))
+                    marks.append((answers, time.perf_counter() - t0, hub_s, mosquitto_s))
+            return identity
+
+        with ThreadPoolExecutor(workers) as pool:
+            identities = list(pool.map(one, range(len(settings))))
+        seconds = time.perf_counter() - t0
+    return Enrollment(identities, seconds, marks)
 
 
 class Usage:
@@ -358,23 +367,32 @@ class Usage:
         return out
 
 
-def run_size(
-    hub: Hub, api_key: str, token: str, n: int, args: argparse.Namespace, bulk: dict[int, tuple[list[Identity], float]]
-) -> dict[str, Any]:
-    """Measure one fleet size; return its row."""
-    root = hub.root / f"fleet-{n}"
+def enroll_row(
+    hub: Hub, n: int, args: argparse.Namespace, kind: str
+) -> tuple[Enrollment, list[AgentSettings], dict[str, Any]]:
+    """Enroll `n` devices (labelled ``fleet=<kind><n>`` by their token); return them and the figures."""
+    token = hub.token({"fleet": f"{kind}{n}"}, n)
+    root = hub.root / f"{kind}-{n}"
     settings = [AgentSettings(state_dir=root / f"d{i:05d}", keepalive_s=60, outbox_batch=args.batch) for i in range(n)]
     logging.getLogger("agent").setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-    enrolled_over_http = n <= args.http_enroll_max
-    if enrolled_over_http:
-        with ThreadPoolExecutor(8) as pool:
-            identities = list(
-                pool.map(lambda s: enroll(s, hub.url, token, s.state_dir.name, {"fleet": str(n)}), settings)
-            )
-    enroll_s = time.perf_counter() - t0
-    if not enrolled_over_http:
-        identities, enroll_s = bulk[n]
+    usage = Usage(hub.processes())
+    load = os.getloadavg()[0]
+    done = enroll_fleet(hub, token, settings, args.enroll_workers)
+    figures = {
+        "enroll_s": round(done.seconds, 2),
+        "enroll_per_s": round(n / done.seconds, 1),
+        "enroll_first_1000": done.window(first=True),
+        "enroll_last_1000": done.window(first=False),
+        "enroll_load_avg_1m": round(load, 2),
+        "enroll": usage.result(),
+    }
+    return done, settings, figures
+
+
+def run_size(hub: Hub, api_key: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one fleet size; return its row."""
+    enrolled, settings, enroll_figures = enroll_row(hub, n, args, "")
+    identities = enrolled.identities
 
     fleet = Fleet()
     procs = hub.processes()
@@ -451,8 +469,7 @@ def run_size(
         fleet.close()
     return {
         "devices": n,
-        "enroll_s": round(enroll_s, 2),
-        "enrolled": "http" if enrolled_over_http else "bulk",
+        **enroll_figures,
         "connect_s": round(connect_s, 2),
         "converge_s": round(converge_s, 2),
         "rollout_state": state,
@@ -471,7 +488,6 @@ def run_size(
 def _table(rows: list[dict[str, Any]]) -> str:
     columns = [
         ("devices", "devices", "{}"),
-        ("enroll_s", "enroll s", "{:.1f}"),
         ("connect_s", "connect s", "{:.2f}"),
         ("converge_s", "converge s", "{:.2f}"),
         ("rollout_s", "rollout done s", "{:.2f}"),
@@ -485,6 +501,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
+        if "connect_s" not in row:
+            continue
         cells = [fmt.format(row[key]) for key, _, fmt in columns]
         cells += [f"{row[p].get('hub_cpu_pct', 0):.0f}" for p, _ in phases]
         cells += [f"{row['ingest'].get('hub_rss_mb', 0):.0f}", f"{row['ingest'].get('mosquitto_rss_mb', 0):.0f}"]
@@ -492,16 +510,52 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(f"| {line} |" for line in lines)
 
 
+def _enroll_table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "devices enrolled",
+        "already enrolled",
+        "enroll s",
+        "enrollments/s",
+        "first 1,000: s",
+        "hub CPU ms each",
+        "mosquitto CPU ms each",
+        "last 1,000: s",
+        "hub CPU ms each",
+        "mosquitto CPU ms each",
+        "hub CPU %",
+        "load avg",
+    ]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for row in rows:
+        usage = row["enroll"]
+        cells = [
+            str(row["devices"]),
+            str(row["already_enrolled"]),
+            f"{row['enroll_s']:.1f}",
+            f"{row['enroll_per_s']:.0f}",
+            *(
+                f"{row[f'enroll_{which}_1000'][key]:.2f}"
+                for which in ("first", "last")
+                for key in ("s", "hub_cpu_ms_each", "mosquitto_cpu_ms_each")
+            ),
+            f"{usage.get('hub_cpu_pct', 0):.0f}",
+            f"{row['enroll_load_avg_1m']:.1f}",
+        ]
+        lines.append(" | ".join(cells))
+    return "\n".join(f"| {line} |" for line in lines)
+
+
 def main() -> None:
-    """Parse arguments, run every size against one hub, print the table (or JSON)."""
+    """Parse arguments, run every size against one hub, print the tables (or JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, action="append", help="fleet size (repeatable; default 100, 1000, 5000)")
+    parser.add_argument(
+        "--enroll-only", type=int, default=10_000, help="then enroll this many more devices and only that (0: none)"
+    )
+    parser.add_argument("--enroll-workers", type=int, default=64, help="enrollment requests in flight")
     parser.add_argument("--total-points", type=int, default=500_000, help="telemetry points queued over the fleet")
     parser.add_argument(
         "--batch", type=int, default=1000, help="points per telemetry message (the agent's outbox_batch)"
-    )
-    parser.add_argument(
-        "--http-enroll-max", type=int, default=1000, help="larger fleets are registered in bulk (see provision)"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for each phase")
     parser.add_argument("--json", action="store_true", help="print JSON: the largest size's figures, and every row")
@@ -513,23 +567,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="autodl-fleet-") as tmp:
         hub = Hub(Path(tmp))
-        api_key, token = hub.prepare(sum(sizes))
-        bulk: dict[int, tuple[list[Identity], float]] = {}
-        for n in sizes:
-            if n > args.http_enroll_max:
-                t0 = time.perf_counter()
-                bulk[n] = (provision(hub, n), time.perf_counter() - t0)
+        api_key = hub.publish_versions()
         hub.start()
+        enrolled = 0
         try:
             for n in sizes:
-                rows.append(run_size(hub, api_key, token, n, args, bulk))
+                rows.append({**run_size(hub, api_key, n, args), "already_enrolled": enrolled})
+                enrolled += n
                 print(f"N={n}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            if args.enroll_only:
+                _, _, figures = enroll_row(hub, args.enroll_only, args, "enroll-only-")
+                rows.append({"devices": args.enroll_only, "already_enrolled": enrolled, **figures})
+                print(f"enroll only N={args.enroll_only}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         finally:
             hub.stop()
     if args.json:
         print(json.dumps({**rows[-1], "runs": rows}))
     else:
         print(_table(rows))
+        print()
+        print(_enroll_table(rows))
 
 
 if __name__ == "__main__":

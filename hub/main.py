@@ -33,7 +33,7 @@ from hub.db import create_engine_for, migrate, session_factory
 from hub.errors import HubError, RateLimitedError
 from hub.fleet.retention import install as install_retention
 from hub.limits import RequestLimits, capture_authorizer, upload_authorizer
-from hub.metrics import HubMetrics
+from hub.metrics import HubMetrics, RequestTimer
 from hub.rollouts.controller import install as install_rollouts
 from hub.security import RateLimiter, load_or_create_signing_key
 from hub.ui import install as install_ui
@@ -132,7 +132,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
     install_ui(app)  # after the error handlers: /ui answers errors as HTML pages
-    app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)
     app.add_middleware(
         RequestLimits,
         max_json_bytes=settings.max_json_bytes,

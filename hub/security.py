@@ -8,6 +8,7 @@ and a plain digest lets a request find its key by an indexed lookup.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -17,10 +18,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import CursorResult, delete, update
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
 from hub.audit import record
@@ -30,6 +31,7 @@ from hub.models import ApiKey, Device, EnrollmentToken, Role, UiSession, utcnow
 from shared.manifest import generate_signing_key, load_private_key, public_key_b64
 
 __all__ = [
+    "ClaimedToken",
     "API_KEY_PREFIX",
     "DEVICE_TOKEN_PREFIX",
     "ENROLL_TOKEN_PREFIX",
@@ -187,25 +189,37 @@ def revoke_enrollment_token(session: Session, token_id: int, *, actor: str) -> E
     return token
 
 
-def claim_enrollment_token(session: Session, secret: str, now: datetime | None = None) -> EnrollmentToken:
+@dataclass(frozen=True)
+class ClaimedToken:
+    """What enrollment needs of the token it used: its id and the labels it gives or allows."""
+
+    id: int
+    labels: dict[str, str]
+    device_label_keys: list[str] | None
+
+
+def claim_enrollment_token(session: Session, secret: str, now: datetime | None = None) -> ClaimedToken:
     """Use up one enrollment of a token, in the caller's transaction.
 
     Raises AuthenticationError without saying why (unknown, revoked, expired or used up),
     so a caller learns nothing about which tokens exist.
     """
     now = now or utcnow()
-    token = session.exec(select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(secret))).first()
-    if token is None or token.revoked or (token.expires_at is not None and token.expires_at <= now):
-        raise AuthenticationError("invalid enrollment token")
-    # A conditional UPDATE, so two devices racing for the last use cannot both win.
-    result = session.execute(
+    # One conditional UPDATE: two devices racing for the last use cannot both win.
+    claimed = session.execute(
         update(EnrollmentToken)
-        .where(col(EnrollmentToken.id) == token.id, col(EnrollmentToken.uses) < col(EnrollmentToken.max_uses))
+        .where(
+            col(EnrollmentToken.token_hash) == hash_secret(secret),
+            col(EnrollmentToken.revoked).is_(False),
+            col(EnrollmentToken.expires_at).is_(None) | (col(EnrollmentToken.expires_at) > now),
+            col(EnrollmentToken.uses) < col(EnrollmentToken.max_uses),
+        )
         .values(uses=col(EnrollmentToken.uses) + 1)
-    )
-    if cast(CursorResult[Any], result).rowcount != 1:
+        .returning(col(EnrollmentToken.id), col(EnrollmentToken.labels), col(EnrollmentToken.device_label_keys))
+    ).first()
+    if claimed is None:
         raise AuthenticationError("invalid enrollment token")
-    return token
+    return ClaimedToken(int(claimed[0]), dict(claimed[1] or {}), claimed[2])
 
 
 class RateLimiter:
@@ -259,4 +273,14 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def signing_public_key(path: Path) -> str:
     """Return the base64 raw public key agents receive at enrollment."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return public_key_b64(load_or_create_signing_key(path))
+    return _public_key_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _public_key_of(path: Path, _mtime_ns: int, _size: int) -> str:
+    # Keyed on the file's mtime and size too, so a replaced key file is read again.
     return public_key_b64(load_or_create_signing_key(path))

@@ -15,6 +15,7 @@ import uvicorn
 from sqlmodel import col, select
 
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
+from hub.broker.passwd import PasswordFileUsers
 from hub.broker.revocation import CertificateRevocation
 from hub.config import HubSettings, make_private
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
@@ -50,7 +51,8 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
 
             processes = start_embedded_workers(settings, workers)
             stack.callback(_stop_workers, processes)
-        admin = messaging = revocation = None
+        admin: BrokerAdmin | PasswordFileUsers | None = None
+        messaging = revocation = None
         if mqtt:
             if settings.mqtt_url is None:
                 broker = EmbeddedBroker.from_settings(settings)
@@ -60,6 +62,7 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
                 broker.start()
                 stack.callback(broker.stop)
                 url, password, ca_certs = broker.url, broker.hub_password, broker.ca_certs
+                admin = broker.users  # its password file, reloaded in batches
             else:
                 if settings.mqtt_password is None:
                     raise SystemExit(
@@ -67,8 +70,8 @@ def serve(settings: HubSettings, *, mqtt: bool = True, log_level: str = "info", 
                     )
                 url, password = settings.mqtt_url, settings.mqtt_password
                 ca_certs = str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None
-            admin = BrokerAdmin(url, settings.mqtt_username, password, tls_ca_certs=ca_certs)
-            stack.callback(admin.close)
+                admin = BrokerAdmin(url, settings.mqtt_username, password, tls_ca_certs=ca_certs)  # dynamic security
+                stack.callback(admin.close)
             _reconcile(admin, sessions)
             messaging = HubMessaging(settings, sessions, url=url, password=password, tls_ca_certs=ca_certs)
             messaging.start()
@@ -124,7 +127,7 @@ def _raise_exit(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def _reconcile(admin: BrokerAdmin, sessions: SessionFactory) -> None:
+def _reconcile(admin: BrokerAdmin | PasswordFileUsers, sessions: SessionFactory) -> None:
     """Lock out broker users of devices decommissioned while the broker could not be told."""
     try:
         with sessions() as session:

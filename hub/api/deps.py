@@ -38,7 +38,9 @@ DeviceIdPath = Annotated[str, Path(pattern=ID_PATTERN, max_length=128)]
 ModelNamePath = Annotated[str, Path(pattern=ID_PATTERN, max_length=128)]
 
 
-def _settings(request: Request) -> HubSettings:
+# The small dependencies are coroutines: FastAPI runs a plain function in the thread pool,
+# a hop that costs more than the function (several per request).
+async def _settings(request: Request) -> HubSettings:
     settings: HubSettings = request.app.state.settings
     return settings
 
@@ -49,12 +51,12 @@ class Messaging(DesiredPublisher, RetainedCleaner, CommandPublisher, Protocol):
     def publish_release(self, release: Release) -> object: ...
 
 
-def _messaging(request: Request) -> Messaging | None:
+async def _messaging(request: Request) -> Messaging | None:
     messaging: Messaging | None = request.app.state.messaging
     return messaging
 
 
-def _broker(request: Request) -> BrokerCredentials | None:
+async def _broker(request: Request) -> BrokerCredentials | None:
     broker: BrokerCredentials | None = request.app.state.broker_admin
     return broker
 

@@ -1,5 +1,6 @@
-"""The MQTT broker: the embedded, supervised mosquitto, its administration through the
-dynamic-security plugin, and the bootstrap that gives an external mosquitto the hub's user.
+"""The MQTT broker: the embedded, supervised mosquitto and its password file of devices
+(`passwd`), the administration of an external mosquitto through the dynamic-security
+plugin (`admin`), and the bootstrap that gives an external mosquitto the hub's user.
 """
 
 from __future__ import annotations
@@ -15,20 +16,22 @@ from hub.broker.admin import (
     default_acl_access,
     device_role_acls,
     device_role_name,
+    find_dynsec_plugin,
     hash_password,
     hub_role_acls,
     verify_password,
+    write_hub_dynsec,
 )
 from hub.broker.bootstrap import BootstrapError, write_hub_auth
 from hub.broker.embedded import (
     BrokerError,
     BrokerStartError,
     EmbeddedBroker,
-    find_dynsec_plugin,
     find_mosquitto,
     load_or_create_hub_password,
-    write_hub_dynsec,
+    migrate_dynsec_devices,
 )
+from hub.broker.passwd import PasswordFileUsers
 
 __all__ = [
     "BootstrapError",
@@ -42,6 +45,7 @@ __all__ = [
     "EmbeddedBroker",
     "HUB_ROLE",
     "MqttEndpoint",
+    "PasswordFileUsers",
     "default_acl_access",
     "device_role_acls",
     "device_role_name",
@@ -50,6 +54,7 @@ __all__ = [
     "hash_password",
     "hub_role_acls",
     "load_or_create_hub_password",
+    "migrate_dynsec_devices",
     "verify_password",
     "write_hub_auth",
     "write_hub_dynsec",

@@ -39,15 +39,19 @@ Errors::
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import itertools
 import json
 import logging
+import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,9 +73,12 @@ __all__ = [
     "default_acl_access",
     "device_role_acls",
     "device_role_name",
+    "find_dynsec_plugin",
     "hash_password",
     "hub_role_acls",
     "verify_password",
+    "write_hub_dynsec",
+    "write_private",
 ]
 
 logger = logging.getLogger(__name__)
@@ -421,3 +428,92 @@ class BrokerAdmin:
         for device in removed:
             self.remove_device(device)
         return removed
+
+
+# -- the dynamic-security file, for a broker that is not running ------------------
+
+PLUGIN_NAME = "mosquitto_dynamic_security.so"
+_PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/local/lib",
+    "/usr/lib/mosquitto",
+    "/opt/homebrew/lib",
+)
+
+
+def find_dynsec_plugin() -> Path:
+    """Return the dynamic-security plugin's path (``AUTODL_HUB_MOSQUITTO_PLUGIN`` overrides)."""
+    override = os.environ.get("AUTODL_HUB_MOSQUITTO_PLUGIN")
+    candidates = [Path(override)] if override else []
+    candidates += [Path(d) / PLUGIN_NAME for d in _PLUGIN_DIRS]
+    candidates += [Path(p) for p in sorted(glob.glob(f"/usr/lib/*/{PLUGIN_NAME}"))]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{PLUGIN_NAME} not found (looked in {', '.join(_PLUGIN_DIRS)}); install mosquitto 2.0+ "
+        "or set AUTODL_HUB_MOSQUITTO_PLUGIN"
+    )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` beside `path` (0600), then rename: a crash never leaves half a file for mosquitto."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_hub_dynsec(path: Path, username: str, password: str) -> None:
+    """Create or update a dynamic-security file with the hub's user and role and default-deny access.
+
+    Device users and roles already in the file are kept, each bound to its client id
+    (= its username). Only for a broker that is not
+    running: mosquitto rewrites the file itself while it runs.
+    """
+    config: dict[str, Any] = {}
+    if path.exists():
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as exc:
+            # Keep the broken file for inspection; the hub re-adds devices as they re-enroll.
+            backup = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, backup)
+            logger.error("dynamic-security file unreadable (%s), moved to %s", exc, backup)
+            config = {}
+    clients: list[dict[str, Any]] = config.setdefault("clients", [])
+    roles: list[dict[str, Any]] = config.setdefault("roles", [])
+    config.setdefault("groups", [])
+    hub = next((c for c in clients if c.get("username") == username), None)
+    if hub is None:
+        hub = {"username": username, "textName": "autodl hub", "roles": []}
+        clients.append(hub)
+    if not verify_password(password, hub):
+        hub.update(hash_password(password))
+    hub.pop("disabled", None)
+    if not any(r.get("rolename") == HUB_ROLE for r in hub.setdefault("roles", [])):
+        hub["roles"].append({"rolename": HUB_ROLE})
+    role = next((r for r in roles if r.get("rolename") == HUB_ROLE), None)
+    if role is None:
+        role = {"rolename": HUB_ROLE}
+        roles.append(role)
+    role["acls"] = hub_role_acls()
+    for client in clients:
+        # Devices enrolled before client ids were bound get the binding now (client id = username).
+        if any(str(r.get("rolename", "")).startswith(DEVICE_ROLE_PREFIX) for r in client.get("roles", [])):
+            client["clientid"] = client.get("username")
+    for device_role in roles:
+        # And their roles today's ACL (no release topics since "Hardening").
+        name = str(device_role.get("rolename", ""))
+        if name.startswith(DEVICE_ROLE_PREFIX):
+            try:
+                device_role["acls"] = device_role_acls(name[len(DEVICE_ROLE_PREFIX) :])
+            except ValueError:
+                logger.warning("dynamic-security role %s does not name a valid device id; left as it is", name)
+    config["defaultACLAccess"] = default_acl_access()
+    write_private(path, json.dumps(config, indent=1))

@@ -1,7 +1,7 @@
 """Give a mosquitto the hub does not run the hub's user, before the broker starts.
 
 ``python -m hub.broker.bootstrap DIR`` writes (or updates) ``DIR/dynamic-security.json``
-exactly as the embedded broker does in ``<data_dir>/mosquitto/``: the hub's user
+for mosquitto's dynamic-security plugin: the hub's user
 (``AUTODL_HUB_MQTT_USERNAME``, password ``AUTODL_HUB_MQTT_PASSWORD``) with the hub role,
 deny-by-default for everyone else; device users already in the file are kept. The K3s
 mosquitto Deployment runs it as an init container on the broker's volume (see
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hub.broker.embedded import EmbeddedBroker
+from hub.broker.admin import write_hub_dynsec
 from hub.config import HubSettings
 
 __all__ = ["BootstrapError", "main", "write_hub_auth"]
@@ -35,13 +35,12 @@ def write_hub_auth(directory: Path, username: str, password: str) -> Path:
         raise BootstrapError("the hub's MQTT password is empty: set AUTODL_HUB_MQTT_PASSWORD")
     if not directory.is_dir():
         raise BootstrapError(f"{directory} is not a directory")
-    # The embedded broker's own writer, so both set-ups hold the same user, role and ACL.
-    broker = EmbeddedBroker(directory, port=1883, hub_username=username, hub_password=password)
+    path = directory / "dynamic-security.json"
     try:
-        broker._prepare_dynsec()
+        write_hub_dynsec(path, username, password)
     except OSError as exc:
-        raise BootstrapError(f"cannot write {broker.dynsec_path}: {exc}") from exc
-    return broker.dynsec_path
+        raise BootstrapError(f"cannot write {path}: {exc}") from exc
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,15 @@
-"""The embedded broker: a mosquitto child process with dynamic security, supervised.
+"""The embedded broker: a mosquitto child process with a password file and pattern ACLs, supervised.
 
-`EmbeddedBroker` writes ``mosquitto.conf`` and ``dynamic-security.json`` into
-``<data_dir>/mosquitto/`` (the hub's user and role, deny-by-default ACL, no anonymous
-access), starts mosquitto and restarts it with capped exponential backoff whenever it
-dies. Devices are added and removed at runtime through `BrokerAdmin` (over MQTT), which
-mosquitto saves back into the same JSON file, so they survive restarts.
+`EmbeddedBroker` writes ``mosquitto.conf``, ``acl`` and ``passwd`` into
+``<data_dir>/mosquitto/`` (the hub's user with full access, every other user a device
+limited to its own topics by ``%u`` patterns, no anonymous access), starts mosquitto and
+restarts it with capped exponential backoff whenever it dies. Devices are added and
+removed at runtime through `EmbeddedBroker.users` (`hub.broker.passwd.PasswordFileUsers`:
+the password file, reloaded by SIGHUP in batches), so they survive restarts. A data dir
+from before (devices in ``dynamic-security.json``) is migrated at start.
+
+``auth="dynsec"`` runs it with the dynamic-security plugin instead, managed over MQTT by
+`BrokerAdmin` (`admin()`), as an external mosquitto is: the tests use it to stand for one.
 
 Errors::
 
@@ -14,7 +19,8 @@ Errors::
 
 from __future__ import annotations
 
-import glob
+import base64
+import binascii
 import json
 import logging
 import os
@@ -22,27 +28,28 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import psutil
 
 from hub.broker.admin import (
     DEVICE_ROLE_PREFIX,
-    HUB_ROLE,
     BrokerAdmin,
     BrokerAdminError,
     BrokerUnavailable,
     DynsecCommandError,
     MqttEndpoint,
-    default_acl_access,
-    device_role_acls,
-    hash_password,
-    hub_role_acls,
-    verify_password,
+    find_dynsec_plugin,
+    write_hub_dynsec,
+    write_private,
 )
+from hub.broker.passwd import LISTENER_AUTH_LINES, PasswordFileUsers, render_acl
 
 __all__ = [
     "BrokerAdmin",
@@ -57,22 +64,17 @@ __all__ = [
     "find_dynsec_plugin",
     "find_mosquitto",
     "load_or_create_hub_password",
+    "migrate_dynsec_devices",
     "write_hub_dynsec",
 ]
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_NAME = "mosquitto_dynamic_security.so"
-_PLUGIN_DIRS = (
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib/aarch64-linux-gnu",
-    "/usr/lib/arm-linux-gnueabihf",
-    "/usr/lib",
-    "/usr/lib64",
-    "/usr/local/lib",
-    "/usr/lib/mosquitto",
-    "/opt/homebrew/lib",
-)
+# "passwd": the password file and %u pattern ACLs (hub.broker.passwd), the default.
+# "dynsec": mosquitto's dynamic-security plugin managed over MQTT (BrokerAdmin), as an
+# external mosquitto runs it; the tests use it to stand for one.
+AuthMode = Literal["passwd", "dynsec"]
+
 PASSWORD_FILE = "hub-mqtt-password"
 
 
@@ -121,21 +123,6 @@ def find_mosquitto() -> str:
     return found
 
 
-def find_dynsec_plugin() -> Path:
-    """Return the dynamic-security plugin's path (``AUTODL_HUB_MOSQUITTO_PLUGIN`` overrides)."""
-    override = os.environ.get("AUTODL_HUB_MOSQUITTO_PLUGIN")
-    candidates = [Path(override)] if override else []
-    candidates += [Path(d) / PLUGIN_NAME for d in _PLUGIN_DIRS]
-    candidates += [Path(p) for p in sorted(glob.glob(f"/usr/lib/*/{PLUGIN_NAME}"))]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise BrokerStartError(
-        f"{PLUGIN_NAME} not found (looked in {', '.join(_PLUGIN_DIRS)}); install mosquitto 2.0+ "
-        "or set AUTODL_HUB_MOSQUITTO_PLUGIN"
-    )
-
-
 def load_or_create_hub_password(directory: Path) -> str:
     """Return the hub's MQTT password kept in `directory`, creating a random one (0600) if absent."""
     path = directory / PASSWORD_FILE
@@ -149,63 +136,44 @@ def load_or_create_hub_password(directory: Path) -> str:
     return password
 
 
-def _write_private(path: Path, text: str) -> None:
-    # Write beside, then rename: a crash never leaves half a config for mosquitto to read.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def migrate_dynsec_devices(path: Path) -> dict[str, str]:
+    """Return the devices of a dynamic-security file as password-file hashes, and set the file aside.
 
-
-def write_hub_dynsec(path: Path, username: str, password: str) -> None:
-    """Create or update a dynamic-security file with the hub's user and role and default-deny access.
-
-    Device users and roles already in the file are kept, each bound to its client id
-    (= its username). Only for a broker that is not
-    running: mosquitto rewrites the file itself while it runs.
+    The plugin stores PBKDF2-SHA512 with a 12-byte salt and a 64-byte hash, exactly what
+    a ``$7$`` password-file line holds, so enrolled devices keep their passwords.
     """
-    config: dict[str, Any] = {}
-    if path.exists():
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        logger.error("dynamic-security file %s unreadable (%s); its devices must enroll again", path, exc)
+        config = {}
+    devices: dict[str, str] = {}
+    for client in config.get("clients", []) if isinstance(config, dict) else []:
+        roles = [str(r.get("rolename", "")) for r in client.get("roles", []) if isinstance(r, dict)]
+        if not any(r.startswith(DEVICE_ROLE_PREFIX) for r in roles):
+            continue
         try:
-            config = json.loads(path.read_text())
-        except ValueError as exc:
-            # Keep the broken file for inspection; the hub re-adds devices as they re-enroll.
-            backup = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            os.replace(path, backup)
-            logger.error("dynamic-security file unreadable (%s), moved to %s", exc, backup)
-            config = {}
-    clients: list[dict[str, Any]] = config.setdefault("clients", [])
-    roles: list[dict[str, Any]] = config.setdefault("roles", [])
-    config.setdefault("groups", [])
-    hub = next((c for c in clients if c.get("username") == username), None)
-    if hub is None:
-        hub = {"username": username, "textName": "autodl hub", "roles": []}
-        clients.append(hub)
-    if not verify_password(password, hub):
-        hub.update(hash_password(password))
-    hub.pop("disabled", None)
-    if not any(r.get("rolename") == HUB_ROLE for r in hub.setdefault("roles", [])):
-        hub["roles"].append({"rolename": HUB_ROLE})
-    role = next((r for r in roles if r.get("rolename") == HUB_ROLE), None)
-    if role is None:
-        role = {"rolename": HUB_ROLE}
-        roles.append(role)
-    role["acls"] = hub_role_acls()
-    for client in clients:
-        # Devices enrolled before client ids were bound get the binding now (client id = username).
-        if any(str(r.get("rolename", "")).startswith(DEVICE_ROLE_PREFIX) for r in client.get("roles", [])):
-            client["clientid"] = client.get("username")
-    for device_role in roles:
-        # And their roles today's ACL (no release topics since "Hardening").
-        name = str(device_role.get("rolename", ""))
-        if name.startswith(DEVICE_ROLE_PREFIX):
-            try:
-                device_role["acls"] = device_role_acls(name[len(DEVICE_ROLE_PREFIX) :])
-            except ValueError:
-                logger.warning("dynamic-security role %s does not name a valid device id; left as it is", name)
-    config["defaultACLAccess"] = default_acl_access()
-    _write_private(path, json.dumps(config, indent=1))
+            salt, digest = base64.b64decode(client["salt"]), base64.b64decode(client["password"])
+            iterations = int(client["iterations"])
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            logger.warning("dynamic-security client %s has no usable password; not migrated", client.get("username"))
+            continue
+        if len(salt) == 12 and len(digest) == 64 and iterations > 0:
+            devices[str(client["username"])] = f"$7${iterations}${client['salt']}${client['password']}"
+    os.replace(path, path.with_name(f"{path.name}.migrated"))
+    logger.warning("moved %d devices from %s to the password file", len(devices), path)
+    return devices
+
+
+def _probe_tls() -> ssl.SSLContext:
+    """Return the TLS context of the hub's own probe logins on this machine: the broker is its child,
+    and the probe's throwaway password grants nothing, so an operator's certificate need not name loopback."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -217,7 +185,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class EmbeddedBroker:
-    """mosquitto with dynamic security, run as a child of the hub and restarted if it dies."""
+    """mosquitto with a password file and pattern ACLs, run as a child of the hub and restarted if it dies."""
 
     def __init__(
         self,
@@ -233,9 +201,11 @@ class EmbeddedBroker:
         start_timeout_s: float = 10.0,
         extra_config: str = "",
         tls: BrokerTls | None = None,
+        auth: AuthMode = "passwd",
     ) -> None:
         self.directory = directory
         self.tls = tls
+        self.auth = auth
         self.port = port
         self.bind_host = bind_host
         self.hub_username = hub_username
@@ -246,10 +216,23 @@ class EmbeddedBroker:
         self.start_timeout_s = start_timeout_s
         self.extra_config = extra_config
         self.config_path = directory / "mosquitto.conf"
-        self.dynsec_path = directory / "dynamic-security.json"
+        self.dynsec_path = directory / "dynamic-security.json"  # before the password file: migrated at start
+        self.password_path = directory / "passwd"
+        self.acl_path = directory / "acl"
         self.log_path = directory / "mosquitto.log"
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._listening = False  # the current mosquitto has opened its port (and so handles SIGHUP)
+        self.users = PasswordFileUsers(
+            self.password_path,
+            hub_username=hub_username,
+            hub_password=hub_password,
+            reload=self.reload,
+            host=self.connect_host,
+            port=port,
+            broker_cpu_s=self.cpu_seconds,
+            tls=_probe_tls() if tls is not None else None,
+        )
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -306,10 +289,32 @@ class EmbeddedBroker:
         """Return True while mosquitto is alive."""
         return self.pid is not None
 
-    def admin(self, **kwargs: Any) -> BrokerAdmin:
-        """Return a BrokerAdmin logged in as the hub's user on this broker."""
-        kwargs.setdefault("tls_ca_certs", self.ca_certs)
-        return BrokerAdmin(self.url, self.hub_username, self._hub_password, **kwargs)
+    def admin(self) -> PasswordFileUsers | BrokerAdmin:
+        """Return what adds and removes this broker's devices: `users`, or a dynsec client."""
+        if self.auth == "dynsec":
+            return BrokerAdmin(self.url, self.hub_username, self._hub_password, tls_ca_certs=self.ca_certs)
+        return self.users
+
+    def cpu_seconds(self) -> float | None:
+        """Return the CPU seconds the running mosquitto has used, or None."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
+
+    def reload(self) -> bool:
+        """Ask mosquitto to re-read its password and ACL files (SIGHUP); False when none is listening."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None or not self._listening:
+                return False
+            # Only once it listens: before its handler is installed, SIGHUP would end mosquitto.
+            proc.send_signal(signal.SIGHUP)
+            return True
 
     # -- configuration ------------------------------------------------------------
 
@@ -324,6 +329,7 @@ class EmbeddedBroker:
             "allow_anonymous false",
             listener,
             *(self.tls.config_lines() if self.tls is not None else []),
+            *(LISTENER_AUTH_LINES if self.auth == "passwd" else ()),  # authentication (see _auth_config)
             "persistence true",
             f"persistence_location {self.directory}/",
             f"autosave_interval {self.autosave_interval_s}",
@@ -335,18 +341,41 @@ class EmbeddedBroker:
             "log_type warning",
             "log_type notice",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            f"plugin {find_dynsec_plugin()}",
-            f"plugin_opt_config_file {self.dynsec_path}",
         ]
+        lines += self._auth_config()
         if self.tls is not None:
             lines += self.tls.certificate_listener(self.bind_host)
         if os.name == "posix" and os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to "mosquitto", who cannot read the data dir
         return "\n".join(lines) + "\n" + self.extra_config + ("\n" if self.extra_config else "")
 
-    def _prepare_dynsec(self) -> None:
-        """Create or update the dynamic-security file: the hub's user and role, default deny."""
-        write_hub_dynsec(self.dynsec_path, self.hub_username, self._hub_password)
+    # -- authentication: password file + %u pattern ACLs (hub.broker.passwd) -------
+
+    def _auth_config(self) -> list[str]:
+        """Return the global lines of the broker's authentication.
+
+        Every listener that devices log in on must also carry `LISTENER_AUTH_LINES` right
+        after its ``listener`` line (mosquitto reads ``use_username_as_clientid`` per
+        listener): that binds a session to its username, the device id. A listener with
+        ``use_identity_as_username`` (certificate CN = device id) gets the same ACL.
+        """
+        if self.auth == "dynsec":
+            return [f"plugin {find_dynsec_plugin()}", f"plugin_opt_config_file {self.dynsec_path}"]
+        return [
+            "# Authentication: devices in the password file, reloaded by SIGHUP; ACLs keyed on %u.",
+            f"password_file {self.password_path}",
+            f"acl_file {self.acl_path}",
+        ]
+
+    def _prepare_auth(self) -> None:
+        """Write the ACL file and the password file (the hub's user, devices kept or migrated)."""
+        if self.auth == "dynsec":
+            write_hub_dynsec(self.dynsec_path, self.hub_username, self._hub_password)
+            return
+        write_private(self.acl_path, render_acl(self.hub_username))
+        self.users.load(migrate=migrate_dynsec_devices(self.dynsec_path))
+
+    # -- end of authentication ------------------------------------------------------
 
     # -- process ------------------------------------------------------------------
 
@@ -356,8 +385,8 @@ class EmbeddedBroker:
             return
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
-        _write_private(self.config_path, self.render_config())
-        self._prepare_dynsec()
+        write_private(self.config_path, self.render_config())
+        self._prepare_auth()
         self._stopping.clear()
         try:
             self._spawn()
@@ -387,6 +416,7 @@ class EmbeddedBroker:
             finally:
                 log.close()
             self._proc = proc
+            self._listening = False
             if restart:
                 self.restarts += 1
         deadline = time.monotonic() + self.start_timeout_s
@@ -394,6 +424,8 @@ class EmbeddedBroker:
             if proc.poll() is not None:
                 raise BrokerStartError(f"mosquitto exited with {proc.returncode}: {self._log_tail()}")
             if _port_open(self.connect_host, self.port):
+                with self._lock:
+                    self._listening = self._proc is proc
                 return
             time.sleep(0.05)
         raise BrokerStartError(f"mosquitto does not listen on port {self.port} after {self.start_timeout_s}s")
@@ -436,6 +468,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop supervising and end mosquitto cleanly (it saves retained messages and sessions)."""
         self._stopping.set()
+        self.users.close()
         with self._lock:
             proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:

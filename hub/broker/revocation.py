@@ -13,8 +13,6 @@ discarding the device's persistent session as well.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import tempfile
 import threading
 import time
@@ -74,10 +72,8 @@ class CertificateRevocation:
         """Refuse the device's certificate from now on and end its connection; RevocationError if that failed."""
         with self._lock:
             self.write_crl()
-            pid = self.broker.pid
-            if pid is None:
+            if not self.broker.reload():
                 return  # the broker reads the new CRL when the supervisor restarts it
-            os.kill(pid, signal.SIGHUP)
             # mosquitto reloads in its next loop turn; the device only reconnects after its backoff.
             time.sleep(self.reload_s)
             self._take_over(device_id)

@@ -13,12 +13,24 @@ import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
 from hub.audit import record
 from hub.config import HubSettings
 from hub.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError, UnavailableError
-from hub.models import Artifact, Command, Device, Model, ModelVersion, Rollout, VersionStatus, utcnow
+from hub.models import (
+    Artifact,
+    AuditEvent,
+    Command,
+    Device,
+    EnrollmentToken,
+    Model,
+    ModelVersion,
+    Rollout,
+    VersionStatus,
+    utcnow,
+)
 from hub.registry import desired_model, resolve_version
 from hub.security import (
     DEVICE_TOKEN_PREFIX,
@@ -194,22 +206,19 @@ def enroll(
         certificate_serial=serial,
     )
     session.add(device)
-    record(session, f"enrollment_token:{token.id}", "device.enroll", f"device:{device_id}", labels=labels)
+    event = record(session, f"enrollment_token:{token.id}", "device.enroll", f"device:{device_id}", labels=labels)
     session.flush()
+    token_id, event_id, name = token.id, event.id, device.name
+    # Committed before the broker is told, so no enrollment holds the database's write lock
+    # while it waits for the broker (which takes the enrollments that arrive together at once).
+    session.commit()
     if broker is not None:
         try:
             broker.add_device(device_id, mqtt_password)
         except Exception as exc:
-            session.rollback()
+            _undo_enrollment(session, device_id, token_id, event_id, broker)
             raise UnavailableError(f"the MQTT broker did not accept the device: {exc}") from exc
-    try:
-        session.commit()
-    except Exception:
-        session.rollback()
-        if broker is not None:
-            broker.remove_device(device_id)
-        raise
-    logger.info("enrolled device %s (%s)", device_id, device.name)
+    logger.info("enrolled device %s (%s)", device_id, name)
     return EnrollResponse(
         device_id=device_id,
         device_token=device_token,
@@ -242,6 +251,26 @@ def _device_certificate(
     except CertificateError as exc:
         session.rollback()
         raise InvalidInputError(f"device certificate: {exc}") from exc
+
+
+def _undo_enrollment(
+    session: Session, device_id: str, token_id: int | None, event_id: int | None, broker: BrokerCredentials
+) -> None:
+    """Take back an enrollment the broker refused: the device, its audit event and the token's use."""
+    session.rollback()
+    session.execute(delete(Device).where(col(Device.id) == device_id))
+    if event_id is not None:
+        session.execute(delete(AuditEvent).where(col(AuditEvent.id) == event_id))
+    session.execute(
+        update(EnrollmentToken)
+        .where(col(EnrollmentToken.id) == token_id, col(EnrollmentToken.uses) > 0)
+        .values(uses=col(EnrollmentToken.uses) - 1)
+    )
+    session.commit()
+    try:
+        broker.remove_device(device_id)  # it may still take the login later; nobody knows its password
+    except Exception as exc:
+        logger.warning("could not remove the refused device %s from the broker: %s", device_id, exc)
 
 
 def list_devices(

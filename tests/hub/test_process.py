@@ -7,12 +7,14 @@ import json
 import re
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from hub.broker.embedded import EmbeddedBroker
+from hub.broker.passwd import mqtt_login, read_password_file
 from shared import topics
 from shared.codec import decode, encode
 from shared.manifest import load_public_key, verify_manifest
@@ -121,9 +123,17 @@ def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process:
     listed = hub.run_cli("device", "list", "--hub", hub.url, "--api-key", hub.admin_key).stdout
     assert device.device_id in listed and other.device_id in listed
 
-    # Decommissioning revokes HTTP and MQTT at once.
-    decommission = hub.run_cli("device", "decommission", device.device_id, "--hub", hub.url, "--api-key", hub.admin_key)
-    assert "decommissioned" in decommission.stdout
+    # Decommissioning revokes HTTP and MQTT at once, and drops the device's live connection.
+    live = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
+    try:
+        assert live.connect().is_failure is False
+        decommission = hub.run_cli(
+            "device", "decommission", device.device_id, "--hub", hub.url, "--api-key", hub.admin_key
+        )
+        assert "decommissioned" in decommission.stdout
+        assert live.wait(lambda: bool(live.disconnects), timeout=15), "the decommissioned device stayed connected"
+    finally:
+        live.close()
     assert httpx.get(f"{hub.url}/artifacts/{sha}", headers=auth, timeout=30).status_code == 401
     refused = Probe(device.mqtt_port, device.mqtt_username, device.mqtt_password)
     try:
@@ -139,6 +149,23 @@ def test_enroll_deploy_download_and_decommission_against_a_real_hub(hub_process:
     # SIGTERM stops the hub cleanly, and its mosquitto with it.
     assert hub.stop(signal.SIGTERM) == 0
     wait_for("not _listening(hub.mqtt_port)", lambda: not _listening(hub.mqtt_port), 10)
+
+
+def test_devices_enrolling_together_can_each_log_in_at_once(hub_process: HubProcess) -> None:
+    # The embedded broker takes the logins of enrollments that arrive together in one reload;
+    # each answer comes only once the broker knows the device, so its first CONNECT succeeds.
+    hub = hub_process
+    token = hub.enrollment_token(max_uses=24)
+    with ThreadPoolExecutor(24) as pool:
+        devices = list(pool.map(lambda i: _enroll(hub, token, f"edge-{i}"), range(24)))
+
+    def first_login(device: EnrollResponse) -> int:
+        return mqtt_login("127.0.0.1", device.mqtt_port, device.mqtt_username, device.mqtt_password)
+
+    with ThreadPoolExecutor(24) as pool:
+        assert list(pool.map(first_login, devices)) == [0] * 24
+    passwd = read_password_file(hub.data_dir / "mosquitto" / "passwd")
+    assert {d.device_id for d in devices} <= set(passwd)
 
 
 def test_http_only_hub_on_postgresql(tmp_path: Path) -> None:
@@ -159,6 +186,7 @@ def test_serve_with_an_external_broker(tmp_path: Path) -> None:
         hub_username="autodl-hub",
         hub_password="external-secret",
         bind_host="127.0.0.1",
+        auth="dynsec",
     )
     broker.start()
     try:

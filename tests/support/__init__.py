@@ -6,7 +6,7 @@ Tests import from `tests.support.*`, never from a conftest.py or another test mo
 |----------------|------------------------------------------------------------------------------|
 | processes      | `free_port`, `wait_for_port`, `wait_http_ready`, `stop_process`, plain `Broker` |
 | waiting        | `wait_for(what, check, timeout)`: the one poller (`WaitTimeout` on failure)  |
-| broker         | `secured_broker`: mosquitto with dynamic security, owned by the test         |
+| broker         | `secured_broker`: mosquitto with device logins and ACLs, owned by the test   |
 | hub            | `HubProcess`: `autodl-hub init` + `serve` on free ports; `call`, `publish`   |
 | agent          | `AgentProcess` with the one fast-timings preset `FAST`; `enroll`, `infer`    |
 | fleet          | `Fleet`: broker → versions → hub → N agents → converge → tear down (logs on failure) |

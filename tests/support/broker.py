@@ -1,12 +1,14 @@
 """Brokers for tests: the plain mosquitto (`Broker`, the `mqtt_broker` fixture) and a test-owned
-mosquitto with dynamic security (`secured_broker`: per-device logins and ACLs, as in production)."""
+mosquitto with per-device logins and ACLs (`secured_broker`): by default with dynamic security,
+as an external mosquitto (``--mqtt-url``) runs it, which the hub manages over MQTT;
+``auth="passwd"`` gives the embedded broker's password file and pattern ACLs instead."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from hub.broker.embedded import EmbeddedBroker
+from hub.broker.embedded import BrokerAdmin, EmbeddedBroker
 from tests.support.processes import Broker, free_port
 
 __all__ = ["HUB_PASSWORD", "HUB_USER", "Broker", "secured_broker"]
@@ -18,16 +20,19 @@ HUB_PASSWORD = "test-hub-password-0123456789"
 def secured_broker(
     directory: Path, *, hub_password: str = HUB_PASSWORD, roles: bool = True, **kwargs: Any
 ) -> EmbeddedBroker:
-    """Start mosquitto with dynamic security on a free loopback port; the caller stops it.
+    """Start a secured mosquitto on a free loopback port; the caller stops it.
 
-    `roles` puts the device and hub roles in place (as the hub's bootstrap does); `kwargs` go
-    to EmbeddedBroker (backoff_max_s, say: its supervisor restarts a killed broker).
+    With dynamic security (the default), `roles` puts the device and hub roles in place (as the
+    hub's bootstrap does); `kwargs` go to EmbeddedBroker (``auth="passwd"``; backoff_max_s, say:
+    its supervisor restarts a killed broker).
     """
+    kwargs.setdefault("auth", "dynsec")
     broker = EmbeddedBroker(
         directory, port=free_port(), hub_username=HUB_USER, hub_password=hub_password, bind_host="127.0.0.1", **kwargs
     )
     broker.start()
-    if roles:
-        with broker.admin() as admin:
+    admin = broker.admin()
+    if roles and isinstance(admin, BrokerAdmin):
+        with admin:
             admin.ensure_roles()
     return broker
