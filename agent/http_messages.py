@@ -140,19 +140,20 @@ def parse_head(raw: bytes, max_body: int) -> tuple[Request, int]:
 
 def encode(response: Response, keep_alive: bool) -> bytes:
     """Return a complete answer's bytes, head and body, for one send."""
-    head = [
-        f"HTTP/1.1 {response.status} {phrase(response.status)}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        *(f"{k}: {v}" for k, v in response.headers),
-    ]
-    if not keep_alive:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        response.status,
+        phrase(response.status).encode("latin-1"),
+        response.content_type.encode("latin-1"),
+        len(response.body),
+    )
+    if response.headers:
+        head += "".join(f"{k}: {v}\r\n" for k, v in response.headers).encode("latin-1")
+    head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+    return head + response.body
+
+
+_PHRASES = {int(status): status.phrase for status in HTTPStatus}
 
 
 def phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _PHRASES.get(status, "Unknown")
