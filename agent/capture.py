@@ -1,10 +1,13 @@
 """Hard-example capture: decide off the request path, spool on disk, upload to the hub when online.
 
-The request path only offers (model, raw body, first output) to a bounded queue and returns;
-a full queue drops the offer and counts it, so capture never slows serving. One thread judges
-each offer against the model's `CapturePolicy`, writes kept items into the spool (one file
-each, written to a temporary name and renamed, so a crash never leaves half an item), and
-enforces the daily cap and the disk budget (oldest item dropped first, counted). Another
+The request path only appends (model, raw body, first output) to a bounded queue and returns:
+no lock, no copy of the output, no thread woken per request; a full queue drops the offer and
+counts it, so capture never slows serving. One thread wakes at most every `gather_s` and takes
+every offer queued meanwhile: it judges each against the model's `CapturePolicy`, writes the
+kept ones into the spool (one file each, written to a temporary name and renamed, so a crash
+never leaves half an item; one sync of the file system for the whole batch, not an fsync per
+item, which costs a core more kernel time than serving the request did), and enforces the
+daily cap (saved once per batch) and the disk budget (oldest item dropped first, counted). Another
 thread uploads the spool in batches; an item leaves the spool only when the hub answered that
 it is stored, already there, or refused for good, so days offline lose nothing within budget
 and a resent batch is stored once (items are named by their content hash).
@@ -13,13 +16,15 @@ and a resent batch is stored once (items are named by their content hash).
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
-import queue
 import random
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +55,8 @@ __all__ = ["Capture", "CaptureCounters", "Spool", "judge", "scores"]
 logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 8 * 1024 * 1024
+QUEUE_ITEMS = 256  # offers waiting for the judge; past it an offer is dropped and counted
+GATHER_S = 0.05  # the judge wakes at most this often, for every offer queued meanwhile
 
 
 @dataclass
@@ -140,28 +147,47 @@ class Spool:
 
         None means the item was already in the spool (the same request, captured again).
         """
+        stored, dropped = self.put_many([item], budget_bytes)
+        return dropped if stored else None
+
+    def put_many(self, items: list[CaptureItem], budget_bytes: int) -> tuple[int, int]:
+        """Store `items` (those not spooled already), then drop the oldest past `budget_bytes`.
+
+        Each item is its own file, written under a temporary name; the batch is made durable
+        with one sync, then renamed into place: a crash leaves whole items or none of them.
+        Return (items stored, items dropped).
+        """
         with self._lock:
-            if item.id in self._sizes:
-                return None
-        data = item.model_dump_json().encode()
-        path = self._path(item.id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # a crash leaves the whole item or none of it
+            fresh = {item.id: item for item in items if item.id not in self._sizes}
+        written: list[tuple[str, Path, int]] = []
+        try:
+            for one, item in fresh.items():
+                data = item.model_dump_json().encode()
+                tmp = self._path(one).with_suffix(".tmp")
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                written.append((one, tmp, len(data)))
+            if written:
+                _sync(self.directory, [tmp for _, tmp, _ in written])
+                for one, tmp, _ in written:
+                    os.replace(tmp, self._path(one))
+                _fsync_directory(self.directory)
+        except OSError:
+            for _, tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
         dropped: list[str] = []
         with self._lock:
-            self._sizes[item.id] = len(data)
-            self._bytes += len(data)
+            for one, _, size in written:
+                self._sizes[one] = size
+                self._bytes += size
             while self._bytes > budget_bytes and len(self._sizes) > 1:
                 old, size = self._sizes.popitem(last=False)
                 self._bytes -= size
                 dropped.append(old)
         for old in dropped:
             self._path(old).unlink(missing_ok=True)
-        return len(dropped)
+        return len(written), len(dropped)
 
     def oldest(self, limit: int) -> list[CaptureItem]:
         """Return up to `limit` items, oldest first; unreadable files are removed."""
@@ -182,6 +208,45 @@ class Spool:
             with self._lock:
                 self._bytes -= self._sizes.pop(one, 0)
             self._path(one).unlink(missing_ok=True)
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name, use_errno=True), "syncfs", None) if name else None
+    except OSError:
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def _sync(directory: Path, files: list[Path]) -> None:
+    """Make `files` durable: one syncfs(2) of their file system (Linux), else an fsync each."""
+    if _SYNCFS is not None and len(files) > 1:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            if _SYNCFS(fd) == 0:  # ctypes lets go of the GIL while it waits
+                return
+        finally:
+            os.close(fd)
+    for path in files:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -205,6 +270,7 @@ class Capture:
         interval_s: float = 10.0,
         retry_max_s: float = 300.0,
         day_counts: tuple[Callable[[], str | None], Callable[[str], None]] | None = None,
+        gather_s: float = GATHER_S,
     ) -> None:
         self.spool = Spool(directory)
         self.counters = CaptureCounters()
@@ -213,7 +279,9 @@ class Capture:
         self._device_id = device_id
         self._interval_s = interval_s
         self._retry_max_s = retry_max_s
-        self._queue: queue.Queue[_Offer | None] = queue.Queue(maxsize=256)
+        self._gather_s = gather_s
+        self._pending: deque[_Offer] = deque()  # appended by request threads, taken by the judge
+        self._arrived = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._random = random.Random()
@@ -241,10 +309,7 @@ class Capture:
         """Stop both threads (queued offers not yet judged are dropped)."""
         self._stop.set()
         self._wake.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._arrived.set()
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
@@ -264,10 +329,13 @@ class Capture:
         if len(body) > MAX_ITEM_BYTES:
             self.counters.too_large += 1
             return
-        try:
-            self._queue.put_nowait(_Offer(manifest, bytes(body), content_type, np.array(output, copy=True)))
-        except queue.Full:
+        if len(self._pending) >= QUEUE_ITEMS:
             self.counters.queue_full += 1
+            return
+        # The output is kept, not copied: ONNX Runtime returns new arrays and no one writes them.
+        self._pending.append(_Offer(manifest, bytes(body), content_type, output))  # atomic: no lock
+        if not self._arrived.is_set():  # the judge is waiting: wake it once for what gathers now
+            self._arrived.set()
 
     def flush(self) -> None:
         """Ask the uploader to try now (for example after reconnecting)."""
@@ -276,30 +344,56 @@ class Capture:
     # judging -----------------------------------------------------------------------------------
     def _judge_loop(self) -> None:
         while not self._stop.is_set():
-            offer = self._queue.get()
-            if offer is None:
+            self._arrived.wait()
+            if self._stop.wait(self._gather_s):  # let offers gather: one wake-up for many requests
                 return
+            self._arrived.clear()
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
             try:
-                self._judge(offer)
-            except Exception:  # a bad offer must not end capture
-                logger.exception("capture: judging a request failed")
+                self._judge_batch(batch)
+            except Exception:  # a bad offer or a full disk must not end capture
+                logger.exception("capture: judging or storing %d requests failed", len(batch))
             finally:
-                self.counters.judged += 1
+                self.counters.judged += len(batch)
 
-    def _judge(self, offer: _Offer) -> None:
-        policy = self._policies().get(offer.manifest.name)
-        if policy is None:
+    def _judge_batch(self, batch: list[_Offer]) -> None:
+        """Judge `batch`; spool the kept items of each model together; save the day's count once."""
+        kept: dict[str, tuple[CapturePolicy, list[CaptureItem]]] = {}
+        for offer in batch:
+            policy = self._policies().get(offer.manifest.name)
+            item = self._judge(offer, policy) if policy is not None else None
+            if item is not None and policy is not None:
+                kept.setdefault(offer.manifest.name, (policy, []))[1].append(item)
+                self._day_count += 1
+            time.sleep(0)  # let a request thread have the GIL between items
+        if not kept:
             return
+        for policy, items in kept.values():
+            try:
+                stored, dropped = self.spool.put_many(items, int(policy.disk_budget_mb * 1024 * 1024))
+            except OSError as exc:  # a full or failing disk: these items are lost, capture goes on
+                logger.warning("capture: %d items not spooled: %s", len(items), exc)
+                self._day_count -= len(items)
+                continue
+            self.counters.spool_dropped += dropped
+            self.counters.kept += stored
+            self._day_count -= len(items) - stored  # a request captured again is not counted again
+        self._save_day(json.dumps([self._day, self._day_count]))
+        self._wake.set()
+
+    def _judge(self, offer: _Offer, policy: CapturePolicy) -> CaptureItem | None:
+        """Return the item to keep for one offer under `policy`, or None."""
         probs, ood = scores(offer.manifest, offer.output)
         reason = judge(policy, probs, ood, self._random.random)
         if reason is None:
-            return
-        today = datetime.now(UTC).date().isoformat()
+            return None
+        now = datetime.now(UTC)
+        today = now.date().isoformat()
         if today != self._day:
             self._day, self._day_count = today, 0
         if self._day_count >= policy.daily_cap:
             self.counters.over_daily_cap += 1
-            return
+            return None
         top = np.argsort(probs)[::-1][:3]
         labels = offer.manifest.labels or []
         outputs: dict[str, Any] = {
@@ -310,7 +404,7 @@ class Capture:
         }
         if ood is not None:
             outputs["ood_score"] = round(ood, 6)
-        item = CaptureItem(
+        return CaptureItem(
             id=item_id(offer.body, offer.manifest.name, offer.manifest.version),
             model=offer.manifest.name,
             version=offer.manifest.version,
@@ -318,16 +412,8 @@ class Capture:
             content_type=offer.content_type,
             content_b64=base64.b64encode(offer.body).decode(),
             outputs=outputs,
-            captured_at=datetime.now(UTC),
+            captured_at=now,
         )
-        dropped = self.spool.put(item, int(policy.disk_budget_mb * 1024 * 1024))
-        if dropped is None:
-            return
-        self.counters.spool_dropped += dropped
-        self.counters.kept += 1
-        self._day_count += 1
-        self._save_day(json.dumps([self._day, self._day_count]))
-        self._wake.set()
 
     # uploading ---------------------------------------------------------------------------------
     def _upload_loop(self) -> None:
