@@ -139,6 +139,9 @@ class Spool:
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def __contains__(self, item: str) -> bool:
+        return item in self._sizes
+
     def _path(self, item: str) -> Path:
         return self.directory / f"{item}.json"
 
@@ -359,10 +362,12 @@ class Capture:
     def _judge_batch(self, batch: list[_Offer]) -> None:
         """Judge `batch`; spool the kept items of each model together; save the day's count once."""
         kept: dict[str, tuple[CapturePolicy, list[CaptureItem]]] = {}
+        seen: set[str] = set()
         for offer in batch:
             policy = self._policies().get(offer.manifest.name)
             item = self._judge(offer, policy) if policy is not None else None
-            if item is not None and policy is not None:
+            if item is not None and policy is not None and item.id not in seen and item.id not in self.spool:
+                seen.add(item.id)  # a request captured again is neither stored nor counted again
                 kept.setdefault(offer.manifest.name, (policy, []))[1].append(item)
                 self._day_count += 1
             time.sleep(0)  # let a request thread have the GIL between items
@@ -377,7 +382,6 @@ class Capture:
                 continue
             self.counters.spool_dropped += dropped
             self.counters.kept += stored
-            self._day_count -= len(items) - stored  # a request captured again is not counted again
         self._save_day(json.dumps([self._day, self._day_count]))
         self._wake.set()
 

@@ -152,6 +152,31 @@ def test_capture_never_blocks_the_request_path(tmp_path: Path) -> None:
     assert capture.counters.offered == 1000
 
 
+def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path: Path) -> None:
+    saved: list[str] = []
+    capture = Capture(
+        tmp_path / "c",
+        lambda: {"digits": CapturePolicy(sample_rate=1.0, daily_cap=10)},
+        None,
+        "cam-1",
+        day_counts=(lambda: None, saved.append),
+        gather_s=0.2,  # every offer below arrives within one gathering: judged and spooled as one batch
+    )
+    capture.start()
+    try:
+        manifest = _manifest()
+        for _ in range(4):  # the same request four times: one item
+            capture.offer(manifest, b'{"data": ["same"]}', np.array([[0.3, 0.3, 0.4]]))
+        for i in range(30):
+            capture.offer(manifest, json.dumps({"data": [i]}).encode(), np.array([[0.3, 0.3, 0.4]]))
+        _wait(lambda: capture.counters.judged == 34)
+    finally:
+        capture.stop()
+    assert len(capture.spool) == 10 and capture.counters.kept == 10
+    assert capture.counters.over_daily_cap == 34 - 10 - 3  # the three repeats were within the cap
+    assert json.loads(saved[-1])[1] == 10  # the day's count the journal keeps across restarts
+
+
 def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Path) -> None:
     from agent.capture import scores
 
