@@ -7,9 +7,7 @@ count: a run with one intra-op thread uses one core, so a 2-core device runs two
 request that finds a free run and no queue runs at once, alone, with no hand-off (so
 batching costs nothing at concurrency 1); requests that arrive while every run is taken
 queue, and when a run ends the oldest queued request leads the next batch with those
-behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill,
-but a request that finds no other request of the model running or queued runs at once: at
-concurrency 1 there is nobody to wait for, and the delay would be pure latency.
+behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
 
 A model is batched only when its variant allows it (`Variant.batching`, or the agent's
 `batching` setting for the model, from the desired state's config) and the sample's rows
@@ -88,7 +86,7 @@ class Batcher:
             self._stats(self.model.name, self.model.version, rows or 1, [0.0], time.perf_counter() - start)
             return result
         with self._lock:
-            idle = self._running < self.instances and not self._queue and (self.delay_s == 0 or self._running == 0)
+            idle = self._running < self.instances and not self._queue and self.delay_s == 0
             if idle:
                 self._running += 1
         if idle:  # nobody to batch with: run at once, as unbatched, then pass on what queued meanwhile

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,18 +83,6 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows_exactly(tmp_path:
         assert results[i].tobytes() == model.run({"x": x})["y"].tobytes()
     assert sum(rows for rows, _ in runs) == sum(len(x) for x in inputs)
     assert max(rows for rows, _ in runs) > 3 and all(rows <= 16 for rows, _ in runs)
-
-
-def test_a_lone_request_does_not_wait_for_the_queue_delay(tmp_path: Path) -> None:
-    model = _load(tmp_path, make_release(KEY, "lin", "1.0.0", seed=5))
-    waits: list[float] = []
-    batcher = Batcher(model, Batching(max_batch_size=8, max_queue_delay_us=1_000_000), lambda *a: waits.extend(a[3]))
-    x = np.ones((1, 4), np.float32)
-    started = time.monotonic()
-    for _ in range(3):  # one client at a time: never anyone to batch with
-        assert batcher.run({"x": x})["y"].tobytes() == model.run({"x": x})["y"].tobytes()
-    assert time.monotonic() - started < 1.0  # each would take the whole second of delay otherwise
-    assert waits == [0.0, 0.0, 0.0]
 
 
 def test_queue_compute_and_batch_size_reach_telemetry_and_metrics(tmp_path: Path) -> None:
