@@ -4,10 +4,10 @@ The request path only appends (model, raw body, first output) to a bounded queue
 no lock, no copy of the output, no thread woken per request; a full queue drops the offer and
 counts it, so capture never slows serving. One thread wakes at most every `gather_s` and takes
 every offer queued meanwhile: it judges each against the model's `CapturePolicy`, writes the
-kept ones into the spool (one file each, written to a temporary name and renamed, so a crash
-never leaves half an item; one sync of the file system for the whole batch, not an fsync per
-item, which costs a core more kernel time than serving the request did), and enforces the
-daily cap (saved once per batch) and the disk budget (oldest item dropped first, counted). Another
+kept ones into the spool as one file (written to a temporary name, fsynced and renamed, so a
+crash never leaves half an item; one file and one fsync per batch, where a file and an fsync
+per item cost more kernel time than serving the request did), and enforces the daily cap
+(saved once per batch) and the disk budget (oldest item dropped first, counted). Another
 thread uploads the spool in batches; an item leaves the spool only when the hub answered that
 it is stored, already there, or refused for good, so days offline lose nothing within budget
 and a resent batch is stored once (items are named by their content hash).
@@ -16,8 +16,6 @@ and a resent batch is stored once (items are named by their content hash).
 from __future__ import annotations
 
 import base64
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -116,10 +114,16 @@ def judge(
 
 
 class Spool:
-    """Captured items on disk, one JSON file each, oldest first.
+    """Captured items on disk, oldest first: each batch of items one file, a JSON line each.
 
-    The order and sizes are kept in memory (read from the folder once, at start), so storing an
-    item and enforcing the budget cost the same with ten items spooled as with ten thousand.
+    A batch is written under a temporary name, fsynced and renamed into place, so a crash
+    leaves whole items or none of them: one file and one fsync per batch instead of per item
+    (on a small device the syscalls of a file per item cost more CPU than serving the request).
+    When some items of a file leave (uploaded, or dropped past the budget), the file is
+    written again without them, or removed with its last item, so nothing comes back after a
+    restart. The order, sizes and files are kept in memory (read from the folder once, at
+    start), so storing and enforcing the budget cost the same with ten items spooled as with
+    ten thousand. Single-item ``<id>.json`` files, as earlier agents wrote, are read too.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -127,23 +131,31 @@ class Spool:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in directory.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
-        self._lock = threading.Lock()
-        files = sorted(directory.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        self._sizes: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in files)
-        self._bytes = sum(self._sizes.values())
+        self._lock = threading.Lock()  # the index
+        self._io = threading.Lock()  # writing, rewriting and removing files
+        self._items: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (file name, bytes)
+        self._live: dict[str, set[str]] = {}  # file name -> the ids it still holds
+        self._bytes = 0
+        self._seq = 0
+        files = [*directory.glob("*.jsonl"), *directory.glob("*.json")]
+        for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name)):
+            data = path.read_bytes()
+            for line in [data] if path.suffix == ".json" else data.splitlines():
+                one = path.stem if path.suffix == ".json" else _line_id(line)
+                if one is not None and one not in self._items:
+                    self._index(one, path.name, len(line) + 1)
+            if not self._live.get(path.name):
+                path.unlink(missing_ok=True)
 
     def size_bytes(self) -> int:
         """Return the bytes the spool holds."""
         return self._bytes
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._items)
 
     def __contains__(self, item: str) -> bool:
-        return item in self._sizes
-
-    def _path(self, item: str) -> Path:
-        return self.directory / f"{item}.json"
+        return item in self._items
 
     def put(self, item: CaptureItem, budget_bytes: int) -> int | None:
         """Store `item`; drop the oldest items past `budget_bytes`; return how many were dropped.
@@ -154,88 +166,116 @@ class Spool:
         return dropped if stored else None
 
     def put_many(self, items: list[CaptureItem], budget_bytes: int) -> tuple[int, int]:
-        """Store `items` (those not spooled already), then drop the oldest past `budget_bytes`.
+        """Store `items` not spooled already, as one file; drop the oldest past `budget_bytes`.
 
-        Each item is its own file, written under a temporary name; the batch is made durable
-        with one sync, then renamed into place: a crash leaves whole items or none of them.
         Return (items stored, items dropped).
         """
         with self._lock:
-            fresh = {item.id: item for item in items if item.id not in self._sizes}
-        written: list[tuple[str, Path, int]] = []
-        try:
-            for one, item in fresh.items():
-                data = item.model_dump_json().encode()
-                tmp = self._path(one).with_suffix(".tmp")
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                written.append((one, tmp, len(data)))
-            if written:
-                _sync(self.directory, [tmp for _, tmp, _ in written])
-                for one, tmp, _ in written:
-                    os.replace(tmp, self._path(one))
-                _fsync_directory(self.directory)
-        except OSError:
-            for _, tmp, _ in written:
-                tmp.unlink(missing_ok=True)
-            raise
-        dropped: list[str] = []
-        with self._lock:
-            for one, _, size in written:
-                self._sizes[one] = size
-                self._bytes += size
-            while self._bytes > budget_bytes and len(self._sizes) > 1:
-                old, size = self._sizes.popitem(last=False)
-                self._bytes -= size
-                dropped.append(old)
-        for old in dropped:
-            self._path(old).unlink(missing_ok=True)
-        return len(written), len(dropped)
+            fresh = {item.id: item for item in items if item.id not in self._items}
+        if not fresh:
+            return 0, 0
+        lines = {one: item.model_dump_json().encode() for one, item in fresh.items()}
+        with self._io:
+            self._seq += 1
+            name = f"{time.time_ns():020d}-{self._seq:06d}.jsonl"
+            _write_durably(self.directory / name, b"".join(line + b"\n" for line in lines.values()))
+            touched: set[str] = set()
+            dropped = 0
+            with self._lock:
+                for one, line in lines.items():
+                    self._index(one, name, len(line) + 1)
+                while self._bytes > budget_bytes and len(self._items) > 1:
+                    touched.add(self._unindex(next(iter(self._items))))
+                    dropped += 1
+            self._tidy(touched)
+        return len(lines), dropped
 
     def oldest(self, limit: int) -> list[CaptureItem]:
-        """Return up to `limit` items, oldest first; unreadable files are removed."""
+        """Return up to `limit` items, oldest first; unreadable ones are removed."""
         with self._lock:
-            ids = list(islice(self._sizes, limit))
-        items: list[CaptureItem] = []
-        for one in ids:
+            wanted = [(one, self._items[one][0]) for one in islice(self._items, limit)]
+        lines: dict[str, bytes] = {}
+        for name in dict.fromkeys(file for _, file in wanted):
             try:
-                items.append(CaptureItem.model_validate_json(self._path(one).read_bytes()))
-            except (OSError, ValidationError) as exc:
+                data = (self.directory / name).read_bytes()
+            except OSError:
+                continue  # removed meanwhile: its items were answered for or dropped
+            if name.endswith(".json"):
+                lines[name.removesuffix(".json")] = data
+            else:
+                lines.update((one, line) for line in data.splitlines() if (one := _line_id(line)) is not None)
+        items: list[CaptureItem] = []
+        for one, _ in wanted:
+            if one not in lines:
+                continue
+            try:
+                items.append(CaptureItem.model_validate_json(lines[one]))
+            except ValidationError as exc:
                 logger.warning("capture spool: dropping unreadable %s: %s", one, exc)
                 self.remove([one])
         return items
 
     def remove(self, ids: list[str]) -> None:
         """Forget items the hub has answered for."""
-        for one in ids:
+        with self._io:
             with self._lock:
-                self._bytes -= self._sizes.pop(one, 0)
-            self._path(one).unlink(missing_ok=True)
+                touched = {self._unindex(one) for one in ids if one in self._items}
+            self._tidy(touched)
+
+    def _index(self, one: str, name: str, size: int) -> None:
+        self._items[one] = (name, size)
+        self._live.setdefault(name, set()).add(one)
+        self._bytes += size
+
+    def _unindex(self, one: str) -> str:
+        """Forget one item (under `_lock`); return the name of the file that held it."""
+        name, size = self._items.pop(one)
+        self._bytes -= size
+        self._live[name].discard(one)
+        return name
+
+    def _tidy(self, names: set[str]) -> None:
+        """Remove the files that hold no item now; write the others again with what they hold (under `_io`)."""
+        for name in names:
+            path = self.directory / name
+            with self._lock:
+                live = set(self._live.get(name, ()))
+                if not live:
+                    self._live.pop(name, None)
+            if not live:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                kept = [line for line in path.read_bytes().splitlines() if _line_id(line) in live]
+                _write_durably(path, b"".join(line + b"\n" for line in kept))
+            except OSError as exc:  # the items stay spooled; after a restart the file offers them all again
+                logger.warning("capture spool: cannot write %s again: %s", name, exc)
 
 
-def _libc_syncfs() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _line_id(line: bytes) -> str | None:
+    """Return the id of a spooled item's JSON line (its first field), or None when unreadable."""
+    if line.startswith(b'{"id":"') and line[71:72] == b'"':
+        return line[7:71].decode("ascii", "replace")
     try:
-        return getattr(ctypes.CDLL(name, use_errno=True), "syncfs", None) if name else None
-    except OSError:
+        value = json.loads(line).get("id")
+    except (ValueError, AttributeError):
         return None
+    return value if isinstance(value, str) else None
 
 
-_SYNCFS = _libc_syncfs()
-
-
-def _sync(directory: Path, files: list[Path]) -> None:
-    """Make `files` durable: one syncfs(2) of their file system (Linux), else an fsync each."""
-    if _SYNCFS is not None and len(files) > 1:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            if _SYNCFS(fd) == 0:  # ctypes lets go of the GIL while it waits
-                return
-        finally:
-            os.close(fd)
-    for path in files:
-        with open(path, "rb") as handle:
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file, fsynced, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -90,6 +90,36 @@ def test_the_spool_drops_the_oldest_items_past_its_budget(tmp_path: Path) -> Non
     assert spool.size_bytes() <= 10 * 2000
 
 
+def test_a_spool_opened_again_holds_what_was_left_in_order(tmp_path: Path) -> None:
+    def item(i: int) -> CaptureItem:
+        content = json.dumps({"data": [i]}).encode()
+        return CaptureItem(
+            id=item_id(content, "digits", "1.0.0"),
+            model="digits",
+            version="1.0.0",
+            reason=CaptureReason.SAMPLE,
+            content_b64=base64.b64encode(content).decode(),
+            captured_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
+        )
+
+    items = [item(i) for i in range(12)]
+    spool = Spool(tmp_path / "spool")
+    assert spool.put_many(items[:6], budget_bytes=10**6) == (6, 0)
+    time.sleep(0.002)
+    assert spool.put_many(items[4:10], budget_bytes=10**6) == (4, 0)  # two of them spooled already
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 2  # a batch is one file
+    spool.remove([items[1].id, items[7].id, items[0].id])
+    time.sleep(0.002)
+    # A single-item file as an earlier agent wrote it is read too.
+    (tmp_path / "spool" / f"{items[10].id}.json").write_bytes(items[10].model_dump_json().encode())
+    again = Spool(tmp_path / "spool")
+    expected = [items[i].id for i in (2, 3, 4, 5, 6, 8, 9, 10)]
+    assert [one.id for one in again.oldest(100)] == expected and len(again) == 8
+    again.remove(expected[:4])  # the whole first file
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 1
+    assert [one.id for one in Spool(tmp_path / "spool").oldest(100)] == expected[4:]
+
+
 def _capture(tmp_path: Path, upload: object, policy: CapturePolicy) -> Capture:
     capture = Capture(tmp_path / "capture", lambda: {"digits": policy}, upload, "cam-1", interval_s=0.05)  # type: ignore[arg-type]
     capture.start()
