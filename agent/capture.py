@@ -138,7 +138,7 @@ class Spool:
         self._bytes = 0
         self._seq = 0
         files = [*directory.glob("*.jsonl"), *directory.glob("*.json")]
-        for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name)):
+        for path in sorted(files, key=_written_at):
             data = path.read_bytes()
             for line in [data] if path.suffix == ".json" else data.splitlines():
                 one = path.stem if path.suffix == ".json" else _line_id(line)
@@ -250,6 +250,14 @@ class Spool:
                 _write_durably(path, b"".join(line + b"\n" for line in kept))
             except OSError as exc:  # the items stay spooled; after a restart the file offers them all again
                 logger.warning("capture spool: cannot write %s again: %s", name, exc)
+
+
+def _written_at(path: Path) -> tuple[int, str]:
+    """Return when a spool file was first written: its name says (a file written again keeps it)."""
+    stamp = path.name.split("-", 1)[0]
+    if path.suffix == ".jsonl" and stamp.isdigit():
+        return int(stamp), path.name
+    return path.stat().st_mtime_ns, path.name  # an earlier agent's single-item file, never written again
 
 
 def _line_id(line: bytes) -> str | None:
