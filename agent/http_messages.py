@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN_TEXT = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
 
 class HttpError(AgentError):
@@ -113,7 +115,34 @@ class Refused(AgentError):
 
 
 def parse_head(raw: bytes, max_body: int) -> tuple[Request, int]:
-    """Parse a request head; return it and its body's length, or raise Refused (answer, then close)."""
+    """Parse a request head; return it and its body's length, or raise Refused (answer, then close).
+
+    A well-formed head is read in one pass over its text; anything unusual (a malformed line,
+    Transfer-Encoding, a repeated or odd Content-Length) goes to the strict reading, which
+    says what is wrong, or accepts what it may.
+    """
+    text = raw.decode("latin-1")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) == 3 and parts[2] in _VERSIONS and _TOKEN_TEXT.fullmatch(parts[0]) is not None:
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            key = name.lower()
+            if not sep or _TOKEN_TEXT.fullmatch(name) is None or (key == "content-length" and key in headers):
+                break
+            headers[key] = value.strip(" \t")
+        else:
+            length = headers.get("content-length", "0")
+            if "transfer-encoding" not in headers and length.isascii() and length.isdigit() and len(length) <= 18:
+                need = int(length)
+                if need <= max_body:
+                    path, _, query = parts[1].partition("?")
+                    return Request(parts[0], path, query, parts[2], headers), need
+    return _parse_head_strictly(raw, max_body)
+
+
+def _parse_head_strictly(raw: bytes, max_body: int) -> tuple[Request, int]:
     lines = raw.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -166,19 +195,20 @@ def parse_head(raw: bytes, max_body: int) -> tuple[Request, int]:
 
 def encode(response: Response, keep_alive: bool) -> bytes:
     """Return a complete answer's bytes, head and body, for one send."""
-    head = [
-        f"HTTP/1.1 {response.status} {phrase(response.status)}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        *(f"{k}: {v}" for k, v in response.headers),
-    ]
-    if not keep_alive:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        response.status,
+        phrase(response.status).encode("latin-1"),
+        response.content_type.encode("latin-1"),
+        len(response.body),
+    )
+    if response.headers:
+        head += "".join(f"{k}: {v}\r\n" for k, v in response.headers).encode("latin-1")
+    head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+    return head + response.body
+
+
+_PHRASES = {int(status): status.phrase for status in HTTPStatus}
 
 
 def phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _PHRASES.get(status, "Unknown")

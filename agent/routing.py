@@ -17,6 +17,7 @@ from agent.http_messages import Deferred, HttpError, Request, Response, Streamin
 __all__ = ["Handler", "Router"]
 
 Handler = Callable[[Request], "Response | Streaming | Deferred"]
+_REMEMBERED = 1024  # patterned (method, path) pairs kept matched; past it the memory starts again
 
 
 class Router:
@@ -25,9 +26,11 @@ class Router:
     def __init__(self) -> None:
         self._exact: dict[tuple[str, str], Handler] = {}
         self._patterns: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._found: dict[tuple[str, str], tuple[Handler, dict[str, str]]] = {}  # patterned paths seen
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         """Route `method pattern` to `handler`; ``{name}`` matches within one path segment."""
+        self._found.clear()
         if "{" not in pattern:
             self._exact[(method, pattern)] = handler
             return
@@ -42,14 +45,18 @@ class Router:
         handler = self._exact.get((method, path))
         if handler is not None:
             return handler, {}
-        allowed = {m for (m, p) in self._exact if p == path}
+        found = self._found.get((method, path))
+        if found is not None:  # a model's infer path, say: matched once, then looked up
+            return found[0], dict(found[1])
         for route_method, regex, handler in self._patterns:
-            found = regex.match(path)
-            if found is None:
-                continue
-            if route_method == method:
-                return handler, found.groupdict()
-            allowed.add(route_method)
+            if route_method == method and (match := regex.match(path)) is not None:
+                params = match.groupdict()
+                if len(self._found) >= _REMEMBERED:
+                    self._found.clear()
+                self._found[(method, path)] = (handler, params)
+                return handler, dict(params)
+        allowed = {m for (m, p) in self._exact if p == path}
+        allowed.update(m for m, regex, _ in self._patterns if regex.match(path) is not None)
         if allowed:
             raise HttpError(
                 HTTPStatus.METHOD_NOT_ALLOWED,

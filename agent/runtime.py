@@ -101,6 +101,12 @@ class LoadedModel:
         return [o.name for o in self.session.get_outputs()] if self.session is not None else []
 
     @cached_property
+    def answer_head(self) -> bytes:
+        """Return an OIP answer's leading fields, model name and version, as JSON without the closing brace."""
+        head = {"model_name": self.name, "model_version": self.version}
+        return json.dumps(head, separators=(",", ":")).encode()[:-1]
+
+    @cached_property
     def rows_independent(self) -> str | None:
         """Return why requests of this model cannot be batched bit-identically (None: they can)."""
         return rows_independent(self)
@@ -113,7 +119,10 @@ class LoadedModel:
             raise UnsupportedInputError(f"{self.name} is served by ONNX Runtime GenAI: use its generate endpoints")
         names = outputs or self.output_names
         values = self.session.run(names, inputs)
-        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+        return {
+            name: value if type(value) is np.ndarray else np.asarray(value)  # sequences and maps are lists
+            for name, value in zip(names, values, strict=True)
+        }
 
 
 def _providers(wanted: list[str]) -> list[str]:

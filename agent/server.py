@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -194,7 +193,12 @@ class InferenceServer:
             binary = set(decoded.binary) | (
                 set(outputs) if decoded.binary_default and decoded.outputs is None else set()
             )
-            head = {"model_name": model.name, "model_version": model.version, "id": decoded.id or str(uuid.uuid4())}
+            # An answer carries the request's id when it had one (as Triton answers).
+            head = (
+                model.answer_head
+                if decoded.id is None
+                else model.answer_head + b',"id":' + json.dumps(decoded.id).encode()
+            )
             with tracing.span("agent.infer.postprocess"):
                 body, header_length = encode_response(head, outputs, binary)
         self.context.capture(model.manifest, request.body, next(iter(outputs.values())))

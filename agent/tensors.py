@@ -32,6 +32,7 @@ __all__ = [
     "check_input",
     "decode_request",
     "encode_response",
+    "head_json",
     "from_v2",
     "loads",
     "raw_tensor",
@@ -104,10 +105,15 @@ def _not_json(value: str) -> Any:
     raise ValueError(f"{value} is not a JSON number")
 
 
+# Made once: `json.loads(..., parse_constant=...)` would build a decoder for every request.
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def loads(raw: bytes | bytearray | memoryview) -> Any:
     """Parse JSON strictly (no NaN/Infinity); raise InvalidInputError naming what is wrong."""
     try:
-        return json.loads(bytes(raw) if not isinstance(raw, bytes) else raw, parse_constant=_not_json)
+        data = bytes(raw) if not isinstance(raw, bytes) else raw
+        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))  # as json.loads does
     except RecursionError as exc:
         raise InvalidInputError("body is not JSON: nested too deeply") from exc
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, the integer digit limit, NaN
@@ -144,7 +150,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
                 raise InvalidInputError(f"input {name!r}: values out of the range of {datatype}")
         else:
             array = np.asarray(data, dtype=dtype)
-            if not np.all(np.isfinite(array)):
+            if not np.isfinite(array).all():
                 raise InvalidInputError(f"input {name!r}: values out of the range of {datatype}")
         return array.reshape(shape)
     except InvalidInputError:
@@ -268,6 +274,8 @@ def decode_request(raw: bytes | bytearray, header_length: int | None, specs: dic
 
 
 def _outputs(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> InferRequest:
+    if len(body) == 1:  # only "inputs": every output, as JSON (the common request)
+        return InferRequest(arrays, None, _NONE, False)
     params = body.get("parameters")
     binary_default = bool(isinstance(params, dict) and params.get("binary_data_output") is True)
     wanted, binary = None, set()
@@ -282,6 +290,9 @@ def _outputs(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> InferReques
                 binary.add(out["name"])
     request_id = body.get("id")
     return InferRequest(arrays, wanted, frozenset(binary), binary_default, str(request_id) if request_id else None)
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 def _json_data(array: np.ndarray) -> list[Any]:
@@ -319,24 +330,37 @@ def _data_json(array: np.ndarray) -> bytes:
     return json.dumps(_json_data(array), separators=(",", ":")).encode()
 
 
-def encode_response(head: dict[str, Any], outputs: dict[str, np.ndarray], binary: set[str]) -> tuple[bytes, int | None]:
-    """Return the response body and, when some outputs are binary, the JSON header's length."""
+@lru_cache(maxsize=256)
+def _meta_json(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """Return an output's ``{"name":..,"datatype":..,"shape":[..]`` (no closing brace): the same per model."""
+    return json.dumps({"name": name, "datatype": datatype, "shape": list(shape)}, separators=(",", ":")).encode()[:-1]
+
+
+def encode_response(
+    head: dict[str, Any] | bytes, outputs: dict[str, np.ndarray], binary: set[str] | frozenset[str]
+) -> tuple[bytes, int | None]:
+    """Return the response body and, when some outputs are binary, the JSON header's length.
+
+    `head` is the answer's fields before "outputs": a dict, or `head_json` of one made once.
+    """
     tensors, blobs = [], []
     for name, array in outputs.items():
-        meta: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
+        meta = _meta_json(name, v2_datatype(array), array.shape)
         if name in binary:
             blob = tensor_bytes(array)
-            meta["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-            tensors.append(json.dumps(meta, separators=(",", ":")).encode())
+            tensors.append(b'%s,"parameters":{"binary_data_size":%d}}' % (meta, len(blob)))
         else:
-            tensors.append(
-                json.dumps(meta, separators=(",", ":")).encode()[:-1] + b',"data":' + _data_json(array) + b"}"
-            )
-    header = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"outputs":[' + b",".join(tensors) + b"]}"
+            tensors.append(meta + b',"data":' + _data_json(array) + b"}")
+    header = (head if isinstance(head, bytes) else head_json(head)) + b',"outputs":[' + b",".join(tensors) + b"]}"
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def head_json(head: dict[str, Any]) -> bytes:
+    """Return an answer's leading fields as JSON without the closing brace (for `encode_response`)."""
+    return json.dumps(head, separators=(",", ":")).encode()[:-1]
 
 
 def from_v2(body: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:

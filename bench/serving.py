@@ -7,9 +7,10 @@ the agent's session options; the stock server is KServe's `kserve.ModelServer` w
 the same ONNX files (bench/kserve_server.py, run from a venv of its own, made on first use
 from PyPI: `.venv-kserve`). Concurrency 1 and 8: that many client processes, each with its
 own connection, for `--seconds` each. Dynamic batching: the digits model with and without
-it, over JSON. All in one run, so ratios share the machine's noise.
+it, over JSON. All in one run, so ratios share the machine's noise: the rows of a ratio are
+measured one after the other in each round, and a ratio is the median of its rounds' ratios.
 
-    .venv/bin/python bench/serving.py [--json] [--seconds 3] [--rounds 3] [--threads N] [--models DIR]
+    .venv/bin/python bench/serving.py [--json] [--seconds 3] [--rounds 5] [--threads N] [--models DIR]
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seconds", type=float, default=3.0, help="per row, split over the rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row reports its median")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; rows and ratios report their median")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (agent, floor, KServe)")
     parser.add_argument("--models", type=Path, help="keep the built models here and reuse them next time")
     args = parser.parse_args()
@@ -439,22 +440,31 @@ def main() -> None:
                 for model, short in (("digits", "cnn"), ("minilm", "minilm")):
                     x = inputs[model]
                     for c in CONCURRENCY:
-                        plan += [
-                            (f"{short}_agent_json_c{c}", ("json", http, model, x, c)),
-                            (f"{short}_agent_binary_c{c}", ("binary", http, model, x, c)),
-                            (f"{short}_agent_grpc_c{c}", ("grpc", grpc, model, x, c)),
-                            (f"{short}_kserve_json_c{c}", ("json", stock, model, x, c)),
-                            (f"{short}_floor_c{c}", ("floor", paths[model], model, x, c)),
-                        ]
+                        entries = {
+                            "json": (f"{short}_agent_json_c{c}", ("json", http, model, x, c)),
+                            "binary": (f"{short}_agent_binary_c{c}", ("binary", http, model, x, c)),
+                            "grpc": (f"{short}_agent_grpc_c{c}", ("grpc", grpc, model, x, c)),
+                            "kserve": (f"{short}_kserve_json_c{c}", ("json", stock, model, x, c)),
+                            "floor": (f"{short}_floor_c{c}", ("floor", paths[model], model, x, c)),
+                        }
+                        # The rows a ratio compares are measured next to each other (see `ratio`).
                         if model == "digits":
-                            plan.append((f"cnn_agent_unbatched_json_c{c}", ("json", http, "digits-nb", x, c)))
+                            entries["unbatched"] = (f"cnn_agent_unbatched_json_c{c}", ("json", http, "digits-nb", x, c))
+                            order = ["unbatched", "json", "binary", "kserve", "grpc", "floor"]
                             if c == 1:
-                                plan.append(("cnn_agent_capture_json_c1", ("json", http, "digits-capture", x, c)))
+                                entries["capture"] = (
+                                    "cnn_agent_capture_json_c1",
+                                    ("json", http, "digits-capture", x, c),
+                                )
+                                order.insert(0, "capture")
                         else:
-                            plan += [
-                                (f"minilm_fp32_agent_binary_c{c}", ("binary", http, "minilm-fp32", x, c)),
-                                (f"minilm_fp32_nb_agent_binary_c{c}", ("binary", http, "minilm-fp32-nb", x, c)),
-                            ]
+                            entries["fp32"] = (f"minilm_fp32_agent_binary_c{c}", ("binary", http, "minilm-fp32", x, c))
+                            entries["fp32_nb"] = (
+                                f"minilm_fp32_nb_agent_binary_c{c}",
+                                ("binary", http, "minilm-fp32-nb", x, c),
+                            )
+                            order = ["kserve", "json", "binary", "floor", "grpc", "fp32", "fp32_nb"]
+                        plan += [entries[k] for k in order]
                 # Rounds interleave every row, and each row keeps its median round: a burst of
                 # load from elsewhere on the machine hits one round of every row alike.
                 measured: dict[str, list[dict[str, float]]] = {name: [] for name, _ in plan}
@@ -475,10 +485,15 @@ def main() -> None:
         finally:
             stop_process(agent, 20)
             stop_process(kserve, 20)
-    rps = {k: v["rps"] for k, v in rows.items()}
 
-    def ratio(a: str, b: str) -> float:
-        return round(rps[a] / rps[b], 3) if rps[b] else 0.0
+    def ratio(a: str, b: str, key: str = "rps") -> float:
+        """Return the median over rounds of a/b, each round's pair measured one after the other.
+
+        Load from elsewhere on the machine drifts over a run: rows measured seconds apart
+        see different machines, the two rows of one round the same one.
+        """
+        pairs = sorted(x[key] / y[key] for x, y in zip(measured[a], measured[b], strict=True) if y[key])
+        return round(pairs[len(pairs) // 2], 3) if pairs else 0.0
 
     result: dict[str, Any] = {
         "agent_json_c1_p50_ms": rows["cnn_agent_json_c1"]["p50_ms"],
@@ -498,9 +513,7 @@ def main() -> None:
         # Capture every request vs none, same model, same path (target: within 10 % at p50).
         "capture_on_p50_ms": rows["cnn_agent_capture_json_c1"]["p50_ms"],
         "capture_off_p50_ms": rows["cnn_agent_unbatched_json_c1"]["p50_ms"],
-        "capture_p50_ratio": round(
-            rows["cnn_agent_capture_json_c1"]["p50_ms"] / max(rows["cnn_agent_unbatched_json_c1"]["p50_ms"], 1e-9), 3
-        ),
+        "capture_p50_ratio": ratio("cnn_agent_capture_json_c1", "cnn_agent_unbatched_json_c1", "p50_ms"),
         "batching_c1_over_unbatched": ratio("cnn_agent_json_c1", "cnn_agent_unbatched_json_c1"),
         "minilm_fp32_batching_gain_c8": ratio("minilm_fp32_agent_binary_c8", "minilm_fp32_nb_agent_binary_c8"),
         "minilm_fp32_batching_c1_over_unbatched": ratio(

@@ -90,6 +90,36 @@ def test_the_spool_drops_the_oldest_items_past_its_budget(tmp_path: Path) -> Non
     assert spool.size_bytes() <= 10 * 2000
 
 
+def test_a_spool_opened_again_holds_what_was_left_in_order(tmp_path: Path) -> None:
+    def item(i: int) -> CaptureItem:
+        content = json.dumps({"data": [i]}).encode()
+        return CaptureItem(
+            id=item_id(content, "digits", "1.0.0"),
+            model="digits",
+            version="1.0.0",
+            reason=CaptureReason.SAMPLE,
+            content_b64=base64.b64encode(content).decode(),
+            captured_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
+        )
+
+    items = [item(i) for i in range(12)]
+    spool = Spool(tmp_path / "spool")
+    assert spool.put_many(items[:6], budget_bytes=10**6) == (6, 0)
+    time.sleep(0.002)
+    assert spool.put_many(items[4:10], budget_bytes=10**6) == (4, 0)  # two of them spooled already
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 2  # a batch is one file
+    spool.remove([items[1].id, items[7].id, items[0].id])  # the first file is written again: keeps its place
+    time.sleep(0.05)  # past the file system's coarse clock
+    # A single-item file as an earlier agent wrote it is read too.
+    (tmp_path / "spool" / f"{items[10].id}.json").write_bytes(items[10].model_dump_json().encode())
+    again = Spool(tmp_path / "spool")
+    expected = [items[i].id for i in (2, 3, 4, 5, 6, 8, 9, 10)]
+    assert [one.id for one in again.oldest(100)] == expected and len(again) == 8
+    again.remove(expected[:4])  # the whole first file
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 1
+    assert [one.id for one in Spool(tmp_path / "spool").oldest(100)] == expected[4:]
+
+
 def _capture(tmp_path: Path, upload: object, policy: CapturePolicy) -> Capture:
     capture = Capture(tmp_path / "capture", lambda: {"digits": policy}, upload, "cam-1", interval_s=0.05)  # type: ignore[arg-type]
     capture.start()
@@ -150,6 +180,31 @@ def test_capture_never_blocks_the_request_path(tmp_path: Path) -> None:
     other = _manifest().model_copy(update={"name": "other"})
     capture.offer(other, b"{}", np.array([[0.3, 0.3, 0.4]]))  # no policy for this model: not even offered
     assert capture.counters.offered == 1000
+
+
+def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path: Path) -> None:
+    saved: list[str] = []
+    capture = Capture(
+        tmp_path / "c",
+        lambda: {"digits": CapturePolicy(sample_rate=1.0, daily_cap=10)},
+        None,
+        "cam-1",
+        day_counts=(lambda: None, saved.append),
+        gather_s=0.2,  # every offer below arrives within one gathering: judged and spooled as one batch
+    )
+    capture.start()
+    try:
+        manifest = _manifest()
+        for _ in range(4):  # the same request four times: one item
+            capture.offer(manifest, b'{"data": ["same"]}', np.array([[0.3, 0.3, 0.4]]))
+        for i in range(30):
+            capture.offer(manifest, json.dumps({"data": [i]}).encode(), np.array([[0.3, 0.3, 0.4]]))
+        _wait(lambda: capture.counters.judged == 34)
+    finally:
+        capture.stop()
+    assert len(capture.spool) == 10 and capture.counters.kept == 10
+    assert capture.counters.over_daily_cap == 34 - 10 - 3  # the three repeats were within the cap
+    assert json.loads(saved[-1])[1] == 10  # the day's count the journal keeps across restarts
 
 
 def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Path) -> None:

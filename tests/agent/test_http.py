@@ -126,7 +126,8 @@ def test_routes_match_patterns_and_name_the_allowed_methods() -> None:
     server, _ = serve(router)
     base = f"http://127.0.0.1:{server.port}"
     try:
-        assert httpx.get(f"{base}/v2/models/digits").text == "digits"
+        for name in ("digits", "other", "digits"):  # a path matched before is looked up, with its own params
+            assert httpx.get(f"{base}/v2/models/{name}").text == name
         assert httpx.post(f"{base}/v1/models/digits:predict").text == "p:digits"
         wrong = httpx.post(f"{base}/v2/models/digits")
         assert wrong.status_code == 405 and wrong.headers["Allow"] == "GET"
@@ -150,3 +151,28 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
         assert data.count(b"HTTP/1.1 200") == 2 and data.index(b"abc") < data.index(b"de")
     finally:
         server.stop()
+
+
+def test_the_one_pass_head_reading_agrees_with_the_strict_one() -> None:
+    """Common heads are read in one pass; on any head, it accepts or refuses what the strict reading does."""
+    from agent.http_messages import Refused, _parse_head_strictly, parse_head
+
+    def read(parse: object, raw: bytes) -> tuple[object, ...]:
+        try:
+            request, need = parse(raw, 1000)  # type: ignore[operator]
+            return (request.method, request.path, request.query, request.version, request.headers, need)
+        except Refused as refused:
+            return (refused.error.status, str(refused.error))
+
+    lines = [b"GET / HTTP/1.1", b"POST /v2/models/x/infer?a=1 HTTP/1.0", b"GET  / HTTP/1.1", b"G\xe9T / HTTP/1.1",
+             b"GET / HTTP/2", b"GET /\xe9 HTTP/1.1", b"GET /"]  # fmt: skip
+    fields = [b"Host: a", b"Content-Length: 12", b"content-length:12", b"Content-Length: 12 ", b"Content-Length: 2000",
+              b"Content-Length: -1", b"Content-Length: \xb2", b"Content-Length: 0012", b"Transfer-Encoding: chunked",
+              b"Bad Header: x", b"NoColon", b":empty", b"X-A:\tv\t", b"X-\xe9: 1", b"Host\n: a", b"X: a\nb",
+              b"Content-Length: 99999999999999999999"]  # fmt: skip
+    for i, line in enumerate(lines):
+        for a in range(len(fields)):
+            for b in range(a, len(fields), 3):
+                raw = line + b"\r\n" + fields[a] + b"\r\n" + fields[(b + i) % len(fields)]
+                assert read(parse_head, raw) == read(_parse_head_strictly, raw), raw
+                assert read(parse_head, line) == read(_parse_head_strictly, line)
