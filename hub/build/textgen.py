@@ -247,7 +247,8 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
         rate = measured[target].tokens_per_s or 0.0
         if why is not None:
             quality_failed[target] = why
-            decisions[target] = gate.Decision(target, False, f"{why} (devices fall back to cpu-int8 or cpu-fp32)")
+            lower = "cpu-int8 or cpu-fp32" if precision == "int4" else "cpu-fp32"
+            decisions[target] = gate.Decision(target, False, f"{why} (devices fall back to {lower})")
         elif rate < baseline * request.min_speedup:
             decisions[target] = gate.Decision(
                 target, False, f"decode {rate:.1f} tokens/s is not faster than cpu-fp32's {baseline:.1f}"

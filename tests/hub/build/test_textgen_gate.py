@@ -100,6 +100,9 @@ def test_published_folders_download_verify_and_generate_torchs_tokens(
     response = upload(sqlite_hub, Built(result.manifest, result.files))
     assert response.status_code == 201, response.text
     device = sqlite_hub.enrolled_device(name="d")
+    # A device reads only the versions in its desired state.
+    deployed = sqlite_hub.request("PUT", f"/devices/{device['device_id']}/models/coder", json={"version": "1.0.0"})
+    assert deployed.status_code == 200, deployed.text
     raw = sqlite_hub.request("GET", "/models/coder/versions/1.0.0/manifest", key=device["device_token"])
     manifest = verify_manifest(raw.content, load_public_key(device["signing_public_key"]))
     assert manifest.generation is not None
