@@ -80,17 +80,7 @@ def test_train_command_builds_and_registers(small_task: Callable[..., Path], tmp
         publish={"model": "churn", "version": "auto", "aliases": ["latest", "candidate"]},
     )
     data_dir = tmp_path / "hub"
-    command = [
-        str(Path(sys.executable).parent / "autodl-hub"),
-        "train",
-        str(path),
-        "--json",
-        "--data-dir",
-        str(data_dir),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = _train_cli(path, data_dir, timeout=280)
     assert summary["model"] == "churn" and summary["version"] == "0.1.0"
     assert "cpu-fp32" in summary["published_targets"]
     assert summary["cv_score"] > summary["cv_baseline"]
@@ -123,9 +113,7 @@ def test_train_command_builds_and_registers(small_task: Callable[..., Path], tmp
     assert logits.shape == (1, 2) and np.isfinite(logits).all()
 
     # A second run of the same task becomes the next patch version.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=280)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1])["version"] == "0.1.1"
+    assert _train_cli(path, data_dir, timeout=280)["version"] == "0.1.1"
 
 
 def _train_cli(path: Path, data_dir: Path, timeout: float) -> dict[str, Any]:
