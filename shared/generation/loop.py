@@ -8,11 +8,12 @@ the whole context up front: memory follows what requests use (`kv_bytes_per_toke
 Graphs whose attention writes the new keys into the past's own buffer (the model builder's
 GroupQueryAttention; genai_config's `past_present_share_buffer`) get one zeroed buffer per
 request, sized for its prompt and budget and bound as both past and present: no copy of the
-cache per step, and its pages are only touched (resident) as tokens fill them.
+cache per step, and its pages become resident only as tokens fill them.
 """
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -168,8 +169,10 @@ class GenerationModel:
 class SharedCache:
     """One request's cache as one buffer the graph reads as past and writes as present.
 
-    [2 * layers, 1, kv_heads, length, head_size], zeroed (calloc: pages are resident once
-    written). The graph learns how many tokens are filled from the attention mask.
+    [2 * layers, 1, kv_heads, length, head_size] in an anonymous mapping: zero pages that become
+    resident as tokens are written, so a buffer sized for a long budget costs what is used
+    (numpy would advise huge pages for an array this large, and 2 MB pages fill at once).
+    The graph learns how many tokens are filled from the attention mask.
     """
 
     def __init__(self, model: GenerationModel, length: int) -> None:
@@ -177,7 +180,8 @@ class SharedCache:
         self.model = model
         self.tokens = 0
         shape = (2 * layout.num_layers, 1, layout.num_kv_heads, length, layout.head_size)
-        self._buffer = np.zeros(shape, dtype=model._kv_dtype)
+        self._memory = mmap.mmap(-1, int(np.prod(shape)) * np.dtype(model._kv_dtype).itemsize)
+        self._buffer = np.frombuffer(self._memory, dtype=model._kv_dtype).reshape(shape)
         self._binding = model.session.io_binding()
         names = [n for pair in model._past for n in pair]
         for i, (past, present) in enumerate(zip(names, model._present, strict=True)):

@@ -230,3 +230,23 @@ def test_a_shared_buffer_holds_the_prompt_and_budget_and_says_when_full(tmp_path
     assert cache.forward([4]).shape == (1, VOCAB) and cache.tokens == 4
     with pytest.raises(GenerationError, match="the cache holds 4"):
         cache.forward([5])
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_a_shared_buffer_is_resident_only_as_far_as_tokens_fill_it(tmp_path: Path) -> None:
+    model = load_model(write_folder(tmp_path / "gqa", gqa=True), threads=1)
+    length = 100_000  # 2 layers x K,V x 2 heads x 16 x 4 bytes: 51 MB reserved
+    model.shared_cache(4).forward([1, 2])  # ORT's own first-run allocations, outside the measure
+    before = _rss_mb()
+    cache = model.shared_cache(length)
+    cache.forward(PROMPT)
+    for token in range(10):
+        cache.forward([token])
+    assert cache.tokens == len(PROMPT) + 10
+    assert _rss_mb() - before < 10, "writing 13 tokens made the whole buffer resident"
