@@ -180,7 +180,11 @@ class SharedCache:
         self.model = model
         self.tokens = 0
         shape = (2 * layout.num_layers, 1, layout.num_kv_heads, length, layout.head_size)
-        self._memory = mmap.mmap(-1, int(np.prod(shape)) * np.dtype(model._kv_dtype).itemsize)
+        size = int(np.prod(shape)) * np.dtype(model._kv_dtype).itemsize
+        try:
+            self._memory = mmap.mmap(-1, size)
+        except (OSError, ValueError) as exc:  # no address space (or overcommit refused) for the budget
+            raise GenerationError(f"cannot reserve {size >> 20} MB for a cache of {length} tokens: {exc}") from exc
         self._buffer = np.frombuffer(self._memory, dtype=model._kv_dtype).reshape(shape)
         self._binding = model.session.io_binding()
         names = [n for pair in model._past for n in pair]
