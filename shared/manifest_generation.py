@@ -61,7 +61,8 @@ class KvCacheLayout(_Frozen):
     """The graph's interface: names of its inputs and outputs, and the cache's shape.
 
     Caches are [batch, num_kv_heads, sequence, head_size]; `{i}` in a name is the layer.
-    The loop grows the cache by concatenation (present = past + new), one request at a time.
+    The loop grows the cache by concatenation (present = past + new), one request at a time, or
+    where genai_config sets past_present_share_buffer, writes into one buffer per request.
     """
 
     num_layers: int = Field(ge=1)

@@ -4,10 +4,16 @@ One `GenerationModel` holds one ONNX Runtime session; every `generate` call keep
 cache, so several sequences run at once from different threads (ORT's `run` is thread-safe).
 The cache of a request grows with it (past + new each step) rather than being allocated for
 the whole context up front: memory follows what requests use (`kv_bytes_per_token`).
+
+Graphs whose attention writes the new keys into the past's own buffer (the model builder's
+GroupQueryAttention; genai_config's `past_present_share_buffer`) get one zeroed buffer per
+request, sized for its prompt and budget and bound as both past and present: no copy of the
+cache per step, and its pages become resident only as tokens fill them.
 """
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,10 +41,18 @@ _ORT_TYPES = {
 class GenerationModel:
     """A loaded language model: an ORT session over the graph, and its GenerationSpec."""
 
-    def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, *, folder: Path | None = None) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        spec: GenerationSpec,
+        *,
+        folder: Path | None = None,
+        share_buffer: bool = False,
+    ) -> None:
         self.session = session
         self.spec = spec
         self.folder = folder
+        self.share_buffer = share_buffer
         layout = spec.kv_cache
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
@@ -57,6 +71,8 @@ class GenerationModel:
         self._types = {name: _ORT_TYPES.get(arg.type, np.int64) for name, arg in inputs.items()}
         self._kv_dtype = self._types[self._past[0][0]]
         self._outputs = [layout.logits, *self._present]
+        logits_type = next(o.type for o in session.get_outputs() if o.name == layout.logits)
+        self._logits_dtype = _ORT_TYPES.get(logits_type, np.float32)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -95,6 +111,10 @@ class GenerationModel:
             raise GenerationError(f"ONNX Runtime cannot run the graph: {exc}") from exc
         logits = np.asarray(out[0])[0]
         return logits.astype(np.float32, copy=False), [np.asarray(a) for a in out[1:]]
+
+    def shared_cache(self, length: int) -> SharedCache:
+        """Return a cache buffer for `length` tokens, bound as both the graph's past and present."""
+        return SharedCache(self, length)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Return the logits [len, vocab] of a sequence run in one pass with an empty cache."""
@@ -146,6 +166,64 @@ class GenerationModel:
             )
 
 
+class SharedCache:
+    """One request's cache as one buffer the graph reads as past and writes as present.
+
+    [2 * layers, 1, kv_heads, length, head_size] in an anonymous mapping: zero pages that become
+    resident as tokens are written, so a buffer sized for a long budget costs what is used
+    (numpy would advise huge pages for an array this large, and 2 MB pages fill at once).
+    The graph learns how many tokens are filled from the attention mask.
+    """
+
+    def __init__(self, model: GenerationModel, length: int) -> None:
+        layout = model.spec.kv_cache
+        self.model = model
+        self.tokens = 0
+        shape = (2 * layout.num_layers, 1, layout.num_kv_heads, length, layout.head_size)
+        size = int(np.prod(shape)) * np.dtype(model._kv_dtype).itemsize
+        try:
+            self._memory = mmap.mmap(-1, size)
+        except (OSError, ValueError) as exc:  # no address space (or overcommit refused) for the budget
+            raise GenerationError(f"cannot reserve {size >> 20} MB for a cache of {length} tokens: {exc}") from exc
+        self._buffer = np.frombuffer(self._memory, dtype=model._kv_dtype).reshape(shape)
+        self._binding = model.session.io_binding()
+        names = [n for pair in model._past for n in pair]
+        for i, (past, present) in enumerate(zip(names, model._present, strict=True)):
+            value = ort.OrtValue.ortvalue_from_numpy(self._buffer[i])
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_ortvalue_output(present, value)
+
+    @property
+    def length(self) -> int:
+        """Return the most tokens the buffer holds."""
+        return int(self._buffer.shape[3])
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run new tokens after the filled ones; return their logits [new, vocab]."""
+        model, layout = self.model, self.model.spec.kv_cache
+        if self.tokens + len(token_ids) > self.length:
+            raise GenerationError(f"{self.tokens} + {len(token_ids)} tokens; the cache holds {self.length}")
+        ids = np.asarray(token_ids, dtype=model._types[layout.input_ids]).reshape(1, -1)
+        total = self.tokens + ids.shape[1]
+        binding = self._binding
+        binding.bind_cpu_input(layout.input_ids, ids)
+        if model._mask is not None:
+            binding.bind_cpu_input(model._mask, np.ones((1, total), dtype=model._types[model._mask]))
+        if model._positions is not None:
+            positions = np.arange(self.tokens, total, dtype=model._types[model._positions]).reshape(1, -1)
+            binding.bind_cpu_input(model._positions, positions)
+        # The graph writes the logits into an array of ours: no second copy of a prompt's [new, vocab].
+        logits = np.empty((1, ids.shape[1], model.spec.vocab_size), dtype=model._logits_dtype)
+        binding.bind_output(layout.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        try:
+            model.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own types; callers see one error for a graph that fails
+            raise GenerationError(f"ONNX Runtime cannot run the graph with a shared cache: {exc}") from exc
+        self.tokens = total
+        rows: np.ndarray = logits[0].astype(np.float32, copy=False)
+        return rows
+
+
 class Generation(Iterator[int]):
     """One request's tokens, yielded as they are made; finish_reason is set when it ends."""
 
@@ -164,6 +242,7 @@ class Generation(Iterator[int]):
         self.time_to_first_token_s: float | None = None
         self._pending = prompt_ids
         self._cache = model.empty_cache()
+        self._shared: SharedCache | None = None
         self._cancelled = cancelled
         self._rng = np.random.default_rng(params.seed)
         eos = frozenset() if params.ignore_eos else frozenset(model.spec.eos_token_ids)
@@ -175,6 +254,8 @@ class Generation(Iterator[int]):
     @property
     def cache_tokens(self) -> int:
         """Return how many tokens the cache holds now."""
+        if self._shared is not None:
+            return self._shared.tokens
         return int(self._cache[0].shape[2]) if self._cache else 0
 
     def __iter__(self) -> Generation:
@@ -187,7 +268,12 @@ class Generation(Iterator[int]):
             return self._finish("cancelled")
         if len(self.tokens) >= self._budget:
             return self._finish("length")
-        logits, self._cache = self.model.forward(self._pending, self._cache)
+        if self.model.share_buffer:
+            if self._shared is None:  # the last generated token is never run: prompt + budget - 1
+                self._shared = self.model.shared_cache(self.prompt_tokens + max(0, self._budget - 1))
+            logits = self._shared.forward(self._pending)
+        else:
+            logits, self._cache = self.model.forward(self._pending, self._cache)
         token = choose_token(logits[-1], self.params, self._rng)
         if self.time_to_first_token_s is None:
             self.time_to_first_token_s = time.perf_counter() - self._started
@@ -199,14 +285,14 @@ class Generation(Iterator[int]):
 
     def _finish(self, reason: FinishReason) -> NoReturn:
         self.finish_reason = reason
-        self._cache = []  # free the cache as soon as the request ends
+        self._cache, self._shared = [], None  # free the cache as soon as the request ends
         raise StopIteration
 
     def close(self) -> None:
         """End the request early and free its cache (a client went away)."""
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
-            self._cache = []
+            self._cache, self._shared = [], None
 
 
 def load_model(
@@ -239,4 +325,6 @@ def load_model(
         session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # ORT raises its own types for a bad or unsupported graph
         raise GenerationError(f"{path}: ONNX Runtime cannot load the graph: {exc}") from exc
-    return GenerationModel(session, spec, folder=folder)
+    # ORT GenAI's switch for graphs that write present into past's buffer (GroupQueryAttention).
+    share = bool(config is not None and config.get("search", {}).get("past_present_share_buffer", False))
+    return GenerationModel(session, spec, folder=folder, share_buffer=share)

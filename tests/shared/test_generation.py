@@ -199,3 +199,54 @@ def test_importing_shared_does_not_import_the_loop_and_the_loop_needs_no_torch_h
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_group_query_attention_graphs_decode_into_one_shared_buffer_with_the_same_tokens(tmp_path: Path) -> None:
+    shared = load_model(write_folder(tmp_path / "gqa", gqa=True), threads=1)
+    assert shared.share_buffer  # genai_config's past_present_share_buffer
+    copying = load_model(tmp_path / "gqa", spec=shared.spec, threads=1)
+    copying.share_buffer = False  # the same graph, its cache grown by a new present each step
+    for prompt in (PROMPT, [7], [5, 9, 11, 13, 17, 19, 23, 29]):
+        generation = shared.generate(prompt, SamplingParams(max_new_tokens=30))
+        tokens = list(generation)
+        assert tokens == recomputed_greedy(shared, prompt, 30, set(shared.spec.eos_token_ids))
+        assert tokens == list(copying.generate(prompt, SamplingParams(max_new_tokens=30)))
+        assert len(set(tokens)) > 3, "the tiny decoder should not repeat one token"
+    hot = SamplingParams(max_new_tokens=25, temperature=1.2, seed=3)
+    assert list(shared.generate(PROMPT, hot)) == list(copying.generate(PROMPT, hot))
+    generation = shared.generate(PROMPT, SamplingParams(max_new_tokens=5))
+    assert generation.cache_tokens == 0  # nothing is allocated before the first step
+    next(generation)
+    next(generation)
+    assert generation.cache_tokens == len(PROMPT) + 1
+    generation.close()
+    assert generation.cache_tokens == 0
+
+
+def test_a_shared_buffer_holds_the_prompt_and_budget_and_says_when_full(tmp_path: Path) -> None:
+    model = load_model(write_folder(tmp_path / "gqa", gqa=True), threads=1)
+    cache = model.shared_cache(4)
+    assert cache.forward([1, 2, 3]).shape == (3, VOCAB)
+    assert cache.forward([4]).shape == (1, VOCAB) and cache.tokens == 4
+    with pytest.raises(GenerationError, match="the cache holds 4"):
+        cache.forward([5])
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_a_shared_buffer_is_resident_only_as_far_as_tokens_fill_it(tmp_path: Path) -> None:
+    model = load_model(write_folder(tmp_path / "gqa", gqa=True), threads=1)
+    length = 100_000  # 2 layers x K,V x 2 heads x 16 x 4 bytes: 51 MB reserved
+    model.shared_cache(4).forward([1, 2])  # ORT's own first-run allocations, outside the measure
+    before = _rss_mb()
+    cache = model.shared_cache(length)
+    cache.forward(PROMPT)
+    for token in range(10):
+        cache.forward([token])
+    assert cache.tokens == len(PROMPT) + 10
+    assert _rss_mb() - before < 10, "writing 13 tokens made the whole buffer resident"

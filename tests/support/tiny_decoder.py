@@ -2,7 +2,9 @@
 interface: input_ids, attention_mask, past_key_values.{i}.key/value in; logits, present.{i}.* out.
 
 It is a real attention model (causal mask over past + new tokens), so a loop that mishandles
-the cache gives different tokens than running the whole sequence at once.
+the cache gives different tokens than running the whole sequence at once. With `gqa=True` its
+attention is ONNX Runtime's GroupQueryAttention, as the model builder writes it: present is
+past's buffer (share_buffer: True in genai_config) when the caller binds them to one buffer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array.astype(np.float32), name)
 
 
-def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False) -> None:
+def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False, gqa: bool = False) -> None:
     """Write the decoder to `path` (weights inline; a few KB)."""
     rng = np.random.default_rng(seed)
     inits = [
@@ -82,6 +84,10 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False) -> Non
             helper.make_tensor_value_info(f"present.{i}.key", TensorProto.FLOAT, [1, KV_HEADS, "total", HEAD_SIZE]),
             helper.make_tensor_value_info(f"present.{i}.value", TensorProto.FLOAT, [1, KV_HEADS, "total", HEAD_SIZE]),
         ]
+        if gqa:
+            nodes += _gqa_attention(p, x, i)
+            x = p + "out"
+            continue
         for name in ("q", "k", "v"):
             nodes += [
                 helper.make_node("MatMul", [x, p + "w" + name], [p + name + "_flat"]),
@@ -115,15 +121,47 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False) -> Non
             helper.make_node("Tanh", [p + "res"], [p + "out"]),
         ]
         x = p + "out"
+    if gqa:  # the builder's attn_mask_reformat: seqlens_k = sum(mask) - 1, total = mask's length
+        nodes = [
+            helper.make_node("ReduceSum", ["attention_mask", "i1"], ["mask_sum"], keepdims=0),
+            helper.make_node("Sub", ["mask_sum", "i1"], ["seqlens64"]),
+            helper.make_node("Cast", ["seqlens64"], ["seqlens_k"], to=TensorProto.INT32),
+            helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+            helper.make_node("Gather", ["mask_shape", "i1s"], ["total64"]),
+            helper.make_node("Cast", ["total64"], ["total_len"], to=TensorProto.INT32),
+            *nodes,
+        ]
     nodes.append(helper.make_node("MatMul", [x, "lm_head"], ["logits"]))
     graph = helper.make_graph(nodes, "tiny_decoder", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17), *([helper.make_opsetid("com.microsoft", 1)] if gqa else [])]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
-    onnx.checker.check_model(model)
+    if not gqa:  # the checker does not know com.microsoft's ops
+        onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
 
-def genai_config(*, eos: int = VOCAB - 1, context_length: int = 128) -> dict[str, object]:
+def _gqa_attention(p: str, x: str, layer: int) -> list[onnx.NodeProto]:
+    """Return one layer's attention as GroupQueryAttention (no rotary: positions are learned)."""
+    return [
+        *(helper.make_node("MatMul", [x, p + "w" + name], [p + name]) for name in ("q", "k", "v")),
+        helper.make_node(
+            "GroupQueryAttention",
+            [p + "q", p + "k", p + "v", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+            + ["seqlens_k", "total_len"],
+            [p + "o", f"present.{layer}.key", f"present.{layer}.value"],
+            domain="com.microsoft",
+            num_heads=KV_HEADS,
+            kv_num_heads=KV_HEADS,
+            scale=float(1 / np.sqrt(HEAD_SIZE)),
+        ),
+        helper.make_node("MatMul", [p + "o", p + "wo"], [p + "proj"]),
+        helper.make_node("Add", [x, p + "proj"], [p + "res"]),
+        helper.make_node("Tanh", [p + "res"], [p + "out"]),
+    ]
+
+
+def genai_config(*, eos: int = VOCAB - 1, context_length: int = 128, share_buffer: bool = False) -> dict[str, object]:
     """Return a genai_config.json as the model builder writes it, for this decoder."""
     return {
         "model": {
@@ -153,13 +191,21 @@ def genai_config(*, eos: int = VOCAB - 1, context_length: int = 128) -> dict[str
             "type": "llama",
             "vocab_size": VOCAB,
         },
-        "search": {"do_sample": False, "max_length": context_length, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {
+            "do_sample": False,
+            "max_length": context_length,
+            "past_present_share_buffer": share_buffer,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
     }
 
 
-def write_folder(folder: Path, **config: object) -> Path:
-    """Write a variant folder: model.onnx and genai_config.json."""
+def write_folder(folder: Path, *, gqa: bool = False, **config: object) -> Path:
+    """Write a variant folder: model.onnx and genai_config.json (GroupQueryAttention shares its buffer)."""
     folder.mkdir(parents=True, exist_ok=True)
-    build_graph(folder / "model.onnx")
+    build_graph(folder / "model.onnx", gqa=gqa)
+    config.setdefault("share_buffer", gqa)
     (folder / "genai_config.json").write_text(json.dumps(genai_config(**config)))  # type: ignore[arg-type]
     return folder
