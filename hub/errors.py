@@ -21,9 +21,11 @@ reach an HTTP client as themselves: the code that calls into the package convert
     BuildError          hub.build.errors      the build CLI's error line; a failed training job
     MessagingError      hub.messaging.session retried on reconnect; logged
     IngestRejected      hub.messaging.ingest  a message counted as rejected and dropped
-    BrokerError         hub.broker.embedded   `serve` exits with it (mosquitto would not start)
+    BrokerError         hub.broker.embedded   `serve` exits with it (mosquitto would not start);
+                                              a failed revocation is UnavailableError (503)
     BrokerAdminError    hub.broker.admin      logged; the next reconcile retries
     BootstrapError      hub.broker.bootstrap  the bootstrap command's error line
+    CertificateError    hub.tls               `serve` exits with it; a bad CSR is InvalidInputError (422)
     DemoError           hub.cli.demo          the demo's error line
     RemoteError         hub.cli.remote        `train --remote`'s error line (the hub refused, or is unreachable)
     InvalidTransition   hub.rollouts.plan     the engine raises RolloutStateError (409) from it
@@ -118,6 +120,7 @@ ROOTS = (
     ("hub.broker.embedded", "BrokerError"),
     ("hub.broker.admin", "BrokerAdminError"),
     ("hub.broker.bootstrap", "BootstrapError"),
+    ("hub.tls", "CertificateError"),
     ("hub.cli.remote", "RemoteError"),
     ("hub.cli.demo", "DemoError"),
     ("hub.rollouts.plan", "InvalidTransition"),

@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlmodel import col, select
 
-from hub.broker.embedded import EmbeddedBroker
+from hub.broker.embedded import BrokerError, EmbeddedBroker
 from hub.config import HubSettings
 from hub.db import SessionFactory
 from hub.models import Device
@@ -36,7 +36,7 @@ __all__ = ["CertificateRevocation", "RevocationError"]
 logger = logging.getLogger(__name__)
 
 
-class RevocationError(Exception):
+class RevocationError(BrokerError):
     """The broker could not be made to refuse a revoked certificate."""
 
 

@@ -173,8 +173,15 @@ def test_a_killed_workers_job_is_requeued_and_completed_by_another(
     hub = start_hub(tmp_path, db_url)
     try:
         first = WorkerProcess(hub, "doomed").start()
-        job_id = submit(hub, digits_task(small_task, trials=2, epochs=6))
-        wait_job(hub, job_id, lambda j: j["worker"] == "doomed" and j["progress"].get("epoch", 0) > 0, 120, first)
+        # Long enough (seconds on a quiet machine) that the worker is killed mid-job, not after it.
+        job_id = submit(hub, digits_task(small_task, trials=2, epochs=150))
+        wait_job(
+            hub,
+            job_id,
+            lambda j: j["status"] == "running" and j["worker"] == "doomed" and j["progress"].get("epoch", 0) > 0,
+            120,
+            first,
+        )
         first.stop(signal.SIGKILL)
         with WorkerProcess(hub, "rescuer") as second:
             done = wait_job(hub, job_id, lambda j: j["status"] in FINISHED, 240, second)
