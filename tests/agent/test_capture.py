@@ -63,18 +63,22 @@ def test_a_policy_without_any_rule_or_out_of_range_is_refused() -> None:
         CapturePolicy(sample_rate=0.1, unknown=True)  # type: ignore[call-arg]
 
 
+def _item(content: bytes) -> CaptureItem:
+    """A sampled digits 1.0.0 item of `content`."""
+    return CaptureItem(
+        id=item_id(content, "digits", "1.0.0"),
+        model="digits",
+        version="1.0.0",
+        reason=CaptureReason.SAMPLE,
+        content_b64=base64.b64encode(content).decode(),
+        captured_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
+    )
+
+
 def _stored(spool: Spool, n: int, size: int) -> list[str]:
     ids = []
     for i in range(n):
-        content = json.dumps({"data": [i], "pad": "x" * size}).encode()
-        one = CaptureItem(
-            id=item_id(content, "digits", "1.0.0"),
-            model="digits",
-            version="1.0.0",
-            reason=CaptureReason.SAMPLE,
-            content_b64=base64.b64encode(content).decode(),
-            captured_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
-        )
+        one = _item(json.dumps({"data": [i], "pad": "x" * size}).encode())
         spool.put(one, budget_bytes=10 * (size * 2))
         ids.append(one.id)
         time.sleep(0.002)  # distinct mtimes: the spool's order is the order of capture
@@ -91,18 +95,7 @@ def test_the_spool_drops_the_oldest_items_past_its_budget(tmp_path: Path) -> Non
 
 
 def test_a_spool_opened_again_holds_what_was_left_in_order(tmp_path: Path) -> None:
-    def item(i: int) -> CaptureItem:
-        content = json.dumps({"data": [i]}).encode()
-        return CaptureItem(
-            id=item_id(content, "digits", "1.0.0"),
-            model="digits",
-            version="1.0.0",
-            reason=CaptureReason.SAMPLE,
-            content_b64=base64.b64encode(content).decode(),
-            captured_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
-        )
-
-    items = [item(i) for i in range(12)]
+    items = [_item(json.dumps({"data": [i]}).encode()) for i in range(12)]
     spool = Spool(tmp_path / "spool")
     assert spool.put_many(items[:6], budget_bytes=10**6) == (6, 0)
     time.sleep(0.002)
