@@ -7,7 +7,6 @@ environment: a settings library would cost the daemon 5 MB of RSS for this one l
 from __future__ import annotations
 
 import json
-import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +25,6 @@ __all__ = [
     "default_state_dir",
     "delete_identity",
     "load_identity",
-    "make_private",
     "save_identity",
 ]
 
@@ -183,25 +181,6 @@ class Identity(BaseModel):
         """Build the identity from the hub's enrollment answer (the certificate is kept in its own file)."""
         fields = response.model_dump(exclude={"device_certificate"})
         return cls(name=name, client_certificate=response.device_certificate is not None, **fields)
-
-
-def make_private(root: Path) -> None:
-    """Keep state to its owner: files made from now on 0600/0700 (umask), existing ones tightened.
-
-    Run at start, so a state dir made by an older version or by hand is fixed too.
-    """
-    os.umask(0o077)
-    if not root.exists():
-        return
-    for path in [root, *root.rglob("*")]:
-        try:
-            if path.is_symlink():
-                continue
-            mode = 0o700 if path.is_dir() else 0o600
-            if path.stat().st_mode & 0o777 & ~mode:
-                os.chmod(path, path.stat().st_mode & mode)
-        except OSError as exc:  # a read-only mount, another owner: say so, keep going
-            logging.getLogger(__name__).warning("cannot tighten the mode of %s: %s", path, exc)
 
 
 def save_identity(settings: AgentSettings, identity: Identity) -> Path:

@@ -21,7 +21,7 @@ from agent.actions import SETTABLE, apply_config, build_actions
 from agent.artifacts import ArtifactCache
 from agent.capture import Capture, http_uploader
 from agent.commands import CommandHandler
-from agent.config import AgentSettings, Identity, load_identity, make_private
+from agent.config import AgentSettings, Identity, load_identity
 from agent.device import detect_profile, physical_cores
 from agent.errors import AgentError, CredentialsError
 from agent.healing import HealthMonitor, Watchdog, reload, rollback
@@ -47,6 +47,7 @@ from shared.messages import (
     UpdateState,
     utcnow,
 )
+from shared.private_files import make_private
 from shared.targets import DeviceProfile, choose_targets
 from shared.topics import DeviceChannel
 

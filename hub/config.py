@@ -24,7 +24,6 @@ Rate limits are kept per replica, in memory.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from functools import lru_cache
@@ -37,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.tls import is_loopback
 
-__all__ = ["HubSettings", "default_data_dir", "get_settings", "make_private", "parse_rate_limit"]
+__all__ = ["HubSettings", "default_data_dir", "get_settings", "parse_rate_limit"]
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -271,25 +270,6 @@ class HubSettings(BaseSettings):
     def enroll_rate(self) -> tuple[int, int]:
         """Return the enrollment limit as (requests, period seconds)."""
         return parse_rate_limit(self.enroll_rate_limit)
-
-
-def make_private(root: Path) -> None:
-    """Keep state to its owner: files made from now on 0600/0700 (umask), existing ones tightened.
-
-    Run at start, so a state dir made by an older version or by hand is fixed too.
-    """
-    os.umask(0o077)
-    if not root.exists():
-        return
-    for path in [root, *root.rglob("*")]:
-        try:
-            if path.is_symlink():
-                continue
-            mode = 0o700 if path.is_dir() else 0o600
-            if path.stat().st_mode & 0o777 & ~mode:
-                os.chmod(path, path.stat().st_mode & mode)
-        except OSError as exc:  # a read-only mount, another owner: say so, keep going
-            logging.getLogger(__name__).warning("cannot tighten the mode of %s: %s", path, exc)
 
 
 @lru_cache

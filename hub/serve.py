@@ -17,13 +17,14 @@ from sqlmodel import col, select
 from hub.broker.embedded import BrokerAdmin, BrokerAdminError, EmbeddedBroker
 from hub.broker.passwd import PasswordFileUsers
 from hub.broker.revocation import CertificateRevocation
-from hub.config import HubSettings, make_private
+from hub.config import HubSettings
 from hub.db import SessionFactory, create_engine_for, migrate, session_factory
 from hub.limits import HeaderTimeoutH11Protocol
 from hub.main import create_app
 from hub.messaging.session import HubMessaging
 from hub.models import Device
 from hub.tls import CertificateError, ensure_certificates
+from shared.private_files import make_private
 
 __all__ = ["serve"]
 
