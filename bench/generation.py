@@ -29,6 +29,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_flag_set  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_LENGTHS = (32, 480)
 PROSE_MODULES = ("argparse", "logging", "subprocess", "unittest", "email.message", "http.client", "pathlib", "json")
@@ -37,11 +39,7 @@ CODE_HELD_OUT = ("csv", "fractions", "statistics")
 
 def cpu_flags() -> dict[str, Any]:
     """Return the CPU and the flags that matter for int4/int8 kernels."""
-    flags: set[str] = set()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        pass
+    flags = cpu_flag_set()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp")
     return {"cpu": platform.processor() or platform.machine(), "flags": sorted(flags & set(wanted))}
 

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.footprint import rss_mb, torch_loaded  # noqa: E402
+from bench.machine import cpu_flag_set  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_http_ready  # noqa: E402
 
 NAME = "lm"
@@ -51,11 +52,8 @@ TEXT = (
 
 def cpu_flags() -> list[str]:
     """Return the CPU flags of this machine that matter to ONNX Runtime's kernels."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
-            return [f for f in line.split(":", 1)[1].split() if f in wanted]
-    return []
+    flags = cpu_flag_set()
+    return [f for f in ("fma", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
 
 
 def bench_spec(folder: Path, prompt_ids: list[int]) -> Any:

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_flag_set  # noqa: E402
 from hub.build.gate import cosine_rows, measure_latency  # noqa: E402
 from hub.build.loader import tokenize  # noqa: E402
 from hub.build.pipeline import BuildResult, build  # noqa: E402
@@ -245,11 +246,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         minilm_rows, minilm = bench_minilm(Path(tmp), max(args.runs, 30), args.threads, tuple(args.targets.split(",")))
         cnn_rows, cnn = bench_cnn(Path(tmp), max(args.runs, 30), args.threads)
-    flags = set()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        pass
+    flags = cpu_flag_set()
     env = {
         "cpu": platform.processor() or platform.machine(),
         "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),

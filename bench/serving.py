@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_flag_set  # noqa: E402
 from shared.manifest import Batching  # noqa: E402
 from shared.targets import TargetId  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_http_ready  # noqa: E402
@@ -371,11 +372,7 @@ def _batch_sizes(address: str) -> dict[str, float]:
 
 
 def cpu_flags() -> dict[str, Any]:
-    flags: set[str] = set()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        pass
+    flags = cpu_flag_set()
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

@@ -26,6 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_flag_set  # noqa: E402
 from tests.support.hub import HubProcess, WorkerProcess  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "task.yaml"
@@ -89,11 +90,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: a SQLite file in a temporary dir")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    flags: set[str] = set()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        pass
+    flags = cpu_flag_set()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         env = {"AUTODL_HUB_JOB_HEARTBEAT_S": "1", "AUTODL_HUB_JOB_POLL_S": "0.5"}
