@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hub.build import gate, package
-from hub.build.errors import BuildInputError, ExportError
+from hub.build.errors import BuildInputError, ExportError, TargetBuildError
+from hub.build.lm_block_affine import BlockAffineStats, quantize_block_affine
 from hub.build.lm_export import (
     EXPORTS,
     BuiltFolder,
@@ -47,11 +48,8 @@ logger = logging.getLogger(__name__)
 
 _CPU = (TargetId.CPU_FP32, TargetId.CPU_INT8, TargetId.CPU_INT4)
 _CUDA = (TargetId.CUDA_FP16, TargetId.CUDA_INT4)
-_LAST_MATMUL_INT8 = {"matmul_mixed_precision": "last_matmul:int8"}
-# With tied embeddings the builder shares one int4 matrix between the embedding and the LM head;
-# asked for an int8 head as well it writes a graph that names a missing initializer (0.18.0,
-# measured on SmolLM2-135M), so the two are unshared (the embedding then stays a float Gather).
-_UNSHARED = {"shared_embeddings": "false"}
+# Mean distance of the weights from their int4 grid, in steps, below which they came from one.
+_NEAR_GRID = 0.05
 _MAX_PIECE = 512  # tokens per validation piece: perplexity needs no longer context, and prefill is O(n^2)
 
 
@@ -143,6 +141,22 @@ def _fallback(request: TextGenBuildRequest, workdir: Path, target: TargetId, why
     return BuiltFolder(job, folder, None, exporter="optimum text-generation-with-past")
 
 
+def _block_affine(
+    request: TextGenBuildRequest, fp32: BuiltFolder, workdir: Path, target: TargetId
+) -> tuple[BuiltFolder, BlockAffineStats]:
+    """The int4 retry: the fp32 graph's projections in int4 with a float minimum per block, head in int8."""
+    options = {**_options(request, target), "method": "block-affine"}
+    job = ExportJob(target, workdir / "export-block-affine" / target.value, options)
+    if fp32.folder is None:
+        raise TargetBuildError("export", target.value, "no cpu-fp32 graph to quantize")
+    stats = quantize_block_affine(fp32.folder, job.output, block_size=request.block_size)
+    logger.info(
+        "block-affine int4: %d projections (weights %.3f of a step from a 16-level grid), %d int8 heads",
+        stats.int4_matmuls, stats.grid_offset, stats.int8_matmuls,
+    )  # fmt: skip
+    return BuiltFolder(job, job.output, exporter=f"{fp32.exporter} (cpu-fp32) + block-affine int4"), stats
+
+
 def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress: Progress | None = None) -> BuildResult:
     """Export every requested target, gate it against torch, and return the manifest and files."""
     say = progress or _quiet
@@ -216,34 +230,41 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
     decisions: dict[TargetId, gate.Decision] = {
         TargetId.CPU_FP32: gate.Decision(TargetId.CPU_FP32, True, "baseline: parity and perplexity as torch")
     }
-    int4_extra: dict[str, str] = {}
     attempts: dict[TargetId, list[dict[str, Any]]] = {}
     quality_failed: dict[TargetId, str] = {}
+    builder_int4_failed: str | None = None  # why the builder's int4 failed, when block-affine passed instead
     for target in (t for t in cpu if t != TargetId.CPU_FP32):
         precision = EXPORTS[target][0]
         budget = request.budget(precision)
         measured[target] = measure(target, built[target])
-        why = quality_reason(measured[target], budget)
-        if why is not None and precision == "int4" and built[target].exporter.startswith("onnxruntime-genai"):
-            first = why
-            tried = measured[target]
+        why = quality_reason(measured[target], budget, quantized=True)
+        if why is not None and precision == "int4":
+            first, tried = why, measured[target]
             attempts[target] = [
                 {
+                    "exporter": built[target].exporter,
                     "options": built[target].job.extra_options,
                     "perplexity_change": tried.change,
                     "parity_matched": tried.parity_matched,
                     "reason": why,
                 }
             ]
-            say("gate", f"{target.value}: {why}; retrying with the LM head in int8")
-            lm_head = {**_LAST_MATMUL_INT8, **(_UNSHARED if config.get("tie_word_embeddings") else {})}
-            retry = _build(request, source, workdir, [target], {target: lm_head}, "last-matmul-int8")[target]
-            if retry.folder is not None:
-                _finish_folder(request, retry.folder, eos, context)
-                built[target], int4_extra = retry, lm_head
-                measured[target] = measure(target, retry)
-                why = quality_reason(measured[target], budget)
-                why = None if why is None else f"{first}; with the LM head in int8: {why}"
+            say("gate", f"{target.value}: {why}; retrying as block-affine int4 (a float minimum per block)")
+            try:
+                retry, stats = _block_affine(request, built[TargetId.CPU_FP32], workdir, target)
+            except TargetBuildError as exc:
+                why = f"{first}; block-affine int4 could not be built: {exc}"
+            else:
+                built[target], measured[target] = retry, measure(target, retry)
+                why = quality_reason(measured[target], budget, quantized=True)
+                builder_int4_failed = first if why is None else None
+                if why is not None:
+                    why = f"{first}; as block-affine int4: {why}"
+                if why is not None and 0 < stats.grid_offset < _NEAR_GRID:
+                    why += (
+                        f" (the weights lie {stats.grid_offset:.1%} of a step off a 16-level grid: a quantized"
+                        " checkpoint fine-tuned by less than a step, which int4 rounds back)"
+                    )
         rate = measured[target].tokens_per_s or 0.0
         if why is not None:
             quality_failed[target] = why
@@ -264,9 +285,8 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
     cuda = [t for t in request.targets if t in _CUDA]
     if cuda:
         say("export", f"model builder: {', '.join(t.value for t in cuda)} (built here, not runnable: no GPU)")
-        extra = {TargetId.CUDA_INT4: int4_extra}
         # The model builder is the only CUDA exporter here; a GLM whose relabel failed has none.
-        jobs = {} if relabel_failed else _build(request, source, workdir, cuda, extra, "cuda")
+        jobs = {} if relabel_failed else _build(request, source, workdir, cuda, {}, "cuda")
         for target in cuda:
             export = jobs.get(target)
             if export is None or export.folder is None:
@@ -275,6 +295,13 @@ def build_text_generation(request: TextGenBuildRequest, workdir: Path, progress:
                 continue
             if target == TargetId.CUDA_INT4 and TargetId.CPU_INT4 in quality_failed:
                 reason = f"same quantization as cpu-int4, which failed: {quality_failed[TargetId.CPU_INT4]}"
+                decisions[target] = gate.Decision(target, False, reason)
+                continue
+            if target == TargetId.CUDA_INT4 and builder_int4_failed is not None:
+                reason = (
+                    "cpu-int4 passed as block-affine int4, a CPU graph; the builder's int4, which CUDA gets, "
+                    f"failed: {builder_int4_failed}"
+                )
                 decisions[target] = gate.Decision(target, False, reason)
                 continue
             _finish_folder(request, export.folder, eos, context)

@@ -44,30 +44,30 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
     return build_text_generation(request, root / "work")
 
 
-def test_int4_over_its_budget_is_refused_and_the_lm_head_in_int8_is_tried_next(result: BuildResult) -> None:
+def test_int4_over_its_budget_is_refused_and_block_affine_int4_is_tried_next(result: BuildResult) -> None:
     entries = {e.measurement.target: e for e in result.report}
     int4 = entries[TargetId.CPU_INT4]
     # All-int4 costs perplexity (and here its greedy tokens): over a 0 % budget, refused ...
     (first,) = int4.recipe["earlier_attempts"]
     assert first["perplexity_change"] > 0 and "over the 0.00% budget" in first["reason"], first
-    assert "matmul_mixed_precision" not in first["options"]
-    # ... then the builder's last_matmul:int8 variant, measured again, is what the gate decided on.
-    assert int4.recipe["options"]["matmul_mixed_precision"] == "last_matmul:int8"
+    assert first["exporter"] == "onnxruntime-genai model builder" and "method" not in first["options"]
+    # ... then block-affine int4 made from the fp32 graph, measured again, is what the gate decided on.
+    assert int4.recipe["options"]["method"] == "block-affine"
+    assert int4.recipe["exporter"].endswith("(cpu-fp32) + block-affine int4")
     change = int4.measurement.value / int4.measurement.reference - 1  # type: ignore[operator]
     assert int4.decision.published == (change <= 0), int4.decision.reason
     assert entries[TargetId.CPU_INT8].decision.published, entries[TargetId.CPU_INT8].decision.reason
     manifest = result.manifest
     published = {v.target for v in manifest.variants}
     assert {TargetId.CPU_FP32, TargetId.CPU_INT8, TargetId.CUDA_FP16} <= published
-    # CUDA variants are built here but cannot run (no GPU): published unmeasured, cuda-int4 with
-    # the quantization cpu-int4 passed with, or refused with cpu-int4's quality failure.
+    # CUDA variants are built here but cannot run (no GPU): published unmeasured; cuda-int4 (the
+    # builder's int4, which failed on the CPU) refused, whether block-affine then passed or not.
     cuda_fp16 = manifest.variant("cuda-fp16")
     assert cuda_fp16 is not None and cuda_fp16.precision == "fp16" and cuda_fp16.providers[0] == "CUDAExecutionProvider"
     assert cuda_fp16.metrics is not None and (cuda_fp16.metrics.latency_note or "").startswith("unmeasured")
     cuda_int4 = entries[TargetId.CUDA_INT4]
-    assert cuda_int4.decision.published == int4.decision.published
-    if cuda_int4.decision.published:
-        assert cuda_int4.recipe["options"]["matmul_mixed_precision"] == "last_matmul:int8"
+    assert not cuda_int4.decision.published
+    assert ("block-affine" in cuda_int4.decision.reason) == int4.decision.published, cuda_int4.decision.reason
     assert (TargetId.CPU_INT4 in published) == int4.decision.published
     assert all(s.target in (TargetId.CPU_INT4, TargetId.CUDA_INT4) for s in manifest.skipped)
     int8 = manifest.variant("cpu-int8")
