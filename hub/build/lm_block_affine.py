@@ -12,7 +12,8 @@ block into its symmetric part and its constant keeps the grid exactly:
 where `E` [K, K/32] sums each block of `x` and `C` [K/32, N] holds the block constants. The
 correction costs 1/8 of the int4 weights' bytes and two small MatMuls per projection. For
 weights that are not on such a grid it is still the better int4 (asymmetric with an exact
-float minimum). The LM head gets symmetric int8 in blocks of 32 (GGUF Q8_0's grid).
+float minimum). The LM head gets symmetric int8 in blocks of 32 (GGUF Q8_0's grid), and a tied
+embedding gathers its rows from the same int8 values.
 
 Input is the model builder's fp32 folder; every other file is copied as is.
 """
@@ -77,34 +78,41 @@ def _int8_blocks(weight: NDArray[np.float32], block: int) -> tuple[NDArray[np.ui
     return q.astype(np.uint8), scale[..., 0]
 
 
-def _share_with_embedding(
-    graph: onnx.GraphProto, head: str, data: str, scales: str, k: int, n: int, block_size: int
-) -> dict[str, list[onnx.NodeProto]]:
-    """With tied embeddings the builder gathers rows of Transpose(head); gather the int8 head instead."""
+def _gather_from_head(
+    graph: onnx.GraphProto, head: str, data: NDArray[np.uint8], scales: NDArray[np.float32]
+) -> tuple[dict[str, list[onnx.NodeProto]], list[TensorProto]]:
+    """With tied embeddings the builder gathers rows of Transpose(head); gather the int8 head's rows instead.
+
+    From a copy of the int8 bytes and scales, not the head's own: prepacking reads every page of
+    the head's, which then stay resident as long as anything uses them, while a gather touches
+    only the rows of the tokens it sees (on SmolLM2-135M: 27 MB less resident, 28 MB more on disk).
+    """
     transposes = [t for t in graph.node if t.op_type == "Transpose" and list(t.input) == [head]]
     replaced: dict[str, list[onnx.NodeProto]] = {}
+    tensors: list[TensorProto] = []
+    n, blocks, block_size = data.shape
     for transpose in transposes:
         gathers = [g for g in graph.node if g.op_type == "Gather" and g.input[0] == transpose.output[0]]
-        if (
-            not transpose.name
-            or not gathers
-            or any(transpose.output[0] in x.input for x in graph.node if x not in gathers and x is not transpose)
-        ):
+        others = [x for x in graph.node if transpose.output[0] in x.input and x not in gathers]
+        if not transpose.name or not gathers or others:
             continue
-        rows = f"{data}.rows"
-        shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{rows}.shape")
-        graph.initializer.append(shape)
-        replaced[transpose.name] = [
-            helper.make_node("Reshape", [data, shape.name], [rows], name=f"{transpose.name}.rows")
+        rows, row_scales, shape = f"{transpose.name}.q8", f"{transpose.name}.scales", f"{transpose.name}.shape"
+        tensors = [
+            numpy_helper.from_array(data, rows),
+            numpy_helper.from_array(scales[..., None], row_scales),
+            numpy_helper.from_array(np.array([0, 0, blocks * block_size], np.int64), shape),
         ]
+        replaced[transpose.name] = []
         for gather in gathers:
+            gathered = f"{gather.output[0]}.blocks"
             replaced[gather.name] = [
                 helper.make_node(
-                    "GatherBlockQuantized", [rows, gather.input[1], scales], list(gather.output), name=gather.name,
-                    domain="com.microsoft", bits=8, block_size=block_size, gather_axis=0, quantize_axis=1,
-                )
+                    "GatherBlockQuantized", [rows, gather.input[1], row_scales], [gathered], name=gather.name,
+                    domain="com.microsoft", bits=8, block_size=block_size, gather_axis=0, quantize_axis=2,
+                ),
+                helper.make_node("Reshape", [gathered, shape], list(gather.output), name=f"{gather.name}.rows"),
             ]  # fmt: skip
-    return replaced
+    return replaced, tensors
 
 
 def _vocab_size(folder: Path) -> int | None:
@@ -137,7 +145,7 @@ def quantize_block_affine(
     dropped: set[str] = set()
     int4 = int8 = 0
     offsets: list[float] = []
-    tied: dict[str, list[onnx.NodeProto]] = {}  # a Transpose of the head -> what replaces it
+    tied: dict[str, list[onnx.NodeProto]] = {}  # the embedding's Transpose and Gather -> what replaces them
     for node in list(graph.node):
         init = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if (
@@ -163,7 +171,9 @@ def quantize_block_affine(
                 )
             )  # fmt: skip
             int8 += 1
-            tied.update(_share_with_embedding(graph, init.name, f"{name}.q8", f"{name}.scales", k, n, block_size))
+            swaps, tensors = _gather_from_head(graph, init.name, data, scales)
+            tied.update(swaps)
+            added += tensors
             continue
         packed, scales, constants, offset = _int4_blocks(weight, block_size)
         offsets.append(offset)
