@@ -51,7 +51,8 @@ def _manifest(lineage: dict[str, object] | None = None) -> Manifest:
 def test_policy_rules(
     policy: CapturePolicy, probs: list[float], ood: float | None, draw: float, expected: CaptureReason | None
 ) -> None:
-    assert judge(policy, np.array(probs), ood, lambda: draw) == expected
+    ood_scores = None if ood is None else np.array([ood])
+    assert judge(policy, np.array([probs]), ood_scores, np.array([draw])) == [expected]
 
 
 def test_a_policy_without_any_rule_or_out_of_range_is_refused() -> None:
@@ -204,6 +205,9 @@ def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Pa
     from agent.capture import scores
 
     manifest = _manifest({"ood": {"centroid": [1.0, 0.0, 0.0], "spread": 0.5}})
-    _, near = scores(manifest, np.array([[1.0, 0.1, 0.0]]))
-    _, far = scores(manifest, np.array([[-3.0, 2.0, 1.0]]))
-    assert near is not None and far is not None and near < 1.0 < 3.0 < far
+    probs, ood = scores(manifest, np.array([[1.0, 0.1, 0.0], [-3.0, 2.0, 1.0], [0.2, 0.3, 0.5]]))
+    assert ood is not None and ood[0] < 1.0 < 3.0 < ood[1]
+    # Logits become probabilities row by row; a row that is a distribution already stays as it is.
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(probs[2], [0.2, 0.3, 0.5])
+    assert probs[1].argmax() == 1
