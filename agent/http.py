@@ -470,6 +470,7 @@ class HttpServer:
                     self.on_refused(error.reason)
                     result = Response(503, self.error_body(error), headers=error.headers)
             keep_alive = self._write(conn, request, result)
+            self._after(result)
             self._release(conn)
             if not keep_alive or self._stop.is_set():
                 self._close_from_worker(conn)
@@ -488,6 +489,7 @@ class HttpServer:
                 error = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: deferred twice", "internal")
                 result = Response(500, self.error_body(error))
             keep_alive = self._write(conn, request, result)
+            self._after(result)
             if keep_alive and not self._stop.is_set():
                 self._hand_back(conn)
             else:
@@ -566,6 +568,15 @@ class HttpServer:
         except OSError:
             return False
         return keep_alive
+
+    @staticmethod
+    def _after(result: Response | Streaming) -> None:
+        """Run an answer's `after` work; its failure is logged, the connection goes on."""
+        if isinstance(result, Response) and result.after is not None:
+            try:
+                result.after()
+            except Exception:  # work after an answer must never take a connection down
+                logger.exception("work after an answer failed")
 
     def _stream(self, conn: _Conn, result: Streaming, chunked: bool) -> None:
         head = [

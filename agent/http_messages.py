@@ -72,12 +72,13 @@ class Request:
 
 @dataclass
 class Response:
-    """A complete answer."""
+    """A complete answer; `after` runs once it is written, before the connection reads its next request."""
 
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    after: Callable[[], None] | None = None  # work off the answer's latency (hard-example capture)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -67,8 +68,8 @@ class ServerContext:
     generation: GenerationHooks = field(default_factory=GenerationHooks)
     api_token: str | None = None  # agent.local_access: bearer token, Host checks
     bind_host: str = "127.0.0.1"
-    # Hard-example capture (agent.capture): (manifest, raw request body, first output), handed off
-    # the request path; it copies the body only for models whose capture policy is on.
+    # Hard-example capture (agent.capture): (manifest, raw request body, first output), called once
+    # the answer is written; it copies the body only for models whose capture policy is on.
     capture: Callable[[Manifest, bytes | bytearray, np.ndarray], None] = lambda manifest, body, output: None
 
 
@@ -201,12 +202,11 @@ class InferenceServer:
             )
             with tracing.span("agent.infer.postprocess"):
                 body, header_length = encode_response(head, outputs, binary)
-        self.context.capture(model.manifest, request.body, next(iter(outputs.values())))
+        capture = partial(self.context.capture, model.manifest, request.body, next(iter(outputs.values())))
         if header_length is None:
-            return Response(200, body, _JSON)
-        return Response(
-            200, body, "application/octet-stream", (("Inference-Header-Content-Length", str(header_length)),)
-        )
+            return Response(200, body, _JSON, after=capture)
+        sizes = (("Inference-Header-Content-Length", str(header_length)),)
+        return Response(200, body, "application/octet-stream", sizes, after=capture)
 
     def _predict(self, request: Request) -> Response:
         model = self.model(request)
@@ -218,8 +218,9 @@ class InferenceServer:
                 outputs = self.batchers.get(model).run(inputs)
             with tracing.span("agent.infer.postprocess"):
                 predictions = postprocess(model.manifest, outputs, inputs.get("attention_mask"))
-        self.context.capture(model.manifest, request.body, next(iter(outputs.values())))
-        return _json(200, {"model_name": model.name, "model_version": model.version, "predictions": predictions})
+        answer = {"model_name": model.name, "model_version": model.version, "predictions": predictions}
+        after = partial(self.context.capture, model.manifest, request.body, next(iter(outputs.values())))
+        return Response(200, json.dumps(answer).encode(), _JSON, after=after)
 
 
 class _client_errors:  # noqa: N801 - used as a context manager, named for what it catches

@@ -184,7 +184,7 @@ def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path:
         None,
         "cam-1",
         day_counts=(lambda: None, saved.append),
-        gather_s=0.2,  # every offer below arrives within one gathering: judged and spooled as one batch
+        gather_s=0.2,  # every item kept below arrives within one gathering: spooled as one batch
     )
     capture.start()
     try:
@@ -193,7 +193,8 @@ def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path:
             capture.offer(manifest, b'{"data": ["same"]}', np.array([[0.3, 0.3, 0.4]]))
         for i in range(30):
             capture.offer(manifest, json.dumps({"data": [i]}).encode(), np.array([[0.3, 0.3, 0.4]]))
-        _wait(lambda: capture.counters.judged == 34)
+        assert capture.counters.judged == 34  # at once: judging is the offer's own work
+        _wait(lambda: capture.counters.kept == 10)
     finally:
         capture.stop()
     assert len(capture.spool) == 10 and capture.counters.kept == 10

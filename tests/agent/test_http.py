@@ -176,3 +176,28 @@ def test_the_one_pass_head_reading_agrees_with_the_strict_one() -> None:
                 raw = line + b"\r\n" + fields[a] + b"\r\n" + fields[(b + i) % len(fields)]
                 assert read(parse_head, raw) == read(_parse_head_strictly, raw), raw
                 assert read(parse_head, line) == read(_parse_head_strictly, line)
+
+
+def test_work_after_an_answer_runs_once_it_is_written_and_its_failure_keeps_the_connection() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    def after() -> None:
+        release.wait(10)  # the client already has its answer while this still runs
+        ran.append("after")
+        raise RuntimeError("capture failed")
+
+    router = Router()
+    router.add("GET", "/answer", lambda r: Response(200, b'{"ok": true}', after=after))
+    server, _ = serve(router, workers=1)
+    try:
+        with httpx.Client(timeout=10) as client:
+            first = client.get(f"http://127.0.0.1:{server.port}/answer")
+            assert first.json() == {"ok": True} and ran == []
+            release.set()
+            second = client.get(f"http://127.0.0.1:{server.port}/answer")  # the same kept-alive connection
+            assert second.json() == {"ok": True}
+            wait_for("the second after", lambda: len(ran) == 2, 10)
+            assert client.get(f"http://127.0.0.1:{server.port}/answer").status_code == 200
+    finally:
+        server.stop()
