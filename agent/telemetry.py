@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,10 +128,17 @@ class Telemetry:
         with self._lock:
             self._refused[reason] = self._refused.get(reason, 0) + 1
 
+    def _of(self, model: str, version: str) -> _Serving:
+        """Return a version's counters, made on first use; call with the lock held."""
+        s = self._serving.get((model, version))
+        if s is None:  # not setdefault: that would build a _Serving (lists, a deque) on every request
+            s = self._serving[(model, version)] = _Serving()
+        return s
+
     def observe_batch(self, model: str, version: str, rows: int, waited: list[float], compute: float) -> None:
         """Account one `session.run`: its rows, each request's time in the queue, its duration."""
         with self._lock:
-            s = self._serving.setdefault((model, version), _Serving())
+            s = self._of(model, version)
             s.interval_queue += waited
             s.interval_compute.append(compute)
             s.interval_rows += rows
@@ -139,15 +147,13 @@ class Telemetry:
             s.compute_sum += compute
             s.batches += 1
             s.rows_total += rows
-            for i, bound in enumerate(BATCH_BUCKETS):
-                if rows <= bound:
-                    s.batch_buckets[i] += 1
-                    break
+            if (i := bisect_left(BATCH_BUCKETS, rows)) < len(BATCH_BUCKETS):
+                s.batch_buckets[i] += 1
 
     def observe(self, model: str, version: str, seconds: float, ok: bool) -> None:
         """Account one inference request."""
         with self._lock:
-            s = self._serving.setdefault((model, version), _Serving())
+            s = self._of(model, version)
             s.interval_requests += 1
             s.total_requests += 1
             s.since_requests += 1
@@ -158,10 +164,8 @@ class Telemetry:
                 s.interval_errors += 1
                 s.total_errors += 1
                 s.since_errors += 1
-            for i, bound in enumerate(BUCKETS):
-                if seconds <= bound:
-                    s.buckets[i] += 1
-                    break
+            if (i := bisect_left(BUCKETS, seconds)) < len(BUCKETS):
+                s.buckets[i] += 1
 
     def observe_generation(
         self,
@@ -199,7 +203,7 @@ class Telemetry:
     def reset_version(self, model: str, version: str) -> None:
         """Start counting a version afresh (it was just activated)."""
         with self._lock:
-            s = self._serving.setdefault((model, version), _Serving())
+            s = self._of(model, version)
             s.since_requests = s.since_errors = 0
             s.recent.clear()
 
