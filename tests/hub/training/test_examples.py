@@ -218,6 +218,6 @@ def test_smollm2_as_shipped_is_published_in_int4_within_budget(small_task: Calla
     # Within its budget a quantized variant may part from torch's greedy tokens after the first
     # (a near tie flipped); the device checks the tokens the gate saw match.
     assert 1 <= generation["parity_matched"] <= generation["parity_tokens"] == 12
-    # Smaller than the fp32 files by more than 4x: int4 projections, an int8 head the embedding shares.
+    # Under a third of the fp32 files: int4 projections, an int8 head and the embedding's int8 copy.
     fp32 = next(v for v in manifest["variants"] if v["target"] == "cpu-fp32")
-    assert sum(f["size"] for f in int4["files"]) * 4 < sum(f["size"] for f in fp32["files"])
+    assert sum(f["size"] for f in int4["files"]) * 3 < sum(f["size"] for f in fp32["files"])
