@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,47 @@ def test_sequences_run_concurrently_from_threads_on_one_model(model: GenerationM
     for t in threads:
         t.join(timeout=60)
     assert [got[i] for i in range(6)] == expected
+
+
+def test_prompts_run_one_at_a_time_while_other_sequences_decode(tmp_path: Path) -> None:
+    model = load_model(write_folder(tmp_path / "tiny"), threads=1)
+    session, lock = model.session, threading.Lock()
+    running = {"prompt": 0, "most_prompts": 0, "decode_beside_prompt": 0}
+
+    class Watched:  # the session, counting the runs in flight by kind
+        def __getattr__(self, name: str) -> object:
+            return getattr(session, name)
+
+        def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> object:
+            prompt = feed["input_ids"].shape[1] > 1
+            with lock:
+                running["prompt"] += prompt
+                running["most_prompts"] = max(running["most_prompts"], running["prompt"])
+                running["decode_beside_prompt"] += not prompt and running["prompt"] > 0
+            try:
+                if prompt:
+                    time.sleep(0.05)  # a long prompt: others arrive meanwhile
+                return session.run(outputs, feed)
+            finally:
+                with lock:
+                    running["prompt"] -= prompt
+
+    model.session = Watched()  # type: ignore[assignment]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        time.sleep(0.02 * i)
+        results[i] = list(model.generate([i + 1, i + 2, i + 3], SamplingParams(max_new_tokens=40, ignore_eos=True)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(len(results[i]) == 40 for i in range(4))
+    # A prompt's logits are [prompt, vocab]: never two at once. Sequences past theirs go on.
+    assert running["most_prompts"] == 1
+    assert running["decode_beside_prompt"] > 0
 
 
 def test_perplexity_is_the_exponent_of_the_mean_negative_log_likelihood(model: GenerationModel) -> None:
