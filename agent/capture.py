@@ -70,6 +70,7 @@ class CaptureCounters:
     over_daily_cap: int = 0
     spool_dropped: int = 0
     too_large: int = 0
+    unjudged: int = 0
     uploaded: int = 0
     upload_duplicates: int = 0
     upload_refused: int = 0
@@ -421,9 +422,14 @@ class Capture:
             if len(body) > MAX_ITEM_BYTES:
                 self.counters.too_large += 1
                 return
-        array = np.asarray(output)
-        probs, ood = scores(manifest, array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)[:1])
-        (reason,) = judge(policy, probs, ood, np.array([self._random.random()]))
+        try:
+            array = np.asarray(output)
+            probs, ood = scores(manifest, array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)[:1])
+            (reason,) = judge(policy, probs, ood, np.array([self._random.random()]))
+        except (ValueError, TypeError):  # an output that is no scores (strings, an empty tensor)
+            with self._lock:
+                self.counters.unjudged += 1
+            return
         with self._lock:
             self.counters.judged += 1
             if reason is None or self._over_cap(policy, now):

@@ -212,3 +212,12 @@ def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Pa
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     np.testing.assert_allclose(probs[2], [0.2, 0.3, 0.5])
     assert probs[1].argmax() == 1
+
+
+def test_an_output_that_is_no_scores_is_counted_and_the_server_goes_on(tmp_path: Path) -> None:
+    capture = Capture(tmp_path / "c", lambda: {"digits": CapturePolicy(sample_rate=1.0)}, None, "cam-1")
+    capture.offer(_manifest(), b"{}", np.array([["cat", "dog"]], dtype=object))
+    capture.offer(_manifest(), b"{}", np.zeros((1, 0), dtype=np.float32))
+    assert capture.counters.unjudged == 2 and capture.counters.judged == 0
+    capture.offer(_manifest(), b'{"data": [1]}', np.array([[0.3, 0.3, 0.4]]))
+    assert capture.counters.judged == 1
