@@ -77,52 +77,43 @@ class CaptureCounters:
     upload_errors: int = 0
 
 
-def _softmax(rows: np.ndarray) -> np.ndarray:
-    shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
-    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+def _softmax(row: np.ndarray) -> np.ndarray:
+    shifted = np.exp(row - row.max())
+    return np.asarray(shifted / shifted.sum())
 
 
-def scores(manifest: Manifest, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return the class probabilities of `rows` [n, classes] and their OOD scores (None without a reference).
-
-    Rows that are a distribution already (non-negative, summing to 1) are kept; others are logits.
-    """
-    rows = np.asarray(rows, dtype=np.float64)
-    distribution = (rows.min(axis=1) >= 0) & (np.abs(rows.sum(axis=1) - 1.0) < 1e-3)
-    probs = rows if distribution.all() else np.where(distribution[:, None], rows, _softmax(rows))
+def scores(manifest: Manifest, output: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """Return class probabilities of the first row and its OOD score (None without a reference)."""
+    row = np.asarray(output, dtype=np.float64).reshape(output.shape[0] if output.ndim > 1 else 1, -1)[0]
+    probs = row if (row.min() >= 0 and abs(row.sum() - 1.0) < 1e-3) else _softmax(row)
     ood = None
     reference = manifest.lineage.get("ood")
     if isinstance(reference, dict) and isinstance(reference.get("centroid"), list):
         centroid = np.asarray(reference["centroid"], dtype=np.float64)
         spread = float(reference.get("spread") or 1.0)
-        if centroid.shape == rows.shape[1:] and spread > 0:
-            ood = np.linalg.norm(rows - centroid, axis=1) / spread
+        if centroid.shape == row.shape and spread > 0:
+            ood = float(np.linalg.norm(row - centroid) / spread)
     return probs, ood
 
 
 def judge(
-    policy: CapturePolicy, probs: np.ndarray, ood: np.ndarray | None, draws: np.ndarray
-) -> list[CaptureReason | None]:
-    """Return why each row of `probs` [n, classes] is kept under `policy`, or None; `draws` are uniform in [0, 1)."""
-    n = len(probs)
-    if not policy.enabled or n == 0:
-        return [None] * n
-    ordered = -np.sort(-probs, axis=1)
-    zeros = np.zeros(n)
-    top1 = ordered[:, 0] if ordered.shape[1] else zeros
-    top2 = ordered[:, 1] if ordered.shape[1] > 1 else zeros
-    # The rules in order: the first that holds is the reason.
-    rules = [
-        (CaptureReason.LOW_CONFIDENCE, policy.min_confidence is not None and top1 < policy.min_confidence),
-        (CaptureReason.SMALL_MARGIN, policy.min_margin is not None and top1 - top2 < policy.min_margin),
-        (
-            CaptureReason.OUT_OF_DISTRIBUTION,
-            policy.max_ood_score is not None and ood is not None and ood > policy.max_ood_score,
-        ),
-        (CaptureReason.SAMPLE, policy.sample_rate > 0 and draws < policy.sample_rate),
-    ]
-    held = [(reason, np.broadcast_to(hits, n)) for reason, hits in rules if hits is not False]
-    return [next((reason for reason, hits in held if hits[i]), None) for i in range(n)]
+    policy: CapturePolicy, probs: np.ndarray, ood: float | None, draw: Callable[[], float]
+) -> CaptureReason | None:
+    """Return why the request is kept under `policy`, or None."""
+    if not policy.enabled:
+        return None
+    ordered = np.sort(probs)[::-1]
+    top1 = float(ordered[0]) if ordered.size else 0.0
+    top2 = float(ordered[1]) if ordered.size > 1 else 0.0
+    if policy.min_confidence is not None and top1 < policy.min_confidence:
+        return CaptureReason.LOW_CONFIDENCE
+    if policy.min_margin is not None and top1 - top2 < policy.min_margin:
+        return CaptureReason.SMALL_MARGIN
+    if policy.max_ood_score is not None and ood is not None and ood > policy.max_ood_score:
+        return CaptureReason.OUT_OF_DISTRIBUTION
+    if policy.sample_rate > 0 and draw() < policy.sample_rate:
+        return CaptureReason.SAMPLE
+    return None
 
 
 class Spool:
@@ -423,9 +414,8 @@ class Capture:
                 self.counters.too_large += 1
                 return
         try:
-            array = np.asarray(output)
-            probs, ood = scores(manifest, array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)[:1])
-            (reason,) = judge(policy, probs, ood, np.array([self._random.random()]))
+            probs, ood = scores(manifest, np.asarray(output))
+            reason = judge(policy, probs, ood, self._random.random)
         except (ValueError, TypeError):  # an output that is no scores (strings, an empty tensor)
             with self._lock:
                 self.counters.unjudged += 1
@@ -434,7 +424,7 @@ class Capture:
             self.counters.judged += 1
             if reason is None or self._over_cap(policy, now):
                 return
-        item = _item(manifest, bytes(body), content_type, reason, probs[0], None if ood is None else float(ood[0]), now)
+        item = _item(manifest, bytes(body), content_type, reason, probs, ood, now)
         with self._lock:
             if item.id in self._queued or item.id in self.spool:
                 return  # a request captured again is neither stored nor counted again

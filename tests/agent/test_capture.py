@@ -51,8 +51,7 @@ def _manifest(lineage: dict[str, object] | None = None) -> Manifest:
 def test_policy_rules(
     policy: CapturePolicy, probs: list[float], ood: float | None, draw: float, expected: CaptureReason | None
 ) -> None:
-    ood_scores = None if ood is None else np.array([ood])
-    assert judge(policy, np.array([probs]), ood_scores, np.array([draw])) == [expected]
+    assert judge(policy, np.array(probs), ood, lambda: draw) == expected
 
 
 def test_a_policy_without_any_rule_or_out_of_range_is_refused() -> None:
@@ -206,12 +205,13 @@ def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Pa
     from agent.capture import scores
 
     manifest = _manifest({"ood": {"centroid": [1.0, 0.0, 0.0], "spread": 0.5}})
-    probs, ood = scores(manifest, np.array([[1.0, 0.1, 0.0], [-3.0, 2.0, 1.0], [0.2, 0.3, 0.5]]))
-    assert ood is not None and ood[0] < 1.0 < 3.0 < ood[1]
-    # Logits become probabilities row by row; a row that is a distribution already stays as it is.
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-    np.testing.assert_allclose(probs[2], [0.2, 0.3, 0.5])
-    assert probs[1].argmax() == 1
+    _, near = scores(manifest, np.array([[1.0, 0.1, 0.0]]))
+    logits, far = scores(manifest, np.array([[-3.0, 2.0, 1.0]]))
+    assert near is not None and far is not None and near < 1.0 < 3.0 < far
+    # Logits become probabilities; a row that is a distribution already stays as it is.
+    np.testing.assert_allclose(logits.sum(), 1.0)
+    assert logits.argmax() == 1
+    np.testing.assert_allclose(scores(manifest, np.array([[0.2, 0.3, 0.5]]))[0], [0.2, 0.3, 0.5])
 
 
 def test_an_output_that_is_no_scores_is_counted_and_the_server_goes_on(tmp_path: Path) -> None:
