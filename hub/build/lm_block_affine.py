@@ -97,7 +97,7 @@ def _gather_from_head(
         if not transpose.name or not gathers or others:
             continue
         rows, row_scales, shape = f"{transpose.name}.q8", f"{transpose.name}.scales", f"{transpose.name}.shape"
-        tensors = [
+        tensors += [
             numpy_helper.from_array(data, rows),
             numpy_helper.from_array(scales[..., None], row_scales),
             numpy_helper.from_array(np.array([0, 0, blocks * block_size], np.int64), shape),
