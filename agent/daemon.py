@@ -312,14 +312,15 @@ class Agent:
         threading.Timer(0.2, later).start()
 
     def _maintain(self) -> None:
-        next_collect = time.monotonic() + self.settings.telemetry_interval_s
+        collected = time.monotonic()
         while not self._stop.wait(min(0.25, self.settings.telemetry_interval_s)):
             self._tick = time.monotonic()
             try:
                 self.watchdog.check()
                 self.health.check()
-                if time.monotonic() >= next_collect:
-                    next_collect = time.monotonic() + self.settings.telemetry_interval_s
+                # Against the interval as set now: a changed interval applies from this round on.
+                if time.monotonic() >= collected + self.settings.telemetry_interval_s:
+                    collected = time.monotonic()
                     self._collect()
             except Exception:  # one failed round must not stop telemetry for good
                 logger.exception("maintenance round failed")
