@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.fleet import Fleet
 from tests.support.postgres import pg_schema_url
 from tests.support.processes import Broker
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
+    """A failing test that used a Fleet gets every process's log in its report.
+
+    A fleet shared by a module or package outlives the test, so its own ``__exit__`` cannot
+    print them at the failure.
+    """
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and call.when == "call":
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Fleet):
+                report.sections.append((f"{name}: process logs", value.logs()))
 
 
 @pytest.fixture
