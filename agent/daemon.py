@@ -220,6 +220,11 @@ class Agent:
 
     def _on_desired(self, desired: DesiredState) -> None:
         """Apply the desired settings (the settable ones; others are reported), then the models."""
+        newer = self.updater.superseded(desired)
+        if newer is not None:
+            self.session.count_rejected("stale_revision")
+            logger.info("desired revision %d ignored: revision %d arrived before it", desired.revision, newer)
+            return
         if desired.config and desired.device_id == self.identity.device_id:
             known = {k: v for k, v in desired.config.items() if k in SETTABLE}
             unknown = sorted(set(desired.config) - SETTABLE)
@@ -376,6 +381,12 @@ class Agent:
                 "counter",
                 "Signed manifests refused, by reason (unknown_key: no chain to a trusted key; retired_key; ...)",
                 [({"reason": reason}, n) for reason, n in sorted(self.updater.keys.refused.items())],
+            ),
+            (
+                "mqtt_messages_rejected_total",
+                "counter",
+                "MQTT messages from the hub not acted on, by reason (stale_revision: an older desired state)",
+                [({"reason": reason}, n) for reason, n in sorted(self.session.rejected.items())],
             ),
             (
                 "commands_total",

@@ -162,6 +162,10 @@ class MqttSession:
         info = self._client.publish(self._topic(channel), encode(message), qos=1, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
+    def count_rejected(self, reason: str) -> None:
+        """Count a message from the hub not acted on (shown in diagnostics and /metrics)."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def wake(self) -> None:
         """Tell the sender the outbox has something new."""
         self._wake.set()
@@ -342,7 +346,7 @@ class MqttSession:
             try:
                 desired = decode(bytes(message.payload), DesiredState)
             except ProtocolError as exc:
-                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                self.count_rejected(exc.reason)
                 logger.warning("rejected desired state: %s", exc)
                 self.on_invalid(f"desired state rejected: {exc}")
                 return

@@ -153,6 +153,19 @@ class Updater:
             return any(w.busy() for w in self._workers.values())
 
     # desired state -----------------------------------------------------------------------------
+    def superseded(self, desired: DesiredState) -> int | None:
+        """Return the newer revision already received when `desired` is older (else None).
+
+        Revisions only grow, so an older one is a stale copy: a broker that crashed brings
+        back the retained desired state it last saved, and the device may see it before
+        the hub has published the current one again.
+        """
+        raw = self.store.get("desired")
+        if raw is None:
+            return None
+        newest = DesiredState.model_validate_json(raw).revision
+        return newest if desired.revision < newest else None
+
     def apply(self, desired: DesiredState) -> None:
         """Start converging to a desired state; returns at once, workers do the rest."""
         if desired.device_id != self.identity.device_id:

@@ -13,6 +13,7 @@ Errors::
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections import Counter
@@ -28,7 +29,7 @@ from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from hub.models import Command, CommandStatus, Device, TelemetryPoint, utcnow
-from shared.messages import CommandResult, Presence, ReportedState, TelemetryBatch
+from shared.messages import CommandResult, DesiredState, Presence, ReportedState, TelemetryBatch
 
 __all__ = [
     "REJECT_REASONS",
@@ -43,6 +44,8 @@ __all__ = [
     "mark_stale_offline",
     "telemetry_rows",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Reasons besides shared.codec.REASONS (too_large, malformed, schema_version, unknown_kind,
 # wrong_kind, invalid) under which an inbound message is counted and dropped.
@@ -137,8 +140,16 @@ def _device(session: Session, device_id: str) -> Device:
     return device
 
 
-def apply_reported(session: Session, msg: ReportedState, *, live: bool, now: datetime | None = None) -> None:
-    """Store a device's reported state; a live (not retained) one also counts as a heartbeat."""
+def apply_reported(
+    session: Session, msg: ReportedState, *, live: bool, now: datetime | None = None
+) -> DesiredState | None:
+    """Store a device's reported state; a live (not retained) one also counts as a heartbeat.
+
+    A device that applied a higher revision than the stored desired state saw one this
+    database no longer knows (restored from a backup). A device ignores a revision older
+    than one it saw, so the stored state is renumbered past the device's and returned, for
+    the caller to publish after the commit.
+    """
     device = _device(session, msg.device_id)
     device.reported = msg.model_dump(mode="json")
     if msg.profile is not None:
@@ -147,7 +158,19 @@ def apply_reported(session: Session, msg: ReportedState, *, live: bool, now: dat
         device.agent_version = msg.agent_version
     if live:
         device.online, device.last_seen = True, now or utcnow()
+    renumbered = None
+    if device.desired and msg.revision > (desired := DesiredState.model_validate(device.desired)).revision:
+        renumbered = desired.model_copy(update={"revision": msg.revision + 1})
+        device.desired = renumbered.model_dump(mode="json")
+        logger.warning(
+            "%s applied desired revision %d, past the stored %d; its desired state is renumbered %d",
+            msg.device_id,
+            msg.revision,
+            desired.revision,
+            renumbered.revision,
+        )
     session.add(device)
+    return renumbered
 
 
 def apply_presence(session: Session, msg: Presence, *, live: bool, now: datetime | None = None) -> None:

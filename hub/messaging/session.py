@@ -131,6 +131,7 @@ class HubMessaging:
             self.counters,
             ack=lambda mid, qos: self._ack(self._client, mid, qos),
             on_resync=self._resync,
+            on_desired=self.publish_desired,
             batch_size=int(settings.telemetry_batch_size),
             flush_s=float(settings.telemetry_flush_s),
             heartbeat_timeout_s=heartbeat,

@@ -27,7 +27,7 @@ from sqlmodel import Session
 from hub.messaging import ingest
 from hub.messaging.decode import TelemetryRows
 from hub.messaging.ingest import IngestRejected, MessageCounters
-from shared.messages import CommandResult, Presence, ReportedState, TelemetryBatch
+from shared.messages import CommandResult, DesiredState, Presence, ReportedState, TelemetryBatch
 
 __all__ = ["Inbound", "IngestWriter"]
 
@@ -61,15 +61,19 @@ def _marks_offline(item: Inbound) -> bool:
     return isinstance(item.message, Presence) and not item.message.online
 
 
-def _store(session: Session, item: Inbound) -> None:
-    """Apply a state, presence or command result in `session` (raises IngestRejected before any change)."""
+def _store(session: Session, item: Inbound) -> DesiredState | None:
+    """Apply a state, presence or command result in `session` (raises IngestRejected before any change).
+
+    Return a desired state to publish once committed (see `ingest.apply_reported`).
+    """
     message = item.message
     if isinstance(message, ReportedState):
-        ingest.apply_reported(session, message, live=item.live, now=item.received_at)
-    elif isinstance(message, Presence):
+        return ingest.apply_reported(session, message, live=item.live, now=item.received_at)
+    if isinstance(message, Presence):
         ingest.apply_presence(session, message, live=item.live, now=item.received_at)
     elif isinstance(message, CommandResult):
         ingest.apply_result(session, message, now=item.received_at)
+    return None
 
 
 def _rows(message: _Telemetry) -> list[dict[str, Any]]:
@@ -86,6 +90,7 @@ class IngestWriter:
         *,
         ack: Callable[[int, int], None],
         on_resync: Callable[[], None],
+        on_desired: Callable[[DesiredState], object] = lambda state: None,
         batch_size: int,
         flush_s: float,
         heartbeat_timeout_s: float,
@@ -97,6 +102,7 @@ class IngestWriter:
         self.counters = counters
         self._ack = ack
         self._on_resync = on_resync
+        self._on_desired = on_desired
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -230,7 +236,7 @@ class IngestWriter:
     def _apply(self, item: Inbound) -> None:
         message = item.message
         try:
-            self.transact(lambda session: _store(session, item))
+            desired = self.transact(lambda session: _store(session, item))
         except IngestRejected as exc:
             self._reject(exc.reason, message.kind, exc.detail)
         except Exception:
@@ -238,6 +244,8 @@ class IngestWriter:
             self.counters.rejected("db_error")
         else:
             self.counters.ingested(message.kind)
+            if desired is not None:
+                self._on_desired(desired)
         self._ack(item.mid, item.qos)
 
     def _apply_all(self, items: list[Inbound]) -> None:
@@ -252,16 +260,20 @@ class IngestWriter:
                 self._apply(item)
             return
         outcomes: list[IngestRejected | None] = []
+        renumbered: list[DesiredState] = []
 
         def work(session: Session) -> None:
             outcomes.clear()  # a retried transaction starts over
+            renumbered.clear()
             for item in items:
                 try:
-                    _store(session, item)
+                    desired = _store(session, item)
                 except IngestRejected as exc:
                     outcomes.append(exc)
                 else:
                     outcomes.append(None)
+                    if desired is not None:
+                        renumbered.append(desired)
 
         try:
             self.transact(work)
@@ -277,6 +289,8 @@ class IngestWriter:
             for item in items:
                 self._apply(item)
             return
+        for desired in renumbered:
+            self._on_desired(desired)
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome is None:
                 self.counters.ingested(item.message.kind)

@@ -91,6 +91,14 @@ def test_agent_converges_swaps_without_failures_and_refuses_bad_versions(
             watcher.wait_reported(lambda r: any("desired state rejected" in e for e in r.errors))
             assert agent.infer("m")[0] == "2.0.0"
 
+            # A broker that crashed brings back an old retained desired state: older than one
+            # seen already, it is counted and ignored, so v2 keeps serving and nothing is refused.
+            publish_desired(hub_mqtt, device, 1, {"m": desired["1.0.0"]})
+            stale = 'autodl_agent_mqtt_messages_rejected_total{reason="stale_revision"} 1'
+            wait_for("the stale desired state counted", lambda: stale in httpx.get(f"{agent.url}/metrics").text)
+            assert agent.infer("m")[0] == "2.0.0"
+            assert httpx.get(f"{agent.url}/v1/status").json()["applied_revision"] == 4
+
         status = subprocess.run(
             [*STATUS, "--state-dir", str(tmp_state_dir), "--port", str(agent.port)],
             capture_output=True,

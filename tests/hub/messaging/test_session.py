@@ -401,6 +401,29 @@ def test_reconnect_republishes_desired_state_and_pending_commands(tmp_path: Path
         rig_iter.close()
 
 
+def test_a_database_behind_its_devices_renumbers_their_desired_state(rig: Rig) -> None:
+    # A database restored from a backup holds revision 2; the device applied 5 meanwhile and
+    # ignores anything older, so the hub republishes revision 6 with the stored models.
+    model = DesiredModel(version="1.0.0", manifest_url="http://hub/m")
+    with rig.session() as session:
+        device = session.get(Device, rig.a)
+        assert device is not None
+        device.desired = DesiredState(device_id=rig.a, revision=2, models={"m": model}).model_dump(mode="json")
+        session.add(device)
+        session.commit()
+    probe = rig.as_device(rig.a)
+    desired_topic = topics.device_topic(rig.a, DeviceChannel.DESIRED)
+    assert not probe.subscribe(desired_topic).is_failure
+    reported = ReportedState(device_id=rig.a, revision=5)
+    probe.publish(topics.device_topic(rig.a, DeviceChannel.REPORTED), codec.encode(reported), retain=True)
+
+    assert probe.wait_message(desired_topic)
+    published = codec.decode(probe.received(desired_topic)[-1], DesiredState)
+    assert published.revision == 6 and published.models == {"m": model}
+    stored = rig.device(rig.a).desired
+    assert stored is not None and stored["revision"] == 6
+
+
 def test_hub_session_survives_a_broker_restart(sqlite_rig: Rig) -> None:
     rig = sqlite_rig
     pid = rig.broker.pid
