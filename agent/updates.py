@@ -163,8 +163,10 @@ class Updater:
         raw = self.store.get("desired")
         if raw is None:
             return None
-        newest = DesiredState.model_validate_json(raw).revision
-        return newest if desired.revision < newest else None
+        stored = DesiredState.model_validate_json(raw)
+        if stored.device_id != desired.device_id:  # enrolled again under a new id: its revisions start over
+            return None
+        return stored.revision if desired.revision < stored.revision else None
 
     def apply(self, desired: DesiredState) -> None:
         """Start converging to a desired state; returns at once, workers do the rest."""

@@ -192,6 +192,17 @@ def test_a_newer_desired_state_redirects_a_download(rig: Rig) -> None:
     assert not any(e.state == "active" and e.version == "2.0.0" for e in journal)
 
 
+def test_only_a_revision_older_than_the_newest_seen_is_superseded(rig: Rig) -> None:
+    me = rig.identity.device_id
+    assert rig.updater.superseded(DesiredState(device_id=me, revision=1)) is None  # nothing seen yet
+    rig.apply({})
+    rig.apply({})
+    assert rig.updater.superseded(DesiredState(device_id=me, revision=1)) == 2
+    assert rig.updater.superseded(DesiredState(device_id=me, revision=2)) is None  # the same one again
+    # Enrolled again under another id: the hub numbers that device's states from 1.
+    assert rig.updater.superseded(DesiredState(device_id="dev-new", revision=1)) is None
+
+
 def test_a_fatally_failed_version_is_not_retried(rig: Rig) -> None:
     bad = rig.hub.publish(make_release(rig.hub.key, "m", "2.0.0", seed=2, wrong_sample=True))
     rig.apply({"m": bad})
