@@ -463,10 +463,11 @@ def main() -> None:
                             order = ["kserve", "json", "binary", "floor", "grpc", "fp32", "fp32_nb"]
                         plan += [entries[k] for k in order]
                 # Rounds interleave every row, and each row keeps its median round: a burst of
-                # load from elsewhere on the machine hits one round of every row alike.
+                # load from elsewhere on the machine hits one round of every row alike. Every
+                # other round runs the plan backwards, so neither row of a pair is always second.
                 measured: dict[str, list[dict[str, float]]] = {name: [] for name, _ in plan}
-                for _ in range(args.rounds):
-                    for name, (kind, where, model, x, c) in plan:
+                for round_ in range(args.rounds):
+                    for name, (kind, where, model, x, c) in plan if round_ % 2 == 0 else plan[::-1]:
                         # MiniLM takes ~100x the CNN's time per request: longer rounds, to count enough
                         seconds = args.seconds / args.rounds * (3 if model.startswith("minilm") else 1)
                         if kind == "floor":
