@@ -104,7 +104,10 @@ class DesiredState(Message):
 
     kind: Literal["desired_state"] = "desired_state"
     device_id: Id
-    revision: int = Field(ge=0, description="grows with every change; the agent reports the one it applied")
+    revision: int = Field(
+        ge=0,
+        description="grows with every change; the agent reports the one it applied and ignores one older than it has seen",
+    )
     models: dict[str, DesiredModel] = Field(default_factory=dict, max_length=64)
     config: dict[str, Any] = Field(default_factory=dict, description="agent settings to apply (set-config keys)")
     issued_at: datetime = Field(default_factory=utcnow)
