@@ -158,11 +158,20 @@ def test_rotation_offline_agent_unchained_key_and_retirement(tmp_path: Path) -> 
             )
             probe.connect()
             probe.publish(topics.device_topic(online.device_id, DeviceChannel.DESIRED), encode(forged), retain=True)
-            report = _rolled_back(fleet, online, "1.0.0")
+            wait_for("the forged 1.0.0 refused", lambda: _refused(fleet, online).get("retired_key") == 1, 90)
         finally:
             probe.close()
             stub.stop()
-        assert f"signed by key {first}, which the hub retired" in report["error"]
+        # The device then reports revision 1000, which the hub never made: the hub renumbers its own
+        # desired state past it (a device ignores older revisions), and the device takes it back.
+        renumbered = wait_for(
+            "the hub to renumber its desired state",
+            lambda: (r := fleet.hub.device(online.device_id)["desired"]["revision"]) > 1000 and r,
+            60,
+        )
+        wait_for("the renumbered state applied", lambda: fleet.status(online)["applied_revision"] == renumbered, 60)
+        journal = fleet.command("diagnostics", agent=online)["result"]["journal"]
+        assert any(f"signed by key {first}, which the hub retired" in (e["detail"] or "") for e in journal)
         assert online.serving(MODEL) == "2.0.0"
         assert _refused(fleet, online).get("retired_key") == 1
         fleet.assert_alive()
