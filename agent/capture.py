@@ -1,18 +1,20 @@
-"""Hard-example capture: judge after the answer is sent, spool on disk, upload to the hub when online.
+"""Hard-example capture: judge off the request path, spool on disk, upload to the hub when online.
 
-A request is judged against its model's `CapturePolicy` once its answer is written (the HTTP
-server's `Response.after`), on the connection's thread while the client reads the answer: off
-the request's latency, and without a judging thread of its own contending for the GIL with
-requests in flight (that cost the CNN's p50 10-18 % with every request captured). What the
-policy keeps goes to a bounded queue (a full queue drops the item and counts it, within the
-daily cap). One thread wakes at most every `gather_s` and writes every item queued meanwhile
-into the spool as one file (written to a temporary name, fsynced and renamed, so a crash never
-leaves half an item; one file and one fsync per batch, where a file and an fsync per item cost
-more kernel time than serving the request did), saves the day's count once per batch and keeps
-the disk budget (oldest item dropped first, counted). Another
-thread uploads the spool in batches; an item leaves the spool only when the hub answered that
-it is stored, already there, or refused for good, so days offline lose nothing within budget
-and a resent batch is stored once (items are named by their content hash).
+Once a request's answer is written (the HTTP server's `Response.after`) its model's policy is
+looked up and, when capture is on, the request (its body as received, the first output) goes
+to a bounded queue: a few microseconds of the connection's thread and no copy, where judging
+there (scores, the item's hash and base64) cost the CNN's p50 8-12 % with every request
+captured. A full queue drops the offer and counts it. One thread wakes at most every
+`gather_s` (sooner when the queue is half full), judges every offer queued meanwhile against
+its `CapturePolicy` and the daily cap, and writes what is kept into the spool as one file
+(written to a temporary name, fsynced and renamed, so a crash never leaves half an item; one
+file and one fsync per batch, where a file and an fsync per item cost more kernel time than
+serving the request did), saves the day's count once per batch and keeps the disk budget
+(oldest item dropped first, counted): its work comes in bursts that leave most requests
+untouched, where work on every request's own thread delays each one. Another thread uploads
+the spool in batches; an item leaves the spool only when the hub answered that it is stored,
+already there, or refused for good, so days offline lose nothing within budget and a resent
+batch is stored once (items are named by their content hash).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ __all__ = ["Capture", "CaptureCounters", "Spool", "judge", "scores"]
 logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 8 * 1024 * 1024
-QUEUE_ITEMS = 256  # kept items waiting for the spool; past it an item is dropped and counted
-GATHER_S = 0.05  # the spooler wakes at most this often, for every item kept meanwhile
+QUEUE_ITEMS = 1024  # offers waiting to be judged; past it (or QUEUE_BYTES) an offer is dropped and counted
+QUEUE_BYTES = 16 * 1024 * 1024  # their bodies, held as the server received them
+GATHER_S = 0.05  # the spooler wakes at most this often (sooner with the queue half full), for every offer meanwhile
 
 
 @dataclass
@@ -75,6 +78,18 @@ class CaptureCounters:
     upload_duplicates: int = 0
     upload_refused: int = 0
     upload_errors: int = 0
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """One answered request waiting to be judged: the body and output as the server had them."""
+
+    policy: CapturePolicy
+    manifest: Manifest
+    body: bytes | bytearray  # the server's own buffer for this request; nothing writes it after the answer
+    output: np.ndarray
+    content_type: str
+    at: datetime
 
 
 def _softmax(row: np.ndarray) -> np.ndarray:
@@ -304,8 +319,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _item(
+    one: str,
     manifest: Manifest,
-    body: bytes,
+    body: bytes | bytearray,
     content_type: str,
     reason: CaptureReason,
     probs: np.ndarray,
@@ -324,7 +340,7 @@ def _item(
     if ood is not None:
         outputs["ood_score"] = round(ood, 6)
     return CaptureItem(
-        id=item_id(body, manifest.name, manifest.version),
+        id=one,
         model=manifest.name,
         version=manifest.version,
         reason=reason,
@@ -358,10 +374,11 @@ class Capture:
         self._interval_s = interval_s
         self._retry_max_s = retry_max_s
         self._gather_s = gather_s
-        self._lock = threading.Lock()  # the queue, the ids in it, the day's count and the counters
-        self._pending: deque[tuple[CapturePolicy, CaptureItem]] = deque()  # kept by offer(), spooled by a thread
-        self._queued: set[str] = set()
+        self._lock = threading.Lock()  # the queue, the day's count and the counters
+        self._pending: deque[_Offer] = deque()  # offered by the server, judged and spooled by a thread
+        self._pending_bytes = 0
         self._arrived = threading.Event()
+        self._half_full = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._random = random.Random()
@@ -386,10 +403,11 @@ class Capture:
             thread.start()
 
     def stop(self) -> None:
-        """Stop both threads (kept items not yet spooled are dropped)."""
+        """Stop both threads (offers not yet judged and spooled are dropped)."""
         self._stop.set()
         self._wake.set()
         self._arrived.set()
+        self._half_full.set()
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
@@ -397,45 +415,28 @@ class Capture:
     def offer(
         self, manifest: Manifest, body: bytes | bytearray, output: np.ndarray, content_type: str = "application/json"
     ) -> None:
-        """Judge one answered request; queue it for the spool when its model's policy keeps it.
+        """Queue one answered request for judging when its model's policy is on; never blocks.
 
         The HTTP server calls this once the answer is written, before the connection reads its
-        next request (`Response.after`): a few tens of microseconds of a thread that would wait
-        for the client anyway, where a judging thread of its own would take the GIL from requests
-        in flight. Disk writes are left to the spooling thread, in batches; this never blocks.
+        next request (`Response.after`): it keeps references, copies nothing and judges nothing.
         """
         policy = self._policies().get(manifest.name)
         if policy is None or not policy.enabled:
             return
-        now = datetime.now(UTC)
+        offer = _Offer(policy, manifest, body, output, content_type, datetime.now(UTC))
         with self._lock:
             self.counters.offered += 1
             if len(body) > MAX_ITEM_BYTES:
                 self.counters.too_large += 1
                 return
-        try:
-            probs, ood = scores(manifest, np.asarray(output))
-            reason = judge(policy, probs, ood, self._random.random)
-        except (ValueError, TypeError):  # an output that is no scores (strings, an empty tensor)
-            with self._lock:
-                self.counters.unjudged += 1
-            return
-        with self._lock:
-            self.counters.judged += 1
-            if reason is None or self._over_cap(policy, now):
-                return
-        item = _item(manifest, bytes(body), content_type, reason, probs, ood, now)
-        with self._lock:
-            if item.id in self._queued or item.id in self.spool:
-                return  # a request captured again is neither stored nor counted again
-            if len(self._pending) >= QUEUE_ITEMS:
+            if len(self._pending) >= QUEUE_ITEMS or self._pending_bytes + len(body) > QUEUE_BYTES:
                 self.counters.queue_full += 1
                 return
-            if self._over_cap(policy, now):  # another request took the day's last place meanwhile
-                return
-            self._pending.append((policy, item))
-            self._queued.add(item.id)
-            self._day_count += 1
+            self._pending.append(offer)
+            self._pending_bytes += len(body)
+            half_full = len(self._pending) >= QUEUE_ITEMS // 2 or self._pending_bytes >= QUEUE_BYTES // 2
+        if half_full:
+            self._half_full.set()
         if not self._arrived.is_set():  # the spooler is waiting: wake it once for what gathers now
             self._arrived.set()
 
@@ -457,22 +458,56 @@ class Capture:
     def _spool_loop(self) -> None:
         while not self._stop.is_set():
             self._arrived.wait()
-            if self._stop.wait(self._gather_s):  # let items gather: one file and one fsync for many
+            self._half_full.wait(self._gather_s)  # let offers gather: one file and one fsync for many
+            if self._stop.is_set():
                 return
             self._arrived.clear()
+            self._half_full.clear()
             with self._lock:
                 batch = list(self._pending)
                 self._pending.clear()
+                self._pending_bytes = 0
             try:
-                self._store(batch)
+                self._store(self._judge(batch))
             except Exception:  # a bad item or a full disk must not end capture
-                logger.exception("capture: storing %d items failed", len(batch))
-            finally:
-                with self._lock:
-                    self._queued.difference_update(item.id for _, item in batch)
+                logger.exception("capture: judging or storing %d offers failed", len(batch))
+
+    def _judge(self, batch: list[_Offer]) -> list[tuple[CapturePolicy, CaptureItem]]:
+        """Return the items of `batch` their policies keep, within the daily cap, each request once."""
+        kept: list[tuple[CapturePolicy, CaptureItem]] = []
+        ids: set[str] = set()
+        judged = unjudged = 0
+        for offer in batch:
+            try:
+                probs, ood = scores(offer.manifest, np.asarray(offer.output))
+                reason = judge(offer.policy, probs, ood, self._random.random)
+            except (ValueError, TypeError):  # an output that is no scores (strings, an empty tensor)
+                unjudged += 1
+                continue
+            judged += 1
+            if reason is None:
+                continue
+            manifest = offer.manifest
+            one = item_id(offer.body, manifest.name, manifest.version)
+            if one in ids or one in self.spool:
+                continue  # a request captured again is neither stored nor counted again
+            with self._lock:
+                if self._over_cap(offer.policy, offer.at):
+                    continue
+                self._day_count += 1
+            ids.add(one)
+            kept.append(
+                (offer.policy, _item(one, manifest, offer.body, offer.content_type, reason, probs, ood, offer.at))
+            )
+        with self._lock:
+            self.counters.judged += judged
+            self.counters.unjudged += unjudged
+        return kept
 
     def _store(self, batch: list[tuple[CapturePolicy, CaptureItem]]) -> None:
         """Spool each model's items of `batch` together; save the day's count once."""
+        if not batch:
+            return
         by_model: dict[str, tuple[CapturePolicy, list[CaptureItem]]] = {}
         for policy, item in batch:
             by_model.setdefault(item.model, (policy, []))[1].append(item)

@@ -99,7 +99,7 @@ class CaptureResult(BaseModel):
     refused: dict[str, str] = Field(default_factory=dict)
 
 
-def item_id(content: bytes, model: str, version: str) -> str:
+def item_id(content: bytes | bytearray, model: str, version: str) -> str:
     """Return the content address of a captured item."""
     digest = hashlib.sha256(content)
     digest.update(b"\0" + model.encode() + b"\0" + version.encode())

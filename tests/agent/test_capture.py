@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.capture import Capture, Spool, http_uploader, judge
+from agent.capture import QUEUE_ITEMS, Capture, Spool, http_uploader, judge
 from shared.capture import CaptureBatch, CaptureItem, CapturePolicy, CaptureReason, CaptureResult, item_id
 from shared.manifest import Manifest, Sample, TensorData, TensorSpec
 
@@ -165,14 +165,16 @@ def test_capture_never_blocks_the_request_path(tmp_path: Path) -> None:
     capture = Capture(tmp_path / "c", lambda: {"digits": CapturePolicy(sample_rate=1.0)}, None, "cam-1")
     # Not started: nothing drains the queue, so offers past its bound are dropped and counted at once.
     manifest = _manifest()
+    offers = QUEUE_ITEMS + 500
     started = time.monotonic()
-    for i in range(1000):
+    for i in range(offers):
         capture.offer(manifest, json.dumps({"data": [i]}).encode(), np.array([[0.3, 0.3, 0.4]]))
     assert time.monotonic() - started < 5
-    assert capture.counters.queue_full == 1000 - 256
+    assert capture.counters.queue_full == 500
+    assert capture.counters.judged == 0  # judging is the capture thread's work, never the request's
     other = _manifest().model_copy(update={"name": "other"})
     capture.offer(other, b"{}", np.array([[0.3, 0.3, 0.4]]))  # no policy for this model: not even offered
-    assert capture.counters.offered == 1000
+    assert capture.counters.offered == offers
 
 
 def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path: Path) -> None:
@@ -192,11 +194,10 @@ def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path:
             capture.offer(manifest, b'{"data": ["same"]}', np.array([[0.3, 0.3, 0.4]]))
         for i in range(30):
             capture.offer(manifest, json.dumps({"data": [i]}).encode(), np.array([[0.3, 0.3, 0.4]]))
-        assert capture.counters.judged == 34  # at once: judging is the offer's own work
         _wait(lambda: capture.counters.kept == 10)
     finally:
         capture.stop()
-    assert len(capture.spool) == 10 and capture.counters.kept == 10
+    assert len(capture.spool) == 10 and capture.counters.kept == 10 and capture.counters.judged == 34
     assert capture.counters.over_daily_cap == 34 - 10 - 3  # the three repeats were within the cap
     assert json.loads(saved[-1])[1] == 10  # the day's count the journal keeps across restarts
 
@@ -216,8 +217,14 @@ def test_the_ood_score_uses_the_training_centroid_from_the_manifest(tmp_path: Pa
 
 def test_an_output_that_is_no_scores_is_counted_and_the_server_goes_on(tmp_path: Path) -> None:
     capture = Capture(tmp_path / "c", lambda: {"digits": CapturePolicy(sample_rate=1.0)}, None, "cam-1")
-    capture.offer(_manifest(), b"{}", np.array([["cat", "dog"]], dtype=object))
-    capture.offer(_manifest(), b"{}", np.zeros((1, 0), dtype=np.float32))
-    assert capture.counters.unjudged == 2 and capture.counters.judged == 0
-    capture.offer(_manifest(), b'{"data": [1]}', np.array([[0.3, 0.3, 0.4]]))
-    assert capture.counters.judged == 1
+    capture.start()
+    try:
+        capture.offer(_manifest(), b"{}", np.array([["cat", "dog"]], dtype=object))
+        capture.offer(_manifest(), b"{}", np.zeros((1, 0), dtype=np.float32))
+        _wait(lambda: capture.counters.unjudged == 2)
+        assert capture.counters.judged == 0
+        capture.offer(_manifest(), b'{"data": [1]}', np.array([[0.3, 0.3, 0.4]]))
+        _wait(lambda: capture.counters.kept == 1)
+        assert capture.counters.judged == 1
+    finally:
+        capture.stop()
