@@ -42,7 +42,7 @@ def load_text_model(
 ) -> LoadedModel:
     """Load the variant folder with the generation loop; raise ModelLoadError."""
     from agent.chat_template import ChatTemplate, TemplateError
-    from agent.runtime import LoadedModel, release_heap
+    from agent.runtime import LoadedModel, release_heap, release_mapped_pages
     from shared.generation import GenerationError, load_model, load_tokenizer
 
     spec = manifest.generation
@@ -69,6 +69,7 @@ def load_text_model(
         except TemplateError as exc:
             raise ModelLoadError(f"{where}: {exc}") from exc
     release_heap()
+    release_mapped_pages(folder)
     kv = loop.kv_bytes_per_token
     serving: TokenLoop = loop
     session: Any = loop.session

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.artifacts import ArtifactCache
-from agent.runtime import MAPPED_MIN_BYTES, LoadedModel, load_model, smoke_test
+from agent.runtime import MAPPED_MIN_BYTES, LoadedModel, load_model, release_mapped_pages, smoke_test
 from tests.support.models import SAMPLE_X, Release, linear_io_model, make_release
 
 KEY = Ed25519PrivateKey.generate()
@@ -55,6 +55,33 @@ def test_big_cpu_model_runs_from_mapped_weights(tmp_path: Path) -> None:
     assert str(files["weights.bin"]) in Path("/proc/self/maps").read_text()  # mapped, not copied
     assert model.path == cache.path(release.sha256)  # the verified file stays the model's identity
     smoke_test(model)  # the sample's expected output comes from numpy, not from ORT
+
+
+def _resident_kb(path: Path) -> int:
+    """Return the kB of `path` this process has resident through its mappings."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) == 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_released_weight_pages_come_back_only_as_they_are_read(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    release = table_release()
+    model = load(cache, release)
+    weights = mapped_files(cache, release)["weights.bin"]
+    everywhere = np.linspace(0, ROWS - 1, 4 * 4096, dtype=np.float32).reshape(-1, 4)  # rows on every page
+    before, sample = model.run({"x": everywhere})["y"], model.run({"x": SAMPLE_X})["y"]
+    assert _resident_kb(weights) > 4096  # the whole table was read
+    released = release_mapped_pages(cache.mapped_dir(release.sha256))
+    assert released >= 4096 * 1024 and _resident_kb(weights) == 0
+    np.testing.assert_array_equal(model.run({"x": SAMPLE_X})["y"], sample)  # read again from the file
+    assert _resident_kb(weights) < 4096  # only what that request read (and the kernel's read-around) is back
+    np.testing.assert_array_equal(model.run({"x": everywhere})["y"], before)
 
 
 def test_damaged_mapped_copy_is_made_again(tmp_path: Path) -> None:
