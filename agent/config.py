@@ -104,6 +104,9 @@ class AgentSettings(BaseModel):
     generation_backend: Literal["loop", "genai"] = Field(
         default="loop", description="genai: ONNX Runtime GenAI (extra `genai`) where installed, else the own loop"
     )
+    generation_batching: bool = Field(
+        default=True, description="the own loop decodes the sequences in flight as one batch, where the graph allows"
+    )
     # Outbox, telemetry and heartbeat (issue "Agent offline")
     outbox_max_mb: float = Field(default=64.0, gt=0, description="bound of the on-disk outbox")
     outbox_batch: int = Field(default=1000, ge=1, le=5000, description="telemetry points per MQTT message")

@@ -80,7 +80,7 @@ def models_list(registry: ModelRegistry) -> dict[str, Any]:
 
 
 def sequence_metrics(registry: ModelRegistry) -> str:
-    """Return Prometheus lines: sequences in flight, queued and allowed, per text-generation model."""
+    """Return Prometheus lines per text-generation model: sequences in flight, queued and allowed; decode batches."""
     lines: list[str] = []
     rows = [(m.name, m.version, m.text.limiter) for m in registry.all() if m.text is not None]
     series: list[tuple[str, str, Callable[[SequenceLimiter], int]]] = [
@@ -91,6 +91,15 @@ def sequence_metrics(registry: ModelRegistry) -> str:
     for metric, help_text, read in series:
         lines += [f"# HELP autodl_agent_{metric} {help_text}", f"# TYPE autodl_agent_{metric} gauge"]
         lines += [f'autodl_agent_{metric}{{model="{n}",version="{v}"}} {read(lim)}' for n, v, lim in rows]
+    # Batched decoding (shared.generation.batch): rows / steps is the mean batch of a decode step.
+    batched = [(m.name, m.version, m.text.loop) for m in registry.all() if m.text is not None]
+    batched = [(n, v, loop) for n, v, loop in batched if hasattr(loop, "steps")]
+    for metric, help_text, attr in (
+        ("generation_decode_steps_total", "Decode steps run (each one batch of sequences).", "steps"),
+        ("generation_decode_rows_total", "Sequence tokens those steps made.", "rows"),
+    ):
+        lines += [f"# HELP autodl_agent_{metric} {help_text}", f"# TYPE autodl_agent_{metric} counter"]
+        lines += [f'autodl_agent_{metric}{{model="{n}",version="{v}"}} {getattr(loop, attr)}' for n, v, loop in batched]
     return "\n".join(lines) + "\n"
 
 

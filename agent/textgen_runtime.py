@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from agent.errors import ModelLoadError, SmokeTestError
 from agent.textgen import SequenceLimiter, TextModel, TokenLoop, derive_max_sequences
@@ -73,9 +73,11 @@ def load_text_model(
     kv = loop.kv_bytes_per_token
     serving: TokenLoop = loop
     session: Any = loop.session
+    slots = settings.generation_max_sequences or derive_max_sequences(free_memory_bytes(), kv, spec.context_length)
     if settings.generation_backend == "genai":
         serving, session = _genai(loop, folder, variant, spec.eos_token_ids, where)
-    slots = settings.generation_max_sequences or derive_max_sequences(free_memory_bytes(), kv, spec.context_length)
+    elif settings.generation_batching and loop.share_buffer and slots > 1:
+        serving = _batched(loop, slots, where)
     text = TextModel(
         name=manifest.name,
         version=manifest.version,
@@ -125,6 +127,18 @@ def _session_options(threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = False
     return options
+
+
+def _batched(loop: Any, slots: int, where: str) -> TokenLoop:
+    """Return the loop decoding `slots` sequences as one batch, or the loop itself where it cannot."""
+    from shared.generation import GenerationError
+    from shared.generation.batch import BatchedModel
+
+    try:
+        return BatchedModel(loop, slots)
+    except GenerationError as exc:
+        logger.warning("%s: decoding one sequence at a time: %s", where, exc)
+        return cast(TokenLoop, loop)
 
 
 def _genai(loop: Any, folder: Path, variant: Variant, eos: list[int], where: str) -> tuple[TokenLoop, Any]:

@@ -9,6 +9,8 @@ never torch, the hub or the agent. `import shared` does not import this package.
         ...                                          # one id at a time; .finish_reason afterwards
     model.perplexity([ids, ...])                     # the gate's quality measure
     model.kv_bytes_per_token                         # the agent sizes concurrency from it
+    BatchedModel(model, slots).generate(...)         # the same, sequences in flight decoding as one batch
+                                                     # (shared.generation.batch; GroupQueryAttention graphs)
 
 Errors::
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -29,7 +29,7 @@ from shared.generation.errors import GenerationError
 from shared.generation.sampling import SamplingParams, choose_token
 from shared.manifest_generation import GenerationSpec
 
-__all__ = ["FinishReason", "Generation", "GenerationModel", "load_model"]
+__all__ = ["FinishReason", "Generation", "GenerationModel", "SharedCache", "StepCache", "load_model"]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 _ORT_TYPES = {
@@ -172,6 +172,20 @@ class GenerationModel:
             )
 
 
+class StepCache(Protocol):
+    """One request's cache that the graph reads as past and writes as present, in place."""
+
+    @property
+    def tokens(self) -> int:
+        """Return how many tokens it holds."""
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run new tokens after the filled ones; return their logits [new, vocab]."""
+
+    def release(self) -> None:
+        """Give the memory back; the cache is not used again."""
+
+
 class SharedCache:
     """One request's cache as one buffer the graph reads as past and writes as present.
 
@@ -229,6 +243,9 @@ class SharedCache:
         rows: np.ndarray = logits[0].astype(np.float32, copy=False)
         return rows
 
+    def release(self) -> None:
+        """Nothing to do: the buffer is unmapped with the last reference to this cache."""
+
 
 class Generation(Iterator[int]):
     """One request's tokens, yielded as they are made; finish_reason is set when it ends."""
@@ -239,6 +256,7 @@ class Generation(Iterator[int]):
         prompt_ids: list[int],
         params: SamplingParams,
         cancelled: Callable[[], bool] | None,
+        cache: Callable[[int], StepCache] | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -248,7 +266,8 @@ class Generation(Iterator[int]):
         self.time_to_first_token_s: float | None = None
         self._pending = prompt_ids
         self._cache = model.empty_cache()
-        self._shared: SharedCache | None = None
+        self._new_cache = cache or model.shared_cache  # share_buffer graphs: a buffer for `length` tokens
+        self._shared: StepCache | None = None
         self._cancelled = cancelled
         self._rng = np.random.default_rng(params.seed)
         eos = frozenset() if params.ignore_eos else frozenset(model.spec.eos_token_ids)
@@ -277,7 +296,7 @@ class Generation(Iterator[int]):
         with self.model._prompt_lock if not self.tokens else nullcontext():
             if self.model.share_buffer:
                 if self._shared is None:  # the last generated token is never run: prompt + budget - 1
-                    self._shared = self.model.shared_cache(self.prompt_tokens + max(0, self._budget - 1))
+                    self._shared = self._new_cache(self.prompt_tokens + max(0, self._budget - 1))
                 logits = self._shared.forward(self._pending)
             else:
                 logits, self._cache = self.model.forward(self._pending, self._cache)
@@ -292,14 +311,19 @@ class Generation(Iterator[int]):
 
     def _finish(self, reason: FinishReason) -> NoReturn:
         self.finish_reason = reason
-        self._cache, self._shared = [], None  # free the cache as soon as the request ends
+        self._free()  # the cache goes as soon as the request ends
         raise StopIteration
 
     def close(self) -> None:
         """End the request early and free its cache (a client went away)."""
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
-            self._cache, self._shared = [], None
+            self._free()
+
+    def _free(self) -> None:
+        shared, self._cache, self._shared = self._shared, [], None
+        if shared is not None:
+            shared.release()
 
 
 def load_model(

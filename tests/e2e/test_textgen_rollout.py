@@ -11,6 +11,7 @@ greedy output.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,42 @@ def test_a_model_built_by_the_hub_rolls_out_and_streams_its_reference_greedy_out
         assert matched >= 1
         reference = fleet_decode(fleet, sample.expected_ids[: min(n, matched)])
         assert streamed.startswith(reference)
+        # Streams at once decode as one batch (one step makes a token of each) and say what one says alone.
+        alone = streams_at_once(agent, sample.text, 64, 1)
+        before = decode_counts(agent)
+        together = streams_at_once(agent, sample.text, 64, 4)
+        assert together == alone * 4
+        steps, rows = (after - earlier for after, earlier in zip(decode_counts(agent), before, strict=True))
+        assert 0 < steps < rows, (steps, rows)
+
+
+def streams_at_once(agent: AgentProcess, prompt: str, tokens: int, count: int) -> list[str]:
+    """Return the texts of `count` greedy completions streamed at once with the SDK."""
+    texts: list[str] = []
+    clients = [sdk(agent) for _ in range(count)]  # made first: making one takes longer than a short stream
+    start = threading.Barrier(count)
+
+    def one(client: openai.OpenAI) -> None:
+        start.wait()
+        chunks = client.completions.create(model=CODER, prompt=prompt, max_tokens=tokens, temperature=0, stream=True)
+        texts.append("".join(c.choices[0].text for c in chunks))
+
+    threads = [threading.Thread(target=one, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return texts
+
+
+def decode_counts(agent: AgentProcess) -> tuple[float, float]:
+    """Return the agent's decode steps and the rows they ran, for the coder model."""
+    found = {}
+    for line in httpx.get(f"http://127.0.0.1:{agent.port}/metrics", timeout=5).text.splitlines():
+        for name in ("steps", "rows"):
+            if line.startswith(f"autodl_agent_generation_decode_{name}_total{{") and f'model="{CODER}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+    return found["steps"], found["rows"]
 
 
 def agent_target(fleet: Fleet, agent: AgentProcess) -> str:

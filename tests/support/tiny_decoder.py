@@ -32,8 +32,8 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False, gqa: b
         _init("scale", np.array(1 / np.sqrt(HEAD_SIZE))),
         _init("big", np.array(1e9)),
         _init("one", np.array(1.0)),
-        numpy_helper.from_array(np.array([1, -1, KV_HEADS, HEAD_SIZE], dtype=np.int64), "heads_shape"),
-        numpy_helper.from_array(np.array([1, -1, HIDDEN], dtype=np.int64), "hidden_shape"),
+        numpy_helper.from_array(np.array([0, -1, KV_HEADS, HEAD_SIZE], dtype=np.int64), "heads_shape"),
+        numpy_helper.from_array(np.array([0, -1, HIDDEN], dtype=np.int64), "hidden_shape"),
         numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
         numpy_helper.from_array(np.array([3], dtype=np.int64), "axis3"),
         numpy_helper.from_array(np.array([4], dtype=np.int64), "axis4"),
@@ -41,8 +41,8 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False, gqa: b
     ]
     nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x0"])]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "total"]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
     ]
     # Learned positions. optimum-style graphs take position_ids; the builder's derive them from
     # the attention mask (here: cumsum(mask) - 1 of the new tokens), so a wrong mask shows.
@@ -53,7 +53,7 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False, gqa: b
         numpy_helper.from_array(np.array([1 << 30], dtype=np.int64), "end"),
     ]
     if position_ids:
-        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "seq"]))
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
         positions = "position_ids"
     else:
         nodes += [
@@ -70,19 +70,23 @@ def build_graph(path: Path, *, seed: int = 0, position_ids: bool = False, gqa: b
         helper.make_node("Add", ["x0", "pe"], ["x0p"]),
     ]
     x = "x0p"
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", VOCAB])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])]
     for i in range(LAYERS):
         p = f"l{i}_"
         for w in ("wq", "wk", "wv", "wo"):
             inits.append(_init(p + w, rng.normal(0, 0.5, (HIDDEN, HIDDEN))))
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         inputs += [
-            helper.make_tensor_value_info(past_k, TensorProto.FLOAT, [1, KV_HEADS, "past", HEAD_SIZE]),
-            helper.make_tensor_value_info(past_v, TensorProto.FLOAT, [1, KV_HEADS, "past", HEAD_SIZE]),
+            helper.make_tensor_value_info(past_k, TensorProto.FLOAT, ["batch", KV_HEADS, "past", HEAD_SIZE]),
+            helper.make_tensor_value_info(past_v, TensorProto.FLOAT, ["batch", KV_HEADS, "past", HEAD_SIZE]),
         ]
         outputs += [
-            helper.make_tensor_value_info(f"present.{i}.key", TensorProto.FLOAT, [1, KV_HEADS, "total", HEAD_SIZE]),
-            helper.make_tensor_value_info(f"present.{i}.value", TensorProto.FLOAT, [1, KV_HEADS, "total", HEAD_SIZE]),
+            helper.make_tensor_value_info(
+                f"present.{i}.key", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD_SIZE]
+            ),
+            helper.make_tensor_value_info(
+                f"present.{i}.value", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD_SIZE]
+            ),
         ]
         if gqa:
             nodes += _gqa_attention(p, x, i)
