@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 8 * 1024 * 1024
 QUEUE_ITEMS = 1024  # offers waiting to be judged; past it (or QUEUE_BYTES) an offer is dropped and counted
-QUEUE_BYTES = 16 * 1024 * 1024  # their bodies, held as the server received them
+QUEUE_BYTES = 16 * 1024 * 1024  # their bodies and outputs, held as the server had them
 GATHER_S = 0.05  # the spooler wakes at most this often (sooner with the queue half full), for every offer meanwhile
 
 
@@ -429,11 +429,12 @@ class Capture:
             if len(body) > MAX_ITEM_BYTES:
                 self.counters.too_large += 1
                 return
-            if len(self._pending) >= QUEUE_ITEMS or self._pending_bytes + len(body) > QUEUE_BYTES:
+            size = len(body) + getattr(output, "nbytes", 0)
+            if len(self._pending) >= QUEUE_ITEMS or self._pending_bytes + size > QUEUE_BYTES:
                 self.counters.queue_full += 1
                 return
             self._pending.append(offer)
-            self._pending_bytes += len(body)
+            self._pending_bytes += size
             half_full = len(self._pending) >= QUEUE_ITEMS // 2 or self._pending_bytes >= QUEUE_BYTES // 2
         if half_full:
             self._half_full.set()

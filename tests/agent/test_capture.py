@@ -177,6 +177,14 @@ def test_capture_never_blocks_the_request_path(tmp_path: Path) -> None:
     assert capture.counters.offered == offers
 
 
+def test_the_queue_is_bounded_by_the_bytes_it_holds_too(tmp_path: Path) -> None:
+    capture = Capture(tmp_path / "c", lambda: {"digits": CapturePolicy(sample_rate=1.0)}, None, "cam-1")
+    embedding = np.zeros((1, 1_500_000), dtype=np.float32)  # 6 MB an answer, held until judged
+    for i in range(4):
+        capture.offer(_manifest(), json.dumps({"data": [i]}).encode(), embedding)
+    assert capture.counters.queue_full == 2  # 16 MB of offers in waiting, not 1,024 times 6 MB
+
+
 def test_the_daily_cap_holds_and_a_request_captured_twice_is_kept_once(tmp_path: Path) -> None:
     saved: list[str] = []
     capture = Capture(
