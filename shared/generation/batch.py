@@ -11,8 +11,8 @@ different lengths batch as they are. A prompt runs alone, in its own slot.
 
 The sequences in flight hold slots 0..n-1 (when one ends, the last takes its place, with its
 filled tokens copied), so a step's rows are one contiguous view of the buffer. A step starts
-once every sequence past its prompt waits for one, or `gather_s` after the first did (a
-sequence whose client reads slowly joins the next step). The buffer is reserved for whole
+once every sequence past its prompt waits for one, or `gather_s` after the first did or the
+last step ended, whichever is later (a sequence whose client reads slowly joins the next step). The buffer is reserved for whole
 contexts but resident only as far as tokens fill it; a freed slot's pages go back at once.
 
 Greedy tokens equal the unbatched loop's (tested on a GroupQueryAttention graph); a batched
@@ -73,6 +73,7 @@ class BatchedModel:
         self._active: list[_Slot] = []  # slot i is _active[i]
         self._waiting: list[_Slot] = []
         self._stepping = False
+        self._step_ended = 0.0
         self.steps = 0  # decode steps run, and the rows they ran: rows / steps is the mean batch
         self.rows = 0
 
@@ -139,12 +140,16 @@ class BatchedModel:
             slot.pending, slot.result, slot.error = token, None, None
             self._waiting.append(slot)
             self._cond.notify_all()  # a step waiting for the last sequence may start now
-            deadline = time.monotonic() + self.gather_s
+            arrived = time.monotonic()
             while True:
                 if slot.result is not None or slot.error is not None:
                     break
                 if not self._stepping:
                     decoding = sum(1 for s in self._active if s.decoding)
+                    # The others of the last step get as long as this one to come back: counted from
+                    # the step's end, or waiters from during a step would go alone, and the
+                    # sequences would settle in two halves stepping in turn.
+                    deadline = max(arrived, self._step_ended) + self.gather_s
                     now = time.monotonic()
                     if len(self._waiting) >= decoding or now >= deadline:
                         batch, self._waiting, self._stepping = self._waiting, [], True
@@ -193,6 +198,7 @@ class BatchedModel:
         finally:
             with self._cond:
                 self._stepping = False
+                self._step_ended = time.monotonic()
                 for s in batch:
                     outcome = results.get(s, GenerationError("the decode step failed"))
                     if isinstance(outcome, GenerationError):
