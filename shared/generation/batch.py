@@ -107,11 +107,7 @@ class BatchedModel:
         cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """Return an iterator over new token ids, as `GenerationModel.generate`, decoding in batches."""
-        model = self.model
-        model._check_ids(prompt_ids)
-        if len(prompt_ids) >= self.length:
-            raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.length}")
-        return Generation(model, list(prompt_ids), params or SamplingParams(), cancelled, cache=self._slot)
+        return self.model.generate(prompt_ids, params, cancelled=cancelled, cache=self._slot)
 
     def _slot(self, length: int) -> _Slot:
         """Return a free slot for a sequence of up to `length` tokens (the Generation's cache)."""

@@ -153,12 +153,17 @@ class GenerationModel:
         params: SamplingParams | None = None,
         *,
         cancelled: Callable[[], bool] | None = None,
+        cache: Callable[[int], StepCache] | None = None,
     ) -> Generation:
-        """Return an iterator over new token ids (not the prompt, not the stop token)."""
+        """Return an iterator over new token ids (not the prompt, not the stop token).
+
+        `cache` makes a share_buffer graph's cache for a number of tokens (default: a
+        `SharedCache` of the request's own; `shared.generation.batch` gives a batch slot).
+        """
         self._check_ids(prompt_ids)
         if len(prompt_ids) >= self.context_length:
             raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
-        return Generation(self, list(prompt_ids), params or SamplingParams(), cancelled)
+        return Generation(self, list(prompt_ids), params or SamplingParams(), cancelled, cache)
 
     def _check_ids(self, token_ids: Sequence[int]) -> None:
         if len(token_ids) == 0:
