@@ -48,8 +48,16 @@ def _together(batched: BatchedModel, prompts: list[list[int]], budgets: list[int
     return out
 
 
+class _Slow(BatchedModel):
+    """Every run takes 10 ms (a real model's step), longer than the 2 ms a step waits for the others."""
+
+    def _run(self, first: int, end: int, ids: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        time.sleep(0.01)
+        return super()._run(first, end, ids, totals)
+
+
 def test_sequences_decoded_together_give_each_the_tokens_it_gets_alone(model: GenerationModel) -> None:
-    batched = BatchedModel(model, slots=len(PROMPTS), gather_s=0.05)
+    batched = _Slow(model, slots=len(PROMPTS))
     # Different budgets: sequences end while others go on, and the last ones move into freed slots.
     budgets = [40, 12, 30, 5, 25]
     alone = [list(model.generate(p, _greedy(n))) for p, n in zip(PROMPTS, budgets, strict=True)]
@@ -59,14 +67,6 @@ def test_sequences_decoded_together_give_each_the_tokens_it_gets_alone(model: Ge
     assert batched.active == 0  # every slot was given back
     sampled = SamplingParams(max_new_tokens=20, temperature=0.9, seed=11, ignore_eos=True)
     assert list(batched.generate(PROMPTS[0], sampled)) == list(model.generate(PROMPTS[0], sampled))
-
-
-class _Slow(BatchedModel):
-    """Every run takes 10 ms (a real model's step), longer than the 2 ms a step waits for the others."""
-
-    def _run(self, first: int, end: int, ids: np.ndarray, totals: np.ndarray) -> np.ndarray:
-        time.sleep(0.01)
-        return super()._run(first, end, ids, totals)
 
 
 def test_steps_longer_than_the_wait_still_run_every_sequence_together(model: GenerationModel) -> None:
