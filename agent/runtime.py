@@ -171,6 +171,8 @@ def release_mapped_pages(folder: Path) -> int:
     current: tuple[int, int] | None = None
     for line in smaps:
         fields = line.split(maxsplit=5)
+        if not fields:
+            continue
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: range perms offset dev inode [path]
             start, end = (int(address, 16) for address in fields[0].split("-"))
             current = (start, end) if len(fields) == 6 and fields[5].startswith(inside) else None
