@@ -5,14 +5,15 @@ prompt from `autodl-agent run` (OpenAI completions, SSE), and the same loop
 (`shared.generation`) runs the same prompt in this process. Also time to first token, and
 the agent's RSS while serving (with a check that no torch is mapped in it).
 
-    .venv/bin/python bench/generation_served.py --folder DIR [--json] [--tokens 128] [--runs 3]
+    .venv/bin/python bench/generation_served.py --folder DIR [--json] [--tokens 128] [--runs 5]
 
 DIR is a variant folder as the hub publishes it (graph, weights, genai_config.json,
 tokenizer.json: the model builder's output, e.g. the cpu-int4 folder of SmolLM2-135M-Instruct
 that `bench/generation.py` or `autodl-hub build` writes). The agent gets it as a converged
 agent has it: a signed manifest naming every file by sha256 in its journal, the files in its
 cache. The bench's manifest names an unused token as EOS (like llama-bench's ignore-eos),
-so every request decodes exactly `--tokens` tokens. Timings are medians of interleaved runs.
+so every request decodes exactly `--tokens` tokens. Timings are medians of interleaved runs;
+a ratio is the median of the runs' ratios, each of two measurements made back to back.
 
 Targets (issue "Text generation: agent"): served decode tokens/s at concurrency 1 >= 95% of
 the in-process loop's; total tokens/s at concurrency 4 above concurrency 1's; agent RSS
@@ -212,7 +213,7 @@ def main() -> None:
     parser.add_argument("--target", default="cpu-int4")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="interleaved runs; a ratio is the median of theirs")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads, in-process and in the agent")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -261,13 +262,18 @@ def main() -> None:
         local()
         local_ttft, local_tps, served_ttft, served_tps, c4_total, c1_total = [], [], [], [], [], []
         peaks: list[float] = []
-        for _ in range(args.runs):
-            t, r = local()
-            local_ttft.append(t)
-            local_tps.append(r)
-            one = served(url, prompt, args.tokens)
-            served_ttft.append(one["ttft_s"])
-            served_tps.append(one["tps"])
+        for run in range(args.runs):
+            # Each run's pair is measured back to back, every other run served first: the
+            # machine's speed drifts between runs more than the two differ.
+            for side in ("local", "served") if run % 2 == 0 else ("served", "local"):
+                if side == "local":
+                    t, r = local()
+                    local_ttft.append(t)
+                    local_tps.append(r)
+                else:
+                    one = served(url, prompt, args.tokens)
+                    served_ttft.append(one["ttft_s"])
+                    served_tps.append(one["tps"])
             c1_total.append(concurrent(url, prompt, args.tokens, 1, proc.pid)["total_tps"])
             c4 = concurrent(url, prompt, args.tokens, 4, proc.pid)
             c4_total.append(c4["total_tps"])
@@ -290,10 +296,10 @@ def main() -> None:
         "machine": platform.machine(),
         "inprocess_decode_tps": round(med(local_tps), 1),
         "served_decode_tps_c1": round(med(served_tps), 1),
-        "served_over_inprocess_decode_c1": round(med(served_tps) / med(local_tps), 3),
+        "served_over_inprocess_decode_c1": round(med([a / b for a, b in zip(served_tps, local_tps, strict=True)]), 3),
         "total_tps_c1": round(med(c1_total), 1),
         "total_tps_c4": round(med(c4_total), 1),
-        "total_tps_c4_over_c1": round(med(c4_total) / med(c1_total), 3),
+        "total_tps_c4_over_c1": round(med([a / b for a, b in zip(c4_total, c1_total, strict=True)]), 3),
         "inprocess_ttft_ms": round(med(local_ttft) * 1000, 1),
         "served_ttft_ms_c1": round(med(served_ttft) * 1000, 1),
         "agent_rss_llm_mb": round(rss, 1),
