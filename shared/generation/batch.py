@@ -12,12 +12,13 @@ different lengths batch as they are. A prompt runs alone, in its own slot.
 The sequences in flight hold slots 0..n-1 (when one ends, the last takes its place, with its
 filled tokens copied), so a step's rows are one contiguous view of the buffer. A step starts
 once every sequence past its prompt waits for one, or `gather_s` after the first did or the
-last step ended, whichever is later (a sequence whose client reads slowly joins the next step). The buffer is reserved for whole
-contexts but resident only as far as tokens fill it; a freed slot's pages go back at once.
+last step ended, whichever is later (a sequence whose client reads slowly joins the next
+step). The buffer is reserved for whole contexts but resident only as far as tokens fill
+it; a freed slot's pages go back at once.
 
-Greedy tokens equal the unbatched loop's (tested on a GroupQueryAttention graph); a batched
-MatMul may round differently from one row alone, so a sampled token can differ in the last
-bits of its probabilities, never in how the request is served.
+Greedy tokens equal the unbatched loop's (tested on a GroupQueryAttention graph and on
+SmolLM2-135M int4); a batched MatMul may round differently from one row alone, so logits
+can differ in their last bits with the company a sequence keeps.
 """
 
 from __future__ import annotations
