@@ -101,7 +101,7 @@ def test_the_buffer_is_resident_only_as_far_as_tokens_fill_it_and_a_freed_slot_g
     model = load_model(write_folder(tmp_path / "long", gqa=True, context_length=100_000), threads=1)
     list(model.generate([1, 2], _greedy(2)))  # ORT's own first-run allocations, outside the measure
     before = _rss_mb()
-    batched = BatchedModel(model, slots=4)  # whole contexts: 4 x 51 MB reserved
+    batched = BatchedModel(model, slots=4, length=100_000)  # whole contexts: 4 x 51 MB reserved
     generation = batched.generate(PROMPTS[2], _greedy(240))
     for _ in range(200):
         next(generation)
@@ -110,6 +110,15 @@ def test_the_buffer_is_resident_only_as_far_as_tokens_fill_it_and_a_freed_slot_g
     assert filled.any()
     generation.close()
     assert not filled.any(), "the freed slot's pages should read as new zero pages"
+
+
+def test_a_sequence_longer_than_a_slot_decodes_alone_beside_the_batch(model: GenerationModel) -> None:
+    batched = _Slow(model, slots=2, length=16)
+    prompts, budgets = [PROMPTS[2], PROMPTS[3], PROMPTS[0]], [30, 10, 12]  # 8 + 30 tokens: past a slot
+    alone = [list(model.generate(p, _greedy(n))) for p, n in zip(prompts, budgets, strict=True)]
+    assert _together(batched, prompts, budgets) == alone
+    assert batched.rows == 9 + 11, "only the two short sequences took slots"
+    assert batched.active == 0
 
 
 def test_a_graph_that_grows_its_cache_by_copies_cannot_batch(tmp_path: Path) -> None:
