@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = ["SearchResult", "TrialResult", "fit_config", "resolve_storage", "run_
 LM_WIDTHS = (0.5, 1.0, 1.5)
 
 logger = logging.getLogger(__name__)
+_OPEN_ATTEMPTS = 3  # a study is opened this many times before a search fails
 
 
 @dataclass(frozen=True)
@@ -174,17 +176,7 @@ def run_search(
         else optuna.pruners.NopPruner()
     )
     direction: Literal["maximize", "minimize"] = "maximize" if higher_is_better(spec.metric) else "minimize"
-    try:
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            sampler=sampler,
-            pruner=pruner,
-            direction=direction,
-            load_if_exists=True,
-        )
-    except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad storage
-        raise TrainingError(f"search.storage: cannot open the study {study_name!r}: {exc}") from exc
+    study = _open_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner, direction=direction)
     lr = spec.training.lr
     if not study.trials:
         # The task's own settings are the first trial, so even a one-trial search is sane.
@@ -293,12 +285,7 @@ def run_lm_search(
         else optuna.samplers.RandomSampler(seed=seed)
     )
     name = study_name or f"{spec.publish.model}-lm"
-    try:
-        study = optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
-        )
-    except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad storage
-        raise TrainingError(f"search.storage: cannot open the study {name!r}: {exc}") from exc
+    study = _open_study(study_name=name, storage=storage, sampler=sampler, direction="minimize")
     lr = spec.training.lr
     first: dict[str, Any] = {"lr": lr, "warmup": spec.training.warmup}
     if tune_width:
@@ -346,3 +333,22 @@ def _result(trial: Any) -> TrialResult:
         fold_scores=tuple(float(s) for s in trial.user_attrs.get("fold_scores", ())),
         best_epochs=tuple(int(e) for e in trial.user_attrs.get("best_epochs", ())),
     )
+
+
+def _open_study(*, study_name: str, storage: str | None, **options: Any) -> Any:
+    """Create the study, or load it when another worker made it first; raise TrainingError.
+
+    Workers of one search open it at once: on a new PostgreSQL database each may try to
+    create Optuna's tables and types, and all but one fail on a duplicate key. Tried again,
+    the tables are there.
+    """
+    import optuna
+
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, **options)
+        except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad storage
+            if attempt + 1 == _OPEN_ATTEMPTS:
+                raise TrainingError(f"search.storage: cannot open the study {study_name!r}: {exc}") from exc
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")

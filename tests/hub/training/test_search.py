@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch
 
 from hub.training.data import load_dataset
 from hub.training.errors import SpecError
-from hub.training.search import resolve_storage, run_search
+from hub.training.search import _open_study, resolve_storage, run_search
 from hub.training.spec import load_spec
+from tests.support.postgres import pg_schema_url
 
 SMALL = {"epochs": 6, "batch_size": 32, "early_stopping": 2}
 
@@ -69,3 +71,29 @@ def test_hub_storage_in_postgres_gets_its_own_schema(small_task: Callable[..., P
         with engine.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+
+
+def _open_at_once(url: str, workers: int) -> list[object]:
+    """Open one study from `workers` threads released together; return each one's study id or error."""
+    start, got = threading.Barrier(workers), []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            got.append(_open_study(study_name="digits-job", storage=url, direction="minimize")._study_id)
+        except Exception as exc:  # surfaced by the caller
+            got.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return got
+
+
+def test_workers_opening_one_study_at_once_on_a_new_postgres_database_all_get_it() -> None:
+    # Each one finds no Optuna tables and creates them; all but one hit a duplicate key, then retry.
+    for url in pg_schema_url("autodl_optuna_"):
+        got = _open_at_once(url, 4)
+        assert len(got) == 4 and len(set(got)) == 1 and isinstance(got[0], int), got
