@@ -72,7 +72,6 @@ class BatchedModel:
         if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 2 MB pages would make a few tokens cost megabytes
             self._memory.madvise(mmap.MADV_NOHUGEPAGE)
         self._buffer = np.frombuffer(self._memory, dtype=self._dtype).reshape(shape)
-        self._names = [n for pair in model._past for n in pair]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (first, end) slot -> the cache bound
         self._run_lock = threading.Lock()  # one run over the buffer at a time: a prompt or a step
         self._cond = threading.Condition()  # the slots, the sequences waiting for a step, their results
@@ -216,32 +215,12 @@ class BatchedModel:
 
     def _run(self, first: int, end: int, ids: np.ndarray, totals: np.ndarray) -> np.ndarray:
         """Run `ids` [rows, new] in slots first..end-1 whose lengths become `totals`; return logits [rows, new, vocab]."""
-        model, layout = self.model, self.model.spec.kv_cache
         if int(totals.max()) > self.length:
             raise GenerationError(f"{int(totals.max())} tokens; a slot holds {self.length}")
         binding = self._bindings.get((first, end))
         if binding is None:
-            binding = model.session.io_binding()
-            for i, (past, present) in enumerate(zip(self._names, model._present, strict=True)):
-                value = ort.OrtValue.ortvalue_from_numpy(self._buffer[i, first:end])
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
-            self._bindings[(first, end)] = binding
-        rows, new = ids.shape
-        binding.bind_cpu_input(layout.input_ids, ids.astype(model._types[layout.input_ids]))
-        if model._mask is not None:  # each row's tokens, then padding to the longest
-            mask = np.arange(int(totals.max())) < totals[:, None]
-            binding.bind_cpu_input(model._mask, mask.astype(model._types[model._mask]))
-        if model._positions is not None:
-            positions = totals[:, None] - new + np.arange(new)
-            binding.bind_cpu_input(model._positions, positions.astype(model._types[model._positions]))
-        logits = np.empty((rows, new, model.spec.vocab_size), dtype=model._logits_dtype)
-        binding.bind_output(layout.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        try:
-            model.session.run_with_iobinding(binding)
-        except Exception as exc:  # ORT raises its own types; callers see one error for a graph that fails
-            raise GenerationError(f"ONNX Runtime cannot run the graph on a batch of {rows}: {exc}") from exc
-        return logits.astype(np.float32, copy=False)
+            binding = self._bindings[(first, end)] = self.model.cache_binding(self._buffer[:, first:end])
+        return self.model.run_bound(binding, ids, totals)
 
     def _release(self, slot: _Slot) -> None:
         """Free `slot`: the last sequence moves into its place, and the last slot's pages go back."""

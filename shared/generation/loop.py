@@ -165,6 +165,40 @@ class GenerationModel:
             raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
         return Generation(self, list(prompt_ids), params or SamplingParams(), cancelled, cache)
 
+    def cache_binding(self, buffer: np.ndarray) -> ort.IOBinding:
+        """Return a binding with layer i's key or value, `buffer[i]`, as both its past and its present."""
+        binding = self.session.io_binding()
+        names = [n for pair in self._past for n in pair]
+        for i, (past, present) in enumerate(zip(names, self._present, strict=True)):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer[i])
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
+
+    def run_bound(self, binding: ort.IOBinding, ids: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """Run `ids` [rows, new] over the cache `binding` holds, row r filled to `totals[r]` after them.
+
+        Return logits [rows, new, vocab]. The mask is each row's tokens, then padding to the
+        longest; the graph writes the logits into an array of ours (no second copy of a
+        prompt's [new, vocab]).
+        """
+        layout = self.spec.kv_cache
+        rows, new = ids.shape
+        binding.bind_cpu_input(layout.input_ids, ids.astype(self._types[layout.input_ids]))
+        if self._mask is not None:
+            mask = np.arange(int(totals.max())) < totals[:, None]
+            binding.bind_cpu_input(self._mask, mask.astype(self._types[self._mask]))
+        if self._positions is not None:
+            positions = totals[:, None] - new + np.arange(new)
+            binding.bind_cpu_input(self._positions, positions.astype(self._types[self._positions]))
+        logits = np.empty((rows, new, self.spec.vocab_size), dtype=self._logits_dtype)
+        binding.bind_output(layout.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own types; callers see one error for a graph that fails
+            raise GenerationError(f"ONNX Runtime cannot run the graph over a bound cache ({rows} rows): {exc}") from exc
+        return logits.astype(np.float32, copy=False)
+
     def _check_ids(self, token_ids: Sequence[int]) -> None:
         if len(token_ids) == 0:
             raise GenerationError("no tokens given")
@@ -211,12 +245,7 @@ class SharedCache:
         except (OSError, ValueError) as exc:  # no address space (or overcommit refused) for the budget
             raise GenerationError(f"cannot reserve {size >> 20} MB for a cache of {length} tokens: {exc}") from exc
         self._buffer = np.frombuffer(self._memory, dtype=model._kv_dtype).reshape(shape)
-        self._binding = model.session.io_binding()
-        names = [n for pair in model._past for n in pair]
-        for i, (past, present) in enumerate(zip(names, model._present, strict=True)):
-            value = ort.OrtValue.ortvalue_from_numpy(self._buffer[i])
-            self._binding.bind_ortvalue_input(past, value)
-            self._binding.bind_ortvalue_output(present, value)
+        self._binding = model.cache_binding(self._buffer)
 
     @property
     def length(self) -> int:
@@ -225,27 +254,12 @@ class SharedCache:
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Run new tokens after the filled ones; return their logits [new, vocab]."""
-        model, layout = self.model, self.model.spec.kv_cache
         if self.tokens + len(token_ids) > self.length:
             raise GenerationError(f"{self.tokens} + {len(token_ids)} tokens; the cache holds {self.length}")
-        ids = np.asarray(token_ids, dtype=model._types[layout.input_ids]).reshape(1, -1)
-        total = self.tokens + ids.shape[1]
-        binding = self._binding
-        binding.bind_cpu_input(layout.input_ids, ids)
-        if model._mask is not None:
-            binding.bind_cpu_input(model._mask, np.ones((1, total), dtype=model._types[model._mask]))
-        if model._positions is not None:
-            positions = np.arange(self.tokens, total, dtype=model._types[model._positions]).reshape(1, -1)
-            binding.bind_cpu_input(model._positions, positions)
-        # The graph writes the logits into an array of ours: no second copy of a prompt's [new, vocab].
-        logits = np.empty((1, ids.shape[1], model.spec.vocab_size), dtype=model._logits_dtype)
-        binding.bind_output(layout.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        try:
-            model.session.run_with_iobinding(binding)
-        except Exception as exc:  # ORT raises its own types; callers see one error for a graph that fails
-            raise GenerationError(f"ONNX Runtime cannot run the graph with a shared cache: {exc}") from exc
+        total = self.tokens + len(token_ids)
+        logits = self.model.run_bound(self._binding, np.asarray([token_ids]), np.asarray([total]))
         self.tokens = total
-        rows: np.ndarray = logits[0].astype(np.float32, copy=False)
+        rows: np.ndarray = logits[0]
         return rows
 
     def release(self) -> None:
