@@ -135,15 +135,22 @@ def _providers(wanted: list[str]) -> list[str]:
     return chosen
 
 
-def release_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them after a model's protobuf is parsed)."""
+def _libc(function: str) -> Any:
+    """Return the C library's `function`, or None where there is none (musl or macOS lack glibc's)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return
+        return None
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return getattr(ctypes.CDLL(name, use_errno=True), function)
     except (OSError, AttributeError):
-        pass  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them after a model's protobuf is parsed)."""
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is not None:  # not glibc: nothing to trim
+        malloc_trim(0)
 
 
 def release_mapped_pages(folder: Path) -> int:
@@ -159,12 +166,12 @@ def release_mapped_pages(folder: Path) -> int:
     import mmap
 
     advice = getattr(mmap, "MADV_DONTNEED", None)
-    name = ctypes.util.find_library("c")
+    madvise = _libc("madvise")
     try:
         smaps = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return 0
-    if advice is None or name is None:
+    if advice is None or madvise is None:
         return 0
     inside = f"{folder.resolve()}/"
     candidates: list[tuple[int, int]] = []
@@ -180,7 +187,6 @@ def release_mapped_pages(folder: Path) -> int:
             if fields[1] == "0":
                 candidates.append(current)
             current = None
-    madvise = ctypes.CDLL(name, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return sum(end - start for start, end in candidates if madvise(start, end - start, advice) == 0)
 
@@ -201,12 +207,8 @@ def tune_heap(arena_max: int, mmap_threshold_kb: int) -> bool:
     few arenas keep what is freed shared (SmolLM2-135M int4, four streams: peak RSS 336 ->
     313 MB, 397 -> 249 MB after serving). 0 leaves glibc's default for either.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return False  # not glibc (musl, macOS): its allocator has no such settings
     applied = True
     if arena_max > 0:
