@@ -82,7 +82,8 @@ def models_list(registry: ModelRegistry) -> dict[str, Any]:
 def sequence_metrics(registry: ModelRegistry) -> str:
     """Return Prometheus lines per text-generation model: sequences in flight, queued and allowed; decode batches."""
     lines: list[str] = []
-    rows = [(m.name, m.version, m.text.limiter) for m in registry.all() if m.text is not None]
+    texts = [(m.name, m.version, m.text) for m in registry.all() if m.text is not None]
+    rows = [(n, v, text.limiter) for n, v, text in texts]
     series: list[tuple[str, str, Callable[[SequenceLimiter], int]]] = [
         ("generation_sequences_in_flight", "Sequences being generated.", lambda lim: lim.running),
         ("generation_sequences_queued", "Requests waiting for a sequence slot.", lambda lim: lim.waiting),
@@ -92,8 +93,7 @@ def sequence_metrics(registry: ModelRegistry) -> str:
         lines += [f"# HELP autodl_agent_{metric} {help_text}", f"# TYPE autodl_agent_{metric} gauge"]
         lines += [f'autodl_agent_{metric}{{model="{n}",version="{v}"}} {read(lim)}' for n, v, lim in rows]
     # Batched decoding (shared.generation.batch): rows / steps is the mean batch of a decode step.
-    batched = [(m.name, m.version, m.text.loop) for m in registry.all() if m.text is not None]
-    batched = [(n, v, loop) for n, v, loop in batched if hasattr(loop, "steps")]
+    batched = [(n, v, text.loop) for n, v, text in texts if hasattr(text.loop, "steps")]
     for metric, help_text, attr in (
         ("generation_decode_steps_total", "Decode steps run (each one batch of sequences).", "steps"),
         ("generation_decode_rows_total", "Sequence tokens those steps made.", "rows"),
