@@ -9,6 +9,10 @@ batching costs nothing at concurrency 1); requests that arrive while every run i
 queue, and when a run ends the oldest queued request leads the next batch with those
 behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
 
+A batcher keeps a moving average of its runs' durations: a model whose runs are quick
+(`QUICK_RUN_S`) and that waits for no batch is `quick`, and the HTTP server answers its
+small requests on its selector thread (agent.server).
+
 A model is batched only when its variant allows it (`Variant.batching`, or the agent's
 `batching` setting for the model, from the desired state's config) and the sample's rows
 come out bit-identical alone and together (`LoadedModel.rows_independent`).
@@ -17,6 +21,7 @@ come out bit-identical alone and together (`LoadedModel.rows_independent`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,12 +33,15 @@ from agent.runtime import LoadedModel
 from shared import tracing
 from shared.manifest import Batching
 
-__all__ = ["BatchStats", "Batcher", "Batchers"]
+__all__ = ["QUICK_RUN_S", "BatchStats", "Batcher", "Batchers"]
 
 logger = logging.getLogger(__name__)
 
 # model, version, rows in the run, seconds each request waited, seconds the run took
 BatchStats = Callable[[str, str, int, list[float], float], None]
+
+# A run this short costs less than handing its request to a worker thread and back.
+QUICK_RUN_S = 200e-6
 
 
 class _Pending:
@@ -66,11 +74,17 @@ class Batcher:
         self._arrived = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
         self._running = 0  # runs in flight, each with its leader; at most `instances`
+        self.run_s = math.inf  # moving average of the runs' seconds (inf: none yet)
         if self.max_rows > 1:
             reason = model.rows_independent
             if reason is not None:
                 logger.warning("%s %s: no dynamic batching: %s", model.name, model.version, reason)
                 self.max_rows = 1
+
+    @property
+    def quick(self) -> bool:
+        """Return whether its runs take under QUICK_RUN_S and a request waits for no batch."""
+        return self.run_s <= QUICK_RUN_S and self.delay_s == 0
 
     @property
     def batching(self) -> bool:
@@ -83,7 +97,9 @@ class Batcher:
         if not self.batching or rows is None or rows >= self.max_rows:
             start = time.perf_counter()
             result = self.model.run(inputs, outputs)
-            self._stats(self.model.name, self.model.version, rows or 1, [0.0], time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self._timed(elapsed)
+            self._stats(self.model.name, self.model.version, rows or 1, [0.0], elapsed)
             return result
         with self._lock:
             idle = self._running < self.instances and not self._queue and self.delay_s == 0
@@ -96,6 +112,7 @@ class Batcher:
             finally:
                 elapsed = time.perf_counter() - start
                 self._pass_lead()
+            self._timed(elapsed)
             self._stats(self.model.name, self.model.version, rows, [0.0], elapsed)
             return result
         key = (tuple((k, a.shape[1:], a.dtype.str) for k, a in inputs.items()), tuple(outputs or ()))
@@ -181,7 +198,12 @@ class Batcher:
             for pending in batch:
                 pending.done = True
                 pending.event.set()
+        self._timed(elapsed)
         self._stats(self.model.name, self.model.version, rows, waited, elapsed)
+
+    def _timed(self, seconds: float) -> None:
+        """Fold a run's duration into the moving average (unlocked: a lost update is harmless)."""
+        self.run_s = seconds if self.run_s == math.inf else self.run_s + (seconds - self.run_s) / 8
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int | None:
@@ -202,6 +224,11 @@ class Batchers:
         self._instances = instances
         self._lock = threading.Lock()
         self._by_name: dict[str, Batcher] = {}
+
+    def peek(self, model: LoadedModel) -> Batcher | None:
+        """Return the batcher of this loaded model if a request made it already."""
+        found = self._by_name.get(model.name)
+        return found if found is not None and found.model is model else None
 
     def get(self, model: LoadedModel) -> Batcher:
         """Return the batcher of this loaded model."""

@@ -18,7 +18,12 @@ TCP_NODELAY.
 
 After answering, a worker waits a few milliseconds for the next request on the same
 connection before handing it back to the selector, so a busy client costs no thread
-hand-off. A handler may return `Streaming`: chunks written as they come (server-sent
+hand-off. A request the server's `inline` test picks (a small model's inference, answered
+in a fraction of a millisecond) is answered by the selector thread itself, with no
+hand-off at all: for such requests the hand-off to a worker and back costs more than the
+work, and with many clients the workers' turns at the GIL queue behind each other. Its
+answer goes out in one non-blocking send; what the client's window cannot take yet, a
+worker writes. A handler may return `Streaming`: chunks written as they come (server-sent
 events), for as long as the client stays; a write to a gone client closes the iterator.
 A handler whose work another limit bounds (text generation) returns `Deferred`: its answer
 is made and written on a thread of its own, the worker is free at once, and the
@@ -119,6 +124,20 @@ class _Conn:
         return self.sock.fileno()
 
 
+@dataclass(frozen=True)
+class _Unsent:
+    """The part of an inline answer the client's window did not take, for a worker to write."""
+
+    data: memoryview
+    result: Response
+    keep_alive: bool
+
+
+def _keep_alive(request: Request) -> bool:
+    connection = request.headers.get("connection", "").lower()
+    return connection != "close" if request.version == "HTTP/1.1" else connection == "keep-alive"
+
+
 class HttpServer:
     """Serve `router` on (host, port) until `stop()`."""
 
@@ -130,8 +149,11 @@ class HttpServer:
         limits: Limits | None = None,
         on_refused: Callable[[str], None] = lambda reason: None,
         error_body: Callable[[HttpError], bytes] = lambda e: str(e).encode(),
+        inline: Callable[[Request], bool] = lambda request: False,
     ) -> None:
+        """`inline(request)`: answer it on the selector thread (its handler and `after` must be quick)."""
         self.router = router
+        self.inline = inline
         self.limits = limits or Limits()
         self.on_refused = on_refused
         self.error_body = error_body
@@ -142,7 +164,7 @@ class HttpServer:
         self._wake_r.setblocking(False)
         self._returned: list[_Conn] = []
         self._returned_lock = threading.Lock()
-        self._work: queue.Queue[tuple[_Conn, Request] | None] = queue.Queue()
+        self._work: queue.Queue[tuple[_Conn, Request, _Unsent | None] | None] = queue.Queue()
         self._in_flight = 0  # queued + running requests
         self._budget_used = 0
         self._count_lock = threading.Lock()
@@ -290,14 +312,19 @@ class HttpServer:
         return bool(data)
 
     def _advance(self, conn: _Conn) -> None:
-        try:
-            request = self._parse(conn)
-        except Refused as refused:
-            self._selector.unregister(conn.sock)
-            self._refuse(conn, refused.error)
-            return
-        if request is None:
-            return
+        while True:  # requests answered here may be followed by more in the buffer (pipelined)
+            try:
+                request = self._parse(conn)
+            except Refused as refused:
+                self._selector.unregister(conn.sock)
+                self._refuse(conn, refused.error)
+                return
+            if request is None:
+                return
+            if not self.inline(request):
+                break
+            if not self._answer_here(conn, request) or not conn.buf:
+                return
         with self._count_lock:
             busy = self._in_flight >= self.limits.workers + self.limits.queue
             if not busy:
@@ -315,7 +342,43 @@ class HttpServer:
                 ),
             )
             return
-        self._work.put((conn, request))
+        self._work.put((conn, request, None))
+
+    def _answer_here(self, conn: _Conn, request: Request) -> bool:
+        """Answer an inline request on this thread; return whether the connection stays with the selector."""
+        result = self._handle(request)
+        if not isinstance(result, Response):  # an inline handler answers at once; streaming needs a thread
+            if isinstance(result, Deferred):
+                result.cancel()
+            elif (close := getattr(result.chunks, "close", None)) is not None:
+                close()
+            logger.error("%s %s: an inline handler did not answer at once", request.method, request.path)
+            error = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: no complete answer", "internal")
+            self.on_refused(error.reason)
+            result = Response(500, self.error_body(error))
+        keep_alive = _keep_alive(request)
+        data = encode(result, keep_alive)
+        self._release(conn)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return False
+        if sent < len(data):  # the client's window is full: a worker, which may block, writes the rest
+            self._selector.unregister(conn.sock)
+            with self._count_lock:
+                self._in_flight += 1
+            self._work.put((conn, request, _Unsent(memoryview(data)[sent:], result, keep_alive)))
+            return False
+        self._after(result)
+        if not keep_alive or self._stop.is_set():
+            self._close(conn)
+            return False
+        conn.state = "idle"  # bytes of its next request already here start that request's clock (_parse)
+        conn.deadline = time.monotonic() + self.limits.keepalive_s
+        return True
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -440,9 +503,9 @@ class HttpServer:
             item = self._work.get()
             if item is None:
                 return
-            conn, request = item
+            conn, request, unsent = item
             try:
-                self._serve(conn, request)
+                self._serve(conn, request, unsent)
             except Exception:  # one connection must never take a worker down
                 logger.exception("%s: connection failed", conn.addr)
                 self._close_from_worker(conn)
@@ -450,36 +513,56 @@ class HttpServer:
                 with self._count_lock:
                     self._in_flight -= 1
 
-    def _serve(self, conn: _Conn, request: Request) -> None:
+    def _serve(self, conn: _Conn, request: Request, unsent: _Unsent | None = None) -> None:
         conn.sock.settimeout(self.limits.send_timeout_s)
         while True:
-            result = self._handle(request)
-            if isinstance(result, Deferred):
-                self._release(conn)  # the body is parsed: its budget is free before the long work starts
+            result: Response | Streaming
+            if unsent is not None:  # the rest of an answer the selector began to write
+                result, keep_alive = unsent.result, unsent.keep_alive
                 try:
-                    thread = threading.Thread(
-                        target=self._deferred, args=(conn, request, result), name="http-deferred", daemon=True
+                    conn.sock.sendall(unsent.data)
+                except OSError:
+                    keep_alive = False
+                unsent = None
+            else:
+                answer = self._handle(request)
+                if isinstance(answer, Deferred):
+                    if self._defer(conn, request, answer):
+                        return
+                    error = HttpError(
+                        HTTPStatus.SERVICE_UNAVAILABLE, "busy: no thread", "busy", (("Retry-After", "1"),)
                     )
-                    self._deferred_threads.add(thread)
-                    thread.start()
-                    return
-                except RuntimeError as exc:  # no thread to be had: refuse, and give back what the handler took
-                    self._deferred_threads.discard(thread)
-                    result.cancel()
-                    error = HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {exc}", "busy", (("Retry-After", "1"),))
                     self.on_refused(error.reason)
-                    result = Response(503, self.error_body(error), headers=error.headers)
-            keep_alive = self._write(conn, request, result)
+                    answer = Response(503, self.error_body(error), headers=error.headers)
+                result = answer
+                keep_alive = self._write(conn, request, result)
             self._after(result)
             self._release(conn)
             if not keep_alive or self._stop.is_set():
                 self._close_from_worker(conn)
                 return
-            next_request = self._linger(conn)
+            # The selector answers its next request, if that is as quick (the first of a model's was not).
+            next_request = None if self.inline(request) else self._linger(conn)
             if next_request is None:
                 self._hand_back(conn)
                 return
             request = next_request
+
+    def _defer(self, conn: _Conn, request: Request, deferred: Deferred) -> bool:
+        """Start a deferred answer's thread; False (what the handler took given back) when none can be had."""
+        self._release(conn)  # the body is parsed: its budget is free before the long work starts
+        thread = threading.Thread(
+            target=self._deferred, args=(conn, request, deferred), name="http-deferred", daemon=True
+        )
+        self._deferred_threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            logger.warning("no thread for a deferred answer: %s", exc)
+            self._deferred_threads.discard(thread)
+            deferred.cancel()
+            return False
+        return True
 
     def _deferred(self, conn: _Conn, request: Request, deferred: Deferred) -> None:
         """Make and write a deferred answer on this thread; then the connection goes back to the selector."""
@@ -555,11 +638,7 @@ class HttpServer:
 
     def _write(self, conn: _Conn, request: Request, result: Response | Streaming) -> bool:
         """Write an answer; return whether to keep the connection."""
-        keep_alive = (
-            request.headers.get("connection", "").lower() != "close"
-            if request.version == "HTTP/1.1"
-            else request.headers.get("connection", "").lower() == "keep-alive"
-        )
+        keep_alive = _keep_alive(request)
         if isinstance(result, Streaming):
             self._stream(conn, result, request.version == "HTTP/1.1")
             return keep_alive and request.version == "HTTP/1.1"

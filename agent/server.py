@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data"]
 _JSON = "application/json"
+INLINE_MAX_BODY = 16 * 1024  # a larger body takes longer to decode than the selector may be held
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class InferenceServer:
         self.batchers = Batchers(context.batching, context.batch_stats, context.batch_instances)
         self.router = local_access.GuardedRouter(context.api_token, context.bind_host)
         self._routes()
-        self._http = HttpServer(host, port, self.router, context.limits, context.refused, _error_body)
+        self._http = HttpServer(host, port, self.router, context.limits, context.refused, _error_body, self._inline)
 
     @property
     def port(self) -> int:
@@ -151,6 +152,17 @@ class InferenceServer:
             add("POST", prefix + "/infer", self._infer)
         add("POST", "/v1/models/{name}:predict", self._predict)
         openai_api.register(self.router, ctx.registry, ctx.generation)  # text generation, and GET /v1/models
+
+    def _inline(self, request: Request) -> bool:
+        """Return whether the HTTP selector answers `request` itself: a small OIP request to a quick model."""
+        if request.method != "POST" or len(request.body) > INLINE_MAX_BODY or not request.path.endswith("/infer"):
+            return False
+        parts = request.path.split("/", 4)  # ["", "v2", "models", name, "infer" or "versions/{version}/infer"]
+        if len(parts) != 5 or parts[1] != "v2" or parts[2] != "models":
+            return False
+        model = self.context.registry.get(parts[3])
+        batcher = None if model is None else self.batchers.peek(model)
+        return batcher is not None and batcher.quick
 
     @staticmethod
     def _probe(what: str, ok: bool) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -21,9 +21,11 @@ def gate() -> Iterator[threading.Event]:
     event.set()
 
 
-def serve(router: Router, **limits: float) -> tuple[HttpServer, list[str]]:
+def serve(
+    router: Router, inline: Callable[[Request], bool] = lambda r: False, **limits: float
+) -> tuple[HttpServer, list[str]]:
     refused: list[str] = []
-    server = HttpServer("127.0.0.1", 0, router, Limits(**limits), refused.append)  # type: ignore[arg-type]
+    server = HttpServer("127.0.0.1", 0, router, Limits(**limits), refused.append, inline=inline)  # type: ignore[arg-type]
     server.start()
     return server, refused
 
@@ -199,5 +201,68 @@ def test_work_after_an_answer_runs_once_it_is_written_and_its_failure_keeps_the_
             assert second.json() == {"ok": True}
             wait_for("the second after", lambda: len(ran) == 2, 10)
             assert client.get(f"http://127.0.0.1:{server.port}/answer").status_code == 200
+    finally:
+        server.stop()
+
+
+def _answers(sock: socket.socket, count: int) -> list[bytes]:
+    """Read `count` answers (Content-Length framed) from a socket; return their bodies."""
+    data, bodies = bytearray(), list[bytes]()
+    while len(bodies) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            data += chunk
+        end = data.index(b"\r\n\r\n")
+        length = int(bytes(data[:end]).lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        del data[: end + 4]
+        while len(data) < length:
+            data += sock.recv(1 << 20)
+        bodies.append(bytes(data[:length]))
+        del data[:length]
+    return bodies
+
+
+def test_inline_requests_are_answered_by_the_selector_in_order_with_the_others_pipelined_between() -> None:
+    router = Router()
+    router.add(
+        "POST", "/quick", lambda r: Response(200, b"%s:%s" % (bytes(r.body), threading.current_thread().name.encode()))
+    )
+    router.add(
+        "POST", "/slow", lambda r: Response(200, b"%s:%s" % (bytes(r.body), threading.current_thread().name.encode()))
+    )
+    server, _ = serve(router, inline=lambda r: r.path == "/quick")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            paths = ["/quick", "/quick", "/slow", "/quick", "/slow", "/quick"] * 20
+            sock.sendall(b"".join(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n%03d" % (p.encode(), i)
+                                  for i, p in enumerate(paths)))  # fmt: skip
+            bodies = _answers(sock, len(paths))
+        assert [b.split(b":")[0] for b in bodies] == [b"%03d" % i for i in range(len(paths))]
+        # The worker that answered a slow one may take the request after it; then the selector has it again.
+        threads = [b.split(b":")[1] for b in bodies]
+        after_quick = {t for i, t in enumerate(threads) if paths[i] == "/quick" and paths[i - 1] == "/quick"}
+        assert after_quick == {b"http-select"}
+        assert b"http-select" not in {t for t, p in zip(threads, paths, strict=True) if p == "/slow"}
+    finally:
+        server.stop()
+
+
+def test_an_inline_answer_the_client_is_slow_to_read_is_written_by_a_worker_while_the_selector_goes_on() -> None:
+    big = bytes(range(256)) * (128 * 1024)  # 32 MB: far more than the sockets' buffers hold
+    router = Router()
+    router.add("GET", "/big", lambda r: Response(200, big))
+    router.add("GET", "/small", lambda r: Response(200, b"small"))
+    server, _ = serve(router, inline=lambda r: True)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)  # the answer fills the buffers; a worker waits to write the rest
+            with httpx.Client(timeout=5) as other:
+                for _ in range(20):
+                    assert other.get(f"http://127.0.0.1:{server.port}/small").text == "small"
+            assert _answers(slow, 1) == [big]
+            slow.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection goes on
+            assert _answers(slow, 1) == [b"small"]
     finally:
         server.stop()

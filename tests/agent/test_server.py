@@ -7,6 +7,7 @@ import io
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from agent.errors import ModelLoadError, SmokeTestError
 from agent.runtime import LoadedModel, ModelRegistry, load_model, smoke_test
 from agent.server import InferenceServer, ServerContext
 from shared.manifest import (
+    Batching,
     ImagePreprocessing,
     Manifest,
     Postprocessing,
@@ -30,7 +32,7 @@ from shared.manifest import (
     TextPreprocessing,
     Variant,
 )
-from tests.support.models import SAMPLE_X, linear_weights, make_release, reference, tensor
+from tests.support.models import SAMPLE_X, linear_weights, make_release, reference, slow_linear_onnx, tensor
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -152,6 +154,37 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path, api: tuple[ModelRe
     for t in threads:
         t.join()
     assert failures == [] and seen == {"1.0.0", "2.0.0"}
+
+
+def test_quick_models_are_answered_by_the_selector_and_slow_or_waiting_ones_by_workers(tmp_path: Path) -> None:
+    """A model whose runs are quick is answered on the selector thread once its first run is timed."""
+    threads: dict[str, list[str]] = {}
+
+    def track(model: LoadedModel) -> nullcontext[None]:
+        threads.setdefault(model.name, []).append(threading.current_thread().name)
+        return nullcontext()
+
+    slow = make_release(KEY, "slow", "1.0.0", 1, model_bytes=slow_linear_onnx(1, rounds=2))
+    waits = make_release(KEY, "waits", "1.0.0", 1)  # quick, but its requests wait for a batch to fill
+    registry = ModelRegistry()
+    for model in (linear(tmp_path), load(tmp_path, slow.manifest, slow.files[slow.sha256]),
+                  load(tmp_path, waits.manifest, waits.files[waits.sha256])):  # fmt: skip
+        registry.activate(model)
+    batching = {"waits": Batching(max_batch_size=4, max_queue_delay_us=500)}
+    context = ServerContext(registry, lambda: True, dict, track=track, batching=lambda m: batching.get(m.name))
+    server = InferenceServer("127.0.0.1", 0, context)
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+            for name in ("lin", "slow", "waits"):
+                for _ in range(20):
+                    out = client.post(f"/v2/models/{name}/infer", json=v2_request(SAMPLE_X)).json()["outputs"][0]
+                    y = np.asarray(out["data"], np.float32).reshape(out["shape"])
+                    np.testing.assert_allclose(y, reference(SAMPLE_X, *linear_weights(1)), rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
+    assert threads["lin"][0] != "http-select" and threads["lin"][-10:] == ["http-select"] * 10
+    assert "http-select" not in threads["slow"] + threads["waits"]
 
 
 def _onnx(graph: onnx.GraphProto) -> bytes:
