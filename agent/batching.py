@@ -9,7 +9,7 @@ batching costs nothing at concurrency 1); requests that arrive while every run i
 queue, and when a run ends the oldest queued request leads the next batch with those
 behind it. With `max_queue_delay_us`, a leader waits up to that long for a batch to fill.
 
-A batcher keeps a moving average of its runs' durations: a model whose runs are quick
+A batcher keeps an estimate of its runs' durations: a model whose runs are quick
 (`QUICK_RUN_S`) and that waits for no batch is `quick`, and the HTTP server answers its
 small requests on its selector thread (agent.server).
 
@@ -74,7 +74,7 @@ class Batcher:
         self._arrived = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
         self._running = 0  # runs in flight, each with its leader; at most `instances`
-        self.run_s = math.inf  # moving average of the runs' seconds (inf: none yet)
+        self.run_s = math.inf  # a run's seconds on an idle core (inf: none yet); see _timed
         if self.max_rows > 1:
             reason = model.rows_independent
             if reason is not None:
@@ -202,8 +202,13 @@ class Batcher:
         self._stats(self.model.name, self.model.version, rows, waited, elapsed)
 
     def _timed(self, seconds: float) -> None:
-        """Fold a run's duration into the moving average (unlocked: a lost update is harmless)."""
-        self.run_s = seconds if self.run_s == math.inf else self.run_s + (seconds - self.run_s) / 8
+        """Fold a run's duration into `run_s` (unlocked: a lost update is harmless).
+
+        The estimate is of a run's time on an idle core: a run slowed by other processes
+        taking the CPU (every run at high load) does not raise it, as an average would;
+        runs that stay slower raise it by 5 % a run.
+        """
+        self.run_s = min(seconds, self.run_s * 1.05)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int | None:

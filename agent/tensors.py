@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import orjson
 
 from agent.errors import AgentError
 from shared.manifest import TensorSpec
@@ -110,7 +111,17 @@ _DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def loads(raw: bytes | bytearray | memoryview) -> Any:
-    """Parse JSON strictly (no NaN/Infinity); raise InvalidInputError naming what is wrong."""
+    """Parse JSON strictly (no NaN/Infinity); raise InvalidInputError naming what is wrong.
+
+    orjson reads a well-formed body about 7x faster than the json module. What it refuses
+    (NaN, a number past a double, deep nesting, other encodings than UTF-8) is read again by
+    the json module's strict decoder, whose value or named error stands: the answers are
+    the json module's, but for integers past 64 bits, which orjson reads as floats.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         data = bytes(raw) if not isinstance(raw, bytes) else raw
         return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))  # as json.loads does
@@ -314,19 +325,22 @@ def _numpy_dtype(name: str) -> np.dtype[Any]:
     return np.dtype(object) if name == "string" else np.dtype(name)
 
 
-@lru_cache(maxsize=64)
-def _float_format(count: int) -> str:
-    return "[" + ",".join(["%.9g"] * count) + "]"
-
-
 def _data_json(array: np.ndarray) -> bytes:
-    """Return a tensor's values as a JSON array.
+    """Return a tensor's values as a flat JSON array.
 
-    Floats are written with 9 significant digits, which round-trip float32 exactly, instead
-    of the 17 of a double's repr: half the bytes, and 2-3x faster to write and to read.
+    orjson writes a numeric array in one call, each float as the shortest text that reads
+    back as the same value of its own precision (float32 in at most 9 digits, not a
+    double's 17). NaN and infinities, which JSON lacks, it writes as null: such arrays, and
+    strings, go through the json module as before.
     """
-    if array.dtype.kind == "f" and array.dtype.itemsize <= 4 and array.size and bool(np.isfinite(array).all()):
-        return (_float_format(array.size) % tuple(array.ravel().tolist())).encode()
+    if array.dtype != object:
+        try:
+            data = orjson.dumps(array.reshape(-1), option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:  # a dtype orjson does not write, or a non-contiguous array
+            pass
+        else:
+            if b"null" not in data:
+                return data
     return json.dumps(_json_data(array), separators=(",", ":")).encode()
 
 
