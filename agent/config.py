@@ -90,7 +90,7 @@ class AgentSettings(BaseModel):
         default=2, ge=0, description="glibc heap arenas (agent.runtime.tune_heap); 0: glibc's"
     )
     malloc_mmap_threshold_kb: int = Field(
-        default=128,
+        default=1024,
         ge=0,
         le=32768,
         description="buffers this large are mapped, returned on free; 0: glibc's dynamic one",

@@ -201,11 +201,18 @@ def tune_heap(arena_max: int, mmap_threshold_kb: int) -> bool:
     freed in one arena is reused only by its threads: a language model's sequences, each
     growing its KV cache by one token a step on a thread of its own, leave every arena
     holding its peak. And after the first large block is freed glibc raises its mmap
-    threshold to that block's size (up to 32 MB), so every later buffer of a few hundred KB
-    or MB (a KV tensor, a prompt's logits) lands in an arena instead of a mapping
-    returned to the kernel on free. A fixed threshold keeps such buffers mapped, and a
-    few arenas keep what is freed shared (SmolLM2-135M int4, four streams: peak RSS 336 ->
-    313 MB, 397 -> 249 MB after serving). 0 leaves glibc's default for either.
+    threshold to that block's size (up to 32 MB), so every later buffer of a few MB (a KV
+    tensor, a prompt's logits) lands in an arena instead of a mapping returned to the
+    kernel on free. A fixed threshold keeps such buffers mapped, and a few arenas keep what
+    is freed shared. 0 leaves glibc's default for either.
+
+    The threshold is 1 MB, not glibc's initial 128 KB: a buffer under it is reused from
+    the heap, while one over it costs a fresh mapping, its page faults and, when freed, an
+    unmap that interrupts every core running one of the process's threads. A request to
+    MiniLM allocates and frees four 196 KB buffers (its output, the encoded answer);
+    with a 128 KB threshold, 8 concurrent clients got 0.55 of `session.run`'s requests/s,
+    with 1 MB 0.85-0.9. SmolLM2-135M int4, four streams, peak RSS: 293 MB at 1 MB, 297
+    at 128 KB, 301 at 4 MB, 312-318 with glibc's dynamic threshold (bench/generation_served.py).
     """
     mallopt = _libc("mallopt")
     if mallopt is None:
