@@ -62,6 +62,9 @@ class AgentSettings(BaseModel):
     header_timeout_s: float = Field(default=10.0, gt=0, description="a request head must arrive within this")
     body_timeout_s: float = Field(default=30.0, gt=0, description="a request body must arrive within this")
     http_keepalive_s: float = Field(default=75.0, gt=0, description="idle keep-alive connections closed after this")
+    http_busy_poll_us: int = Field(
+        default=300, ge=0, le=10_000, description="after an answer on the selector, poll this long before sleeping"
+    )
     batching: dict[str, Batching] = Field(
         default_factory=dict, description="dynamic batching per model, over the manifest's (max_batch_size 1: off)"
     )

@@ -72,6 +72,7 @@ def limits(settings: AgentSettings) -> Limits:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         keepalive_s=settings.http_keepalive_s,
+        busy_poll_s=settings.http_busy_poll_us / 1e6,
     )
 
 

@@ -266,3 +266,50 @@ def test_an_inline_answer_the_client_is_slow_to_read_is_written_by_a_worker_whil
             assert _answers(slow, 1) == [b"small"]
     finally:
         server.stop()
+
+
+def _cpu_s(thread: threading.Thread) -> float:
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def _quick_and_slow(busy_poll_s: float) -> tuple[HttpServer, list[threading.Thread]]:
+    """Serve GET /quick on the selector (which it notes) and GET /slow, 1.5 s, on a worker."""
+    selector: list[threading.Thread] = []
+    router = Router()
+    router.add("GET", "/quick", lambda r: selector.append(threading.current_thread()) or Response(200, b"quick"))
+    router.add("GET", "/slow", lambda r: time.sleep(1.5) or Response(200, b"slow"))
+    server, _ = serve(router, inline=lambda r: r.path == "/quick", busy_poll_s=busy_poll_s)
+    return server, selector
+
+
+def test_after_its_answers_the_selector_polls_for_a_moment_then_sleeps() -> None:
+    server, selector = _quick_and_slow(busy_poll_s=0.1)
+    try:
+        with httpx.Client(timeout=5) as client:  # kept alive: its next request could come at any moment
+            for _ in range(20):
+                assert client.get(f"http://127.0.0.1:{server.port}/quick").text == "quick"
+            assert selector[0].name == "http-select"
+            began = _cpu_s(selector[0])
+            time.sleep(1.0)
+            assert _cpu_s(selector[0]) - began < 0.3  # one window of 0.1 s after the last answer, then asleep
+    finally:
+        server.stop()
+
+
+def test_the_selector_does_not_poll_while_a_worker_runs() -> None:
+    server, selector = _quick_and_slow(busy_poll_s=5.0)
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        slow = threading.Thread(target=lambda: httpx.get(f"{url}/slow", timeout=5))
+        slow.start()
+        wait_for("a worker runs", lambda: server.connections == 1, 5)
+        time.sleep(0.1)
+        with httpx.Client(timeout=5) as client:
+            assert client.get(f"{url}/quick").text == "quick"
+            began = _cpu_s(selector[0])
+            time.sleep(0.5)
+            assert _cpu_s(selector[0]) - began < 0.1  # the worker needs the GIL the poll would hold
+        slow.join()
+    finally:
+        server.stop()
