@@ -29,8 +29,10 @@ at once instead of after the core wakes from idle (on a 2-core VM that wake cost
 than the whole answer of the digits CNN: 0.19 -> 0.145 ms a round trip). It polls only
 right after answering and only while no worker or deferred answer runs (the loop holds
 the GIL most of the time), so an idle agent stays idle; the price is CPU while one client
-sends back to back (105 -> 150 µs a request). A handler may return `Streaming`: chunks written as they come (server-sent
-events), for as long as the client stays; a write to a gone client closes the iterator.
+sends back to back (105 -> 150 µs a request).
+
+A handler may return `Streaming`: chunks written as they come (server-sent events), for
+as long as the client stays; a write to a gone client closes the iterator.
 A handler whose work another limit bounds (text generation) returns `Deferred`: its answer
 is made and written on a thread of its own, the worker is free at once, and the
 connection then goes back to the selector (its next request waits for a worker like any
