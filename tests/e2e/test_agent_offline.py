@@ -155,7 +155,7 @@ def test_every_command_round_trips_through_the_hub(fleet: Fleet) -> None:
 
 def test_a_version_whose_latency_degrades_is_rolled_back(fleet: Fleet, tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
-    fleet.hub.upload(make_release(key, MODEL, "3.0.0", seed=1, model_bytes=slow_linear_onnx(seed=1)))
+    fleet.hub.upload(make_release(key, MODEL, "3.0.0", seed=1, model_bytes=slow_linear_onnx(seed=1, rounds=96)))
     fast = [fleet.agent.infer(MODEL)[0] for _ in range(60)]  # the baseline of 1.0.0
     assert set(fast) == {"1.0.0"}
     with Traffic([fleet.agent], MODEL, pause_s=0):

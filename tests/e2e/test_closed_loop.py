@@ -137,7 +137,8 @@ def test_hard_examples_flow_from_a_device_to_a_better_version_on_that_device(hub
         # The policy is active once a request is offered to capture.
         _wait(lambda: _predict(agent, field[0][0]) and _metric(agent, "capture_offered_total") > 0, 60, "policy")
 
-        _wait(lambda: _metric(agent, "capture_spool_items") == 0, 60, "the probe to be uploaded")
+        probes = int(_metrics(agent)["autodl_capture_offered_total"])  # judged off the request path: wait for it
+        _wait(lambda: _judged_all(agent, probes) and _metric(agent, "capture_spool_items") == 0, 60, "the probes")
         kept_online = int(_metrics(agent)["autodl_capture_kept_total"])
 
         # The hub goes away; the device keeps serving and captures what it is unsure of.
