@@ -211,8 +211,9 @@ def tune_heap(arena_max: int, mmap_threshold_kb: int) -> bool:
     unmap that flushes the TLB of every core running one of the process's threads. A
     request to MiniLM allocates and frees four 196 KB buffers (its output, the encoded
     answer): with a 128 KB threshold 8 concurrent clients got 0.55-0.60 of `session.run`'s
-    requests/s (bench/serving.py), with 1 MB 0.86-0.88. SmolLM2-135M int4, four streams, peak RSS: 293 MB at 1 MB, 297
-    at 128 KB, 301 at 4 MB, 312-318 with glibc's dynamic threshold (bench/generation_served.py).
+    requests/s (bench/serving.py), with 1 MB 0.86-0.88. SmolLM2-135M int4, four streams,
+    peak RSS: 293 MB at 1 MB, 297 at 128 KB, 301 at 4 MB, 312-318 with glibc's dynamic
+    threshold (bench/generation_served.py).
     """
     mallopt = _libc("mallopt")
     if mallopt is None:
