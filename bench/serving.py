@@ -10,7 +10,10 @@ own connection, for `--seconds` each. Dynamic batching: the digits model with an
 it, over JSON. All in one run, so ratios share the machine's noise: the rows of a ratio are
 measured one after the other in each round, and a ratio is the median of its rounds' ratios.
 Capture on against off (two p50s a few percent apart) is measured in CAPTURE_PAIRS pairs a
-round, and its ratio is the median of all of them.
+round, and its ratio is the median of all of them. At concurrency 1, batching on against off
+and binary against JSON (a few percent apart, where a 2-core VM's speed moves 10-20 % from
+one second to the next) are measured by one client sending its requests to each in turn
+(the `_alternating` rows), so every moment of the machine's speed is shared by all of them.
 
     .venv/bin/python bench/serving.py [--json] [--seconds 3] [--rounds 5] [--threads N] [--models DIR]
 """
@@ -217,6 +220,27 @@ def _client(
     return latencies
 
 
+def _alternating_client(
+    address: str, targets: tuple[tuple[str, str], ...], inputs: dict[str, np.ndarray], start: float, seconds: float
+) -> tuple[list[float], ...]:
+    """Send requests to each (kind, model) in turn, each over its own connection; return each one's latencies."""
+    infers = [_http_infer(kind, address, model, inputs) for kind, model in targets]
+    latencies: tuple[list[float], ...] = tuple([] for _ in targets)
+    try:
+        while time.time() < start:
+            for infer in infers:
+                infer()
+        end = start + seconds
+        while time.time() < end:
+            for infer, into in zip(infers, latencies, strict=True):
+                began = time.perf_counter()
+                infer()
+                into.append(time.perf_counter() - began)
+    except Exception as exc:  # a client library's exceptions may not pickle back to the parent
+        raise RuntimeError(f"{address} {targets}: {exc}") from None
+    return latencies
+
+
 def _v2(array: np.ndarray) -> str:
     return "FP32" if array.dtype == np.float32 else "INT64"
 
@@ -299,6 +323,20 @@ def drive(pool: ProcessPoolExecutor, kind: str, address: str, model: str, inputs
     futures = [pool.submit(_client, kind, address, model, inputs, start, seconds) for _ in range(concurrency)]
     latencies = [v for f in futures for v in f.result()]
     return _summary(latencies, seconds)
+
+
+def drive_alternating(
+    pool: ProcessPoolExecutor, address: str, targets: str, inputs: dict[str, np.ndarray], seconds: float
+) -> tuple[dict[str, float], ...]:
+    """Measure one client taking turns between `targets` ("json:digits|binary:digits"): a summary for each.
+
+    Each one's requests/s is what the client would get sending to it alone: its requests over
+    the time they took.
+    """
+    pairs = tuple((kind, model) for kind, model in (t.split(":") for t in targets.split("|")))
+    start = time.time() + 0.4
+    latencies = pool.submit(_alternating_client, address, pairs, inputs, start, seconds).result()
+    return tuple(_summary(mine, sum(mine)) for mine in latencies)
 
 
 @lru_cache(maxsize=8)
@@ -447,10 +485,18 @@ def main() -> None:
                             "kserve": (f"{short}_kserve_json_c{c}", ("json", stock, model, x, c)),
                             "floor": (f"{short}_floor_c{c}", ("floor", paths[model], model, x, c)),
                         }
-                        # The rows a ratio compares are measured next to each other (see `ratio`).
+                        # The rows a ratio compares are measured next to each other (see `ratio`); at
+                        # concurrency 1 the close ones by one client taking turns (`drive_alternating`).
                         if model == "digits":
                             entries["unbatched"] = (f"cnn_agent_unbatched_json_c{c}", ("json", http, "digits-nb", x, c))
                             order = ["unbatched", "json", "binary", "kserve", "grpc", "floor"]
+                            if c == 1:
+                                entries["unbatched"] = (
+                                    "cnn_agent_json_c1_alternating|cnn_agent_unbatched_json_c1_alternating"
+                                    "|cnn_agent_binary_c1_alternating",
+                                    ("alternate", http, "json:digits|json:digits-nb|binary:digits", x, c),
+                                )
+                                order.remove("binary")
                             if c == 1:  # capture on and off: a few pairs a round, the p50s are close
                                 entries["capture"] = (
                                     "cnn_agent_capture_json_c1",
@@ -468,16 +514,27 @@ def main() -> None:
                                 ("binary", http, "minilm-fp32-nb", x, c),
                             )
                             order = ["kserve", "json", "binary", "floor", "grpc", "fp32", "fp32_nb"]
+                            if c == 1:
+                                entries["fp32"] = (
+                                    "minilm_fp32_agent_binary_c1_alternating|minilm_fp32_nb_agent_binary_c1_alternating",
+                                    ("alternate", http, "binary:minilm-fp32|binary:minilm-fp32-nb", x, c),
+                                )
+                                order.remove("fp32_nb")
                         plan += [entries[k] for k in order]
                 # Rounds interleave every row, and each row keeps its median round: a burst of
                 # load from elsewhere on the machine hits one round of every row alike. Every
                 # other round runs the plan backwards, so neither row of a pair is always second.
-                measured: dict[str, list[dict[str, float]]] = {name: [] for name, _ in plan}
+                measured: dict[str, list[dict[str, float]]] = {n: [] for name, _ in plan for n in name.split("|")}
                 for round_ in range(args.rounds):
                     for name, (kind, where, model, x, c) in plan if round_ % 2 == 0 else plan[::-1]:
                         # MiniLM takes ~100x the CNN's time per request: longer rounds, to count enough
-                        seconds = args.seconds / args.rounds * (3 if model.startswith("minilm") else 1)
-                        if kind == "floor":
+                        seconds = args.seconds / args.rounds * (3 if "minilm" in model else 1)
+                        if kind == "alternate":  # a row for each of the client's turns, each given `seconds`
+                            names = name.split("|")
+                            turns = drive_alternating(pool, where, model, x, len(names) * seconds)
+                            for n, summary in zip(names, turns, strict=True):
+                                measured[n].append(summary)
+                        elif kind == "floor":
                             measured[name].append(floor(where, x, args.threads, c, seconds))
                         else:
                             measured[name].append(drive(pool, kind, where, model, x, c, seconds))
@@ -511,7 +568,7 @@ def main() -> None:
         "minilm_agent_json_over_floor_rps_c8": ratio("minilm_agent_json_c8", "minilm_floor_c8"),
         "minilm_agent_grpc_over_floor_rps_c8": ratio("minilm_agent_grpc_c8", "minilm_floor_c8"),
         "minilm_agent_over_kserve_rps_c8": ratio("minilm_agent_json_c8", "minilm_kserve_json_c8"),
-        "cnn_binary_over_json_rps_c1": ratio("cnn_agent_binary_c1", "cnn_agent_json_c1"),
+        "cnn_binary_over_json_rps_c1": ratio("cnn_agent_binary_c1_alternating", "cnn_agent_json_c1_alternating"),
         "cnn_binary_over_json_rps_c8": ratio("cnn_agent_binary_c8", "cnn_agent_json_c8"),
         "minilm_binary_over_json_rps_c8": ratio("minilm_agent_binary_c8", "minilm_agent_json_c8"),
         "batching_gain_c8": ratio("cnn_agent_json_c8", "cnn_agent_unbatched_json_c8"),
@@ -519,10 +576,10 @@ def main() -> None:
         "capture_on_p50_ms": rows["cnn_agent_capture_json_c1"]["p50_ms"],
         "capture_off_p50_ms": rows["cnn_agent_capture_off_json_c1"]["p50_ms"],
         "capture_p50_ratio": ratio("cnn_agent_capture_json_c1", "cnn_agent_capture_off_json_c1", "p50_ms"),
-        "batching_c1_over_unbatched": ratio("cnn_agent_json_c1", "cnn_agent_unbatched_json_c1"),
+        "batching_c1_over_unbatched": ratio("cnn_agent_json_c1_alternating", "cnn_agent_unbatched_json_c1_alternating"),
         "minilm_fp32_batching_gain_c8": ratio("minilm_fp32_agent_binary_c8", "minilm_fp32_nb_agent_binary_c8"),
         "minilm_fp32_batching_c1_over_unbatched": ratio(
-            "minilm_fp32_agent_binary_c1", "minilm_fp32_nb_agent_binary_c1"
+            "minilm_fp32_agent_binary_c1_alternating", "minilm_fp32_nb_agent_binary_c1_alternating"
         ),
         "mean_rows_per_run": batches,
         "rows": rows,
@@ -545,14 +602,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{'':<34}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'':<44}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for name, row in rows.items():
-        print(f"{name:<34}{row['rps']:>10}{row['p50_ms']:>10}{row['p99_ms']:>10}")
+        print(f"{name:<44}{row['rps']:>10}{row['p50_ms']:>10}{row['p99_ms']:>10}")
     print()
     for key, value in result.items():
         if key not in ("rows", "env", "targets_met", "mean_rows_per_run"):
             target = f"  target >= {targets[key]}" if key in targets else ""
-            print(f"{key:<34}{value!s:>10}{target}")
+            print(f"{key:<44}{value!s:>10}{target}")
     print(f"mean rows per run: {result['mean_rows_per_run']}")
     print(f"env: {result['env']}")
 
