@@ -206,18 +206,7 @@ def _client(
 ) -> list[float]:
     """Run requests from `start` for `seconds`; return their latencies (runs in a client process)."""
     infer = _grpc_infer(address, model, inputs) if kind == "grpc" else _http_infer(kind, address, model, inputs)
-    latencies = []
-    try:
-        while time.time() < start:  # warm the connection (and the server) until everyone starts
-            infer()
-        end = start + seconds
-        while time.time() < end:
-            began = time.perf_counter()
-            infer()
-            latencies.append(time.perf_counter() - began)
-    except Exception as exc:  # a client library's exceptions may not pickle back to the parent
-        raise RuntimeError(f"{kind} {address} {model}: {exc}") from None
-    return latencies
+    return _in_turns([infer], start, seconds, f"{kind} {address} {model}")[0]
 
 
 def _alternating_client(
@@ -225,9 +214,14 @@ def _alternating_client(
 ) -> tuple[list[float], ...]:
     """Send requests to each (kind, model) in turn, each over its own connection; return each one's latencies."""
     infers = [_http_infer(kind, address, model, inputs) for kind, model in targets]
-    latencies: tuple[list[float], ...] = tuple([] for _ in targets)
+    return _in_turns(infers, start, seconds, f"{address} {targets}")
+
+
+def _in_turns(infers: list[Any], start: float, seconds: float, label: str) -> tuple[list[float], ...]:
+    """Call each of `infers` in turn from `start` for `seconds`; return each one's latencies."""
+    latencies: tuple[list[float], ...] = tuple([] for _ in infers)
     try:
-        while time.time() < start:
+        while time.time() < start:  # warm the connections (and the server) until everyone starts
             for infer in infers:
                 infer()
         end = start + seconds
@@ -237,7 +231,7 @@ def _alternating_client(
                 infer()
                 into.append(time.perf_counter() - began)
     except Exception as exc:  # a client library's exceptions may not pickle back to the parent
-        raise RuntimeError(f"{address} {targets}: {exc}") from None
+        raise RuntimeError(f"{label}: {exc}") from None
     return latencies
 
 
