@@ -481,26 +481,34 @@ def main() -> None:
                         }
                         # The rows a ratio compares are measured next to each other (see `ratio`); at
                         # concurrency 1 the close ones by one client taking turns (`drive_alternating`).
-                        if model == "digits":
+                        if model == "digits" and c == 1:
+                            entries["turns"] = (
+                                "cnn_agent_json_c1_alternating|cnn_agent_unbatched_json_c1_alternating"
+                                "|cnn_agent_binary_c1_alternating",
+                                ("alternate", http, "json:digits|json:digits-nb|binary:digits", x, c),
+                            )
+                            # capture on and off: a few pairs a round, the p50s are close
+                            entries["capture"] = ("cnn_agent_capture_json_c1", ("json", http, "digits-capture", x, c))
+                            entries["capture_off"] = (
+                                "cnn_agent_capture_off_json_c1",
+                                ("json", http, "digits-nb", x, c),
+                            )
+                            order = ["capture", "capture_off"] * CAPTURE_PAIRS + [
+                                "turns",
+                                "json",
+                                "kserve",
+                                "grpc",
+                                "floor",
+                            ]
+                        elif model == "digits":
                             entries["unbatched"] = (f"cnn_agent_unbatched_json_c{c}", ("json", http, "digits-nb", x, c))
                             order = ["unbatched", "json", "binary", "kserve", "grpc", "floor"]
-                            if c == 1:
-                                entries["unbatched"] = (
-                                    "cnn_agent_json_c1_alternating|cnn_agent_unbatched_json_c1_alternating"
-                                    "|cnn_agent_binary_c1_alternating",
-                                    ("alternate", http, "json:digits|json:digits-nb|binary:digits", x, c),
-                                )
-                                order.remove("binary")
-                            if c == 1:  # capture on and off: a few pairs a round, the p50s are close
-                                entries["capture"] = (
-                                    "cnn_agent_capture_json_c1",
-                                    ("json", http, "digits-capture", x, c),
-                                )
-                                entries["capture_off"] = (
-                                    "cnn_agent_capture_off_json_c1",
-                                    ("json", http, "digits-nb", x, c),
-                                )
-                                order[:0] = ["capture", "capture_off"] * CAPTURE_PAIRS
+                        elif c == 1:
+                            entries["turns"] = (
+                                "minilm_fp32_agent_binary_c1_alternating|minilm_fp32_nb_agent_binary_c1_alternating",
+                                ("alternate", http, "binary:minilm-fp32|binary:minilm-fp32-nb", x, c),
+                            )
+                            order = ["kserve", "json", "binary", "floor", "grpc", "turns"]
                         else:
                             entries["fp32"] = (f"minilm_fp32_agent_binary_c{c}", ("binary", http, "minilm-fp32", x, c))
                             entries["fp32_nb"] = (
@@ -508,12 +516,6 @@ def main() -> None:
                                 ("binary", http, "minilm-fp32-nb", x, c),
                             )
                             order = ["kserve", "json", "binary", "floor", "grpc", "fp32", "fp32_nb"]
-                            if c == 1:
-                                entries["fp32"] = (
-                                    "minilm_fp32_agent_binary_c1_alternating|minilm_fp32_nb_agent_binary_c1_alternating",
-                                    ("alternate", http, "binary:minilm-fp32|binary:minilm-fp32-nb", x, c),
-                                )
-                                order.remove("fp32_nb")
                         plan += [entries[k] for k in order]
                 # Rounds interleave every row, and each row keeps its median round: a burst of
                 # load from elsewhere on the machine hits one round of every row alike. Every
